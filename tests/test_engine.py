@@ -1,0 +1,251 @@
+"""The explicit EP engine against autograd of Phi, and EP against BPTT (the GDU theorem)."""
+
+import pytest
+import torch
+
+from utils_ep_fast import P_CNN, P_MLP, EPConfig, cosine, gdu_check
+
+# (description, constructor kwargs, input shape per sample)
+ARCHITECTURES = [
+    (
+        "1 conv max-pool, softmax readout",
+        dict(
+            in_size=8,
+            in_channels=1,
+            channels=[4],
+            kernels=[3],
+            strides=[1],
+            paddings=[1],
+            pools="m",
+            fc=[10],
+            softmax=True,
+            loss="cel",
+        ),
+        (1, 8, 8),
+    ),
+    (
+        "2 convs avg+max on odd 9x9, kernel 5 pad 2, extra fc, mse output units",
+        dict(
+            in_size=9,
+            in_channels=2,
+            channels=[3, 5],
+            kernels=[3, 5],
+            strides=[1, 1],
+            paddings=[1, 2],
+            pools="am",
+            fc=[7, 10],
+            softmax=False,
+            loss="mse",
+            activation="mysig",
+        ),
+        (2, 9, 9),
+    ),
+    (
+        "3 convs identity/avg/max, paddings 0/1/2, cel output units",
+        dict(
+            in_size=10,
+            in_channels=1,
+            channels=[3, 4, 5],
+            kernels=[3, 3, 3],
+            strides=[1, 1, 1],
+            paddings=[0, 1, 2],
+            pools="iam",
+            fc=[10],
+            softmax=False,
+            loss="cel",
+            activation="tanh",
+        ),
+        (1, 10, 10),
+    ),
+    (
+        "4 convs, 2 fc, softmax",
+        dict(
+            in_size=16,
+            in_channels=3,
+            channels=[2, 3, 4, 5],
+            kernels=[3, 3, 3, 3],
+            strides=[1, 1, 1, 1],
+            paddings=[1, 1, 1, 1],
+            pools="mmaa",
+            fc=[6, 10],
+            softmax=True,
+            loss="cel",
+            activation="hard_sigmoid",
+        ),
+        (3, 16, 16),
+    ),
+    (
+        "strided conv on an odd map",
+        dict(
+            in_size=9,
+            in_channels=2,
+            channels=[3],
+            kernels=[3],
+            strides=[2],
+            paddings=[1],
+            pools="i",
+            fc=[10],
+            softmax=True,
+            loss="cel",
+            activation="ctrd_hard_sig",
+        ),
+        (2, 9, 9),
+    ),
+    (
+        "kernel 5 without padding, mse with sigmoid",
+        dict(
+            in_size=11,
+            in_channels=1,
+            channels=[4],
+            kernels=[5],
+            strides=[1],
+            paddings=[0],
+            pools="m",
+            fc=[10],
+            softmax=False,
+            loss="mse",
+            activation="sigmoid",
+        ),
+        (1, 11, 11),
+    ),
+]
+MLPS = [
+    ("MLP mse", dict(archi=[20, 15, 10], loss="mse", activation="my_hard_sig"), (20,)),
+    ("MLP softmax", dict(archi=[20, 15, 12, 10], softmax=True, loss="cel"), (20,)),
+]
+
+
+def build(kwargs: dict) -> P_CNN:
+    torch.manual_seed(0)
+    model = P_MLP(**kwargs) if "archi" in kwargs else P_CNN(**kwargs)
+    return model.double()
+
+
+def random_case(model, input_shape, batch=3, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.rand((batch, *input_shape), generator=generator, dtype=torch.float64)
+    y = torch.randint(0, model.num_classes, (batch,), generator=generator)
+    neurons = [
+        torch.rand((batch, *shape), generator=generator, dtype=torch.float64) * 1.5 - 0.25
+        for shape in model.layer_shapes
+    ]
+    return x, y, neurons
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.7])
+@pytest.mark.parametrize(
+    "name,kwargs,input_shape", ARCHITECTURES + MLPS, ids=[a[0] for a in ARCHITECTURES + MLPS]
+)
+def test_explicit_step_equals_sigma_of_autograd_dphi(name, kwargs, input_shape, beta):
+    model = build(kwargs)
+    x, y, neurons = random_case(model, input_shape)
+    leaves = [state.clone().requires_grad_(True) for state in neurons]
+    phi = model.Phi(x, y, leaves, beta).sum()
+    grads = torch.autograd.grad(phi, leaves)
+    expected = [model.sigma(g) for g in grads]
+    if not model.softmax and model.loss_name == "cel":
+        expected[-1] = grads[-1]  # output units take dPhi/ds itself with CE on them
+    with torch.no_grad():
+        updated = model.step(x, y, neurons, beta)
+    for k, (got, want) in enumerate(zip(updated, expected, strict=True)):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0, msg=f"layer {k + 1}")
+
+
+@pytest.mark.parametrize("betas", [(0.0, 0.5), (-0.3, 0.3)], ids=["one-sided", "symmetric"])
+@pytest.mark.parametrize(
+    "name,kwargs,input_shape", ARCHITECTURES + MLPS, ids=[a[0] for a in ARCHITECTURES + MLPS]
+)
+def test_syn_grads_equal_autograd_of_phi_difference(name, kwargs, input_shape, betas):
+    model = build(kwargs)
+    x, y, neurons_1 = random_case(model, input_shape, seed=1)
+    _, _, neurons_2 = random_case(model, input_shape, seed=2)
+    beta_1, beta_2 = betas
+    objective = (model.Phi(x, y, neurons_2, beta_2) - model.Phi(x, y, neurons_1, beta_1)).mean()
+    expected = torch.autograd.grad(objective / (beta_1 - beta_2), list(model.parameters()))
+    model.compute_syn_grads(x, y, neurons_1, neurons_2, betas)
+    for (param_name, param), want in zip(model.named_parameters(), expected, strict=True):
+        torch.testing.assert_close(param.grad, want, atol=1e-5, rtol=0, msg=param_name)
+
+
+def test_phi_hand_worked_mlp():
+    """Phi for a 2-1-1 MLP written out by hand: <W1 x + b1, s1> + <W2 s1 + b2, s2> - beta L."""
+    model = P_MLP([2, 1, 1], loss="mse").double()
+    with torch.no_grad():
+        model.synapses[0].weight.copy_(torch.tensor([[0.5, -1.0]]))
+        model.synapses[0].bias.fill_(0.25)
+        model.synapses[1].weight.fill_(2.0)
+        model.synapses[1].bias.fill_(-0.5)
+    x = torch.tensor([[1.0, 2.0]], dtype=torch.float64)
+    s1 = torch.tensor([[0.3]], dtype=torch.float64)
+    s2 = torch.tensor([[0.8]], dtype=torch.float64)
+    y = torch.tensor([0])
+    # (0.5 - 2 + 0.25) * 0.3 + (2 * 0.3 - 0.5) * 0.8 - 0.1 * 0.5 * (0.8 - 1)^2
+    expected = -1.25 * 0.3 + 0.1 * 0.8 - 0.1 * 0.5 * 0.04
+    assert model.Phi(x, y, [s1, s2], beta=0.1).item() == pytest.approx(expected, abs=1e-12)
+
+
+def test_avg_pool_adjoint_is_a_quarter_spread():
+    from utils_ep_fast import pool_adjoint
+
+    s = torch.tensor([[[[4.0]]]])
+    spread = pool_adjoint(s, "a", None, torch.Size([1, 1, 3, 3]))
+    expected = torch.tensor([[[[1.0, 1.0, 0.0], [1.0, 1.0, 0.0], [0.0, 0.0, 0.0]]]])
+    torch.testing.assert_close(spread, expected)
+
+
+def converged_case():
+    """A small CNN whose free phase converges (small weights: a contraction), float64."""
+    torch.manual_seed(3)
+    model = P_CNN(
+        in_size=6,
+        in_channels=1,
+        channels=[4],
+        kernels=[3],
+        strides=[1],
+        paddings=[1],
+        pools="m",
+        fc=[8, 5],
+        activation="my_hard_sig",
+        softmax=True,
+        loss="cel",
+        scale=0.6,
+    ).double()
+    x = torch.rand(4, 1, 6, 6, dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 3])
+    return model, x, y
+
+
+def test_symmetric_ep_matches_bptt_gradient_at_small_beta():
+    """Theorem (Scellier & Bengio 2017; Ernoult et al. 2019): at a free fixed point, symmetric EP
+    with beta -> 0 gives the gradient of the loss of the fixed point, which BPTT from the fixed
+    point computes. Network: 6x6x1 -> conv 4@3x3 + maxpool -> fc 8 -> softmax readout 5;
+    my_hard_sig, init scale 0.6; T1 = T2 = 150; beta = 0.01; float64."""
+    model, x, y = converged_case()
+    free = model(x, y, model.init_neurons(x), 150)
+    after = model(x, y, free, 1)
+    assert max((a - b).abs().max().item() for a, b in zip(after, free, strict=True)) < 1e-10
+
+    beta = 0.01
+    positive = model(x, y, free, 150, beta=beta)
+    negative = model(x, y, free, 150, beta=-beta)
+    model.compute_syn_grads(x, y, negative, positive, (-beta, beta))
+    ep = {name: p.grad.clone() for name, p in model.named_parameters()}
+
+    model.zero_grad()
+    final = model(x, y, free, 150, track_grad=True)
+    model.loss(final, y).mean().backward()
+    for name, param in model.named_parameters():
+        bptt = param.grad
+        relative_error = ((ep[name] - bptt).norm() / bptt.norm()).item()
+        assert cosine(ep[name], bptt) >= 0.99, name
+        assert relative_error <= 0.02, (name, relative_error)
+
+
+def test_gdu_check_curves_agree_on_converged_network():
+    model, x, y = converged_case()
+    report = gdu_check(model, x, y, EPConfig(T1=150, T2=12, betas=(0.0, 0.01), thirdphase=True))
+    assert set(report) == {name for name, _ in model.named_parameters()}
+    for name, entry in report.items():
+        assert entry["ep"].shape == entry["bptt"].shape == (12, *model.get_parameter(name).shape)
+        assert entry["rel_rmse"] < 0.05, (name, entry["rel_rmse"])
+        assert entry["sign_error"] < 0.05, name
