@@ -1,0 +1,789 @@
+"""Datasets, results folders, logging, plots and safe file I/O for the EP / LCA-RCNN experiments.
+
+What lives where on disk:
+
+- datasets: ``<data_dir>/`` in the layouts torchvision reads (``cifar-10-batches-py/``,
+  ``cifar-100-python/``, ``MNIST/raw/``, ``FashionMNIST/raw/``, ``train_32x32.mat`` ...);
+  ``DIGITS`` is scikit-learn's bundled 8x8 digits and needs no files.
+- one run: ``<results_dir>/<task>/<alg>/<model>/<dict_training>/<YYYY-MM-DD>/run_<N>/`` holding
+  ``hyperparameters.txt`` (command line, then one ``name: value`` per argument), ``results.csv``
+  (one row per epoch, columns chosen by the caller), any text logs, checkpoints written with
+  :func:`atomic_save`, and the PNG plots made here.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import math
+import os
+import pickle
+import random
+import re
+import shlex
+import tempfile
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import torch
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Subset
+from torchvision import datasets as tv_datasets
+from torchvision import transforms
+from torchvision.datasets.utils import extract_archive
+from torchvision.utils import make_grid
+
+
+class UsageError(Exception):
+    """A problem the user can fix (bad flag, missing or corrupt file); the message says how."""
+
+
+# --------------------------------------------------------------------------------------------
+# Tasks
+# --------------------------------------------------------------------------------------------
+
+TASKS = ("MNIST", "FashionMNIST", "CIFAR10", "CIFAR100", "SVHN", "DIGITS")
+
+_TASK_SHAPES: dict[str, tuple[int, int, int, int]] = {
+    "MNIST": (1, 28, 28, 10),
+    "FashionMNIST": (1, 28, 28, 10),
+    "CIFAR10": (3, 32, 32, 10),
+    "CIFAR100": (3, 32, 32, 100),
+    "SVHN": (3, 32, 32, 10),
+    "DIGITS": (1, 8, 8, 10),
+}
+
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (3 * 0.2023, 3 * 0.1994, 3 * 0.2010)
+
+
+def canonical_task(task: str) -> str:
+    """The spelling in :data:`TASKS` of ``task``, matched ignoring case; UsageError if unknown."""
+    for name in TASKS:
+        if name.lower() == str(task).lower():
+            return name
+    raise UsageError(f"unknown task {task!r}; choose one of: {', '.join(TASKS)}")
+
+
+def task_info(task: str) -> tuple[int, int, int, int]:
+    """``(in_channels, height, width, num_classes)`` of the images of ``task``."""
+    return _TASK_SHAPES[canonical_task(task)]
+
+
+# --------------------------------------------------------------------------------------------
+# Datasets
+# --------------------------------------------------------------------------------------------
+
+
+class DigitsDataset(Dataset):
+    """scikit-learn's bundled handwritten digits (1797 images of 8x8, 10 classes), one split.
+
+    The split is fixed: ``train_test_split(test_size=0.2, stratify=labels, random_state=0)``,
+    1437 train / 360 test images.
+
+    Attributes:
+        data: float32 (N, 1, 8, 8), the 0..16 pixel counts divided by 16, so in [0, 1].
+        targets: int64 (N,), class labels 0..9.
+        indices: int64 (N,), positions of these images in ``sklearn.datasets.load_digits()``.
+        transform: optional callable applied to each (1, 8, 8) image tensor.
+    """
+
+    def __init__(self, train: bool, transform: Callable[[Tensor], Tensor] | None = None) -> None:
+        from sklearn.datasets import load_digits
+        from sklearn.model_selection import train_test_split
+
+        digits = load_digits()
+        labels = np.asarray(digits.target, dtype=np.int64)
+        train_idx, test_idx = train_test_split(
+            np.arange(len(labels)), test_size=0.2, stratify=labels, random_state=0
+        )
+        idx = train_idx if train else test_idx
+        self.indices = torch.as_tensor(idx, dtype=torch.int64)
+        images = np.asarray(digits.images, dtype=np.float32)[idx] / 16.0
+        self.data = torch.from_numpy(images).unsqueeze(1)
+        self.targets = torch.as_tensor(labels[idx], dtype=torch.int64)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        image = self.data[index]
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, int(self.targets[index])
+
+
+@dataclass(frozen=True)
+class _Source:
+    """The files torchvision reads for one task, relative to ``data_dir``.
+
+    ``archives`` are local archives torchvision downloads and then unpacks; each is unpacked into
+    its own folder when the files are missing, so a manually downloaded archive also works offline.
+    """
+
+    folder: str
+    files: tuple[str, ...]
+    archives: tuple[str, ...]
+
+
+_MNIST_FILES = (
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+)
+
+_SOURCES: dict[str, _Source] = {
+    "MNIST": _Source("MNIST/raw", _MNIST_FILES, tuple(f"MNIST/raw/{f}.gz" for f in _MNIST_FILES)),
+    "FashionMNIST": _Source(
+        "FashionMNIST/raw", _MNIST_FILES, tuple(f"FashionMNIST/raw/{f}.gz" for f in _MNIST_FILES)
+    ),
+    "CIFAR10": _Source(
+        "cifar-10-batches-py",
+        tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch", "batches.meta"),
+        ("cifar-10-python.tar.gz",),
+    ),
+    "CIFAR100": _Source(
+        "cifar-100-python", ("train", "test", "meta"), ("cifar-100-python.tar.gz",)
+    ),
+    "SVHN": _Source(".", ("train_32x32.mat", "test_32x32.mat"), ()),
+}
+
+
+class _UncheckedCIFAR10(tv_datasets.CIFAR10):
+    """torchvision's CIFAR10 reader that checks its files exist but not their md5 sums."""
+
+    train_list = [[name, None] for name, _ in tv_datasets.CIFAR10.train_list]
+    test_list = [[name, None] for name, _ in tv_datasets.CIFAR10.test_list]
+    meta = {**tv_datasets.CIFAR10.meta, "md5": None}
+
+
+class _UncheckedCIFAR100(tv_datasets.CIFAR100):
+    """torchvision's CIFAR100 reader that checks its files exist but not their md5 sums."""
+
+    train_list = [[name, None] for name, _ in tv_datasets.CIFAR100.train_list]
+    test_list = [[name, None] for name, _ in tv_datasets.CIFAR100.test_list]
+    meta = {**tv_datasets.CIFAR100.meta, "md5": None}
+
+
+class _UncheckedSVHN(tv_datasets.SVHN):
+    """torchvision's SVHN reader that checks its files exist but not their md5 sums."""
+
+    split_list = {k: [url, name, None] for k, (url, name, _) in tv_datasets.SVHN.split_list.items()}
+
+
+_CHECKED = {
+    "MNIST": tv_datasets.MNIST,
+    "FashionMNIST": tv_datasets.FashionMNIST,
+    "CIFAR10": tv_datasets.CIFAR10,
+    "CIFAR100": tv_datasets.CIFAR100,
+    "SVHN": tv_datasets.SVHN,
+}
+# MNIST-style raw files carry no checksums in torchvision, so they have no unchecked variant.
+_UNCHECKED = {"CIFAR10": _UncheckedCIFAR10, "CIFAR100": _UncheckedCIFAR100, "SVHN": _UncheckedSVHN}
+
+# The only globals a CIFAR batch pickle (numpy arrays, lists, strings) needs.
+_DATA_PICKLE_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.numeric", "_frombuffer"),
+    ("numpy._core.numeric", "_frombuffer"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("_codecs", "encode"),
+}
+
+
+class _DataOnlyUnpickler(pickle.Unpickler):
+    """Unpickler that refuses every global except those that rebuild numpy arrays."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in _DATA_PICKLE_GLOBALS:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+        return super().find_class(module, name)
+
+
+def _transforms(task: str, data_aug: bool) -> tuple[Callable, Callable]:
+    """(train_transform, test_transform) for ``task``.
+
+    CIFAR10/100: ToTensor + Normalize(CIFAR_MEAN, CIFAR_STD); with ``data_aug`` the train
+    transform first flips horizontally (p=0.5) and takes a random 32x32 crop of the image padded
+    by 4 edge pixels. SVHN: the same normalisation, augmentation without the flip (digits).
+    MNIST/FashionMNIST: ToTensor + Normalize(0, 1); augmentation is a random 28x28 crop of the
+    image padded by 2 edge pixels. DIGITS: tensors already, augmentation a random 8x8 crop of the
+    image padded by 1 edge pixel.
+    """
+    if task == "DIGITS":
+        shift = transforms.RandomCrop(8, padding=1, padding_mode="edge")
+        return (shift if data_aug else None), None
+    if task in ("CIFAR10", "CIFAR100", "SVHN"):
+        to_tensor = [transforms.ToTensor(), transforms.Normalize(CIFAR_MEAN, CIFAR_STD)]
+        augment = [transforms.RandomCrop(32, padding=4, padding_mode="edge")]
+        if task != "SVHN":
+            augment.insert(0, transforms.RandomHorizontalFlip(0.5))
+    else:
+        to_tensor = [transforms.ToTensor(), transforms.Normalize((0.0,), (1.0,))]
+        augment = [transforms.RandomCrop(28, padding=2, padding_mode="edge")]
+    train = transforms.Compose((augment if data_aug else []) + to_tensor)
+    return train, transforms.Compose(to_tensor)
+
+
+def _open_split(cls: type, root: Path, train: bool, transform: Callable, download: bool) -> Dataset:
+    """One split of a torchvision dataset class; SVHN names its splits, the others use ``train``."""
+    if issubclass(cls, tv_datasets.SVHN):
+        split = "train" if train else "test"
+        return cls(str(root), split=split, transform=transform, download=download)
+    return cls(str(root), train=train, transform=transform, download=download)
+
+
+def _first_line(error: BaseException) -> str:
+    """``"<ErrorType>: <first line of its message>"``, for one-line user messages."""
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
+
+
+def _missing_message(task: str, root: Path, missing: Sequence[str], reason: str) -> str:
+    src = _SOURCES[task]
+    folder = (root / src.folder).resolve()
+    lines = [
+        f"{task} data not found in {root} ({reason}).",
+        f"Expected, as torchvision reads them: {folder}/{{{', '.join(src.files)}}}",
+        f"Missing: {', '.join(missing)}",
+    ]
+    if src.archives:
+        lines.append(
+            "Or place the downloaded archive(s), unpacked on first use: "
+            + ", ".join(str(root / a) for a in src.archives)
+        )
+    lines.append("To run without any download, use --task DIGITS (bundled with scikit-learn).")
+    return "\n".join(lines)
+
+
+def _unpack_local_archives(task: str, root: Path) -> None:
+    """Unpack archives already in ``root`` for files that are missing (no network)."""
+    src = _SOURCES[task]
+    if all((root / src.folder / f).is_file() for f in src.files):
+        return
+    for rel in src.archives:
+        archive = root / rel
+        target = root / src.folder / Path(rel).name.removesuffix(".gz")
+        if archive.is_file() and (rel.endswith(".tar.gz") or not target.is_file()):
+            try:
+                extract_archive(str(archive), str(archive.parent))
+            except Exception as e:
+                raise UsageError(f"cannot unpack {archive}, it is corrupt: {_first_line(e)}") from e
+
+
+def _corrupt_message(task: str, folder: Path, error: BaseException) -> str:
+    return (
+        f"{task} files in {folder} are corrupt or not in the format torchvision reads "
+        f"({_first_line(error)}); delete them and download them again."
+    )
+
+
+def _open_local(
+    task: str, root: Path, train_tf: Callable, test_tf: Callable
+) -> tuple[Dataset, Dataset]:
+    """Open both splits from files that exist; UsageError if they are unreadable.
+
+    The official checksums are checked first. Copies whose checksums differ (e.g. rebuilt or
+    trimmed files) are read without them, after making sure pickled batches hold only arrays,
+    and a warning says so.
+    """
+    folder = (root / _SOURCES[task].folder).resolve()
+    checked = _CHECKED[task]
+    try:
+        return (
+            _open_split(checked, root, True, train_tf, False),
+            _open_split(checked, root, False, test_tf, False),
+        )
+    except Exception as e:
+        if task not in _UNCHECKED:
+            raise UsageError(_corrupt_message(task, folder, e)) from e
+    try:
+        if task.startswith("CIFAR"):
+            for name in _SOURCES[task].files:
+                with open(folder / name, "rb") as f:
+                    _DataOnlyUnpickler(f, encoding="latin1").load()
+        unchecked = _UNCHECKED[task]
+        sets = (
+            _open_split(unchecked, root, True, train_tf, False),
+            _open_split(unchecked, root, False, test_tf, False),
+        )
+    except Exception as e:
+        raise UsageError(_corrupt_message(task, folder, e)) from e
+    warnings.warn(
+        f"{task} files in {folder} do not match the official checksums; loaded them anyway",
+        stacklevel=3,
+    )
+    return sets
+
+
+def build_datasets(
+    task: str, data_dir: str | Path = "./data", data_aug: bool = False, download: bool = True
+) -> tuple[Dataset, Dataset]:
+    """``(train_set, test_set)`` of ``task``; items are ``(float32 image (C, H, W), int label)``.
+
+    Files already in ``data_dir`` are used without touching the network (local archives are
+    unpacked); only when they are missing and ``download`` is True does torchvision download
+    them. Augmentation (``data_aug``) only affects the train set; see :func:`_transforms`.
+
+    Raises:
+        UsageError: unknown task; data missing and not downloadable (the message names the
+            folder and files torchvision expects); files corrupt.
+    """
+    name = canonical_task(task)
+    train_tf, test_tf = _transforms(name, data_aug)
+    if name == "DIGITS":
+        return DigitsDataset(True, train_tf), DigitsDataset(False, test_tf)
+    root = Path(data_dir).expanduser().resolve()
+    _unpack_local_archives(name, root)
+    src = _SOURCES[name]
+    missing = [f for f in src.files if not (root / src.folder / f).is_file()]
+    if not missing:
+        return _open_local(name, root, train_tf, test_tf)
+    if not download:
+        raise UsageError(_missing_message(name, root, missing, "downloading is off"))
+    try:
+        cls = _CHECKED[name]
+        root.mkdir(parents=True, exist_ok=True)
+        return _open_split(cls, root, True, train_tf, True), _open_split(
+            cls, root, False, test_tf, True
+        )
+    except Exception as e:
+        reason = f"the download failed: {_first_line(e)}"
+        raise UsageError(_missing_message(name, root, missing, reason)) from e
+
+
+def dataset_labels(dataset: Dataset) -> torch.LongTensor:
+    """int64 (len(dataset),) labels of every item, read from ``targets``/``labels`` attributes
+    (through any :class:`Subset` nesting) without loading images; other datasets are iterated."""
+    if isinstance(dataset, Subset):
+        base = dataset_labels(dataset.dataset)
+        return base[torch.as_tensor(list(dataset.indices), dtype=torch.int64)]
+    for attr in ("targets", "labels"):
+        values = getattr(dataset, attr, None)
+        if values is not None:
+            return torch.as_tensor(np.asarray(values), dtype=torch.int64).reshape(-1)
+    return torch.tensor([int(dataset[i][1]) for i in range(len(dataset))], dtype=torch.int64)
+
+
+def make_loader(
+    dataset: Dataset,
+    batch_size: int,
+    shuffle: bool,
+    seed: int | None = None,
+    num_workers: int = 0,
+    indices: Sequence[int] | Tensor | np.ndarray | None = None,
+) -> DataLoader:
+    """DataLoader over ``dataset`` (or ``Subset(dataset, indices)``), last batch kept.
+
+    With ``shuffle`` and a ``seed`` the order of every epoch comes from a ``torch.Generator``
+    seeded with it (exposed as ``loader.generator``), so it is the same on every run; memory is
+    pinned when CUDA is available.
+    """
+    if indices is not None:
+        idx = indices.tolist() if isinstance(indices, (Tensor, np.ndarray)) else list(indices)
+        dataset = Subset(dataset, [int(i) for i in idx])
+    generator = None
+    if seed is not None:
+        generator = torch.Generator()
+        generator.manual_seed(int(seed))
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=num_workers,
+        generator=generator,
+        pin_memory=torch.cuda.is_available(),
+        drop_last=False,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Results folders and logging
+# --------------------------------------------------------------------------------------------
+
+RESULTS_CSV = "results.csv"
+HYPERPARAMETERS_TXT = "hyperparameters.txt"
+
+
+def make_run_dir(
+    results_dir: str | Path,
+    task: str,
+    alg: str,
+    model: str,
+    dict_training: str | None,
+    date: datetime.date | None = None,
+) -> Path:
+    """Create and return ``<results_dir>/<task>/<alg>/<model>/<dict_training>/<date>/run_<N>/``.
+
+    ``dict_training`` None or empty becomes ``none``; ``date`` defaults to today (YYYY-MM-DD).
+    N is one more than the highest existing ``run_<N>`` there (1 for the first run), so runs
+    sort in the order they started; two processes starting at once still get different folders.
+    """
+    day = (date or datetime.date.today()).isoformat()
+    parent = Path(results_dir) / task / alg / model / (dict_training or "none") / day
+    parent.mkdir(parents=True, exist_ok=True)
+    taken = [int(m.group(1)) for p in parent.iterdir() if (m := re.fullmatch(r"run_(\d+)", p.name))]
+    n = max(taken, default=0) + 1
+    while True:
+        run_dir = parent / f"run_{n}"
+        try:
+            run_dir.mkdir()
+            return run_dir
+        except FileExistsError:
+            n += 1
+
+
+def write_hyperparameters(run_dir: str | Path, argv: list[str], args: dict) -> None:
+    """Write ``run_dir/hyperparameters.txt``: ``shlex.join(argv)`` on the first line, then one
+    ``name: value`` line per entry of ``args`` in its order."""
+    lines = [shlex.join([str(a) for a in argv])]
+    lines += [f"{key}: {value}" for key, value in args.items()]
+    (Path(run_dir) / HYPERPARAMETERS_TXT).write_text("\n".join(lines) + "\n")
+
+
+def append_text(run_dir: str | Path, filename: str, text: str) -> None:
+    """Append ``text`` (plus a newline if it lacks one) to ``run_dir/filename``."""
+    with open(Path(run_dir) / filename, "a") as f:
+        f.write(text if text.endswith("\n") else text + "\n")
+
+
+def _plain(value: Any) -> Any:
+    """A one-element tensor / numpy scalar as a Python number, anything else unchanged."""
+    if isinstance(value, (Tensor, np.generic, np.ndarray)):
+        return value.item()
+    return value
+
+
+def append_results_row(run_dir: str | Path, row: dict) -> None:
+    """Append ``row`` to ``run_dir/results.csv`` and fsync it; the header (the keys of the first
+    row) is written when the file is new. Later rows must have the same keys (any order)."""
+    path = Path(run_dir) / RESULTS_CSV
+    header = list(row)
+    if path.is_file() and path.stat().st_size > 0:
+        with open(path, newline="") as f:
+            header = next(csv.reader(f), [])
+        if set(header) != set(row):
+            raise ValueError(
+                f"{path} has columns {header}, the new row has {list(row)}; they must match"
+            )
+    new = not path.is_file() or path.stat().st_size == 0
+    with open(path, "a", newline="") as f:
+        writer = csv.writer(f)
+        if new:
+            writer.writerow(header)
+        writer.writerow([_plain(row[k]) for k in header])
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _parse_cell(text: str) -> float | str:
+    if text == "":
+        return math.nan
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def read_results(run_dir: str | Path) -> list[dict]:
+    """Rows of ``run_dir/results.csv`` as dicts; numbers as float, empty cells as NaN, other text
+    as str. A row cut short by a crash mid-write is skipped. UsageError if the file is missing."""
+    path = Path(run_dir) / RESULTS_CSV
+    if not path.is_file():
+        raise UsageError(f"results file not found: {path}")
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        return [
+            {k: _parse_cell(v) for k, v in row.items()}
+            for row in reader
+            if None not in row and None not in row.values()
+        ]
+
+
+# --------------------------------------------------------------------------------------------
+# Safe file I/O
+# --------------------------------------------------------------------------------------------
+
+
+def _atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
+    """Run ``write`` on a temp file next to ``path``, fsync it, then rename it onto ``path``.
+
+    Readers see the old file or the complete new one, never a partial one; on error the temp
+    file is removed and the old file is left untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    # Make the rename itself durable; folders cannot be opened this way on every platform.
+    if hasattr(os, "O_DIRECTORY"):
+        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def atomic_save(obj: object, path: str | Path) -> None:
+    """``torch.save(obj)`` to ``path`` atomically (see :func:`_atomic_write`)."""
+    _atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def safe_load(path: str | Path, what: str) -> object:
+    """``torch.load(path, map_location="cpu", weights_only=True)``: tensors, containers and plain
+    values only, never arbitrary code. ``what`` names the file in errors ("checkpoint", ...).
+
+    Raises:
+        UsageError: the file is missing, a folder, unreadable, corrupt or holds other objects.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise UsageError(f"{what} not found: {path.resolve()} (check the path)")
+    if not path.is_file():
+        raise UsageError(f"{what} path is a folder, not a file: {path.resolve()}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UsageError(
+            f"cannot read {path.resolve()}: it is corrupt or not a {what} ({_first_line(e)})"
+        ) from e
+
+
+# --------------------------------------------------------------------------------------------
+# Random number generator state
+# --------------------------------------------------------------------------------------------
+
+
+def get_rng_state() -> dict:
+    """State of Python's ``random``, numpy's global RNG, torch's CPU RNG and, when available,
+    every CUDA device's RNG, made only of tensors, ints and strings so that it round-trips
+    through ``torch.save`` + ``torch.load(weights_only=True)``.
+
+    Layout: ``python``: {version: int, state: int64 (625,), gauss_next: float64 (0,) or (1,)};
+    ``numpy``: {kind: str, keys: int64 (624,), pos: int, has_gauss: int, cached_gaussian:
+    float64 ()}; ``torch``: uint8 tensor; ``cuda`` (only with CUDA): list of uint8 tensors.
+    """
+    version, internal, gauss_next = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": {
+            "version": int(version),
+            "state": torch.tensor(internal, dtype=torch.int64),
+            "gauss_next": torch.tensor(
+                [] if gauss_next is None else [gauss_next], dtype=torch.float64
+            ),
+        },
+        "numpy": {
+            "kind": str(kind),
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": torch.tensor(float(cached), dtype=torch.float64),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore generators from :func:`get_rng_state`'s dict; CUDA states are restored for the
+    devices present (ignored without CUDA)."""
+    py = state["python"]
+    gauss = py["gauss_next"].tolist()
+    random.setstate((py["version"], tuple(py["state"].tolist()), gauss[0] if gauss else None))
+    npst = state["numpy"]
+    keys = npst["keys"].numpy().astype(np.uint32)
+    np.random.set_state(
+        (npst["kind"], keys, npst["pos"], npst["has_gauss"], float(npst["cached_gaussian"]))
+    )
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        for device, cuda_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state.cpu(), device)
+
+
+# --------------------------------------------------------------------------------------------
+# Plots
+# --------------------------------------------------------------------------------------------
+
+
+def _save_figure(fig: Figure, path: str | Path) -> None:
+    _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120, bbox_inches="tight"))
+
+
+# (file name, title, y label, which columns), for the metric plots made when the columns exist.
+_METRIC_PLOTS: tuple[tuple[str, str, str, Callable[[str], bool]], ...] = (
+    ("accuracy.png", "Accuracy", "accuracy", lambda c: c.endswith("_acc")),
+    ("sparsity.png", "LCA sparsity", "fraction of LCA units active", lambda c: "frac_active" in c),
+    (
+        "recon_error.png",
+        "LCA reconstruction error",
+        "reconstruction error",
+        lambda c: "recon_error" in c,
+    ),
+    ("dict_cosine.png", "Dictionary change", "cosine similarity", lambda c: "dict_cosine" in c),
+)
+
+
+def _series_label(column: str) -> str:
+    """``train_acc`` -> ``train``, ``lca_frac_active`` -> ``lca_frac_active``."""
+    return column.removesuffix("_acc") or column
+
+
+def plot_metrics(run_dir: str | Path) -> list[Path]:
+    """Plot ``run_dir/results.csv`` against ``epoch`` (row number without that column) into
+    ``run_dir``: ``accuracy.png`` (every ``*_acc`` column), and when such columns exist
+    ``sparsity.png`` (``*frac_active*``), ``recon_error.png`` (``*recon_error*``) and
+    ``dict_cosine.png`` (``*dict_cosine*``). Returns the paths written (none without rows)."""
+    run_dir = Path(run_dir)
+    rows = read_results(run_dir)
+    if not rows:
+        return []
+    columns = list(rows[0])
+    if "epoch" in columns:
+        x, xlabel = [r["epoch"] for r in rows], "epoch"
+    else:
+        x, xlabel = list(range(1, len(rows) + 1)), "row"
+    written = []
+    for filename, title, ylabel, wanted in _METRIC_PLOTS:
+        selected = [c for c in columns if c != "epoch" and wanted(c)]
+        if not selected:
+            continue
+        fig = Figure(figsize=(6, 4))
+        ax = fig.add_subplot()
+        for c in selected:
+            y = [r[c] if isinstance(r[c], float) else math.nan for r in rows]
+            ax.plot(x, y, marker="o", markersize=3, label=_series_label(c))
+        ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(True, alpha=0.4)
+        ax.legend()
+        _save_figure(fig, run_dir / filename)
+        written.append(run_dir / filename)
+    return written
+
+
+def plot_neural_activity(
+    neurons: list[Tensor], path: str | Path, names: list[str] | None = None
+) -> None:
+    """Save to ``path`` one histogram per layer of the settled neuron values (any shape each)."""
+    names = names or [f"layer {i + 1}" for i in range(len(neurons))]
+    if len(names) != len(neurons):
+        raise ValueError(f"{len(names)} names for {len(neurons)} layers")
+    ncols = min(len(neurons), 4)
+    nrows = math.ceil(len(neurons) / ncols)
+    fig = Figure(figsize=(3.5 * ncols, 2.8 * nrows))
+    for i, (layer, name) in enumerate(zip(neurons, names, strict=True)):
+        values = layer.detach().float().cpu().reshape(-1).numpy()
+        ax = fig.add_subplot(nrows, ncols, i + 1)
+        ax.hist(values, bins=50, color="tab:blue")
+        ax.set(title=f"{name} (mean {values.mean():.3f})", xlabel="neuron value", ylabel="count")
+        ax.grid(True, alpha=0.4)
+    fig.suptitle("Settled neural activity")
+    fig.tight_layout()
+    _save_figure(fig, path)
+
+
+def _rescale_each(images: Tensor) -> Tensor:
+    """Each image of (N, ...) min-max rescaled to [0, 1] on its own (a constant image -> 0.5)."""
+    flat = images.detach().float().cpu().reshape(images.shape[0], -1)
+    lo = flat.min(dim=1, keepdim=True).values
+    span = flat.max(dim=1, keepdim=True).values - lo
+    scaled = torch.where(span > 0, (flat - lo) / span.clamp_min(1e-12), torch.full_like(flat, 0.5))
+    return scaled.reshape(images.shape)
+
+
+def plot_dictionary(weights: Tensor, path: str | Path, title: str | None = None) -> None:
+    """Save a (F, C, k, k) dictionary (C = 1 gray or 3 RGB) to ``path`` as a grid of its F
+    features, each rescaled to [0, 1] independently."""
+    if weights.dim() != 4 or weights.shape[1] not in (1, 3):
+        raise ValueError(f"expected a (F, 1 or 3, k, k) dictionary, got {tuple(weights.shape)}")
+    n = weights.shape[0]
+    grid = make_grid(_rescale_each(weights), nrow=math.ceil(math.sqrt(n)), padding=1, pad_value=1.0)
+    fig = Figure(figsize=(6, 6))
+    ax = fig.add_subplot()
+    ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
+    ax.set_axis_off()
+    ax.set_title(title or f"Dictionary: {n} features of {tuple(weights.shape[1:])}")
+    _save_figure(fig, path)
+
+
+def plot_reconstructions(
+    inputs: Tensor, recon_rows: dict[str, Tensor], path: str | Path, n_images: int = 8
+) -> None:
+    """Save to ``path`` a grid: the first ``n_images`` inputs (N, C, H, W) on the first row, then
+    one row per entry of ``recon_rows`` (same shape), each image rescaled to [0, 1] on its own."""
+    rows = {"input": inputs, **recon_rows}
+    if inputs.dim() != 4 or inputs.shape[1] not in (1, 3):
+        raise ValueError(f"expected (N, 1 or 3, H, W) inputs, got {tuple(inputs.shape)}")
+    for name, images in rows.items():
+        if images.dim() != 4 or images.shape[1:] != inputs.shape[1:]:
+            raise ValueError(
+                f"{name}: expected images shaped like the inputs {tuple(inputs.shape)}"
+            )
+    n = min(n_images, inputs.shape[0])
+    fig = Figure(figsize=(1.4 * n + 1, 1.5 * len(rows)))
+    for r, (name, images) in enumerate(rows.items()):
+        shown = _rescale_each(images[:n])
+        for j in range(n):
+            ax = fig.add_subplot(len(rows), n, r * n + j + 1)
+            if shown.shape[1] == 1:
+                ax.imshow(shown[j, 0].numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+            else:
+                ax.imshow(shown[j].permute(1, 2, 0).numpy(), interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if j == 0:
+                ax.set_ylabel(name)
+    fig.suptitle("Inputs and reconstructions")
+    _save_figure(fig, path)
+
+
+def plot_gdu(report: dict, path: str | Path, n_entries: int = 5) -> None:
+    """Save the GDU check of ``utils_ep_fast.gdu_check`` to ``path``: one panel per parameter,
+    ``n_entries`` of its entries (evenly spaced in the flattened tensor) against the nudged-phase
+    step, EP's update dashed and BPTT's gradient solid in the same colour per entry."""
+    names = list(report)
+    ncols = min(len(names), 2)
+    nrows = math.ceil(len(names) / ncols)
+    fig = Figure(figsize=(6 * ncols, 3.2 * nrows))
+    for i, name in enumerate(names):
+        entry = report[name]
+        ep = entry["ep"].detach().float().cpu().flatten(1)
+        bptt = entry["bptt"].detach().float().cpu().flatten(1)
+        steps = range(1, ep.shape[0] + 1)
+        picks = torch.linspace(0, ep.shape[1] - 1, min(n_entries, ep.shape[1])).long().unique()
+        ax = fig.add_subplot(nrows, ncols, i + 1)
+        for j, index in enumerate(picks.tolist()):
+            color = f"C{j}"
+            ax.plot(steps, ep[:, index].numpy(), linestyle="--", color=color)
+            ax.plot(steps, bptt[:, index].numpy(), linestyle="-", color=color)
+        ax.set(
+            title=f"{name}: rel. RMSE {entry['rel_rmse']:.3f}, sign err. {entry['sign_error']:.2f}",
+            xlabel="nudged-phase step t",
+            ylabel="update",
+        )
+        ax.grid(True, alpha=0.4)
+    fig.suptitle("GDU check: EP (dashed) vs BPTT (solid)")
+    fig.tight_layout()
+    _save_figure(fig, path)

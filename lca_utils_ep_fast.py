@@ -1,0 +1,184 @@
+"""The LCA front-end RCNN: a sparse-coding layer whose code drives an energy-based RCNN.
+
+LCA encodes the image ``x`` (B, C, H, W) into sparse activations ``acts`` (B, F, H', W'), held
+fixed like an input. The system's first layer ``s_0`` has the shape of ``acts`` and is coupled
+to them by identity, then come the conv layers and the readout of ``P_CNN``::
+
+    Phi = <acts, s_0> + sum_k <P_k(conv_k(s_{k-1})), s_k> + ... - beta L
+    s_0 <- sigma(acts + g * conv_1^T(P_1^T(s_1)))        (g = scale_feedback; g = 1 is dPhi/ds_0)
+
+Everything else (dynamics, phases, EP estimate, training loops) is the engine's: this model only
+adds the encoding (``prepare_input``, once per batch, reused by all phases), the dictionary
+update after each optimizer step (``after_update``) and the LCA metrics (``batch_stats``).
+
+Dictionary modes:
+    pretrained: loaded from ``cifar_dictlearning.py``'s file and frozen;
+    finetune:   loaded, then after every batch updated with the LCA rule on (acts, recon error)
+                plus the same rule on ``acts* = T_lambda(s_0 at the nudged fixed point)``;
+    learn:      the same updates from a random dictionary.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from lca import LCAConv2D, load_dictionary, load_subset_indices
+from utils_ep_fast import P_CNN, conv_output_size
+
+DICT_MODES = ("pretrained", "finetune", "learn")
+
+
+class LCA_CNN(P_CNN):
+    """LCA front end + copy layer ``s_0`` + the convs and readout of ``P_CNN``.
+
+    Args:
+        in_size, in_channels: the image (e.g. 32 and 3 for CIFAR-10, 8 and 1 for digits).
+        lca_feats, lca_ksize, lca_stride, lca_lambda, lca_tau, lca_eta, lca_iters: the LCA layer
+            (``same`` padding, non-negative soft threshold, inputs standardised per sample).
+        channels: ``[lca_feats, c_1, c_2, ...]``: the copy layer then the conv layers.
+        kernels, strides, paddings: one per conv layer (``len(channels) - 1``).
+        pools: one letter per layer of ``channels``; ``pools[0]`` (the copy layer) must be ``i``.
+        scale_feedback: ``g``, the scale of the top-down feedback into ``s_0``.
+        dict_training: ``pretrained``, ``finetune`` or ``learn``.
+    """
+
+    def __init__(
+        self,
+        in_size: int,
+        in_channels: int,
+        lca_feats: int,
+        lca_ksize: int,
+        lca_stride: int,
+        lca_lambda: float,
+        lca_tau: float,
+        lca_eta: float,
+        lca_iters: int,
+        channels: list[int],
+        kernels: list[int],
+        strides: list[int],
+        paddings: list[int],
+        pools: str,
+        fc: list[int],
+        activation: str = "my_hard_sig",
+        softmax: bool = False,
+        loss: str = "mse",
+        scale: float | None = None,
+        scale_feedback: float = 1.0,
+        dict_training: str = "pretrained",
+    ) -> None:
+        if dict_training not in DICT_MODES:
+            raise ValueError(f"unknown dict_training {dict_training!r}; choose from {DICT_MODES}")
+        if channels[0] != lca_feats:
+            raise ValueError(
+                f"the copy layer s_0 has the LCA code's channels: --channels must start with "
+                f"--lca_feats ({lca_feats}), got {channels[0]}"
+            )
+        if not pools or pools[0] != "i":
+            raise ValueError(
+                f"pools[0] is the copy layer's coupling and must be 'i', got {pools!r}"
+            )
+        code_size = conv_output_size(in_size, lca_ksize, lca_stride, lca_ksize // 2)
+        super().__init__(
+            code_size,
+            lca_feats,
+            list(channels[1:]),
+            kernels,
+            strides,
+            paddings,
+            pools[1:],
+            fc,
+            activation=activation,
+            softmax=softmax,
+            loss=loss,
+            scale=scale,
+            input_copy=True,
+            feedback_scale=scale_feedback,
+        )
+        self.dict_training = dict_training
+        self.lca = LCAConv2D(
+            lca_feats,
+            in_channels,
+            kernel_size=lca_ksize,
+            stride=lca_stride,
+            lambda_=lca_lambda,
+            tau=lca_tau,
+            eta=lca_eta,
+            lca_iters=lca_iters,
+            pad="same",
+            return_vars=["inputs", "acts", "recon_errors"],
+        )
+        # where the dictionary started: its drift is a metric of finetune/learn
+        self.register_buffer("initial_dictionary", self.lca.weights.detach().clone())
+        self._encoded: tuple[Tensor, Tensor, Tensor] | None = None
+
+    # ---- dictionary -----------------------------------------------------------------------
+
+    def load_dictionary(self, path: str | Path) -> None:
+        """Load the pretrained dictionary (F, C, k, k) from ``path`` and make it the start point."""
+        weights, _ = load_dictionary(path, expected_shape=tuple(self.lca.weights.shape))
+        self.lca.assign_weight_values(weights.to(self.lca.weights), normalize=False)
+        self.initial_dictionary.copy_(self.lca.weights.detach())
+
+    def dictionary_cosine(self) -> float:
+        """Mean cosine between each feature and where it started (1 = unmoved)."""
+        now = self.lca.weights.detach().flatten(1)
+        start = self.initial_dictionary.flatten(1)
+        return torch.nn.functional.cosine_similarity(now, start, dim=1).mean().item()
+
+    # ---- engine hooks ---------------------------------------------------------------------
+
+    @torch.no_grad()
+    def prepare_input(self, x: Tensor) -> Tensor:
+        """Run LCA once on the batch (B, C, H, W) and return its code ``acts`` (B, F, H', W')."""
+        inputs, acts, recon_errors = self.lca(x)
+        self._encoded = (inputs, acts, recon_errors)
+        return acts
+
+    @torch.no_grad()
+    def after_update(self, inputs: Tensor, nudged: list[Tensor]) -> None:
+        """finetune / learn: the LCA update on ``(acts, recon error)`` and on
+        ``(acts*, inputs - recon(acts*))`` with ``acts* = T_lambda(s_0^beta)``; both reconstruction
+        errors are taken with the dictionary before either update."""
+        if self.dict_training == "pretrained":
+            return
+        images, acts, recon_errors = self._encoded
+        nudged_acts = self.lca.transfer(nudged[0])
+        nudged_recons = self.lca.compute_recon(nudged_acts, self.lca.weights, images.shape)
+        nudged_recon_errors = self.lca.compute_recon_error(images, nudged_recons)
+        self.lca.update_weights(acts, recon_errors)
+        self.lca.update_weights(nudged_acts, nudged_recon_errors)
+
+    def batch_stats(self) -> dict[str, float]:
+        """Fraction of non-zero LCA activations and the reconstruction error
+        ``mean_batch 0.5 ||x - D * a||^2`` of the last encoded batch; dictionary drift too."""
+        if self._encoded is None:
+            return {}
+        _, acts, recon_errors = self._encoded
+        stats = {
+            "lca_frac_active": (acts != 0).float().mean().item(),
+            "lca_recon_error": 0.5 * recon_errors.pow(2).flatten(1).sum(1).mean().item(),
+        }
+        if self.dict_training != "pretrained":
+            stats["dict_cosine"] = self.dictionary_cosine()
+        return stats
+
+    @torch.no_grad()
+    def reconstruct(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The standardised inputs and their LCA reconstructions, both (B, C, H, W)."""
+        inputs, acts, _ = self.lca(x)
+        return inputs, self.lca.compute_recon(acts, self.lca.weights, inputs.shape)
+
+
+def ep_training_indices(num_train: int, dict_path: str | Path) -> Tensor:
+    """Indices of the training images NOT used to pretrain the dictionary at ``dict_path``.
+
+    The dictionary was learnt on the subset saved next to it (``subset_indices.pt``); EP trains
+    on the rest so that the two never see the same images.
+    """
+    used = load_subset_indices(dict_path)
+    mask = torch.ones(num_train, dtype=torch.bool)
+    mask[used] = False
+    return mask.nonzero().flatten()

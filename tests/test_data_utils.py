@@ -1,0 +1,510 @@
+"""Tests of data_utils: datasets from real on-disk formats, loaders, run folders, CSV logging,
+atomic checkpoints, safe loading, RNG state and plots. Nothing here touches the network."""
+
+from __future__ import annotations
+
+import datetime
+import gzip
+import os
+import pickle
+import random
+import shlex
+import tarfile
+from pathlib import Path
+from urllib.error import URLError
+
+import numpy as np
+import pytest
+import torch
+import torchvision.datasets.cifar as tv_cifar
+import torchvision.datasets.mnist as tv_mnist
+from fake_datasets import write_fake_cifar10, write_fake_mnist, write_fake_svhn
+from torch.utils.data import Subset, TensorDataset
+
+import data_utils as du
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+CIFAR_FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]
+MNIST_FILES = [
+    "train-images-idx3-ubyte",
+    "train-labels-idx1-ubyte",
+    "t10k-images-idx3-ubyte",
+    "t10k-labels-idx1-ubyte",
+]
+
+
+def load_cifar(root: Path, **kwargs):
+    """build_datasets('CIFAR10') on fake files, which always differ from the official checksums."""
+    with pytest.warns(UserWarning, match="official checksums"):
+        return du.build_datasets("CIFAR10", root, **kwargs)
+
+
+def shifted_copies(image: np.ndarray, pad: int, flips: bool) -> list[np.ndarray]:
+    """Every crop (same size) of ``image`` (C, H, W) edge-padded by ``pad``, also of its mirror."""
+    _, h, w = image.shape
+    sources = [image, image[:, :, ::-1]] if flips else [image]
+    out = []
+    for src in sources:
+        padded = np.pad(src, ((0, 0), (pad, pad), (pad, pad)), mode="edge")
+        for dy in range(2 * pad + 1):
+            for dx in range(2 * pad + 1):
+                out.append(padded[:, dy : dy + h, dx : dx + w])
+    return out
+
+
+def is_one_of(image: np.ndarray, candidates: list[np.ndarray]) -> bool:
+    return any(np.allclose(image, c, atol=1e-6) for c in candidates)
+
+
+# ------------------------------------------------------------------------------------- tasks
+
+
+def test_task_info_shapes_and_case_insensitive_names():
+    assert du.task_info("CIFAR10") == (3, 32, 32, 10)
+    assert du.task_info("cifar100") == (3, 32, 32, 100)
+    assert du.task_info("mnist") == (1, 28, 28, 10)
+    assert du.task_info("fashionMNIST") == (1, 28, 28, 10)
+    assert du.task_info("svhn") == (3, 32, 32, 10)
+    assert du.task_info("Digits") == (1, 8, 8, 10)
+    assert du.canonical_task("fashionmnist") == "FashionMNIST"
+    with pytest.raises(du.UsageError) as err:
+        du.task_info("ImageNet")
+    for name in ("ImageNet", "MNIST", "CIFAR10", "DIGITS"):
+        assert name in str(err.value)
+
+
+# ------------------------------------------------------------------------------------- CIFAR-10
+
+
+def test_cifar10_shapes_labels_and_normalisation(tmp_path):
+    fake = write_fake_cifar10(tmp_path, n_train_per_batch=3, n_test=5)
+    train, test = load_cifar(tmp_path)
+    assert (len(train), len(test)) == (15, 5)
+    assert du.dataset_labels(train).tolist() == fake["train_labels"].tolist()
+    assert du.dataset_labels(test).tolist() == fake["test_labels"].tolist()
+
+    # Item 7 is the second image of data_batch_3; pixel (row 5, column 11) in R, G and B.
+    image, label = train[7]
+    assert image.shape == (3, 32, 32) and image.dtype == torch.float32
+    assert label == fake["train_labels"][7]
+    r, g, b = (int(v) for v in fake["train_images"][7, :, 5, 11])
+    assert image[0, 5, 11].item() == pytest.approx((r / 255 - 0.4914) / (3 * 0.2023), abs=1e-5)
+    assert image[1, 5, 11].item() == pytest.approx((g / 255 - 0.4822) / (3 * 0.1994), abs=1e-5)
+    assert image[2, 5, 11].item() == pytest.approx((b / 255 - 0.4465) / (3 * 0.2010), abs=1e-5)
+
+
+def test_cifar10_augmentation_flips_and_edge_shifts_train_only(tmp_path):
+    fake = write_fake_cifar10(tmp_path, n_train_per_batch=2, n_test=2)
+    train, test = load_cifar(tmp_path, data_aug=True)
+    mean = np.array([0.4914, 0.4822, 0.4465]).reshape(3, 1, 1)
+    std = np.array([0.6069, 0.5982, 0.6030]).reshape(3, 1, 1)
+    plain = ((fake["train_images"][3] / 255.0 - mean) / std).astype(np.float32)
+    unflipped = shifted_copies(plain, pad=4, flips=False)
+    flipped = shifted_copies(plain[:, :, ::-1], pad=4, flips=False)
+
+    torch.manual_seed(0)
+    draws = [train[3][0] for _ in range(12)]
+    assert all(d.shape == (3, 32, 32) for d in draws)
+    assert any(not np.allclose(d.numpy(), plain, atol=1e-6) for d in draws)
+    assert all(is_one_of(d.numpy(), unflipped + flipped) for d in draws)
+    assert any(is_one_of(d.numpy(), flipped) and not is_one_of(d.numpy(), unflipped) for d in draws)
+    assert torch.equal(test[1][0], test[1][0])
+    test_plain = (fake["test_images"][1] / 255.0 - mean) / std
+    assert np.allclose(test[1][0].numpy(), test_plain, atol=1e-5)
+
+
+def test_cifar10_archive_is_unpacked_without_network(tmp_path, monkeypatch):
+    fake = write_fake_cifar10(tmp_path / "made", n_train_per_batch=2, n_test=3)
+    data = tmp_path / "data"
+    data.mkdir()
+    with tarfile.open(data / "cifar-10-python.tar.gz", "w:gz") as tar:
+        tar.add(tmp_path / "made" / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    monkeypatch.setattr(tv_cifar, "download_and_extract_archive", _no_network)
+    train, test = load_cifar(data, download=True)
+    assert (len(train), len(test)) == (10, 3)
+    assert du.dataset_labels(test).tolist() == fake["test_labels"].tolist()
+
+
+def test_missing_cifar10_names_folder_files_and_digits(tmp_path, monkeypatch):
+    monkeypatch.setattr(tv_cifar, "download_and_extract_archive", _no_network)
+    with pytest.raises(du.UsageError) as err:
+        du.build_datasets("CIFAR10", tmp_path / "nowhere", download=False)
+    msg = str(err.value)
+    assert "downloading is off" in msg
+    folder = (tmp_path / "nowhere").resolve()
+    assert str(folder / "cifar-10-batches-py") in msg
+    for name in CIFAR_FILES:
+        assert name in msg
+    assert str(folder / "cifar-10-python.tar.gz") in msg
+    assert "--task DIGITS" in msg
+
+
+def test_corrupt_cifar10_batch_is_a_usage_error(tmp_path):
+    write_fake_cifar10(tmp_path)
+    (tmp_path / "cifar-10-batches-py" / "test_batch").write_bytes(b"not a pickle at all")
+    with pytest.raises(du.UsageError, match="corrupt") as err:
+        du.build_datasets("CIFAR10", tmp_path, download=False)
+    assert "cifar-10-batches-py" in str(err.value)
+
+
+class _MakesFolder:
+    """Unpickling this calls os.mkdir(path): stands for a pickle that runs code."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (os.mkdir, (self.path,))
+
+
+def test_unverified_cifar10_pickle_with_code_is_refused(tmp_path):
+    write_fake_cifar10(tmp_path)
+    marker = tmp_path / "code_ran"
+    batch = tmp_path / "cifar-10-batches-py" / "data_batch_2"
+    entry = {"data": np.zeros((1, 3072), np.uint8), "labels": [0], "x": _MakesFolder(str(marker))}
+    batch.write_bytes(pickle.dumps(entry, protocol=2))
+    with pytest.raises(du.UsageError, match="corrupt"):
+        du.build_datasets("CIFAR10", tmp_path, download=False)
+    assert not marker.exists()
+
+
+# ------------------------------------------------------------------------------------- MNIST
+
+
+def _no_network(*args, **kwargs):
+    raise AssertionError("the network must not be used when the files exist")
+
+
+@pytest.mark.parametrize("name", ["MNIST", "FashionMNIST"])
+def test_existing_mnist_files_load_without_download(tmp_path, monkeypatch, name):
+    fake = write_fake_mnist(tmp_path, n_train=7, n_test=4, name=name)
+    monkeypatch.setattr(tv_mnist, "download_and_extract_archive", _no_network)
+    train, test = du.build_datasets(name, tmp_path, download=True)
+    assert (len(train), len(test)) == (7, 4)
+    image, label = train[5]
+    assert image.shape == (1, 28, 28) and image.dtype == torch.float32
+    assert label == fake["train_labels"][5]
+    # Normalize(0, 1) leaves ToTensor's value/255.
+    assert image[0, 13, 2].item() == pytest.approx(fake["train_images"][5, 13, 2] / 255, abs=1e-7)
+    assert du.dataset_labels(test).tolist() == fake["test_labels"].tolist()
+
+
+def test_mnist_augmentation_shifts_train_images(tmp_path):
+    fake = write_fake_mnist(tmp_path, n_train=3, n_test=2)
+    train, _ = du.build_datasets("MNIST", tmp_path, data_aug=True, download=False)
+    plain = (fake["train_images"][1] / 255.0).astype(np.float32)[None]
+    candidates = shifted_copies(plain, pad=2, flips=False)
+    torch.manual_seed(1)
+    draws = [train[1][0].numpy() for _ in range(8)]
+    assert all(d.shape == (1, 28, 28) for d in draws)
+    assert any(not np.allclose(d, plain) for d in draws)
+    assert all(is_one_of(d, candidates) for d in draws)
+
+
+def test_mnist_gz_files_are_unpacked_without_network(tmp_path):
+    fake = write_fake_mnist(tmp_path, n_train=5, n_test=3)
+    raw = tmp_path / "MNIST" / "raw"
+    for name in MNIST_FILES:
+        (raw / f"{name}.gz").write_bytes(gzip.compress((raw / name).read_bytes()))
+        (raw / name).unlink()
+    train, test = du.build_datasets("MNIST", tmp_path, download=False)
+    assert (len(train), len(test)) == (5, 3)
+    assert train[2][0][0, 20, 7].item() == pytest.approx(fake["train_images"][2, 20, 7] / 255)
+
+
+def test_offline_mnist_download_failure_names_folder_and_files(tmp_path, monkeypatch):
+    calls = []
+
+    def offline(url, *args, **kwargs):
+        calls.append(url)
+        raise URLError("no route to host")
+
+    monkeypatch.setattr(tv_mnist, "download_and_extract_archive", offline)
+    with pytest.raises(du.UsageError) as err:
+        du.build_datasets("mnist", tmp_path / "data", download=True)
+    assert calls, "a download is attempted when the files are missing and download=True"
+    msg = str(err.value)
+    assert str((tmp_path / "data" / "MNIST" / "raw").resolve()) in msg
+    for name in MNIST_FILES:
+        assert name in msg
+    assert "download failed" in msg and "--task DIGITS" in msg
+
+
+# ------------------------------------------------------------------------------------- SVHN
+
+
+def test_svhn_labels_normalisation_and_shift_without_flip(tmp_path):
+    fake = write_fake_svhn(tmp_path, n_train=5, n_test=3)
+    with pytest.warns(UserWarning, match="official checksums"):
+        train, test = du.build_datasets("SVHN", tmp_path, data_aug=True)
+    assert (len(train), len(test)) == (5, 3)
+    assert du.dataset_labels(train).tolist() == [0, 1, 2, 3, 4]
+    assert test[0][1] == 0  # stored as 10 in the file
+    image = test[2][0]
+    r, g, b = (int(v) for v in fake["test_images"][2, :, 30, 1])
+    assert image[0, 30, 1].item() == pytest.approx((r / 255 - 0.4914) / (3 * 0.2023), abs=1e-5)
+    assert image[1, 30, 1].item() == pytest.approx((g / 255 - 0.4822) / (3 * 0.1994), abs=1e-5)
+    assert image[2, 30, 1].item() == pytest.approx((b / 255 - 0.4465) / (3 * 0.2010), abs=1e-5)
+
+    mean = np.array([0.4914, 0.4822, 0.4465]).reshape(3, 1, 1)
+    std = np.array([0.6069, 0.5982, 0.6030]).reshape(3, 1, 1)
+    plain = ((fake["train_images"][1] / 255.0 - mean) / std).astype(np.float32)
+    candidates = shifted_copies(plain, pad=4, flips=False)
+    torch.manual_seed(3)
+    draws = [train[1][0].numpy() for _ in range(12)]
+    assert any(not np.allclose(d, plain, atol=1e-6) for d in draws)
+    assert all(is_one_of(d, candidates) for d in draws)
+
+
+# ------------------------------------------------------------------------------------- DIGITS
+
+
+def test_digits_fixed_stratified_split():
+    from sklearn.datasets import load_digits
+
+    train, test = du.build_datasets("DIGITS")
+    assert (len(train), len(test)) == (1437, 360)
+    train_idx, test_idx = set(train.indices.tolist()), set(test.indices.tolist())
+    assert not train_idx & test_idx and len(train_idx | test_idx) == 1797
+
+    # Class sizes of the 1797 digits: 178 182 177 183 181 182 181 179 174 180; a stratified 20%
+    # test split holds round(0.2 * size) of each, give or take one.
+    sizes = [178, 182, 177, 183, 181, 182, 181, 179, 174, 180]
+    test_counts = np.bincount(du.dataset_labels(test).numpy(), minlength=10)
+    assert all(abs(c - 0.2 * s) <= 1 for c, s in zip(test_counts, sizes, strict=True))
+
+    image, label = test[4]
+    assert image.shape == (1, 8, 8) and image.dtype == torch.float32
+    assert 0.0 <= train.data.min() and train.data.max() == 1.0
+    assert torch.equal(train.data * 16, torch.round(train.data * 16))
+    digits = load_digits()
+    k = int(test.indices[4])
+    assert label == digits.target[k]
+    assert np.allclose(image[0].numpy(), digits.images[k] / 16.0)
+    assert du.build_datasets("digits")[1].indices.tolist() == test.indices.tolist()
+    # The split is pinned: results of runs made at different times must use the same test set.
+    assert sorted(test.indices.tolist())[:8] == [21, 24, 28, 34, 35, 37, 39, 42]
+
+
+def test_digits_augmentation_shifts_only_train():
+    train, test = du.build_datasets("DIGITS", data_aug=True)
+    plain = train.data[10].numpy()
+    candidates = shifted_copies(plain, pad=1, flips=False)
+    torch.manual_seed(2)
+    draws = [train[10][0].numpy() for _ in range(10)]
+    assert all(d.shape == (1, 8, 8) for d in draws)
+    assert any(not np.array_equal(d, plain) for d in draws)
+    assert all(is_one_of(d, candidates) for d in draws)
+    assert np.array_equal(test[3][0].numpy(), test.data[3].numpy())
+
+
+def test_dataset_labels_through_subsets_and_without_targets():
+    base = TensorDataset(torch.zeros(6, 1), torch.tensor([5, 4, 3, 2, 1, 0]))
+    assert du.dataset_labels(base).tolist() == [5, 4, 3, 2, 1, 0]
+    nested = Subset(Subset(base, [1, 3, 5]), [2, 0])
+    assert du.dataset_labels(nested).tolist() == [0, 4]
+    train, _ = du.build_datasets("DIGITS")
+    assert du.dataset_labels(Subset(train, [0, 1])).tolist() == [train[0][1], train[1][1]]
+
+
+# ------------------------------------------------------------------------------------- loaders
+
+
+def _order(loader) -> list[int]:
+    return [int(v) for (batch,) in loader for v in batch]
+
+
+def test_make_loader_seeded_order_and_subsets():
+    data = TensorDataset(torch.arange(20))
+    a = du.make_loader(data, batch_size=8, shuffle=True, seed=5)
+    b = du.make_loader(data, batch_size=8, shuffle=True, seed=5)
+    first_a, first_b = _order(a), _order(b)
+    assert first_a == first_b and sorted(first_a) == list(range(20))
+    assert first_a != list(range(20))
+    assert _order(a) == _order(b) != first_a  # next epoch: new order, still reproducible
+    assert _order(du.make_loader(data, 8, True, seed=6)) != first_a
+    assert [len(x) for (x,) in a] == [8, 8, 4]
+
+    plain = du.make_loader(data, batch_size=3, shuffle=False)
+    assert _order(plain) == list(range(20))
+    sub = du.make_loader(data, 2, shuffle=True, seed=0, indices=torch.tensor([3, 9, 11]))
+    assert sorted(_order(sub)) == [3, 9, 11]
+    assert plain.pin_memory == torch.cuda.is_available()
+
+
+# ------------------------------------------------------------------------------------- runs, logs
+
+
+def test_make_run_dir_layout_and_numbering(tmp_path):
+    day = datetime.date(2024, 5, 6)
+    first = du.make_run_dir(tmp_path, "CIFAR10", "EP", "LCACNN", "learn", date=day)
+    assert first == tmp_path / "CIFAR10" / "EP" / "LCACNN" / "learn" / "2024-05-06" / "run_1"
+    assert first.is_dir()
+    assert du.make_run_dir(tmp_path, "CIFAR10", "EP", "LCACNN", "learn", date=day).name == "run_2"
+    (first.parent / "run_7").mkdir()
+    (first.parent / "notes_9").mkdir()
+    assert du.make_run_dir(tmp_path, "CIFAR10", "EP", "LCACNN", "learn", date=day).name == "run_8"
+    none = du.make_run_dir(tmp_path, "MNIST", "EP", "CNN", None)
+    assert none.parent.parent.name == "none"
+    assert none.parent.name == datetime.date.today().isoformat() and none.name == "run_1"
+
+
+def test_write_hyperparameters_and_append_text(tmp_path):
+    argv = ["main_fast.py", "--model", "CNN", "--note", "two words", "--lrs", "0.1", "0.05"]
+    du.write_hyperparameters(
+        tmp_path, argv, {"model": "CNN", "note": "two words", "lrs": [0.1, 0.05]}
+    )
+    lines = (tmp_path / "hyperparameters.txt").read_text().splitlines()
+    assert lines[0] == "main_fast.py --model CNN --note 'two words' --lrs 0.1 0.05"
+    assert shlex.split(lines[0]) == argv
+    assert lines[1:] == ["model: CNN", "note: two words", "lrs: [0.1, 0.05]"]
+
+    du.append_text(tmp_path, "log.txt", "epoch 1")
+    du.append_text(tmp_path, "log.txt", "epoch 2\n")
+    assert (tmp_path / "log.txt").read_text() == "epoch 1\nepoch 2\n"
+
+
+def test_results_csv_round_trip(tmp_path):
+    du.append_results_row(
+        tmp_path,
+        {"epoch": 1, "train_acc": 0.1234567890123, "test_acc": torch.tensor(0.5), "lr": 0.1},
+    )
+    du.append_results_row(
+        tmp_path, {"lr": 0.05, "epoch": 2, "test_acc": 0.75, "train_acc": np.float32(0.25)}
+    )
+    text = (tmp_path / "results.csv").read_text().splitlines()
+    assert text[0] == "epoch,train_acc,test_acc,lr" and len(text) == 3
+    rows = du.read_results(tmp_path)
+    assert rows == [
+        {"epoch": 1.0, "train_acc": 0.1234567890123, "test_acc": 0.5, "lr": 0.1},
+        {"epoch": 2.0, "train_acc": 0.25, "test_acc": 0.75, "lr": 0.05},
+    ]
+    with pytest.raises(ValueError, match="columns"):
+        du.append_results_row(tmp_path, {"epoch": 3, "train_acc": 0.3})
+    # A row cut short by a crash is dropped, the complete ones are kept.
+    with open(tmp_path / "results.csv", "a") as f:
+        f.write("3,0.5")
+    assert len(du.read_results(tmp_path)) == 2
+    with pytest.raises(du.UsageError, match="not found"):
+        du.read_results(tmp_path / "elsewhere")
+
+
+# ------------------------------------------------------------------------------------- file I/O
+
+
+class _FailsToPickle:
+    def __reduce__(self):
+        raise RuntimeError("cannot pickle this")
+
+
+def test_atomic_save_round_trip_and_failure_keeps_old_file(tmp_path):
+    path = tmp_path / "ckpt" / "model.pt"
+    du.atomic_save({"w": torch.arange(4.0), "epoch": 3}, path)
+    assert os.listdir(path.parent) == ["model.pt"]
+    loaded = du.safe_load(path, "checkpoint")
+    assert loaded["epoch"] == 3 and torch.equal(loaded["w"], torch.arange(4.0))
+
+    with pytest.raises(RuntimeError, match="cannot pickle"):
+        du.atomic_save({"w": torch.ones(2), "bad": _FailsToPickle()}, path)
+    assert os.listdir(path.parent) == ["model.pt"]
+    assert torch.equal(du.safe_load(path, "checkpoint")["w"], torch.arange(4.0))
+
+
+def test_safe_load_errors_name_the_file(tmp_path):
+    missing = tmp_path / "absent.pt"
+    with pytest.raises(du.UsageError, match="checkpoint not found") as err:
+        du.safe_load(missing, "checkpoint")
+    assert str(missing) in str(err.value)
+
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"\x00\x01garbage")
+    with pytest.raises(du.UsageError, match="corrupt or not a dictionary") as err:
+        du.safe_load(corrupt, "dictionary")
+    assert str(corrupt) in str(err.value)
+
+    # A pickled object of an arbitrary class is refused rather than executed.
+    with_object = tmp_path / "object.pt"
+    torch.save({"obj": _MakesFolder(str(tmp_path / "code_ran"))}, with_object)
+    with pytest.raises(du.UsageError, match="not a checkpoint"):
+        du.safe_load(with_object, "checkpoint")
+    assert not (tmp_path / "code_ran").exists()
+
+    with pytest.raises(du.UsageError, match="folder"):
+        du.safe_load(tmp_path, "checkpoint")
+
+
+def _draws() -> tuple:
+    return (
+        [random.random() for _ in range(3)] + [random.gauss(0, 1)],
+        np.random.standard_normal(3).tolist(),
+        torch.rand(3).tolist(),
+    )
+
+
+def test_rng_state_round_trips_through_weights_only_load(tmp_path):
+    random.seed(1)
+    np.random.seed(2)
+    torch.manual_seed(3)
+    random.gauss(0, 1)  # leaves a cached second normal in Python's generator
+    np.random.standard_normal(1)  # and in numpy's
+    du.atomic_save(du.get_rng_state(), tmp_path / "rng.pt")
+    expected = _draws()
+    _draws()
+    state = torch.load(tmp_path / "rng.pt", map_location="cpu", weights_only=True)
+    du.set_rng_state(state)
+    assert _draws() == expected
+    assert _draws() != expected
+
+
+# ------------------------------------------------------------------------------------- plots
+
+
+def _assert_png(path: Path) -> None:
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC and len(data) > 2000
+
+
+def test_plot_metrics_writes_the_plots_for_present_columns(tmp_path):
+    lca_run, plain_run = tmp_path / "lca", tmp_path / "plain"
+    lca_run.mkdir()
+    plain_run.mkdir()
+    for epoch in range(1, 4):
+        acc = {"epoch": epoch, "train_acc": 0.2 * epoch, "test_acc": 0.15 * epoch, "lr": 0.1}
+        lca = {"lca_frac_active": 0.1 / epoch, "lca_recon_error": 1.0 / epoch}
+        du.append_results_row(lca_run, {**acc, **lca})
+        du.append_results_row(plain_run, acc)
+    written = du.plot_metrics(lca_run)
+    assert [p.name for p in written] == ["accuracy.png", "sparsity.png", "recon_error.png"]
+    for p in written:
+        _assert_png(p)
+    assert [p.name for p in du.plot_metrics(plain_run)] == ["accuracy.png"]
+    assert not (plain_run / "sparsity.png").exists()
+    assert sorted(f for f in os.listdir(lca_run) if f.startswith(".")) == []
+
+
+def test_rescale_each_image_independently():
+    images = torch.tensor([[[[1.0, 3.0]]], [[[5.0, 5.0]]], [[[-2.0, 2.0]]]])
+    assert du._rescale_each(images).flatten().tolist() == [0.0, 1.0, 0.5, 0.5, 0.0, 1.0]
+
+
+def test_activity_dictionary_and_reconstruction_plots(tmp_path):
+    torch.manual_seed(0)
+    neurons = [torch.rand(4, 8, 6, 6), torch.rand(4, 10)]
+    du.plot_neural_activity(neurons, tmp_path / "activity.png", names=["conv", "fc"])
+    _assert_png(tmp_path / "activity.png")
+    du.plot_neural_activity(neurons, tmp_path / "activity_default.png")
+    _assert_png(tmp_path / "activity_default.png")
+
+    du.plot_dictionary(torch.randn(16, 3, 9, 9), tmp_path / "dict_rgb.png", title="D")
+    du.plot_dictionary(torch.randn(10, 1, 5, 5), tmp_path / "dict_gray.png")
+    _assert_png(tmp_path / "dict_rgb.png")
+    _assert_png(tmp_path / "dict_gray.png")
+    with pytest.raises(ValueError):
+        du.plot_dictionary(torch.randn(4, 64, 3, 3), tmp_path / "bad.png")
+
+    x = torch.rand(5, 3, 32, 32)
+    du.plot_reconstructions(x, {"before": x * 0.5, "after": x + 0.1}, tmp_path / "recon.png")
+    _assert_png(tmp_path / "recon.png")
+    with pytest.raises(ValueError, match="before"):
+        du.plot_reconstructions(x, {"before": torch.rand(5, 1, 32, 32)}, tmp_path / "bad.png")
+    assert not (tmp_path / "bad.png").exists()

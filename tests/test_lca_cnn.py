@@ -1,0 +1,138 @@
+"""The LCA front-end RCNN: its dynamics against autograd of its own energy, and its dictionary modes."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lca import LCAConv2D, save_dictionary
+from lca_utils_ep_fast import LCA_CNN, ep_training_indices
+from utils_ep_fast import EPConfig, make_optimizer, train_batch
+
+SMALL = dict(in_size=8, in_channels=1, lca_feats=4, lca_ksize=3, lca_stride=1, lca_lambda=0.1,
+             lca_tau=10, lca_eta=0.05, lca_iters=20, channels=[4, 6, 8], kernels=[3, 3],
+             strides=[1, 1], paddings=[1, 1], pools="imm", fc=[10], activation="my_hard_sig",
+             softmax=True, loss="cel")
+
+
+def small_model(**overrides) -> LCA_CNN:
+    torch.manual_seed(0)
+    return LCA_CNN(**{**SMALL, **overrides})
+
+
+def batch(n=5, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 1, 8, 8, generator=generator), torch.arange(n) % 10
+
+
+def phi_by_hand(model, acts, y, s, beta):
+    """<acts, s_0> + <maxpool(conv_1 s_0), s_1> + <maxpool(conv_2 s_1), s_2> - beta CE(readout s_2)."""
+    conv1, conv2, readout = model.synapses
+    phi = (acts * s[0]).sum((1, 2, 3))
+    phi = phi + (F.max_pool2d(conv1(s[0]), 2) * s[1]).sum((1, 2, 3))
+    phi = phi + (F.max_pool2d(conv2(s[1]), 2) * s[2]).sum((1, 2, 3))
+    logits = readout(s[2].flatten(1))
+    return phi - beta * F.cross_entropy(logits, y, reduction="none")
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5])
+def test_step_with_unit_feedback_is_sigma_of_energy_gradient(beta):
+    model = small_model(scale_feedback=1.0).double()
+    x, y = batch()
+    acts = model.prepare_input(x.double())
+    assert acts.shape == (5, 4, 8, 8) and (acts > 0).any()
+    generator = torch.Generator().manual_seed(1)
+    states = [torch.rand((5, *shape), generator=generator, dtype=torch.float64)
+              for shape in model.layer_shapes]
+    leaves = [state.clone().requires_grad_(True) for state in states]
+    grads = torch.autograd.grad(phi_by_hand(model, acts, y, leaves, beta).sum(), leaves)
+    with torch.no_grad():
+        updated = model.step(acts, y, states, beta)
+    for k, (got, grad) in enumerate(zip(updated, grads, strict=True)):
+        torch.testing.assert_close(got, model.sigma(grad), atol=1e-5, rtol=0, msg=f"s_{k}")
+
+
+def test_zero_feedback_keeps_copy_layer_at_sigma_of_code():
+    model = small_model(scale_feedback=0.0)
+    x, y = batch()
+    acts = model.prepare_input(x)
+    expected = model.sigma(acts)
+    neurons = model.init_neurons(acts)
+    for beta, steps in ((0.0, 6), (0.5, 3), (-0.5, 3)):
+        for _ in range(steps):
+            neurons = model(acts, y, neurons, 1, beta=beta)
+            torch.testing.assert_close(neurons[0], expected, atol=0, rtol=0)
+
+
+def write_dictionary(tmp_path, num_train=40, used=(0, 3, 5, 7, 11)):
+    torch.manual_seed(5)
+    lca = LCAConv2D(4, 1, kernel_size=3, stride=1)
+    path = tmp_path / "dictionary.pt"
+    save_dictionary(str(path), lca, subset_indices=torch.tensor(used))
+    return path, lca.get_weights()
+
+
+def train_steps(model, steps=2):
+    optimizer = make_optimizer(model, "sgd", [0.05, 0.05, 0.05], mmt=0.9)
+    cfg = EPConfig(T1=5, T2=2, betas=(0.0, 0.5), thirdphase=True)
+    for seed in range(steps):
+        x, y = batch(seed=seed)
+        train_batch(model, optimizer, x, y, cfg)
+
+
+def test_pretrained_dictionary_is_loaded_and_stays_fixed(tmp_path):
+    path, saved = write_dictionary(tmp_path)
+    model = small_model(dict_training="pretrained")
+    model.load_dictionary(path)
+    assert torch.equal(model.lca.weights.detach(), saved)
+    train_steps(model)
+    assert torch.equal(model.lca.weights.detach(), saved)
+
+
+def test_finetune_moves_dictionary_and_keeps_unit_norm(tmp_path):
+    path, saved = write_dictionary(tmp_path)
+    model = small_model(dict_training="finetune")
+    model.load_dictionary(path)
+    train_steps(model)
+    weights = model.lca.weights.detach()
+    assert (weights - saved).abs().max() > 1e-4
+    torch.testing.assert_close(weights.flatten(1).norm(dim=1), torch.ones(4), atol=1e-5, rtol=0)
+    assert model.batch_stats()["dict_cosine"] < 1.0
+
+
+def test_learn_starts_from_a_random_dictionary(tmp_path):
+    _, saved = write_dictionary(tmp_path)
+    first, second = small_model(dict_training="learn"), small_model(dict_training="learn")
+    torch.manual_seed(123)
+    second.lca = LCAConv2D(4, 1, kernel_size=3, stride=1)
+    assert not torch.allclose(first.lca.weights, saved)
+    assert not torch.allclose(first.lca.weights, second.lca.weights)
+    before = first.lca.get_weights()
+    train_steps(first)
+    assert (first.lca.weights.detach() - before).abs().max() > 1e-4
+
+
+def test_ep_training_set_is_the_complement_of_the_dictionary_subset(tmp_path):
+    used = (0, 3, 5, 7, 11, 39)
+    path, _ = write_dictionary(tmp_path, used=used)
+    rest = ep_training_indices(40, path)
+    assert set(rest.tolist()).isdisjoint(used)
+    assert set(rest.tolist()) | set(used) == set(range(40))
+    assert len(rest) == 40 - len(used)
+
+
+def test_lca_runs_once_per_training_batch():
+    model = small_model(dict_training="finetune")
+    calls = []
+    encode = model.lca.encode
+    model.lca.encode = lambda inputs: calls.append(1) or encode(inputs)
+    optimizer = make_optimizer(model, "sgd", [0.05, 0.05, 0.05])
+    x, y = batch()
+    train_batch(model, optimizer, x, y, EPConfig(T1=4, T2=2, thirdphase=True))
+    assert len(calls) == 1
+
+
+def test_copy_layer_must_match_lca_features_and_identity_pool():
+    with pytest.raises(ValueError, match="lca_feats"):
+        small_model(channels=[5, 6, 8])
+    with pytest.raises(ValueError, match="'i'"):
+        small_model(pools="mmm")
