@@ -1,4 +1,4 @@
-"""The LCA front-end RCNN: its dynamics against autograd of its own energy, and its dictionary modes."""
+"""The LCA front-end RCNN: dynamics against autograd of its own energy; dictionary modes."""
 
 import pytest
 import torch
@@ -8,10 +8,26 @@ from lca import LCAConv2D, save_dictionary
 from lca_utils_ep_fast import LCA_CNN, ep_training_indices
 from utils_ep_fast import EPConfig, make_optimizer, train_batch
 
-SMALL = dict(in_size=8, in_channels=1, lca_feats=4, lca_ksize=3, lca_stride=1, lca_lambda=0.1,
-             lca_tau=10, lca_eta=0.05, lca_iters=20, channels=[4, 6, 8], kernels=[3, 3],
-             strides=[1, 1], paddings=[1, 1], pools="imm", fc=[10], activation="my_hard_sig",
-             softmax=True, loss="cel")
+SMALL = dict(
+    in_size=8,
+    in_channels=1,
+    lca_feats=4,
+    lca_ksize=3,
+    lca_stride=1,
+    lca_lambda=0.1,
+    lca_tau=10,
+    lca_eta=0.05,
+    lca_iters=20,
+    channels=[4, 6, 8],
+    kernels=[3, 3],
+    strides=[1, 1],
+    paddings=[1, 1],
+    pools="imm",
+    fc=[10],
+    activation="my_hard_sig",
+    softmax=True,
+    loss="cel",
+)
 
 
 def small_model(**overrides) -> LCA_CNN:
@@ -25,7 +41,7 @@ def batch(n=5, seed=0):
 
 
 def phi_by_hand(model, acts, y, s, beta):
-    """<acts, s_0> + <maxpool(conv_1 s_0), s_1> + <maxpool(conv_2 s_1), s_2> - beta CE(readout s_2)."""
+    """<acts, s_0> + <maxpool(conv_1 s_0), s_1> + <maxpool(conv_2 s_1), s_2> - beta CE(readout)."""
     conv1, conv2, readout = model.synapses
     phi = (acts * s[0]).sum((1, 2, 3))
     phi = phi + (F.max_pool2d(conv1(s[0]), 2) * s[1]).sum((1, 2, 3))
@@ -41,8 +57,10 @@ def test_step_with_unit_feedback_is_sigma_of_energy_gradient(beta):
     acts = model.prepare_input(x.double())
     assert acts.shape == (5, 4, 8, 8) and (acts > 0).any()
     generator = torch.Generator().manual_seed(1)
-    states = [torch.rand((5, *shape), generator=generator, dtype=torch.float64)
-              for shape in model.layer_shapes]
+    states = [
+        torch.rand((5, *shape), generator=generator, dtype=torch.float64)
+        for shape in model.layer_shapes
+    ]
     leaves = [state.clone().requires_grad_(True) for state in states]
     grads = torch.autograd.grad(phi_by_hand(model, acts, y, leaves, beta).sum(), leaves)
     with torch.no_grad():
