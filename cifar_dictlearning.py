@@ -1,0 +1,339 @@
+"""Learn a convolutional sparse-coding dictionary with LCA on a random part of a training set.
+
+Each batch is coded by LCA (``lca.LCAConv2D``) and the dictionary takes one step of the
+built-in rule ``D += eta * <a, s - D a> / (times_active + 1)`` followed by renormalisation.
+The sparsity threshold starts at ``--lambda`` and rises by ``--lambda-increment`` every
+``--lambda-every`` epochs (default ``epochs // 7``). The defaults are the original run:
+64 features of 9x9 at stride 2 on a random half of CIFAR-10, 35 epochs of batches of 200,
+600 LCA iterations, tau 100, eta 0.01, lambda 0.2 -> 0.8.
+
+Written to ``--out-dir`` (default ``./dictionaries/<task>``):
+    dictionary.pt         {"weights": (F, C, k, k), "config": LCA settings}, after every epoch
+    subset_indices.pt     the training-set indices used here (EP training uses the others)
+    dictlearning.csv      one row per epoch: lambda, recon_error, l1_sparsity, frac_active,
+                          total_energy (means over the epoch's training samples), seconds
+    dictionary.png        the features as a grid
+    dictlearning_curves.png  the four metrics against the epoch
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import sys
+import time
+from collections.abc import Sequence
+from itertools import islice
+
+import torch
+from matplotlib.figure import Figure
+from tqdm import tqdm
+
+from data_utils import UsageError, build_datasets, canonical_task, make_loader, task_info
+from lca import (
+    DictionaryError,
+    LCAConv2D,
+    compute_frac_active,
+    compute_l1_sparsity,
+    compute_l2_error,
+    make_feature_grid,
+    save_dictionary,
+)
+
+DICTIONARY_FILE = "dictionary.pt"
+CSV_FILE = "dictlearning.csv"
+GRID_FILE = "dictionary.png"
+CURVES_FILE = "dictlearning_curves.png"
+METRICS = ("recon_error", "l1_sparsity", "frac_active", "total_energy")
+CSV_COLUMNS = ("epoch", "lambda") + METRICS + ("seconds",)
+
+
+def _flag(*names: str) -> list[str]:
+    """The given ``--multi-word`` flags plus their ``--multi_word`` spellings."""
+    spellings: list[str] = []
+    for name in names:
+        for spelling in (name, "--" + name[2:].replace("-", "_")):
+            if spelling not in spellings:
+                spellings.append(spelling)
+    return spellings
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Learn an LCA sparse-coding dictionary (defaults: the original CIFAR-10 run).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add = parser.add_argument
+    add(*_flag("--task"), default="CIFAR10", help="dataset (MNIST, FashionMNIST, CIFAR10, "
+        "CIFAR100, SVHN, DIGITS)")  # fmt: skip
+    add(*_flag("--data-dir"), default="./data", help="where the datasets are (or go)")
+    add(*_flag("--out-dir"), default=None, help="output folder; None means ./dictionaries/<task>")
+    add(*_flag("--no-download"), action="store_true", help="never download the dataset")
+    add(*_flag("--seed"), type=int, default=0, help="seed of the subset, the order and the init")
+    add(*_flag("--device"), default="auto", help="auto, cpu, cuda, cuda:N or a GPU index N")
+    add(*_flag("--workers"), type=int, default=0, help="data loader worker processes")
+    add(*_flag("--epochs"), type=int, default=35, help="passes over the subset")
+    add(
+        *_flag("--batch-size", "--mbs"),
+        dest="batch_size",
+        type=int,
+        default=200,
+        help="images per dictionary update",
+    )
+    add(*_flag("--subset-fraction"), type=float, default=0.5,
+        help="fraction of the training set drawn at random to learn on")  # fmt: skip
+    add(*_flag("--max-batches"), type=int, default=None, help="stop each epoch after N batches")
+    add(
+        *_flag("--features", "--lca-feats"),
+        dest="features",
+        type=int,
+        default=64,
+        help="dictionary features",
+    )
+    add(
+        *_flag("--kernel-size", "--lca-ksize"),
+        dest="kernel_size",
+        type=int,
+        default=9,
+        help="feature size (odd)",
+    )
+    add(
+        *_flag("--stride", "--lca-stride"),
+        dest="stride",
+        type=int,
+        default=2,
+        help="feature stride",
+    )
+    add(*_flag("--lambda", "--lca-lambda"), dest="lambda_", type=float, default=0.2,
+        help="LCA threshold of the first epoch")  # fmt: skip
+    add(*_flag("--lambda-increment"), type=float, default=0.1, help="added to lambda every "
+        "--lambda-every epochs")  # fmt: skip
+    add(*_flag("--lambda-every"), type=int, default=None,
+        help="epochs between lambda raises; None means epochs // 7, 0 never")  # fmt: skip
+    add(*_flag("--lca-iters"), type=int, default=600, help="LCA iterations per batch")
+    add(
+        *_flag("--tau", "--lca-tau"),
+        dest="tau",
+        type=float,
+        default=100.0,
+        help="LCA time constant",
+    )
+    add(
+        *_flag("--eta", "--lca-eta"),
+        dest="eta",
+        type=float,
+        default=1e-2,
+        help="dictionary learning rate",
+    )
+    add(*_flag("--d-update-clip"), type=float, default=math.inf,
+        help="clip each dictionary update entry to +-this")  # fmt: skip
+    return parser
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """UsageError for settings that cannot run."""
+    positive = ("epochs", "batch_size", "features", "kernel_size", "stride", "lca_iters")
+    for name in positive:
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.max_batches is not None and args.max_batches < 1:
+        raise UsageError("--max-batches must be at least 1")
+    if not 0.0 < args.subset_fraction <= 1.0:
+        raise UsageError("--subset-fraction must be in (0, 1]")
+    if args.kernel_size % 2 == 0:
+        raise UsageError("--kernel-size must be odd (LCA uses 'same' padding)")
+    if args.tau <= 0 or args.eta < 0 or args.lambda_ < 0:
+        raise UsageError("--tau must be > 0, --eta and --lambda >= 0")
+    if args.lambda_every is not None and args.lambda_every < 0:
+        raise UsageError("--lambda-every must be >= 0")
+
+
+def lambda_at_epoch(epoch: int, start: float, increment: float, every: int) -> float:
+    """Threshold of (0-based) ``epoch``: ``start + increment * (epoch // every)``; fixed if
+    ``every`` is 0."""
+    if every <= 0:
+        return start
+    return round(start + increment * (epoch // every), 12)
+
+
+def choose_device(name: str) -> torch.device:
+    """``auto`` -> cuda if available else cpu; ``N`` -> ``cuda:N``; UsageError if unavailable."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.isdigit():
+        name = f"cuda:{name}"
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise UsageError(f"--device {name!r} is not a device name (try cpu or cuda:0)") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name} asked for, but CUDA is not available; use --device cpu")
+    return device
+
+
+def draw_subset(n_items: int, fraction: float, seed: int) -> torch.Tensor:
+    """Sorted int64 indices of ``round(fraction * n_items)`` items drawn without replacement."""
+    generator = torch.Generator().manual_seed(seed)
+    count = max(1, round(fraction * n_items))
+    return torch.randperm(n_items, generator=generator)[:count].sort().values
+
+
+def learn_one_epoch(
+    lca: LCAConv2D,
+    loader: torch.utils.data.DataLoader,
+    device: torch.device,
+    max_batches: int | None,
+    desc: str,
+) -> dict[str, float]:
+    """Code every batch, update the dictionary after each; return per-sample means of the
+    metrics of the codes (computed before each update)."""
+    sums = dict.fromkeys(METRICS, 0.0)
+    seen = 0
+    total = len(loader) if max_batches is None else min(max_batches, len(loader))
+    progress = tqdm(islice(loader, total), total=total, desc=desc, leave=False, dynamic_ncols=True)
+    for images, _ in progress:
+        inputs, acts, recons, errors = lca(images.to(device, non_blocking=True))
+        lca.update_weights(acts, errors)
+
+        n = images.shape[0]
+        recon_error = compute_l2_error(inputs, recons).item()
+        l1 = compute_l1_sparsity(acts, lca.lambda_).item()
+        sums["recon_error"] += recon_error * n
+        sums["l1_sparsity"] += l1 * n
+        sums["frac_active"] += compute_frac_active(acts) * n
+        sums["total_energy"] += (recon_error + l1) * n
+        seen += n
+        progress.set_postfix(recon=f"{recon_error:.3f}", l1=f"{l1:.3f}")
+    progress.close()
+    return {name: value / seen for name, value in sums.items()}
+
+
+def write_csv(path: str, rows: list[dict[str, float]]) -> None:
+    """Rewrite the per-epoch CSV (small; rewriting keeps it whole if a run is cut short)."""
+    tmp_path = path + ".tmp"
+    with open(tmp_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp_path, path)
+
+
+def plot_dictionary_grid(weights: torch.Tensor, path: str, title: str) -> None:
+    grid = make_feature_grid(weights).numpy()
+    fig = Figure(figsize=(6, 6))
+    ax = fig.add_subplot()
+    ax.imshow(grid, interpolation="nearest")
+    ax.set_axis_off()
+    ax.set_title(title)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+
+
+def plot_curves(rows: list[dict[str, float]], path: str) -> None:
+    epochs = [row["epoch"] for row in rows]
+    raises = [
+        row["epoch"]
+        for prev, row in zip(rows, rows[1:], strict=False)
+        if row["lambda"] != prev["lambda"]
+    ]
+    fig = Figure(figsize=(10, 7))
+    for i, name in enumerate(METRICS):
+        ax = fig.add_subplot(2, 2, i + 1)
+        ax.plot(epochs, [row[name] for row in rows], marker="o", markersize=3)
+        for epoch in raises:
+            ax.axvline(epoch - 0.5, color="grey", linestyle=":", linewidth=1)
+        ax.set(xlabel="epoch", ylabel=name.replace("_", " "))
+        ax.grid(True, alpha=0.4)
+    fig.suptitle("LCA dictionary learning (dotted: lambda raised)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def run(args: argparse.Namespace) -> LCAConv2D:
+    """Learn the dictionary (writing the files listed at the top); returns the LCA layer."""
+    check_args(args)
+    task = canonical_task(args.task)
+    in_channels, height, width, _ = task_info(task)
+    out_dir = args.out_dir or os.path.join("dictionaries", task)
+    device = choose_device(args.device)
+    every = args.epochs // 7 if args.lambda_every is None else args.lambda_every
+    if args.kernel_size > min(height, width):
+        print(
+            f"warning: {args.kernel_size}x{args.kernel_size} features are larger than the "
+            f"{height}x{width} images of {task}",
+            file=sys.stderr,
+        )
+
+    train_set, _ = build_datasets(
+        task, args.data_dir, data_aug=False, download=not args.no_download
+    )
+    subset = draw_subset(len(train_set), args.subset_fraction, args.seed)
+    loader = make_loader(train_set, args.batch_size, shuffle=True, seed=args.seed,
+                         num_workers=args.workers, indices=subset)  # fmt: skip
+
+    torch.manual_seed(args.seed)
+    lca = LCAConv2D(
+        args.features,
+        in_channels,
+        kernel_size=args.kernel_size,
+        stride=args.stride,
+        lambda_=args.lambda_,
+        tau=args.tau,
+        eta=args.eta,
+        lca_iters=args.lca_iters,
+        pad="same",
+        return_vars=["inputs", "acts", "recons", "recon_errors"],
+        d_update_clip=args.d_update_clip,
+    ).to(device)
+
+    os.makedirs(out_dir, exist_ok=True)
+    dict_path = os.path.join(out_dir, DICTIONARY_FILE)
+    print(
+        f"{task}: learning {args.features} features of {in_channels}x{args.kernel_size}x"
+        f"{args.kernel_size} (stride {args.stride}) on {len(subset)} of {len(train_set)} "
+        f"training images, device {device}; writing to {out_dir}"
+    )
+    rows: list[dict[str, float]] = []
+    for epoch in range(args.epochs):
+        lca.lambda_ = lambda_at_epoch(epoch, args.lambda_, args.lambda_increment, every)
+        start = time.perf_counter()
+        metrics = learn_one_epoch(lca, loader, device, args.max_batches,
+                                  desc=f"epoch {epoch + 1}/{args.epochs}")  # fmt: skip
+        row = {"epoch": epoch + 1, "lambda": lca.lambda_, **metrics}
+        row["seconds"] = time.perf_counter() - start
+        rows.append(row)
+
+        save_dictionary(dict_path, lca, subset_indices=subset)
+        write_csv(os.path.join(out_dir, CSV_FILE), rows)
+        plot_dictionary_grid(lca.get_weights(), os.path.join(out_dir, GRID_FILE),
+                             f"{task} dictionary after epoch {epoch + 1}")  # fmt: skip
+        plot_curves(rows, os.path.join(out_dir, CURVES_FILE))
+        print(
+            f"epoch {epoch + 1}/{args.epochs}  lambda {lca.lambda_:.2f}  "
+            + "  ".join(f"{name} {metrics[name]:.4f}" for name in METRICS)
+            + f"  ({row['seconds']:.1f} s)"
+        )
+    return lca
+
+
+def one_line(text: str) -> str:
+    """A multi-line message joined into one line, its lines separated by '; ' unless they end
+    in punctuation already."""
+    parts = [line.strip() for line in text.splitlines() if line.strip()]
+    ended = [p if p.endswith((".", ";", ":")) else p + ";" for p in parts[:-1]]
+    return " ".join(ended + parts[-1:])
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except (UsageError, DictionaryError) as error:
+        print(f"cifar_dictlearning.py: error: {one_line(str(error))}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,651 @@
+"""Convolutional sparse coding with the Locally Competitive Algorithm (LCA).
+
+LCA finds a sparse code ``a`` for an input ``s`` and a dictionary ``D`` of unit-norm features by
+minimising
+
+    E(a) = 0.5 * ||s - D * a||^2 + lambda * ||a||_1
+
+with a population of leaky integrator neurons (membrane potentials ``u``, activations
+``a = T_lambda(u)``):
+
+    u <- u + (b - u - G a) / tau,    b = D^T s,    G a = (D^T D - I) a.
+
+``LCAConv2D`` is a drop-in equivalent of ``lcapt.lca.LCAConv2D`` from lca-pytorch: same
+argument names and defaults, same returned variables and the same numbers (up to float
+rounding). Shapes throughout: inputs ``(N, C, H, W)``, dictionary ``(F, C, kh, kw)``, codes
+``(N, F, H_out, W_out)``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torchvision.utils import make_grid
+
+RETURN_VAR_NAMES = (
+    "inputs",
+    "input_drives",
+    "states",
+    "acts",
+    "recons",
+    "recon_errors",
+    "conns",
+)
+TRANSFER_NAMES = ("soft_threshold", "hard_threshold")
+SUBSET_FILENAME = "subset_indices.pt"
+
+
+class DictionaryError(ValueError):
+    """A dictionary (or subset-indices) file is missing, unreadable or of the wrong shape."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Input preprocessing and metrics
+# ----------------------------------------------------------------------------------------------
+
+
+def make_zero_mean(batch: Tensor) -> Tensor:
+    """Subtract from each sample its own mean over all non-batch dims: ``x_n - mean(x_n)``."""
+    dims = tuple(range(1, batch.dim()))
+    return batch - batch.mean(dim=dims, keepdim=True)
+
+
+def make_unit_var(batch: Tensor, eps: float = 1e-12) -> Tensor:
+    """Divide each sample by its own standard deviation: ``x_n / (std(x_n) + eps)``.
+
+    ``std`` is the unbiased estimate (divides by n - 1) over all non-batch dims.
+    """
+    dims = tuple(range(1, batch.dim()))
+    return batch / (batch.std(dim=dims, keepdim=True) + eps)
+
+
+def compute_l1_sparsity(acts: Tensor, lambda_: float) -> Tensor:
+    """Batch mean of the sparsity cost ``lambda * ||a_n||_1``; ``acts`` (N, ...) -> scalar."""
+    dims = tuple(range(1, acts.dim()))
+    return lambda_ * acts.abs().sum(dim=dims).mean()
+
+
+def compute_l2_error(inputs: Tensor, recons: Tensor) -> Tensor:
+    """Batch mean of the reconstruction cost ``0.5 * ||s_n - recon_n||^2`` -> scalar."""
+    dims = tuple(range(1, inputs.dim()))
+    return 0.5 * (inputs - recons).pow(2).sum(dim=dims).mean()
+
+
+def compute_frac_active(acts: Tensor) -> float:
+    """Fraction of all code entries that are non-zero."""
+    return (acts != 0).float().mean().item()
+
+
+def compute_times_active_by_feature(acts: Tensor) -> Tensor:
+    """Number of non-zero entries of each feature over batch and positions.
+
+    ``acts`` (N, F, ...) -> (F, 1, ..., 1), broadcastable against the dictionary.
+    """
+    dims = [d for d in range(acts.dim()) if d != 1]
+    counts = (acts != 0).float().sum(dim=dims)
+    return counts.reshape((acts.shape[1],) + (1,) * len(dims))
+
+
+def make_feature_grid(weights: Tensor, scale_each: bool = False) -> Tensor:
+    """Tile a dictionary ``(F, C, kh, kw)`` into one image ``(H_grid, W_grid, 3)`` in [0, 1].
+
+    Features are laid out ``floor(sqrt(F))`` per row, separated by grey (0.5) borders, ready
+    for ``plt.imshow``. With ``scale_each`` every feature is min-max scaled on its own.
+    """
+    if weights.dim() != 4:
+        raise RuntimeError(
+            f"make_feature_grid expects a 4-D dictionary (F, C, kh, kw), got shape "
+            f"{tuple(weights.shape)}."
+        )
+    nrow = max(1, int(math.sqrt(weights.shape[0])))
+    grid = make_grid(
+        weights.detach().float().cpu(),
+        nrow=nrow,
+        normalize=True,
+        scale_each=scale_each,
+        pad_value=0.5,
+    )
+    return grid.permute(1, 2, 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Transfer functions
+# ----------------------------------------------------------------------------------------------
+
+
+def soft_threshold(x: Tensor, threshold: float, nonneg: bool = True) -> Tensor:
+    """``relu(x - l)`` if ``nonneg`` else ``relu(x - l) - relu(-x - l)``."""
+    if nonneg:
+        return F.relu(x - threshold)
+    return F.relu(x - threshold) - F.relu(-x - threshold)
+
+
+def hard_threshold(x: Tensor, threshold: float, nonneg: bool = True) -> Tensor:
+    """``x * [x > l]`` if ``nonneg`` else ``x * [|x| > l]``."""
+    if nonneg:
+        return F.threshold(x, threshold, 0.0)
+    return F.threshold(x, threshold, 0.0) - F.threshold(-x, threshold, 0.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# The LCA layer
+# ----------------------------------------------------------------------------------------------
+
+
+def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
+    if isinstance(value, int):
+        return value, value
+    if len(value) == 2 and all(isinstance(v, int) for v in value):
+        return int(value[0]), int(value[1])
+    raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}.")
+
+
+class LCAConv2D(torch.nn.Module):
+    """LCA with 2-D convolutional features on 4-D inputs (behaves like ``lcapt``'s).
+
+    Args:
+        out_neurons: number of dictionary features F.
+        in_neurons: number of input channels C.
+        kernel_size: feature size k (int or (kh, kw)).
+        stride: feature stride s (int or (sh, sw)).
+        lambda_: threshold of the transfer function (and L1 weight); may be changed between
+            calls.
+        tau: time constant of the neurons (the step size is 1 / tau).
+        eta: learning rate of the built-in dictionary update.
+        lca_iters: number of LCA iterations per forward pass (>= 1).
+        pad: 'same' (padding k // 2, odd k only) or 'valid' (no padding).
+        return_vars: names of the returned tensors, in this order, among 'inputs',
+            'input_drives', 'states', 'acts', 'recons', 'recon_errors', 'conns'.
+        nonneg: keep activations non-negative (ignored by a callable transfer_func).
+        transfer_func: 'soft_threshold', 'hard_threshold', or a callable u -> a.
+        input_zero_mean: make each input sample zero-mean before coding.
+        input_unit_var: make each input sample unit-variance before coding.
+        d_update_clip: clip each entry of a dictionary update to [-clip, clip].
+        req_grad: build an autograd graph through the LCA loop (and make ``weights`` require
+            gradients); otherwise nothing is tracked.
+
+    Shapes:
+        inputs, recons, recon_errors: (N, C, H, W)
+        input_drives, states, acts: (N, F, H_out, W_out), H_out = floor((H + 2p - kh) / sh) + 1
+        weights: (F, C, kh, kw); conns: (F, F, 2 * (kh - 1) // sh + 1, 2 * (kw - 1) // sw + 1)
+    """
+
+    def __init__(
+        self,
+        out_neurons: int,
+        in_neurons: int,
+        kernel_size: int | tuple[int, int] = 7,
+        stride: int | tuple[int, int] = 1,
+        lambda_: float = 0.25,
+        tau: float = 100,
+        eta: float = 0.01,
+        lca_iters: int = 1000,
+        pad: str = "same",
+        return_vars: Iterable[str] = ("acts",),
+        nonneg: bool = True,
+        transfer_func: str | Callable[[Tensor], Tensor] = "soft_threshold",
+        input_zero_mean: bool = True,
+        input_unit_var: bool = True,
+        d_update_clip: float = math.inf,
+        req_grad: bool = False,
+    ) -> None:
+        super().__init__()
+        self.out_neurons = int(out_neurons)
+        self.in_neurons = int(in_neurons)
+        self.kernel_size = kernel_size
+        self.stride = stride
+        self.lambda_ = float(lambda_)
+        self.tau = tau
+        self.eta = eta
+        self.lca_iters = int(lca_iters)
+        self.pad = pad
+        self.return_vars = list(return_vars)
+        self.nonneg = nonneg
+        self.transfer_func = transfer_func
+        self.input_zero_mean = input_zero_mean
+        self.input_unit_var = input_unit_var
+        self.d_update_clip = d_update_clip
+        self.req_grad = req_grad
+
+        self.kh, self.kw = _pair(kernel_size, "kernel_size")
+        self.sh, self.sw = _pair(stride, "stride")
+        self._check_settings()
+        # Padding of the forward convolution (and crop of the transposed one).
+        self.input_pad = (self.kh // 2, self.kw // 2) if pad == "same" else (0, 0)
+        # Largest shift, in input pixels and on the stride grid, at which two features overlap.
+        self.lat_conn_pad = (
+            (self.kh - 1) // self.sh * self.sh,
+            (self.kw - 1) // self.sw * self.sw,
+        )
+        # The same shift counted in code positions: the reach of lateral inhibition.
+        self.surround = (self.lat_conn_pad[0] // self.sh, self.lat_conn_pad[1] // self.sw)
+
+        weights = torch.nn.init.trunc_normal_(
+            torch.empty(self.out_neurons, self.in_neurons, self.kh, self.kw)
+        )
+        self.weights = torch.nn.Parameter(weights, requires_grad=req_grad)
+        self.normalize_weights()
+
+    def _check_settings(self) -> None:
+        if self.pad not in ("same", "valid"):
+            raise ValueError(f"pad must be 'same' or 'valid', got {self.pad!r}.")
+        if self.pad == "same" and (self.kh % 2 == 0 or self.kw % 2 == 0):
+            raise ValueError(f"pad='same' needs an odd kernel_size, got {self.kernel_size!r}.")
+        if self.lca_iters < 1:
+            raise ValueError(f"lca_iters must be >= 1, got {self.lca_iters}.")
+        if self.sh < 1 or self.sw < 1 or self.kh < 1 or self.kw < 1:
+            raise ValueError("kernel_size and stride must be positive.")
+        if isinstance(self.transfer_func, str):
+            if self.transfer_func not in TRANSFER_NAMES:
+                raise ValueError(
+                    f"transfer_func must be one of {TRANSFER_NAMES} or a callable, got "
+                    f"{self.transfer_func!r}."
+                )
+        elif not callable(self.transfer_func):
+            raise ValueError(
+                f"transfer_func must be a str or a callable, got {self.transfer_func!r}."
+            )
+        self._check_return_vars()
+
+    def _check_return_vars(self) -> None:
+        bad = [name for name in self.return_vars if name not in RETURN_VAR_NAMES]
+        if bad or not self.return_vars:
+            raise ValueError(
+                f"return_vars must be a non-empty list of names from {RETURN_VAR_NAMES}, got "
+                f"{self.return_vars!r}."
+            )
+
+    # ------------------------------------------------------------------ dictionary handling
+
+    def get_weights(self) -> Tensor:
+        """A detached copy of the dictionary, shape (F, C, kh, kw)."""
+        return self.weights.detach().clone()
+
+    def normalize_weights(self, eps: float = 1e-12) -> None:
+        """Scale every feature to unit L2 norm: ``D_f <- D_f / (||D_f|| + eps)``."""
+        with torch.no_grad():
+            norms = torch.linalg.vector_norm(self.weights, dim=(1, 2, 3), keepdim=True)
+            self.weights.div_(norms + eps)
+
+    def assign_weight_values(self, tensor: Tensor, normalize: bool = True) -> None:
+        """Copy ``tensor`` (same shape and dtype as ``weights``) into the dictionary."""
+        if tensor.shape != self.weights.shape:
+            raise RuntimeError(
+                f"Expected a dictionary of shape {tuple(self.weights.shape)}, got "
+                f"{tuple(tensor.shape)}."
+            )
+        if tensor.dtype != self.weights.dtype:
+            raise RuntimeError(
+                f"Expected a dictionary of dtype {self.weights.dtype}, got {tensor.dtype}."
+            )
+        with torch.no_grad():
+            self.weights.copy_(tensor)
+        if normalize:
+            self.normalize_weights()
+
+    def compute_weight_update(self, acts: Tensor, error: Tensor) -> Tensor:
+        """Correlation of codes and reconstruction errors, summed over batch and positions.
+
+            dD[f, c, i, j] = sum_{n, y, x} a[n, f, y, x] * e_pad[n, c, y*sh + i, x*sw + j]
+
+        which is ``-dE/dD`` of the reconstruction term. ``acts`` (N, F, H_out, W_out),
+        ``error`` (N, C, H, W) -> (F, C, kh, kw).
+        """
+        return torch.nn.grad.conv2d_weight(
+            error,
+            self.weights.shape,
+            acts,
+            stride=(self.sh, self.sw),
+            padding=self.input_pad,
+        )
+
+    def update_weights(self, acts: Tensor, recon_error: Tensor, normalize: bool = True) -> Tensor:
+        """One step of the built-in dictionary learning rule; returns the applied update.
+
+            update_f = clip(eta * dD_f / (times_active_f + 1), +-d_update_clip)
+            D <- D + update, then (if ``normalize``) every feature back to unit norm,
+
+        with ``dD`` from ``compute_weight_update`` and ``times_active_f`` the number of
+        non-zero entries of feature f in ``acts``.
+        """
+        with torch.no_grad():
+            update = self.compute_weight_update(acts, recon_error)
+            times_active = compute_times_active_by_feature(acts).to(update.dtype) + 1
+            update.mul_(self.eta / times_active)
+            update.clamp_(min=-self.d_update_clip, max=self.d_update_clip)
+            self.weights.add_(update)
+        if normalize:
+            self.normalize_weights()
+        return update
+
+    # ------------------------------------------------------------------ the pieces of LCA
+
+    def transfer(self, x: Tensor) -> Tensor:
+        """Activations from membrane potentials, ``a = T_lambda(u)``, same shape as ``x``."""
+        if callable(self.transfer_func):
+            return self.transfer_func(x)
+        if self.transfer_func == "soft_threshold":
+            return soft_threshold(x, self.lambda_, self.nonneg)
+        return hard_threshold(x, self.lambda_, self.nonneg)
+
+    def _transfer_into(self, states: Tensor, acts: Tensor) -> None:
+        """``acts[...] = transfer(states)`` without allocating (no-graph path only)."""
+        lam = self.lambda_
+        if callable(self.transfer_func):
+            acts.copy_(self.transfer_func(states))
+        elif self.transfer_func == "soft_threshold" and self.nonneg:
+            torch.sub(states, lam, out=acts).clamp_(min=0.0)
+        elif self.transfer_func == "soft_threshold":
+            # sign(u) * max(|u| - l, 0): the values of relu(u - l) - relu(-u - l), zeros signed.
+            torch.abs(states, out=acts).sub_(lam).clamp_(min=0.0).copysign_(states)
+        elif self.nonneg:
+            acts.copy_(states)
+            torch.threshold_(acts, lam, 0.0)
+        else:
+            # u * [|u| > l]; the comparison writes 1.0 / 0.0 into acts.
+            torch.abs(states, out=acts).gt_(lam).mul_(states)
+
+    def compute_input_drive(self, inputs: Tensor, weights: Tensor) -> Tensor:
+        """Feed-forward drive ``b = D^T s``: (N, C, H, W) -> (N, F, H_out, W_out)."""
+        return F.conv2d(inputs, weights, stride=(self.sh, self.sw), padding=self.input_pad)
+
+    def compute_lateral_connectivity(self, weights: Tensor) -> Tensor:
+        """Feature-to-feature overlaps ``G = D^T D - I`` as a convolution kernel.
+
+            G[f, g, m, n] = <D_f shifted by ((m - q_h) sh, (n - q_w) sw), D_g>,
+                            q = surround, with G[f, f, q_h, q_w] (self-overlap) set to 0.
+
+        (F, C, kh, kw) -> (F, F, 2 q_h + 1, 2 q_w + 1).
+        """
+        conns = F.conv2d(weights, weights, stride=(self.sh, self.sw), padding=self.lat_conn_pad)
+        not_self = torch.ones_like(conns)
+        features = torch.arange(conns.shape[0], device=conns.device)
+        not_self[features, features, self.surround[0], self.surround[1]] = 0.0
+        return conns * not_self
+
+    def lateral_competition(self, acts: Tensor, conns: Tensor) -> Tensor:
+        """Inhibition ``G a``: (N, F, H_out, W_out) -> (N, F, H_out, W_out)."""
+        return F.conv2d(acts, conns, padding=self.surround)
+
+    def _overlap(self, acts: Tensor, weights: Tensor, patches: Tensor | None = None) -> Tensor:
+        """``D^T D a`` through the full (uncropped) reconstruction canvas.
+
+        Equal to ``lateral_competition(acts, conns) + ||D_f||^2 a``: the canvas
+        ``(N, C, (H_out - 1) sh + kh, (W_out - 1) sw + kw)`` holds every pixel the features
+        touch, so no overlap is lost at the borders, and going F -> C -> F costs far less than
+        one F -> F convolution with the (2 q + 1)^2 kernel G.
+
+        ``D a`` (a transposed convolution) is computed as one matrix product, the patch
+        ``sum_f a[n, f, y, x] D_f`` for every position, ``(N, C*kh*kw, H_out*W_out)`` (written
+        into ``patches`` when given), then a fold that adds the patches onto the canvas; on CPU
+        this is several times faster than ``conv_transpose2d`` with few input channels.
+        """
+        n, f, h, w = acts.shape
+        flat_weights = weights.reshape(f, -1).t()
+        patches = torch.matmul(flat_weights, acts.reshape(n, f, h * w), out=patches)
+        canvas_size = ((h - 1) * self.sh + self.kh, (w - 1) * self.sw + self.kw)
+        canvas = F.fold(patches, canvas_size, (self.kh, self.kw), stride=(self.sh, self.sw))
+        return F.conv2d(canvas, weights, stride=(self.sh, self.sw))
+
+    def compute_recon(
+        self, acts: Tensor, weights: Tensor, output_size: Sequence[int] | None = None
+    ) -> Tensor:
+        """Reconstruction ``D a`` on the input grid: (N, F, H_out, W_out) -> (N, C, H, W).
+
+        Without ``output_size`` the extra rows / columns of the transposed convolution are
+        ``s - 1`` for odd kernels and 0 for even ones (exact when ``H + 2p - k`` is a
+        multiple of ``s``); with it, they are chosen to give exactly (H, W).
+        """
+        if output_size is None:
+            extra = (
+                self.sh - 1 if self.kh % 2 else 0,
+                self.sw - 1 if self.kw % 2 else 0,
+            )
+        else:
+            height, width = output_size[-2], output_size[-1]
+            extra = (
+                (height + 2 * self.input_pad[0] - self.kh) % self.sh,
+                (width + 2 * self.input_pad[1] - self.kw) % self.sw,
+            )
+        return F.conv_transpose2d(
+            acts,
+            weights,
+            stride=(self.sh, self.sw),
+            padding=self.input_pad,
+            output_padding=extra,
+        )
+
+    def compute_recon_error(self, inputs: Tensor, recons: Tensor) -> Tensor:
+        """``inputs - recons``."""
+        return inputs - recons
+
+    # ------------------------------------------------------------------ the dynamics
+
+    def _settle_in_place(self, drive: Tensor) -> tuple[Tensor, Tensor]:
+        """Run the LCA loop without a graph, reusing preallocated buffers.
+
+        Returns ``(states, acts)``: states after the last update, acts = T(states) from
+        before it.
+        """
+        weights = self.weights
+        self_overlap = weights.pow(2).sum(dim=(1, 2, 3)).view(1, -1, 1, 1)
+        rate = 1.0 / self.tau
+        states = torch.zeros_like(drive)
+        acts = torch.empty_like(drive)
+        target = torch.empty_like(drive)
+        n, _, h, w = drive.shape
+        patches = drive.new_empty(n, weights[0].numel(), h * w)
+        for _ in range(self.lca_iters):
+            self._transfer_into(states, acts)
+            # target = b - G a, with G a = D^T D a - ||D_f||^2 a; then u += (target - u) / tau
+            torch.sub(drive, self._overlap(acts, weights, patches), out=target)
+            target.addcmul_(self_overlap, acts)
+            states.lerp_(target, rate)
+        return states, acts
+
+    def _settle_with_graph(self, drive: Tensor) -> tuple[Tensor, Tensor]:
+        """The same loop, out of place, so autograd can differentiate through it."""
+        weights = self.weights
+        self_overlap = weights.pow(2).sum(dim=(1, 2, 3)).view(1, -1, 1, 1)
+        states = torch.zeros_like(drive)
+        acts = states
+        for _ in range(self.lca_iters):
+            acts = self.transfer(states)
+            inhibition = self._overlap(acts, weights) - self_overlap * acts
+            states = states + (1.0 / self.tau) * (drive - states - inhibition)
+        return states, acts
+
+    def encode(self, inputs: Tensor) -> tuple[Tensor, ...]:
+        """Sparse-code already normalised ``inputs`` (N, C, H, W).
+
+        Starting from ``u = 0`` it runs ``lca_iters`` times
+
+            a = T_lambda(u);    u <- u + (b - u - G a) / tau
+
+        and returns the tensors named in ``return_vars``, in that order: ``acts`` is the
+        ``a`` of the last iteration (computed before the last update of ``u``), ``states``
+        the ``u`` after it, ``recons = D a``, ``recon_errors = inputs - recons``,
+        ``input_drives = b``, ``conns = G``.
+        """
+        self._check_return_vars()
+        with torch.set_grad_enabled(self.req_grad):
+            drive = self.compute_input_drive(inputs, self.weights)
+            if self.req_grad:
+                states, acts = self._settle_with_graph(drive)
+            else:
+                states, acts = self._settle_in_place(drive)
+            recons = self.compute_recon(acts, self.weights, inputs.shape)
+            available: dict[str, Callable[[], Tensor]] = {
+                "inputs": lambda: inputs,
+                "input_drives": lambda: drive,
+                "states": lambda: states,
+                "acts": lambda: acts,
+                "recons": lambda: recons,
+                "recon_errors": lambda: self.compute_recon_error(inputs, recons),
+                "conns": lambda: self.compute_lateral_connectivity(self.weights),
+            }
+            return tuple(available[name]() for name in self.return_vars)
+
+    def forward(self, inputs: Tensor) -> Tensor | tuple[Tensor, ...]:
+        """Normalise ``inputs`` (N, C, H, W) per sample as configured, then ``encode``.
+
+        Returns one tensor if one return var is asked, else a tuple in the asked order.
+        """
+        if inputs.dim() != 4:
+            raise RuntimeError(f"Expected 4D inputs (N, C, H, W), got {inputs.dim()}D inputs.")
+        if inputs.shape[1] != self.in_neurons:
+            raise RuntimeError(
+                f"Expected inputs with {self.in_neurons} channels, got {inputs.shape[1]}."
+            )
+        with torch.set_grad_enabled(self.req_grad):
+            if self.input_zero_mean:
+                inputs = make_zero_mean(inputs)
+            if self.input_unit_var:
+                inputs = make_unit_var(inputs)
+        outputs = self.encode(inputs)
+        return outputs[0] if len(outputs) == 1 else outputs
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.out_neurons}, {self.in_neurons}, kernel_size={self.kernel_size}, "
+            f"stride={self.stride}, lambda_={self.lambda_}, tau={self.tau}, "
+            f"lca_iters={self.lca_iters}, pad={self.pad!r}"
+        )
+
+    def settings(self) -> dict[str, Any]:
+        """The LCA settings as plain Python values (what ``save_dictionary`` stores)."""
+        transfer = self.transfer_func
+        return {
+            "out_neurons": self.out_neurons,
+            "in_neurons": self.in_neurons,
+            "kernel_size": self.kernel_size
+            if isinstance(self.kernel_size, int)
+            else tuple(self.kernel_size),
+            "stride": self.stride if isinstance(self.stride, int) else tuple(self.stride),
+            "lambda_": float(self.lambda_),
+            "tau": float(self.tau),
+            "eta": float(self.eta),
+            "lca_iters": int(self.lca_iters),
+            "pad": self.pad,
+            "nonneg": bool(self.nonneg),
+            "transfer_func": transfer if isinstance(transfer, str) else transfer.__name__,
+            "input_zero_mean": bool(self.input_zero_mean),
+            "input_unit_var": bool(self.input_unit_var),
+        }
+
+
+# ----------------------------------------------------------------------------------------------
+# Saving and loading dictionaries
+# ----------------------------------------------------------------------------------------------
+
+
+def _atomic_save(obj: Any, path: str) -> None:
+    """``torch.save`` to a temporary file next to ``path``, then rename it over ``path``."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    handle, tmp_path = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pt")
+    try:
+        with os.fdopen(handle, "wb") as f:
+            torch.save(obj, f)
+        os.replace(tmp_path, path)
+    except BaseException:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+        raise
+
+
+def subset_indices_path(dict_path: str) -> str:
+    """The ``subset_indices.pt`` file that sits next to a dictionary file."""
+    return os.path.join(os.path.dirname(os.path.abspath(dict_path)), SUBSET_FILENAME)
+
+
+def save_dictionary(path: str, lca: LCAConv2D, subset_indices: Tensor | None = None) -> None:
+    """Write ``{"weights": (F, C, kh, kw) tensor, "config": lca.settings()}`` to ``path``.
+
+    When given, ``subset_indices`` (1-D integer tensor: the training examples the dictionary
+    was learned on) goes to ``subset_indices.pt`` in the same folder. Both writes are atomic.
+    """
+    if subset_indices is not None:
+        if subset_indices.dim() != 1 or subset_indices.is_floating_point():
+            raise ValueError(
+                f"subset_indices must be a 1-D integer tensor, got {subset_indices.dtype} of "
+                f"shape {tuple(subset_indices.shape)}."
+            )
+        indices = subset_indices.detach().to(device="cpu", dtype=torch.int64).clone()
+        _atomic_save(indices, subset_indices_path(path))
+    record = {"weights": lca.get_weights().cpu(), "config": lca.settings()}
+    _atomic_save(record, path)
+
+
+def _load_file(path: str, what: str) -> Any:
+    if not os.path.isfile(path):
+        raise DictionaryError(
+            f"{what} file '{path}' not found: run cifar_dictlearning.py first (or pass the "
+            f"folder where it wrote its files)."
+        )
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as error:  # torch raises many types for a damaged or foreign file
+        raise DictionaryError(
+            f"{what} file '{path}' could not be read ({type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else 'no detail'}); re-create it with "
+            f"cifar_dictlearning.py."
+        ) from error
+
+
+def load_dictionary(
+    path: str, expected_shape: Sequence[int] | None = None
+) -> tuple[Tensor, dict[str, Any]]:
+    """Load ``(weights, config)`` written by ``save_dictionary`` (safely: weights_only).
+
+    Raises ``DictionaryError`` if the file is missing, unreadable, not such a record, or (with
+    ``expected_shape``) holds weights of another shape.
+    """
+    record = _load_file(path, "dictionary")
+    if (
+        not isinstance(record, dict)
+        or not isinstance(record.get("weights"), Tensor)
+        or not isinstance(record.get("config"), dict)
+    ):
+        raise DictionaryError(
+            f"dictionary file '{path}' does not hold a dictionary record "
+            f"({{'weights': tensor, 'config': dict}}, found {type(record).__name__}); "
+            f"re-create it with cifar_dictlearning.py."
+        )
+    weights = record["weights"]
+    if weights.dim() != 4 or not weights.is_floating_point():
+        raise DictionaryError(
+            f"dictionary file '{path}' holds a {weights.dtype} tensor of shape "
+            f"{tuple(weights.shape)}, expected a float tensor (features, channels, k, k)."
+        )
+    if expected_shape is not None and tuple(weights.shape) != tuple(expected_shape):
+        raise DictionaryError(
+            f"dictionary file '{path}': expected shape {tuple(expected_shape)}, found "
+            f"{tuple(weights.shape)}; use matching LCA settings or re-run cifar_dictlearning.py "
+            f"with them."
+        )
+    return weights, record["config"]
+
+
+def load_subset_indices(dict_path: str) -> Tensor:
+    """The training indices saved next to the dictionary at ``dict_path`` (1-D int64)."""
+    path = subset_indices_path(dict_path)
+    indices = _load_file(path, "subset indices")
+    if (
+        not isinstance(indices, Tensor)
+        or indices.dim() != 1
+        or indices.is_floating_point()
+        or indices.dtype == torch.bool
+    ):
+        raise DictionaryError(
+            f"subset indices file '{path}' does not hold a 1-D integer tensor; re-create it "
+            f"with cifar_dictlearning.py."
+        )
+    return indices.to(torch.int64)

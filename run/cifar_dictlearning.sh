@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Pretrain the LCA dictionary as in the original run: 64 features of 3x9x9 at stride 2 on a
+# random half of CIFAR-10 (its indices are saved so EP training can use the other half),
+# lambda 0.2 raised by 0.1 every 35 // 7 = 5 epochs, 600 LCA iterations, tau 100, eta 0.01,
+# batches of 200, 35 epochs. Writes ./dictionaries/CIFAR10/{dictionary.pt, subset_indices.pt,
+# dictlearning.csv, dictionary.png, dictlearning_curves.png}.
+# Extra arguments are passed on, e.g.: run/cifar_dictlearning.sh --device cuda:1 --data-dir /data
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+python cifar_dictlearning.py \
+    --task CIFAR10 \
+    --data-dir ./data \
+    --out-dir ./dictionaries/CIFAR10 \
+    --seed 0 \
+    --features 64 \
+    --kernel-size 9 \
+    --stride 2 \
+    --lambda 0.2 \
+    --lambda-increment 0.1 \
+    --lambda-every 5 \
+    --lca-iters 600 \
+    --tau 100 \
+    --eta 1e-2 \
+    --batch-size 200 \
+    --epochs 35 \
+    --subset-fraction 0.5 \
+    "$@"
