@@ -443,6 +443,22 @@ def make_run_dir(
             n += 1
 
 
+def find_runs(results_dir: str | Path) -> list[Path]:
+    """Every ``run_<N>`` folder under ``results_dir`` (at any depth) that has a ``results.csv``,
+    i.e. that finished at least one epoch; folders without one (a GDU check, a run stopped in
+    its first epoch) are left out. Sorted by parent folder, then by N as a number. A missing
+    ``results_dir`` gives an empty list."""
+    root = Path(results_dir)
+    if not root.is_dir():
+        return []
+    runs = [
+        path.parent
+        for path in root.rglob(RESULTS_CSV)
+        if re.fullmatch(r"run_\d+", path.parent.name)
+    ]
+    return sorted(runs, key=lambda run: (str(run.parent), int(run.name.removeprefix("run_"))))
+
+
 def write_hyperparameters(run_dir: str | Path, argv: list[str], args: dict) -> None:
     """Write ``run_dir/hyperparameters.txt``: ``shlex.join(argv)`` on the first line, then one
     ``name: value`` line per entry of ``args`` in its order."""
@@ -761,8 +777,8 @@ def plot_reconstructions(
 
 def plot_gdu(report: dict, path: str | Path, n_entries: int = 5) -> None:
     """Save the GDU check of ``utils_ep_fast.gdu_check`` to ``path``: one panel per parameter,
-    ``n_entries`` of its entries (evenly spaced in the flattened tensor) against the nudged-phase
-    step, EP's update dashed and BPTT's gradient solid in the same colour per entry."""
+    its ``n_entries`` entries of largest final BPTT gradient against the nudged-phase step, EP's
+    update dashed and BPTT's gradient solid in the same colour per entry."""
     names = list(report)
     ncols = min(len(names), 2)
     nrows = math.ceil(len(names) / ncols)
@@ -772,7 +788,7 @@ def plot_gdu(report: dict, path: str | Path, n_entries: int = 5) -> None:
         ep = entry["ep"].detach().float().cpu().flatten(1)
         bptt = entry["bptt"].detach().float().cpu().flatten(1)
         steps = range(1, ep.shape[0] + 1)
-        picks = torch.linspace(0, ep.shape[1] - 1, min(n_entries, ep.shape[1])).long().unique()
+        picks = bptt[-1].abs().topk(min(n_entries, ep.shape[1])).indices
         ax = fig.add_subplot(nrows, ncols, i + 1)
         for j, index in enumerate(picks.tolist()):
             color = f"C{j}"

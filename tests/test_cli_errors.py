@@ -1,0 +1,236 @@
+"""main_fast.py on bad input, crashes and interrupts: a clear message, a non-zero exit, no
+traceback, and a run folder that can still be resumed."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import main_fast
+import utils_ep_fast
+from lca import LCAConv2D, save_dictionary
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A tiny CNN on the bundled DIGITS data: 8x8 -> 4 maps of 4x4 -> 10 classes, one batch per epoch.
+DIGITS_CNN = ["--model", "CNN", "--task", "DIGITS", "--channels", "4", "--kernels", "3",
+              "--strides", "1", "--paddings", "1", "--pools", "m", "--fc", "10", "--lrs", "0.1",
+              "0.1", "--T1", "3", "--T2", "2", "--mbs", "720", "--seed", "0"]  # fmt: skip
+LCACNN = ["--model", "LCACNN", "--task", "DIGITS", "--channels", "4", "8", "--kernels", "3",
+          "--strides", "1", "--paddings", "1", "--pools", "im", "--fc", "10", "--lrs", "0.1",
+          "0.1", "--lca_feats", "4", "--lca_ksize", "3", "--lca_stride", "1", "--lca_iters", "5",
+          "--T1", "3", "--T2", "2", "--mbs", "720"]  # fmt: skip
+
+
+def with_flag(argv: list[str], flag: str, *values: str) -> list[str]:
+    """``argv`` with the values of ``flag`` replaced (the flag is appended if absent)."""
+    if flag not in argv:
+        return [*argv, flag, *values]
+    start = argv.index(flag)
+    end = start + 1
+    while end < len(argv) and not argv[end].startswith("--"):
+        end += 1
+    return [*argv[:start], flag, *values, *argv[end:]]
+
+
+def run_failing(argv: list[str], capsys, status: int = 2) -> str:
+    """Run ``argv``, check the exit status and that stderr holds no traceback; return stderr."""
+    assert main_fast.main(argv) == status
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err
+
+
+def run_dir_of(results: Path) -> Path:
+    (run_dir,) = results.glob("*/*/*/*/*/run_*")
+    return run_dir
+
+
+@pytest.mark.parametrize(
+    "flag, values, message",
+    [
+        ("--channels", ["4", "8"], r"--kernels needs 2 values \(one per conv layer: 2 for"),
+        ("--lrs", ["0.1"], r"--lrs needs 2 values \(one per synapse, 2 here\)"),
+        ("--pools", ["x"], r"--pools letters must be m, a or i; got x"),
+        ("--pools", [""], r"--pools needs 1 values \(one per entry of --channels\)"),
+        ("--act", ["relu"], r"argument --act: invalid choice: 'relu'"),
+        ("--model", ["RNN"], r"argument --model: invalid choice: 'RNN'"),
+        ("--task", ["CIFAR11"], r"unknown task 'CIFAR11'"),
+        ("--optim", ["rmsprop"], r"argument --optim: invalid choice"),
+        ("--betas", ["0.5"], r"--betas takes exactly two numbers"),
+        ("--betas", ["0.0", "0.5", "1.0"], r"--betas takes exactly two numbers"),
+        ("--betas", ["0.0", "0.0"], r"EP needs a nudging beta2 that is non-zero"),
+        ("--betas", ["0.0", "nan"], r"--betas takes exactly two numbers"),
+        ("--lrs", ["0.1", "-1"], r"--lrs, --wds and --mmt must be finite and not negative"),
+        ("--fc", ["12"], r"the last --fc size must be the 10 classes of DIGITS"),
+        ("--channels", ["4", "0"], r"--channels must be at least 1"),
+        ("--epochs", ["0"], r"--epochs must be at least 1"),
+        ("--T1", ["ten"], r"argument --T1: invalid int value: 'ten'"),
+        ("--device", ["gpu"], r"--device takes a GPU index or 'cpu'"),
+        ("--kernels", ["11"], r"conv layer 1 leaves no pixels"),
+    ],
+)
+def test_bad_flag_values(flag, values, message, capsys):
+    err = run_failing(with_flag(DIGITS_CNN, flag, *values), capsys)
+    assert re.search(f"^error: {message}", err, re.M), err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (LCACNN, "LCACNN needs --dict_training pretrained, finetune or learn"),
+        (with_flag(LCACNN, "--lca_feats", "6") + ["--dict_training", "learn"],
+         "must equal --lca_feats (6), got 4"),
+        (with_flag(LCACNN, "--pools", "mm") + ["--dict_training", "learn"],
+         "--pools must start with i (the copy layer)"),
+        (with_flag(LCACNN, "--lca_ksize", "4") + ["--dict_training", "learn"],
+         "--lca_ksize must be odd"),
+        (["--model", "MLP", "--task", "DIGITS", "--archi", "784", "10", "--lrs", "0.1"],
+         "--archi must start with the 64 input pixels of DIGITS"),
+        (["--model", "MLP", "--task", "DIGITS", "--archi", "64", "10"], "--lrs is required"),
+        (["--todo", "evaluate"], "--todo evaluate needs --load-path"),
+        (with_flag(DIGITS_CNN, "--alg", "BPTT") + ["--T2", "5"], "T2 (5) > T1"),
+    ],
+)  # fmt: skip
+def test_inconsistent_settings(argv, message, capsys):
+    assert message in run_failing(argv, capsys)
+
+
+def test_extra_trailing_values_are_dropped_with_a_warning(capsys):
+    argv = with_flag(DIGITS_CNN, "--kernels", "3", "5", "7") + ["--wds", "0", "0", "1e-4"]
+    assert main_fast.main(argv) == 0
+    err = capsys.readouterr().err
+    assert "warning: --kernels: one per conv layer: 1 for --channels 4, so the first 1 values " \
+           "are used; ignoring 5 7" in err  # fmt: skip
+    assert "warning: --wds: one per synapse, 2 here, so the first 2 values are used; " \
+           "ignoring 0.0001" in err  # fmt: skip
+
+
+def test_missing_dataset_names_folder_and_files(tmp_path, capsys):
+    argv = ["--model", "CNN", "--task", "CIFAR10", "--channels", "4", "--kernels", "3",
+            "--strides", "1", "--paddings", "1", "--pools", "m", "--lrs", "0.1", "0.1",
+            "--data-dir", str(tmp_path), "--no-download"]  # fmt: skip
+    err = run_failing(argv, capsys)
+    assert str(tmp_path / "cifar-10-batches-py") in err and "data_batch_1" in err
+
+
+def test_missing_and_corrupt_dictionary(tmp_path, capsys):
+    dict_path = tmp_path / "dictionary.pt"
+    argv = LCACNN + ["--dict_training", "pretrained", "--dict-path", str(dict_path)]
+    err = run_failing(argv, capsys)
+    assert f"'{dict_path}' not found: run cifar_dictlearning.py first" in err
+    dict_path.write_bytes(b"not a dictionary")
+    assert "could not be read" in run_failing(argv, capsys)
+    save_dictionary(str(dict_path), LCAConv2D(6, 1, 3, 1))
+    assert "expected shape (4, 1, 3, 3), found (6, 1, 3, 3)" in run_failing(argv, capsys)
+    save_dictionary(str(dict_path), LCAConv2D(4, 1, 3, 1))  # no subset indices beside it
+    assert "subset indices file" in run_failing(argv, capsys)
+
+
+def test_missing_and_corrupt_checkpoint(tmp_path, capsys):
+    err = run_failing(["--load-path", str(tmp_path), "--epochs", "2"], capsys)
+    assert f"checkpoint not found: {tmp_path / 'checkpoint.pt'}" in err
+    (tmp_path / "checkpoint.pt").write_bytes(b"\x80\x02garbage")
+    err = run_failing(["--load-path", str(tmp_path), "--epochs", "2"], capsys)
+    assert "it is corrupt or not a checkpoint" in err
+    torch.save({"epoch": 1}, tmp_path / "checkpoint.pt")
+    err = run_failing(["--load-path", str(tmp_path), "--epochs", "2"], capsys)
+    assert "is not a checkpoint written by main_fast.py" in err
+    err = run_failing(["--todo", "evaluate", "--load-path", str(tmp_path)], capsys)
+    assert f"model file not found: {tmp_path / 'final_model.pt'}" in err
+
+
+def test_resume_of_a_finished_run_asks_for_more_epochs(tmp_path, capsys):
+    assert main_fast.main(DIGITS_CNN + ["--save", "--results-dir", str(tmp_path)]) == 0
+    run_dir = run_dir_of(tmp_path)
+    err = run_failing(["--load-path", str(run_dir)], capsys)
+    assert "already has 1 epochs; pass --epochs N with N > 1" in err
+
+
+def fail_in_epoch(monkeypatch, epoch: int, failure) -> None:
+    """Make ``failure(model)`` happen right after the first batch of ``epoch`` (1 batch/epoch)."""
+    real_train_batch = utils_ep_fast.train_batch
+    calls = []
+
+    def train_batch(model, *args, **kwargs):
+        free = real_train_batch(model, *args, **kwargs)
+        calls.append(1)
+        if len(calls) == epoch:
+            failure(model)
+        return free
+
+    monkeypatch.setattr(utils_ep_fast, "train_batch", train_batch)
+
+
+def test_divergence_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    def poison(model):
+        with torch.no_grad():
+            model.synapses[1].weight[0, 0] = float("nan")
+
+    fail_in_epoch(monkeypatch, 2, poison)
+    argv = DIGITS_CNN + ["--mbs", "1437", "--epochs", "3", "--save", "--results-dir", str(tmp_path)]
+    err = run_failing(argv, capsys, status=1)
+    run_dir = run_dir_of(tmp_path)
+    assert "training diverged: parameter synapses.1.weight is NaN/inf" in err
+    assert f"the last good checkpoint (epoch 1) is in {run_dir}" in err and "--lrs" in err
+    checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    assert checkpoint["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in checkpoint["model_state"].values())
+    assert len((run_dir / "results.csv").read_text().splitlines()) == 2
+
+
+def test_ctrl_c_saves_and_prints_the_resume_command(tmp_path, monkeypatch, capsys):
+    def interrupt(model):
+        raise KeyboardInterrupt
+
+    fail_in_epoch(monkeypatch, 2, interrupt)
+    argv = DIGITS_CNN + ["--mbs", "1437", "--epochs", "3", "--save", "--results-dir", str(tmp_path)]
+    err = run_failing(argv, capsys, status=130)
+    run_dir = run_dir_of(tmp_path)
+    saved = torch.load(run_dir / "interrupted.pt", weights_only=True)
+    assert saved["epoch"] == 1 and set(saved["model_state"]) == {
+        f"synapses.{i}.{p}" for i in (0, 1) for p in ("weight", "bias")
+    }
+    command = re.search(r"^  (python main_fast.py .*)$", err, re.M).group(1)
+    assert command == f"python main_fast.py --load-path {run_dir} --epochs 3"
+
+    monkeypatch.undo()
+    assert main_fast.main(shlex.split(command)[2:]) == 0
+    assert torch.load(run_dir / "final_model.pt", weights_only=True)["epoch"] == 3
+    assert len((run_dir / "results.csv").read_text().splitlines()) == 4
+
+
+def test_interrupt_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch, capsys):
+    real_save = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        if isinstance(obj, dict) and obj.get("epoch") == 2 and "optimizer_state" in obj:
+            f.write(b"half a checkpoint")
+            raise KeyboardInterrupt
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    argv = DIGITS_CNN + ["--mbs", "1437", "--epochs", "3", "--save", "--results-dir", str(tmp_path)]
+    run_failing(argv, capsys, status=130)
+    run_dir = run_dir_of(tmp_path)
+    assert torch.load(run_dir / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    assert not [p.name for p in run_dir.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_entry_point_exits_non_zero_without_traceback():
+    result = subprocess.run(
+        [sys.executable, "main_fast.py", *DIGITS_CNN, "--betas", "0.0", "0.0"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: EP needs a nudging beta2 that is non-zero")
+    assert "Traceback" not in result.stderr
