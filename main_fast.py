@@ -108,11 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
         parser.add_argument(*(f"--{s}" for s in spellings), dest=word.replace("-", "_"), **kwargs)
 
     add("--model", choices=MODELS, default="MLP", help="network")
-    add("--task", default="MNIST", help=f"dataset, one of {', '.join(data_utils.TASKS)}")
+    add("--task", default="DIGITS", help=f"dataset, one of {', '.join(data_utils.TASKS)}")
     add("--data-aug", action="store_true", help="augment the training images")
     add("--lr-decay", action="store_true", help="cosine learning-rate decay")
     add("--scale", type=float, default=None, help="multiplier of the default weight init")
-    add("--archi", type=int, nargs="+", default=[784, 512, 10], help="MLP layer sizes")
+    add("--archi", type=int, nargs="+", default=None, help="MLP sizes; pixels 512 classes")
     add("--channels", type=int, nargs="+", default=[32, 64], help="feature maps per layer")
     add("--pools", default="mm", help="pool per layer: m max, a average, i none")
     add("--kernels", type=int, nargs="+", default=[5, 5], help="kernel size per conv")
@@ -222,6 +222,8 @@ def check_args(args: argparse.Namespace) -> None:
         warn(f"--dict_training {args.dict_training} ignored: only LCACNN has a dictionary")
         args.dict_training = ""
     if args.model == "MLP":
+        if args.archi is None:
+            args.archi = [in_channels * height * width, 512, classes]
         check_positive(args, ("archi",))
         if args.archi[0] != in_channels * height * width or args.archi[-1] != classes:
             raise UsageError(
