@@ -88,9 +88,19 @@ class DivergenceError(RuntimeError):
 
 
 def pool_forward(z: Tensor, kind: str) -> tuple[Tensor, Tensor | None]:
-    """Apply pool ``kind`` (2x2, stride 2) to ``z`` (B, C, H, W); return it and max-pool indices."""
+    """Apply pool ``kind`` (2x2, stride 2) to ``z`` (B, C, H, W); return it and max-pool indices.
+
+    Both come back in the layout of ``z``. Indices are flat ``h * W + w`` positions per plane.
+    """
     if kind == "m":
-        return F.max_pool2d(z, 2, 2, return_indices=True)
+        if z.is_cuda or z.is_contiguous(memory_format=torch.channels_last):
+            return F.max_pool2d(z, 2, 2, return_indices=True)
+        # PyTorch's NCHW max-pool on the CPU is 3-8x slower than its channels_last one, which
+        # gives the same values and indices (ties included): pool there, hand back NCHW.
+        pooled, indices = F.max_pool2d(
+            z.contiguous(memory_format=torch.channels_last), 2, 2, return_indices=True
+        )
+        return pooled.contiguous(), indices.contiguous()
     if kind == "a":
         return F.avg_pool2d(z, 2, 2), None
     return z, None
@@ -101,9 +111,12 @@ def pool_adjoint(s: Tensor, kind: str, indices: Tensor | None, z_size: torch.Siz
 
     ``m``: every value goes to the argmax position of its window (``indices``), zero elsewhere;
     ``a``: every value / 4 goes to each of the 4 positions of its window; rows and columns the
-    pool dropped (odd sizes) receive zero.
+    pool dropped (odd sizes) receive zero. The max unpool runs in the layout of ``indices``
+    (``s`` is copied there if needed: with mixed layouts it takes a slower path).
     """
     if kind == "m":
+        layout = torch.contiguous_format if indices.is_contiguous() else torch.channels_last
+        s = s.contiguous(memory_format=layout)
         return F.max_unpool2d(s, indices, 2, 2, output_size=z_size[-2:])
     if kind == "a":
         spread = F.interpolate(s, scale_factor=2.0, mode="nearest") * 0.25
@@ -116,6 +129,35 @@ def pool_adjoint(s: Tensor, kind: str, indices: Tensor | None, z_size: torch.Siz
 def conv_output_size(size: int, kernel: int, stride: int, padding: int) -> int:
     """Spatial size after a convolution: ``floor((size + 2 p - k) / s) + 1``."""
     return (size + 2 * padding - kernel) // stride + 1
+
+
+# --------------------------------------------------------------------------------------------
+# Memory layout
+# --------------------------------------------------------------------------------------------
+
+# On the CPU, maps of at least this many pixels are kept channels_last (see memory_format_for).
+CHANNELS_LAST_MIN_PIXELS = 64
+
+
+def memory_format_for(state: Tensor) -> torch.memory_format:
+    """The layout the dynamics keep ``state`` in; it never changes a value, only the speed.
+
+    A map (B, C, H, W) is ``channels_last`` on CUDA (cuDNN's NHWC kernels), and on the CPU when
+    ``H * W >= 64``: there oneDNN's convolutions are 1.1-1.2x faster on channels_last (batch 32,
+    one core: 64 -> 128 channels on 16x16, 6.9 ms instead of 8.3 ms) and max-pooling needs no
+    conversion (see ``pool_forward``), while on smaller maps NCHW convolutions are faster
+    (256 -> 512 channels on 4x4: 7.4 ms instead of 11.8 ms). Vectors stay ``contiguous_format``.
+    """
+    if state.dim() != 4:
+        return torch.contiguous_format
+    if state.is_cuda or state.shape[-2] * state.shape[-1] >= CHANNELS_LAST_MIN_PIXELS:
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def in_memory_format(state: Tensor) -> Tensor:
+    """``state`` in the layout of ``memory_format_for`` (itself when already there, else a copy)."""
+    return state.contiguous(memory_format=memory_format_for(state))
 
 
 # --------------------------------------------------------------------------------------------
@@ -245,6 +287,7 @@ class EnergyNet(nn.Module):
         synapse = self.synapses[self.link_synapse[k]]
         if self.link_kinds[k] == "linear":
             return above.t() @ below.flatten(1), above.sum(0)
+        below = in_memory_format(below)  # the input x may come in NCHW
         z = F.conv2d(below, synapse.weight, synapse.bias, synapse.stride, synapse.padding)
         _, indices = pool_forward(z, self.pools[k])
         grad_z = pool_adjoint(above, self.pools[k], indices, z.shape)
@@ -308,11 +351,26 @@ class EnergyNet(nn.Module):
         The feedback into a copy layer (the first layer of the LCA front end) is scaled by
         ``feedback_scale``. The nudge on the last layer is ``beta W_out^T (onehot - softmax)``
         with the softmax readout, ``beta (onehot - s_L)`` with ``mse``; with ``cel`` and no
-        readout the output units take ``dPhi/ds_L`` itself, without the activation.
+        readout the output units take ``dPhi/ds_L`` itself, without the activation. The new
+        states come back in the layout of ``memory_format_for``.
         """
+        return self._step(x, y, neurons, beta, criterion, self._link_forward(0, x)[0])
+
+    def _step(
+        self,
+        x: Tensor,
+        y: Tensor,
+        neurons: list[Tensor],
+        beta: float,
+        criterion: str | None,
+        input_drive: Tensor,
+    ) -> list[Tensor]:
+        """``step`` given the drive ``F_0(x)`` of the first layer, which only depends on the
+        fixed input and the weights, so a phase of T steps computes it once."""
         criterion = criterion or self.loss_name
         below = [x, *neurons[:-1]]
-        forwards = [self._link_forward(k, below[k]) for k in range(self.num_layers)]
+        forwards = [(input_drive, None)]
+        forwards += [self._link_forward(k, below[k]) for k in range(1, self.num_layers)]
         last = self.num_layers - 1
         updated = []
         for k, (drive, _) in enumerate(forwards):
@@ -325,9 +383,10 @@ class EnergyNet(nn.Module):
                     feedback = feedback * self.feedback_scale
                 grad = grad + feedback
             if k == last:
-                updated.append(self._output_update(grad, neurons[k], y, beta, criterion))
+                new_state = self._output_update(grad, neurons[k], y, beta, criterion)
             else:
-                updated.append(self.sigma(grad))
+                new_state = self.sigma(grad)
+            updated.append(in_memory_format(new_state))
         return updated
 
     def _output_update(
@@ -360,11 +419,20 @@ class EnergyNet(nn.Module):
     ) -> list[Tensor]:
         """Run ``T`` explicit steps from ``neurons`` and return the settled states.
 
-        No graph is built unless ``track_grad`` (BPTT). The input list is left untouched.
+        No graph is built unless ``track_grad`` (BPTT). The input list is left untouched. The
+        input and the states are put once in the layout of ``memory_format_for`` (a copy only
+        where they are not in it yet), and the input's drive ``F_0(x)`` is computed once for
+        the T steps; on CUDA cuDNN may pick its fastest convolution for the fixed shapes of the
+        T steps (``cudnn.benchmark``).
         """
+        if x.is_cuda:
+            torch.backends.cudnn.benchmark = True
         with torch.set_grad_enabled(track_grad):
+            x = in_memory_format(x)
+            neurons = [in_memory_format(state) for state in neurons]
+            input_drive = self._link_forward(0, x)[0] if T > 0 else None
             for _ in range(T):
-                neurons = self.step(x, y, neurons, beta, criterion)
+                neurons = self._step(x, y, neurons, beta, criterion, input_drive)
         return neurons
 
     # ---- EP estimate ----------------------------------------------------------------------
