@@ -153,6 +153,8 @@ class LCAConv2D(torch.nn.Module):
     Args:
         out_neurons: number of dictionary features F.
         in_neurons: number of input channels C.
+        result_dir: kept for lca-pytorch's positional order (its third argument); this layer
+            writes no files, so nothing is stored there.
         kernel_size: feature size k (int or (kh, kw)).
         stride: feature stride s (int or (sh, sw)).
         lambda_: threshold of the transfer function (and L1 weight); may be changed between
@@ -181,6 +183,7 @@ class LCAConv2D(torch.nn.Module):
         self,
         out_neurons: int,
         in_neurons: int,
+        result_dir: str = "./lca_results",
         kernel_size: int | tuple[int, int] = 7,
         stride: int | tuple[int, int] = 1,
         lambda_: float = 0.25,
@@ -199,6 +202,7 @@ class LCAConv2D(torch.nn.Module):
         super().__init__()
         self.out_neurons = int(out_neurons)
         self.in_neurons = int(in_neurons)
+        self.result_dir = result_dir
         self.kernel_size = kernel_size
         self.stride = stride
         self.lambda_ = float(lambda_)

@@ -81,7 +81,7 @@ def cifar(tmp_path_factory) -> dict:
     write_fake_cifar10(root / "data", n_train_per_batch=N_TRAIN // 5, n_test=N_TEST)
     torch.manual_seed(0)
     dict_path = root / "dictionaries" / "dictionary.pt"
-    save_dictionary(str(dict_path), LCAConv2D(64, 3, 9, 2), torch.arange(N_DICT))
+    save_dictionary(str(dict_path), LCAConv2D(64, 3, kernel_size=9, stride=2), torch.arange(N_DICT))
     return {"data": root / "data", "dict": dict_path}
 
 

@@ -127,9 +127,10 @@ def test_missing_and_corrupt_dictionary(tmp_path, capsys):
     assert f"'{dict_path}' not found: run cifar_dictlearning.py first" in err
     dict_path.write_bytes(b"not a dictionary")
     assert "could not be read" in run_failing(argv, capsys)
-    save_dictionary(str(dict_path), LCAConv2D(6, 1, 3, 1))
+    save_dictionary(str(dict_path), LCAConv2D(6, 1, kernel_size=3, stride=1))
     assert "expected shape (4, 1, 3, 3), found (6, 1, 3, 3)" in run_failing(argv, capsys)
-    save_dictionary(str(dict_path), LCAConv2D(4, 1, 3, 1))  # no subset indices beside it
+    # a dictionary of the right shape but no subset indices beside it
+    save_dictionary(str(dict_path), LCAConv2D(4, 1, kernel_size=3, stride=1))
     assert "subset indices file" in run_failing(argv, capsys)
 
 
