@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -28,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torchvision.utils import make_grid
+
+from data_utils import atomic_save
 
 RETURN_VAR_NAMES = (
     "inputs",
@@ -550,21 +551,6 @@ class LCAConv2D(torch.nn.Module):
 # ----------------------------------------------------------------------------------------------
 
 
-def _atomic_save(obj: Any, path: str) -> None:
-    """``torch.save`` to a temporary file next to ``path``, then rename it over ``path``."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    handle, tmp_path = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pt")
-    try:
-        with os.fdopen(handle, "wb") as f:
-            torch.save(obj, f)
-        os.replace(tmp_path, path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        raise
-
-
 def subset_indices_path(dict_path: str) -> str:
     """The ``subset_indices.pt`` file that sits next to a dictionary file."""
     return os.path.join(os.path.dirname(os.path.abspath(dict_path)), SUBSET_FILENAME)
@@ -583,9 +569,9 @@ def save_dictionary(path: str, lca: LCAConv2D, subset_indices: Tensor | None = N
                 f"shape {tuple(subset_indices.shape)}."
             )
         indices = subset_indices.detach().to(device="cpu", dtype=torch.int64).clone()
-        _atomic_save(indices, subset_indices_path(path))
+        atomic_save(indices, subset_indices_path(path))
     record = {"weights": lca.get_weights().cpu(), "config": lca.settings()}
-    _atomic_save(record, path)
+    atomic_save(record, path)
 
 
 def _load_file(path: str, what: str) -> Any:
