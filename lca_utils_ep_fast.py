@@ -8,8 +8,10 @@ to them by identity, then come the conv layers and the readout of ``P_CNN``::
     s_0 <- sigma(acts + g * conv_1^T(P_1^T(s_1)))        (g = scale_feedback; g = 1 is dPhi/ds_0)
 
 Everything else (dynamics, phases, EP estimate, training loops) is the engine's: this model only
-adds the encoding (``prepare_input``, once per batch, reused by all phases), the dictionary
-update after each optimizer step (``after_update``) and the LCA metrics (``batch_stats``).
+adds the encoding (``prepare_input``, once per batch: an ``Encoding`` of the standardised images,
+their code and its reconstruction error, which the engine uses as the fixed input of every phase
+and hands back to ``after_update`` for the dictionary update and to ``batch_stats`` for the LCA
+metrics).
 
 Dictionary modes:
     pretrained: loaded from ``cifar_dictlearning.py``'s file and frozen;
@@ -26,7 +28,7 @@ import torch
 from torch import Tensor
 
 from lca import LCAConv2D, load_dictionary, load_subset_indices
-from utils_ep_fast import P_CNN, conv_output_size
+from utils_ep_fast import P_CNN, Encoding, conv_output_size
 
 DICT_MODES = ("pretrained", "finetune", "learn")
 
@@ -95,7 +97,7 @@ class LCA_CNN(P_CNN):
             loss=loss,
             scale=scale,
             input_copy=True,
-            feedback_scale=scale_feedback,
+            scale_feedback=scale_feedback,
         )
         self.dict_training = dict_training
         self.lca = LCAConv2D(
@@ -112,7 +114,6 @@ class LCA_CNN(P_CNN):
         )
         # where the dictionary started: its drift is a metric of finetune/learn
         self.register_buffer("initial_dictionary", self.lca.weights.detach().clone())
-        self._encoded: tuple[Tensor, Tensor, Tensor] | None = None
 
     # ---- dictionary -----------------------------------------------------------------------
 
@@ -131,35 +132,31 @@ class LCA_CNN(P_CNN):
     # ---- engine hooks ---------------------------------------------------------------------
 
     @torch.no_grad()
-    def prepare_input(self, x: Tensor) -> Tensor:
-        """Run LCA once on the batch (B, C, H, W) and return its code ``acts`` (B, F, H', W')."""
-        inputs, acts, recon_errors = self.lca(x)
-        self._encoded = (inputs, acts, recon_errors)
-        return acts
+    def prepare_input(self, x: Tensor) -> Encoding:
+        """Run LCA once on the images ``x`` (B, C, H, W): the standardised images, their code
+        ``acts`` (B, F, H', W'), the system's fixed input, and ``images - D * acts``."""
+        images, acts, recon_errors = self.lca(x)
+        return Encoding(images=images, code=acts, recon_errors=recon_errors)
 
     @torch.no_grad()
-    def after_update(self, inputs: Tensor, nudged: list[Tensor]) -> None:
+    def after_update(self, encoding: Encoding, nudged: list[Tensor]) -> None:
         """finetune / learn: the LCA update on ``(acts, recon error)`` and on
-        ``(acts*, inputs - recon(acts*))`` with ``acts* = T_lambda(s_0^beta)``; both reconstruction
-        errors are taken with the dictionary before either update."""
+        ``(acts*, images - recon(acts*))`` with ``acts* = T_lambda(s_0)`` of the ``nudged``
+        states; both reconstruction errors are taken with the dictionary before either update."""
         if self.dict_training == "pretrained":
             return
-        images, acts, recon_errors = self._encoded
         nudged_acts = self.lca.transfer(nudged[0])
-        nudged_recons = self.lca.compute_recon(nudged_acts, self.lca.weights, images.shape)
-        nudged_recon_errors = self.lca.compute_recon_error(images, nudged_recons)
-        self.lca.update_weights(acts, recon_errors)
+        nudged_recons = self.lca.compute_recon(nudged_acts, self.lca.weights, encoding.images.shape)
+        nudged_recon_errors = self.lca.compute_recon_error(encoding.images, nudged_recons)
+        self.lca.update_weights(encoding.code, encoding.recon_errors)
         self.lca.update_weights(nudged_acts, nudged_recon_errors)
 
-    def batch_stats(self) -> dict[str, float]:
+    def batch_stats(self, encoding: Encoding) -> dict[str, float]:
         """Fraction of non-zero LCA activations and the reconstruction error
-        ``mean_batch 0.5 ||x - D * a||^2`` of the last encoded batch; dictionary drift too."""
-        if self._encoded is None:
-            return {}
-        _, acts, recon_errors = self._encoded
+        ``mean_batch 0.5 ||x - D * a||^2`` of ``encoding``; the dictionary's drift too."""
         stats = {
-            "lca_frac_active": (acts != 0).float().mean().item(),
-            "lca_recon_error": 0.5 * recon_errors.pow(2).flatten(1).sum(1).mean().item(),
+            "lca_frac_active": (encoding.code != 0).float().mean().item(),
+            "lca_recon_error": 0.5 * encoding.recon_errors.pow(2).flatten(1).sum(1).mean().item(),
         }
         if self.dict_training != "pretrained":
             stats["dict_cosine"] = self.dictionary_cosine()

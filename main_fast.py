@@ -62,6 +62,7 @@ from utils_ep_fast import (
     gdu_check,
     make_optimizer,
     make_scheduler,
+    settle,
     train,
 )
 
@@ -515,24 +516,17 @@ def saved_args(
 # --------------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
-def settle(model: EnergyNet, x: Tensor, y: Tensor, T: int) -> tuple[Tensor, list[Tensor]]:
-    """The system's fixed input for ``x`` and its free-phase states after ``T`` steps."""
-    inputs = model.prepare_input(x)
-    return inputs, model(inputs, y, model.init_neurons(inputs), T)
-
-
 def plot_neural_activity(model: EnergyNet, probe: tuple[Tensor, Tensor], T: int, path) -> None:
     """Histograms of the free-phase states (and the LCA code) on the probe batch."""
     device = next(model.parameters()).device
     x, y = probe[0].to(device), probe[1].to(device)
-    inputs, neurons = settle(model, x, y, T)
+    encoding, neurons = settle(model, x, y, T)
     names = [
         f"layer {k + 1} ({kind}, {'x'.join(map(str, shape))})"
         for k, (kind, shape) in enumerate(zip(model.link_kinds, model.layer_shapes, strict=True))
     ]
     if isinstance(model, LCA_CNN):
-        neurons, names = [inputs, *neurons], ["LCA code", *names]
+        neurons, names = [encoding.code, *neurons], ["LCA code", *names]
     data_utils.plot_neural_activity(neurons, path, names)
 
 

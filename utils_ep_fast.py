@@ -35,6 +35,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -80,6 +81,21 @@ LOSSES = ("mse", "cel")
 
 class DivergenceError(RuntimeError):
     """Neurons or weights stopped being finite: training cannot go on from here."""
+
+
+class Encoding(NamedTuple):
+    """A batch as the system takes it, from ``EnergyNet.prepare_input``.
+
+    images: the batch (B, C, H, W) or (B, N) as the model reads it (the LCA front end
+        standardises each image first);
+    code: the system's fixed input ``x`` of ``Phi``: the images themselves, or the LCA front
+        end's sparse code (B, F, H', W');
+    recon_errors: ``images - D * code`` for the LCA front end, else None.
+    """
+
+    images: Tensor
+    code: Tensor
+    recon_errors: Tensor | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -183,7 +199,7 @@ class EnergyNet(nn.Module):
         activation: str = "my_hard_sig",
         softmax: bool = False,
         loss: str = "mse",
-        feedback_scale: float = 1.0,
+        scale_feedback: float = 1.0,
     ) -> None:
         super().__init__()
         if activation not in ACTIVATIONS:
@@ -194,7 +210,7 @@ class EnergyNet(nn.Module):
         self.sigma = ACTIVATIONS[activation]
         self.softmax = softmax
         self.loss_name = loss
-        self.feedback_scale = feedback_scale
+        self.scale_feedback = scale_feedback
         self.synapses = nn.ModuleList()
         self.link_kinds: list[str] = []
         self.link_synapse: list[int] = []
@@ -228,15 +244,16 @@ class EnergyNet(nn.Module):
 
     # ---- states ---------------------------------------------------------------------------
 
-    def prepare_input(self, x: Tensor) -> Tensor:
-        """The fixed input of the system for a batch ``x``: ``x`` itself (the LCA model encodes)."""
-        return x
+    def prepare_input(self, x: Tensor) -> Encoding:
+        """The batch ``x`` as the system takes it: its own fixed input (the LCA model encodes)."""
+        return Encoding(images=x, code=x)
 
-    def after_update(self, inputs: Tensor, nudged: list[Tensor]) -> None:
-        """Hook run after every optimizer step (the LCA front end updates its dictionary)."""
+    def after_update(self, encoding: Encoding, nudged: list[Tensor]) -> None:
+        """Hook run after every optimizer step with the batch's encoding and the states that
+        carried the learning signal (the LCA front end updates its dictionary)."""
 
-    def batch_stats(self) -> dict[str, float]:
-        """Extra per-batch metrics (e.g. LCA sparsity) of the last ``prepare_input`` call."""
+    def batch_stats(self, encoding: Encoding) -> dict[str, float]:
+        """Extra per-batch metrics of ``encoding`` (e.g. LCA sparsity); none here."""
         return {}
 
     def init_neurons(self, x: Tensor) -> list[Tensor]:
@@ -305,11 +322,10 @@ class EnergyNet(nn.Module):
             return F.linear(last.flatten(1), self.readout.weight, self.readout.bias)
         return last
 
-    def loss(self, neurons: list[Tensor], y: Tensor, criterion: str | None = None) -> Tensor:
+    def loss(self, neurons: list[Tensor], y: Tensor) -> Tensor:
         """Per-sample loss (B,): CE of the readout or of ``s_L``, or ``0.5 ||s_L - onehot||^2``."""
-        criterion = criterion or self.loss_name
         logits = self.output_logits(neurons)
-        if self.softmax or criterion == "cel":
+        if self.softmax or self.loss_name == "cel":
             return F.cross_entropy(logits, y, reduction="none")
         onehot = F.one_hot(y, self.num_classes).to(logits.dtype)
         return 0.5 * (logits - onehot).pow(2).sum(1)
@@ -318,14 +334,7 @@ class EnergyNet(nn.Module):
         """Predicted class per sample (B,)."""
         return self.output_logits(neurons).argmax(1)
 
-    def Phi(
-        self,
-        x: Tensor,
-        y: Tensor,
-        neurons: list[Tensor],
-        beta: float,
-        criterion: str | None = None,
-    ) -> Tensor:
+    def Phi(self, x: Tensor, y: Tensor, neurons: list[Tensor], beta: float) -> Tensor:
         """The primitive function ``sum_k <F_k(s_k), s_{k+1}> - beta L``, per sample (B,)."""
         below = [x, *neurons[:-1]]
         phi = x.new_zeros(x.shape[0])
@@ -333,28 +342,21 @@ class EnergyNet(nn.Module):
             drive, _ = self._link_forward(k, below[k])
             phi = phi + (drive * neurons[k]).flatten(1).sum(1)
         if beta != 0.0:
-            phi = phi - beta * self.loss(neurons, y, criterion)
+            phi = phi - beta * self.loss(neurons, y)
         return phi
 
     # ---- dynamics -------------------------------------------------------------------------
 
-    def step(
-        self,
-        x: Tensor,
-        y: Tensor,
-        neurons: list[Tensor],
-        beta: float = 0.0,
-        criterion: str | None = None,
-    ) -> list[Tensor]:
+    def step(self, x: Tensor, y: Tensor, neurons: list[Tensor], beta: float = 0.0) -> list[Tensor]:
         """One synchronous step ``s_k <- sigma(dPhi/ds_k)`` for every layer, from the old states.
 
         The feedback into a copy layer (the first layer of the LCA front end) is scaled by
-        ``feedback_scale``. The nudge on the last layer is ``beta W_out^T (onehot - softmax)``
+        ``scale_feedback``. The nudge on the last layer is ``beta W_out^T (onehot - softmax)``
         with the softmax readout, ``beta (onehot - s_L)`` with ``mse``; with ``cel`` and no
         readout the output units take ``dPhi/ds_L`` itself, without the activation. The new
         states come back in the layout of ``memory_format_for``.
         """
-        return self._step(x, y, neurons, beta, criterion, self._link_forward(0, x)[0])
+        return self._step(x, y, neurons, beta, self._link_forward(0, x)[0])
 
     def _step(
         self,
@@ -362,12 +364,10 @@ class EnergyNet(nn.Module):
         y: Tensor,
         neurons: list[Tensor],
         beta: float,
-        criterion: str | None,
         input_drive: Tensor,
     ) -> list[Tensor]:
         """``step`` given the drive ``F_0(x)`` of the first layer, which only depends on the
         fixed input and the weights, so a phase of T steps computes it once."""
-        criterion = criterion or self.loss_name
         below = [x, *neurons[:-1]]
         forwards = [(input_drive, None)]
         forwards += [self._link_forward(k, below[k]) for k in range(1, self.num_layers)]
@@ -379,19 +379,17 @@ class EnergyNet(nn.Module):
                 feedback = self._link_adjoint(
                     k + 1, neurons[k + 1], forwards[k + 1][1], drive.shape
                 )
-                if k == 0 and self.link_kinds[0] == "copy" and self.feedback_scale != 1.0:
-                    feedback = feedback * self.feedback_scale
+                if k == 0 and self.link_kinds[0] == "copy" and self.scale_feedback != 1.0:
+                    feedback = feedback * self.scale_feedback
                 grad = grad + feedback
             if k == last:
-                new_state = self._output_update(grad, neurons[k], y, beta, criterion)
+                new_state = self._output_update(grad, neurons[k], y, beta)
             else:
                 new_state = self.sigma(grad)
             updated.append(in_memory_format(new_state))
         return updated
 
-    def _output_update(
-        self, grad: Tensor, state: Tensor, y: Tensor, beta: float, criterion: str
-    ) -> Tensor:
+    def _output_update(self, grad: Tensor, state: Tensor, y: Tensor, beta: float) -> Tensor:
         """The last layer's new state from its drive ``grad`` and the nudge ``-beta dL/ds_L``."""
         if self.softmax:
             if beta != 0.0:
@@ -401,7 +399,7 @@ class EnergyNet(nn.Module):
                 grad = grad + beta * (error @ readout.weight).view_as(grad)
             return self.sigma(grad)
         onehot = F.one_hot(y, self.num_classes).to(grad.dtype)
-        if criterion == "cel":
+        if self.loss_name == "cel":
             return grad + beta * (onehot - state.softmax(1)) if beta != 0.0 else grad
         if beta != 0.0:
             grad = grad + beta * (onehot - state)
@@ -414,7 +412,6 @@ class EnergyNet(nn.Module):
         neurons: list[Tensor],
         T: int,
         beta: float = 0.0,
-        criterion: str | None = None,
         track_grad: bool = False,
     ) -> list[Tensor]:
         """Run ``T`` explicit steps from ``neurons`` and return the settled states.
@@ -422,17 +419,14 @@ class EnergyNet(nn.Module):
         No graph is built unless ``track_grad`` (BPTT). The input list is left untouched. The
         input and the states are put once in the layout of ``memory_format_for`` (a copy only
         where they are not in it yet), and the input's drive ``F_0(x)`` is computed once for
-        the T steps; on CUDA cuDNN may pick its fastest convolution for the fixed shapes of the
-        T steps (``cudnn.benchmark``).
+        the T steps.
         """
-        if x.is_cuda:
-            torch.backends.cudnn.benchmark = True
         with torch.set_grad_enabled(track_grad):
             x = in_memory_format(x)
             neurons = [in_memory_format(state) for state in neurons]
             input_drive = self._link_forward(0, x)[0] if T > 0 else None
             for _ in range(T):
-                neurons = self._step(x, y, neurons, beta, criterion, input_drive)
+                neurons = self._step(x, y, neurons, beta, input_drive)
         return neurons
 
     # ---- EP estimate ----------------------------------------------------------------------
@@ -445,7 +439,6 @@ class EnergyNet(nn.Module):
         neurons_1: list[Tensor],
         neurons_2: list[Tensor],
         betas: tuple[float, float],
-        criterion: str | None = None,
     ) -> None:
         """Write ``d/dtheta [mean(Phi(s^2, b2) - Phi(s^1, b1)) / (b1 - b2)]`` into every ``.grad``.
 
@@ -514,9 +507,9 @@ class P_CNN(EnergyNet):
         loss: str = "mse",
         scale: float | None = None,
         input_copy: bool = False,
-        feedback_scale: float = 1.0,
+        scale_feedback: float = 1.0,
     ) -> None:
-        super().__init__(activation, softmax, loss, feedback_scale)
+        super().__init__(activation, softmax, loss, scale_feedback)
         n_conv = len(channels)
         for name, values in (("kernels", kernels), ("strides", strides), ("paddings", paddings)):
             if len(values) != n_conv:
@@ -663,36 +656,40 @@ def check_finite(model: EnergyNet, neurons: list[Tensor] | None = None) -> None:
 
 def train_batch(
     model: EnergyNet, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor, cfg: EPConfig
-) -> list[Tensor]:
-    """Train on one batch and return the free-phase states (for accuracy).
+) -> tuple[list[Tensor], Encoding]:
+    """Train on one batch; return the free-phase states (for accuracy) and the batch's encoding.
 
     EP: free phase (T1 steps from zero, beta_1), nudged phase (T2 steps from the free fixed
     point at beta_2, its sign drawn per batch with ``random_sign``) and with ``thirdphase`` a
     second nudged phase at -beta_2; then the EP estimate and the optimizer step.
     BPTT: T1 - T2 steps without a graph, T2 with one, backpropagate the final loss.
+    Then ``after_update`` gets the encoding and the nudged states (BPTT: its final states).
     """
-    inputs = model.prepare_input(x)
-    neurons = model.init_neurons(inputs)
+    encoding = model.prepare_input(x)
+    code = encoding.code
+    neurons = model.init_neurons(code)
     optimizer.zero_grad(set_to_none=True)
     if cfg.alg == "BPTT":
-        free = model(inputs, y, neurons, cfg.T1 - cfg.T2)
-        final = model(inputs, y, free, cfg.T2, track_grad=True)
+        free = model(code, y, neurons, cfg.T1 - cfg.T2)
+        final = model(code, y, free, cfg.T2, track_grad=True)
         model.loss(final, y).mean().backward()
         optimizer.step()
-        return [state.detach() for state in final]
+        final = [state.detach() for state in final]
+        model.after_update(encoding, final)
+        return final, encoding
     beta_1, beta_2 = cfg.betas
-    free = model(inputs, y, neurons, cfg.T1, beta=beta_1)
+    free = model(code, y, neurons, cfg.T1, beta=beta_1)
     if cfg.random_sign:
         beta_2 = beta_2 * (1.0 if torch.rand(()) < 0.5 else -1.0)
-    nudged = model(inputs, y, free, cfg.T2, beta=beta_2)
+    nudged = model(code, y, free, cfg.T2, beta=beta_2)
     if cfg.thirdphase:
-        nudged_negative = model(inputs, y, free, cfg.T2, beta=-beta_2)
-        model.compute_syn_grads(inputs, y, nudged_negative, nudged, (-beta_2, beta_2))
+        nudged_negative = model(code, y, free, cfg.T2, beta=-beta_2)
+        model.compute_syn_grads(code, y, nudged_negative, nudged, (-beta_2, beta_2))
     else:
-        model.compute_syn_grads(inputs, y, free, nudged, (beta_1, beta_2))
+        model.compute_syn_grads(code, y, free, nudged, (beta_1, beta_2))
     optimizer.step()
-    model.after_update(inputs, nudged)
-    return free
+    model.after_update(encoding, nudged)
+    return free, encoding
 
 
 def train_epoch(
@@ -711,17 +708,24 @@ def train_epoch(
     progress = tqdm(loader, desc=description, leave=False, dynamic_ncols=True)
     for x, y in progress:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        free = train_batch(model, optimizer, x, y, cfg)
+        free, encoding = train_batch(model, optimizer, x, y, cfg)
         check_finite(model, free)
         batch = y.shape[0]
         correct += (model.predict(free) == y).sum().item()
         seen += batch
-        for name, value in model.batch_stats().items():
+        for name, value in model.batch_stats(encoding).items():
             stat_sums[name] = stat_sums.get(name, 0.0) + value * batch
         progress.set_postfix(acc=f"{correct / seen:.3f}")
     metrics = {"train_acc": correct / max(seen, 1)}
     metrics.update({name: total / max(seen, 1) for name, total in stat_sums.items()})
     return metrics
+
+
+@torch.no_grad()
+def settle(model: EnergyNet, x: Tensor, y: Tensor, T: int) -> tuple[Encoding, list[Tensor]]:
+    """The encoding of the batch ``x`` and the free-phase states after ``T`` steps from zero."""
+    encoding = model.prepare_input(x)
+    return encoding, model(encoding.code, y, model.init_neurons(encoding.code), T)
 
 
 @torch.no_grad()
@@ -737,8 +741,7 @@ def evaluate(
     correct, seen = 0, 0
     for x, y in tqdm(loader, desc=description, leave=False, dynamic_ncols=True):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        inputs = model.prepare_input(x)
-        free = model(inputs, y, model.init_neurons(inputs), T)
+        free = settle(model, x, y, T)[1]
         correct += (model.predict(free) == y).sum().item()
         seen += y.shape[0]
     return correct / max(seen, 1)
@@ -808,22 +811,22 @@ def gdu_check(
     entries whose signs disagree at the last step).
     """
     beta = cfg.betas[1]
-    inputs = model.prepare_input(x)
-    free = model(inputs, y, model.init_neurons(inputs), cfg.T1)
+    encoding, free = settle(model, x, y, cfg.T1)
+    code = encoding.code
     ep_steps: list[dict[str, Tensor]] = []
     nudged, nudged_negative = free, free
     for _ in range(cfg.T2):
-        nudged = model(inputs, y, nudged, 1, beta=beta)
+        nudged = model(code, y, nudged, 1, beta=beta)
         if cfg.thirdphase:
-            nudged_negative = model(inputs, y, nudged_negative, 1, beta=-beta)
-            model.compute_syn_grads(inputs, y, nudged_negative, nudged, (-beta, beta))
+            nudged_negative = model(code, y, nudged_negative, 1, beta=-beta)
+            model.compute_syn_grads(code, y, nudged_negative, nudged, (-beta, beta))
         else:
-            model.compute_syn_grads(inputs, y, free, nudged, (0.0, beta))
+            model.compute_syn_grads(code, y, free, nudged, (0.0, beta))
         ep_steps.append(_snapshot_grads(model))
     bptt_steps: list[dict[str, Tensor]] = []
     for t in range(1, cfg.T2 + 1):
         model.zero_grad(set_to_none=True)
-        final = model(inputs, y, free, t, track_grad=True)
+        final = model(code, y, free, t, track_grad=True)
         model.loss(final, y).mean().backward()
         bptt_steps.append(_snapshot_grads(model))
     model.zero_grad(set_to_none=True)
@@ -842,24 +845,20 @@ def gdu_check(
     return report
 
 
-def cosine(a: Tensor, b: Tensor) -> float:
-    """Cosine similarity of two tensors seen as flat vectors."""
-    return (a.flatten() @ b.flatten() / (a.norm() * b.norm()).clamp_min(1e-30)).item()
-
-
 __all__ = [
     "ACTIVATIONS",
     "DivergenceError",
     "EPConfig",
+    "Encoding",
     "EnergyNet",
     "P_CNN",
     "P_MLP",
     "check_finite",
-    "cosine",
     "evaluate",
     "gdu_check",
     "make_optimizer",
     "make_scheduler",
+    "settle",
     "train",
     "train_batch",
     "train_epoch",

@@ -245,7 +245,7 @@ def main() -> None:
     for batch in args.batches:
         x, y = cifar_like_batch(batch)
         model = seed_lcacnn(lca_iters=30)  # a realistic sparse code; LCA is not timed here
-        code = model.prepare_input(x)
+        code = model.prepare_input(x).code
         rows.append(bench_case("LCACNN body", model, code, y, args.steps, args.repeats, args.beta))
 
     print(

@@ -48,20 +48,21 @@ def timed(function, *args, **kwargs):
 def iteration_parts(model, optimizer, x, y, cfg: EPConfig) -> dict[str, float]:
     """The steps of ``train_batch`` (EP, symmetric nudging), each timed in seconds."""
     seconds = {}
-    inputs, seconds["lca"] = timed(model.prepare_input, x)
-    neurons = model.init_neurons(inputs)
+    encoding, seconds["lca"] = timed(model.prepare_input, x)
+    code = encoding.code
+    neurons = model.init_neurons(code)
     optimizer.zero_grad(set_to_none=True)
     beta_1, beta_2 = cfg.betas
-    free, seconds["free"] = timed(model, inputs, y, neurons, cfg.T1, beta=beta_1)
+    free, seconds["free"] = timed(model, code, y, neurons, cfg.T1, beta=beta_1)
     started = time.perf_counter()
-    positive = model(inputs, y, free, cfg.T2, beta=beta_2)
-    negative = model(inputs, y, free, cfg.T2, beta=-beta_2)
+    positive = model(code, y, free, cfg.T2, beta=beta_2)
+    negative = model(code, y, free, cfg.T2, beta=-beta_2)
     seconds["nudged"] = time.perf_counter() - started
     _, seconds["ep_grad"] = timed(
-        model.compute_syn_grads, inputs, y, negative, positive, (-beta_2, beta_2)
+        model.compute_syn_grads, code, y, negative, positive, (-beta_2, beta_2)
     )
     _, seconds["optim"] = timed(optimizer.step)
-    _, seconds["dict"] = timed(model.after_update, inputs, positive)
+    _, seconds["dict"] = timed(model.after_update, encoding, positive)
     return seconds
 
 

@@ -2,8 +2,9 @@
 
 import pytest
 import torch
+from math_checks import cosine
 
-from utils_ep_fast import P_CNN, P_MLP, EPConfig, cosine, gdu_check
+from utils_ep_fast import P_CNN, P_MLP, EPConfig, gdu_check
 
 # (description, constructor kwargs, input shape per sample)
 ARCHITECTURES = [

@@ -54,7 +54,7 @@ def phi_by_hand(model, acts, y, s, beta):
 def test_step_with_unit_feedback_is_sigma_of_energy_gradient(beta):
     model = small_model(scale_feedback=1.0).double()
     x, y = batch()
-    acts = model.prepare_input(x.double())
+    acts = model.prepare_input(x.double()).code
     assert acts.shape == (5, 4, 8, 8) and (acts > 0).any()
     generator = torch.Generator().manual_seed(1)
     states = [
@@ -72,7 +72,7 @@ def test_step_with_unit_feedback_is_sigma_of_energy_gradient(beta):
 def test_zero_feedback_keeps_copy_layer_at_sigma_of_code():
     model = small_model(scale_feedback=0.0)
     x, y = batch()
-    acts = model.prepare_input(x)
+    acts = model.prepare_input(x).code
     expected = model.sigma(acts)
     neurons = model.init_neurons(acts)
     for beta, steps in ((0.0, 6), (0.5, 3), (-0.5, 3)):
@@ -89,12 +89,14 @@ def write_dictionary(tmp_path, num_train=40, used=(0, 3, 5, 7, 11)):
     return path, lca.get_weights()
 
 
-def train_steps(model, steps=2):
+def train_steps(model, steps=2, alg="EP"):
+    """``steps`` training batches; returns the encoding of the last one."""
     optimizer = make_optimizer(model, "sgd", [0.05, 0.05, 0.05], mmt=0.9)
-    cfg = EPConfig(T1=5, T2=2, betas=(0.0, 0.5), thirdphase=True)
+    cfg = EPConfig(alg=alg, T1=5, T2=2, betas=(0.0, 0.5), thirdphase=True)
     for seed in range(steps):
         x, y = batch(seed=seed)
-        train_batch(model, optimizer, x, y, cfg)
+        _, encoding = train_batch(model, optimizer, x, y, cfg)
+    return encoding
 
 
 def test_pretrained_dictionary_is_loaded_and_stays_fixed(tmp_path):
@@ -110,11 +112,40 @@ def test_finetune_moves_dictionary_and_keeps_unit_norm(tmp_path):
     path, saved = write_dictionary(tmp_path)
     model = small_model(dict_training="finetune")
     model.load_dictionary(path)
-    train_steps(model)
+    encoding = train_steps(model)
     weights = model.lca.weights.detach()
     assert (weights - saved).abs().max() > 1e-4
     torch.testing.assert_close(weights.flatten(1).norm(dim=1), torch.ones(4), atol=1e-5, rtol=0)
-    assert model.batch_stats()["dict_cosine"] < 1.0
+    assert model.batch_stats(encoding)["dict_cosine"] < 1.0
+
+
+@pytest.mark.parametrize("mode", ["finetune", "learn"])
+def test_bptt_updates_the_dictionary_with_the_lca_rule(tmp_path, mode):
+    """One BPTT batch moves the dictionary by exactly the two LCA updates: on the encoding's
+    (acts, recon error), then on T_lambda(s_0) of BPTT's final states, both taken with the
+    dictionary from before the batch (computed here with the layer's own update rule)."""
+    path, _ = write_dictionary(tmp_path)
+    model = small_model(dict_training=mode)
+    if mode == "finetune":
+        model.load_dictionary(path)
+    before = model.lca.get_weights()
+    x, y = batch()
+    expected = small_model(dict_training=mode)
+    expected.load_state_dict(model.state_dict())
+    optimizer = make_optimizer(model, "sgd", [0.05, 0.05, 0.05])
+    cfg = EPConfig(alg="BPTT", T1=5, T2=2)
+    final, encoding = train_batch(model, optimizer, x, y, cfg)
+    # the model's final states come after its own step; rebuild them from the same weights
+    after_step = model.state_dict()
+    expected.load_state_dict({**after_step, "lca.weights": before})
+    images, acts, errors = expected.lca(x)
+    torch.testing.assert_close(acts, encoding.code)
+    nudged_acts = expected.lca.transfer(final[0])
+    nudged_errors = images - expected.lca.compute_recon(nudged_acts, before, images.shape)
+    expected.lca.update_weights(acts, errors)
+    expected.lca.update_weights(nudged_acts, nudged_errors)
+    assert (model.lca.weights.detach() - before).abs().max() > 1e-5
+    torch.testing.assert_close(model.lca.weights.detach(), expected.lca.weights.detach())
 
 
 def test_learn_starts_from_a_random_dictionary(tmp_path):
