@@ -19,7 +19,6 @@ Written to ``--out-dir`` (default ``./dictionaries/<task>``):
 from __future__ import annotations
 
 import argparse
-import csv
 import math
 import os
 import sys
@@ -28,19 +27,12 @@ from collections.abc import Sequence
 from itertools import islice
 
 import torch
-from matplotlib.figure import Figure
 from tqdm import tqdm
 
+import data_utils
+import runs
 from data_utils import UsageError, build_datasets, canonical_task, make_loader, task_info
-from lca import (
-    DictionaryError,
-    LCAConv2D,
-    compute_frac_active,
-    compute_l1_sparsity,
-    compute_l2_error,
-    make_feature_grid,
-    save_dictionary,
-)
+from lca import LCAConv2D, compute_frac_active, compute_l1_sparsity, compute_l2_error
 
 DICTIONARY_FILE = "dictionary.pt"
 CSV_FILE = "dictlearning.csv"
@@ -50,84 +42,52 @@ METRICS = ("recon_error", "l1_sparsity", "frac_active", "total_energy")
 CSV_COLUMNS = ("epoch", "lambda") + METRICS + ("seconds",)
 
 
-def _flag(*names: str) -> list[str]:
-    """The given ``--multi-word`` flags plus their ``--multi_word`` spellings."""
-    spellings: list[str] = []
-    for name in names:
-        for spelling in (name, "--" + name[2:].replace("-", "_")):
-            if spelling not in spellings:
-                spellings.append(spelling)
-    return spellings
-
-
 def build_parser() -> argparse.ArgumentParser:
+    """The flags, spelled as ``main_fast.py`` spells the same things (``--lca_feats``,
+    ``--mbs``, ``--num-workers``, ...); the older names (``--features``, ``--batch-size``,
+    ``--workers``, ...) are kept as aliases. Every flag has dash and underscore spellings."""
     parser = argparse.ArgumentParser(
         description="Learn an LCA sparse-coding dictionary (defaults: the original CIFAR-10 run).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    add = parser.add_argument
-    add(*_flag("--task"), default="CIFAR10", help="dataset (MNIST, FashionMNIST, CIFAR10, "
-        "CIFAR100, SVHN, DIGITS)")  # fmt: skip
-    add(*_flag("--data-dir"), default="./data", help="where the datasets are (or go)")
-    add(*_flag("--out-dir"), default=None, help="output folder; None means ./dictionaries/<task>")
-    add(*_flag("--no-download"), action="store_true", help="never download the dataset")
-    add(*_flag("--seed"), type=int, default=0, help="seed of the subset, the order and the init")
-    add(*_flag("--device"), default="auto", help="auto, cpu, cuda, cuda:N or a GPU index N")
-    add(*_flag("--workers"), type=int, default=0, help="data loader worker processes")
-    add(*_flag("--epochs"), type=int, default=35, help="passes over the subset")
+
+    def add(*names: str, dest: str, **kwargs) -> None:
+        parser.add_argument(*data_utils.flag_spellings(*names), dest=dest, **kwargs)
+
+    add("--task", dest="task", default="CIFAR10", help=f"dataset, one of "
+        f"{', '.join(data_utils.TASKS)}")  # fmt: skip
+    add("--data-dir", dest="data_dir", default="./data", help="where the datasets are (or go)")
     add(
-        *_flag("--batch-size", "--mbs"),
-        dest="batch_size",
-        type=int,
-        default=200,
-        help="images per dictionary update",
+        "--out-dir", dest="out_dir", default=None, help="output folder; None: ./dictionaries/<task>"
     )
-    add(*_flag("--subset-fraction"), type=float, default=0.5,
+    add("--no-download", dest="no_download", action="store_true", help="never download the data")
+    add("--seed", dest="seed", type=int, default=0, help="seed of the subset, order and init")
+    add("--device", dest="device", default="auto", help="GPU index, cuda[:N], auto or cpu")
+    add("--num-workers", "--workers", dest="workers", type=int, default=0,
+        help="data loader worker processes")  # fmt: skip
+    add("--epochs", dest="epochs", type=int, default=35, help="passes over the subset")
+    add("--mbs", "--batch-size", dest="batch_size", type=int, default=200,
+        help="images per dictionary update")  # fmt: skip
+    add("--subset-fraction", dest="subset_fraction", type=float, default=0.5,
         help="fraction of the training set drawn at random to learn on")  # fmt: skip
-    add(*_flag("--max-batches"), type=int, default=None, help="stop each epoch after N batches")
-    add(
-        *_flag("--features", "--lca-feats"),
-        dest="features",
-        type=int,
-        default=64,
-        help="dictionary features",
-    )
-    add(
-        *_flag("--kernel-size", "--lca-ksize"),
-        dest="kernel_size",
-        type=int,
-        default=9,
-        help="feature size (odd)",
-    )
-    add(
-        *_flag("--stride", "--lca-stride"),
-        dest="stride",
-        type=int,
-        default=2,
-        help="feature stride",
-    )
-    add(*_flag("--lambda", "--lca-lambda"), dest="lambda_", type=float, default=0.2,
+    add("--max-batches", dest="max_batches", type=int, default=None,
+        help="stop each epoch after N batches")  # fmt: skip
+    add("--lca_feats", "--features", dest="features", type=int, default=64,
+        help="dictionary features")  # fmt: skip
+    add("--lca_ksize", "--kernel-size", dest="kernel_size", type=int, default=9,
+        help="feature size (odd)")  # fmt: skip
+    add("--lca_stride", "--stride", dest="stride", type=int, default=2, help="feature stride")
+    add("--lca_lambda", "--lambda", dest="lambda_", type=float, default=0.2,
         help="LCA threshold of the first epoch")  # fmt: skip
-    add(*_flag("--lambda-increment"), type=float, default=0.1, help="added to lambda every "
-        "--lambda-every epochs")  # fmt: skip
-    add(*_flag("--lambda-every"), type=int, default=None,
+    add("--lambda-increment", dest="lambda_increment", type=float, default=0.1,
+        help="added to lambda every --lambda-every epochs")  # fmt: skip
+    add("--lambda-every", dest="lambda_every", type=int, default=None,
         help="epochs between lambda raises; None means epochs // 7, 0 never")  # fmt: skip
-    add(*_flag("--lca-iters"), type=int, default=600, help="LCA iterations per batch")
-    add(
-        *_flag("--tau", "--lca-tau"),
-        dest="tau",
-        type=float,
-        default=100.0,
-        help="LCA time constant",
-    )
-    add(
-        *_flag("--eta", "--lca-eta"),
-        dest="eta",
-        type=float,
-        default=1e-2,
-        help="dictionary learning rate",
-    )
-    add(*_flag("--d-update-clip"), type=float, default=math.inf,
+    add("--lca_iters", dest="lca_iters", type=int, default=600, help="LCA iterations per batch")
+    add("--lca_tau", "--tau", dest="tau", type=float, default=100.0, help="LCA time constant")
+    add("--lca_eta", "--eta", dest="eta", type=float, default=1e-2,
+        help="dictionary learning rate")  # fmt: skip
+    add("--d-update-clip", dest="d_update_clip", type=float, default=math.inf,
         help="clip each dictionary update entry to +-this")  # fmt: skip
     return parser
 
@@ -156,21 +116,6 @@ def lambda_at_epoch(epoch: int, start: float, increment: float, every: int) -> f
     if every <= 0:
         return start
     return round(start + increment * (epoch // every), 12)
-
-
-def choose_device(name: str) -> torch.device:
-    """``auto`` -> cuda if available else cpu; ``N`` -> ``cuda:N``; UsageError if unavailable."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.isdigit():
-        name = f"cuda:{name}"
-    try:
-        device = torch.device(name)
-    except RuntimeError as error:
-        raise UsageError(f"--device {name!r} is not a device name (try cpu or cuda:0)") from error
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name} asked for, but CUDA is not available; use --device cpu")
-    return device
 
 
 def draw_subset(n_items: int, fraction: float, seed: int) -> torch.Tensor:
@@ -210,53 +155,13 @@ def learn_one_epoch(
     return {name: value / seen for name, value in sums.items()}
 
 
-def write_csv(path: str, rows: list[dict[str, float]]) -> None:
-    """Rewrite the per-epoch CSV (small; rewriting keeps it whole if a run is cut short)."""
-    tmp_path = path + ".tmp"
-    with open(tmp_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp_path, path)
-
-
-def plot_dictionary_grid(weights: torch.Tensor, path: str, title: str) -> None:
-    grid = make_feature_grid(weights).numpy()
-    fig = Figure(figsize=(6, 6))
-    ax = fig.add_subplot()
-    ax.imshow(grid, interpolation="nearest")
-    ax.set_axis_off()
-    ax.set_title(title)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-
-
-def plot_curves(rows: list[dict[str, float]], path: str) -> None:
-    epochs = [row["epoch"] for row in rows]
-    raises = [
-        row["epoch"]
-        for prev, row in zip(rows, rows[1:], strict=False)
-        if row["lambda"] != prev["lambda"]
-    ]
-    fig = Figure(figsize=(10, 7))
-    for i, name in enumerate(METRICS):
-        ax = fig.add_subplot(2, 2, i + 1)
-        ax.plot(epochs, [row[name] for row in rows], marker="o", markersize=3)
-        for epoch in raises:
-            ax.axvline(epoch - 0.5, color="grey", linestyle=":", linewidth=1)
-        ax.set(xlabel="epoch", ylabel=name.replace("_", " "))
-        ax.grid(True, alpha=0.4)
-    fig.suptitle("LCA dictionary learning (dotted: lambda raised)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-
-
 def run(args: argparse.Namespace) -> LCAConv2D:
     """Learn the dictionary (writing the files listed at the top); returns the LCA layer."""
     check_args(args)
     task = canonical_task(args.task)
     in_channels, height, width, _ = task_info(task)
     out_dir = args.out_dir or os.path.join("dictionaries", task)
-    device = choose_device(args.device)
+    device = data_utils.resolve_device(args.device)
     every = args.epochs // 7 if args.lambda_every is None else args.lambda_every
     if args.kernel_size > min(height, width):
         print(
@@ -289,6 +194,9 @@ def run(args: argparse.Namespace) -> LCAConv2D:
 
     os.makedirs(out_dir, exist_ok=True)
     dict_path = os.path.join(out_dir, DICTIONARY_FILE)
+    csv_path = os.path.join(out_dir, CSV_FILE)
+    if os.path.exists(csv_path):  # the CSV holds this run's epochs only
+        os.remove(csv_path)
     print(
         f"{task}: learning {args.features} features of {in_channels}x{args.kernel_size}x"
         f"{args.kernel_size} (stride {args.stride}) on {len(subset)} of {len(train_set)} "
@@ -304,11 +212,14 @@ def run(args: argparse.Namespace) -> LCAConv2D:
         row["seconds"] = time.perf_counter() - start
         rows.append(row)
 
-        save_dictionary(dict_path, lca, subset_indices=subset)
-        write_csv(os.path.join(out_dir, CSV_FILE), rows)
-        plot_dictionary_grid(lca.get_weights(), os.path.join(out_dir, GRID_FILE),
-                             f"{task} dictionary after epoch {epoch + 1}")  # fmt: skip
-        plot_curves(rows, os.path.join(out_dir, CURVES_FILE))
+        runs.save_dictionary(dict_path, lca, subset_indices=subset)
+        runs.append_csv_row(csv_path, {name: row[name] for name in CSV_COLUMNS})
+        grid = data_utils.plot_dictionary(
+            lca.get_weights(), f"{task} dictionary after epoch {epoch + 1}"
+        )
+        runs.save_figure(grid, os.path.join(out_dir, GRID_FILE))
+        curves = data_utils.plot_dictlearning_curves(rows, METRICS)
+        runs.save_figure(curves, os.path.join(out_dir, CURVES_FILE))
         print(
             f"epoch {epoch + 1}/{args.epochs}  lambda {lca.lambda_:.2f}  "
             + "  ".join(f"{name} {metrics[name]:.4f}" for name in METRICS)
@@ -317,20 +228,12 @@ def run(args: argparse.Namespace) -> LCAConv2D:
     return lca
 
 
-def one_line(text: str) -> str:
-    """A multi-line message joined into one line, its lines separated by '; ' unless they end
-    in punctuation already."""
-    parts = [line.strip() for line in text.splitlines() if line.strip()]
-    ended = [p if p.endswith((".", ";", ":")) else p + ";" for p in parts[:-1]]
-    return " ".join(ended + parts[-1:])
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         run(args)
-    except (UsageError, DictionaryError) as error:
-        print(f"cifar_dictlearning.py: error: {one_line(str(error))}", file=sys.stderr)
+    except UsageError as error:
+        print(f"cifar_dictlearning.py: error: {data_utils.one_line(str(error))}", file=sys.stderr)
         return 2
     return 0
 

@@ -1,32 +1,26 @@
-"""Datasets, results folders, logging, plots and safe file I/O for the EP / LCA-RCNN experiments.
+"""Datasets, plotting and logging for the EP / LCA-RCNN experiments.
 
-What lives where on disk:
-
-- datasets: ``<data_dir>/`` in the layouts torchvision reads (``cifar-10-batches-py/``,
+- Datasets: ``<data_dir>/`` in the layouts torchvision reads (``cifar-10-batches-py/``,
   ``cifar-100-python/``, ``MNIST/raw/``, ``FashionMNIST/raw/``, ``train_32x32.mat`` ...);
-  ``DIGITS`` is scikit-learn's bundled 8x8 digits and needs no files.
-- one run: ``<results_dir>/<task>/<alg>/<model>/<dict_training>/<YYYY-MM-DD>/run_<N>/`` holding
-  ``hyperparameters.txt`` (command line, then one ``name: value`` per argument), ``results.csv``
-  (one row per epoch, columns chosen by the caller), any text logs, checkpoints written with
-  :func:`atomic_save`, and the PNG plots made here.
+  ``DIGITS`` is scikit-learn's bundled 8x8 digits and needs no files. ``build_datasets`` and
+  ``make_loader`` give the splits and their loaders.
+- Plotting: every figure of the project is drawn here and returned as a matplotlib ``Figure``
+  (``runs.save_figure`` writes it).
+- Logging: the vocabulary the command-line scripts share: ``UsageError`` for problems the user
+  can fix, one-line messages (``first_line``, ``one_line``, ``warn``), flag spellings
+  (``flag_spellings``) and the ``--device`` parser (``resolve_device``).
 """
 
 from __future__ import annotations
 
-import csv
-import datetime
 import math
-import os
 import pickle
-import random
-import re
-import shlex
-import tempfile
+import sys
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,9 +33,64 @@ from torchvision import transforms
 from torchvision.datasets.utils import extract_archive
 from torchvision.utils import make_grid
 
+# --------------------------------------------------------------------------------------------
+# Logging: errors, warnings and the flags the scripts share
+# --------------------------------------------------------------------------------------------
+
 
 class UsageError(Exception):
     """A problem the user can fix (bad flag, missing or corrupt file); the message says how."""
+
+
+def first_line(error: BaseException) -> str:
+    """``"<ErrorType>: <first line of its message>"``, for one-line user messages."""
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
+
+
+def one_line(text: str) -> str:
+    """A multi-line message joined into one line, its lines separated by '; ' unless they end
+    in punctuation already."""
+    parts = [line.strip() for line in text.splitlines() if line.strip()]
+    ended = [p if p.endswith((".", ";", ":")) else p + ";" for p in parts[:-1]]
+    return " ".join(ended + parts[-1:])
+
+
+def warn(message: str) -> None:
+    """One ``warning:`` line on stderr."""
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def flag_spellings(*names: str) -> list[str]:
+    """Every spelling of the flags ``names`` (``--multi-word``): with dashes and with
+    underscores, in order, each once."""
+    spellings: list[str] = []
+    for name in names:
+        word = name[2:]
+        for spelling in (word, word.replace("-", "_"), word.replace("_", "-")):
+            if f"--{spelling}" not in spellings:
+                spellings.append(f"--{spelling}")
+    return spellings
+
+
+def resolve_device(spec: str) -> torch.device:
+    """``--device``: ``cpu``; a GPU index ``N``, ``cuda`` or ``cuda:N``; or ``auto`` (the first
+    GPU). A GPU asked for where CUDA is absent falls back to the CPU with a notice."""
+    spec = str(spec).strip().lower()
+    if spec == "cpu":
+        return torch.device("cpu")
+    index = {"auto": "0", "cuda": "0"}.get(spec, spec.removeprefix("cuda:"))
+    if not index.isdigit():
+        raise UsageError(
+            f"--device takes a GPU index or 'cpu' (or cuda, cuda:N, auto), got {spec!r}"
+        )
+    if not torch.cuda.is_available():
+        print("notice: CUDA is not available, running on the CPU")
+        return torch.device("cpu")
+    if int(index) >= torch.cuda.device_count():
+        raise UsageError(f"--device {spec}: only {torch.cuda.device_count()} GPU(s) here")
+    torch.backends.cudnn.benchmark = True
+    return torch.device(f"cuda:{index}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -243,12 +292,6 @@ def _open_split(cls: type, root: Path, train: bool, transform: Callable, downloa
     return cls(str(root), train=train, transform=transform, download=download)
 
 
-def _first_line(error: BaseException) -> str:
-    """``"<ErrorType>: <first line of its message>"``, for one-line user messages."""
-    text = str(error).strip()
-    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
-
-
 def _missing_message(task: str, root: Path, missing: Sequence[str], reason: str) -> str:
     src = _SOURCES[task]
     folder = (root / src.folder).resolve()
@@ -278,13 +321,13 @@ def _unpack_local_archives(task: str, root: Path) -> None:
             try:
                 extract_archive(str(archive), str(archive.parent))
             except Exception as e:
-                raise UsageError(f"cannot unpack {archive}, it is corrupt: {_first_line(e)}") from e
+                raise UsageError(f"cannot unpack {archive}, it is corrupt: {first_line(e)}") from e
 
 
 def _corrupt_message(task: str, folder: Path, error: BaseException) -> str:
     return (
         f"{task} files in {folder} are corrupt or not in the format torchvision reads "
-        f"({_first_line(error)}); delete them and download them again."
+        f"({first_line(error)}); delete them and download them again."
     )
 
 
@@ -358,7 +401,7 @@ def build_datasets(
             cls, root, False, test_tf, True
         )
     except Exception as e:
-        reason = f"the download failed: {_first_line(e)}"
+        reason = f"the download failed: {first_line(e)}"
         raise UsageError(_missing_message(name, root, missing, reason)) from e
 
 
@@ -408,243 +451,8 @@ def make_loader(
 
 
 # --------------------------------------------------------------------------------------------
-# Results folders and logging
-# --------------------------------------------------------------------------------------------
-
-RESULTS_CSV = "results.csv"
-HYPERPARAMETERS_TXT = "hyperparameters.txt"
-
-
-def make_run_dir(
-    results_dir: str | Path,
-    task: str,
-    alg: str,
-    model: str,
-    dict_training: str | None,
-    date: datetime.date | None = None,
-) -> Path:
-    """Create and return ``<results_dir>/<task>/<alg>/<model>/<dict_training>/<date>/run_<N>/``.
-
-    ``dict_training`` None or empty becomes ``none``; ``date`` defaults to today (YYYY-MM-DD).
-    N is one more than the highest existing ``run_<N>`` there (1 for the first run), so runs
-    sort in the order they started; two processes starting at once still get different folders.
-    """
-    day = (date or datetime.date.today()).isoformat()
-    parent = Path(results_dir) / task / alg / model / (dict_training or "none") / day
-    parent.mkdir(parents=True, exist_ok=True)
-    taken = [int(m.group(1)) for p in parent.iterdir() if (m := re.fullmatch(r"run_(\d+)", p.name))]
-    n = max(taken, default=0) + 1
-    while True:
-        run_dir = parent / f"run_{n}"
-        try:
-            run_dir.mkdir()
-            return run_dir
-        except FileExistsError:
-            n += 1
-
-
-def find_runs(results_dir: str | Path) -> list[Path]:
-    """Every ``run_<N>`` folder under ``results_dir`` (at any depth) that has a ``results.csv``,
-    i.e. that finished at least one epoch; folders without one (a GDU check, a run stopped in
-    its first epoch) are left out. Sorted by parent folder, then by N as a number. A missing
-    ``results_dir`` gives an empty list."""
-    root = Path(results_dir)
-    if not root.is_dir():
-        return []
-    runs = [
-        path.parent
-        for path in root.rglob(RESULTS_CSV)
-        if re.fullmatch(r"run_\d+", path.parent.name)
-    ]
-    return sorted(runs, key=lambda run: (str(run.parent), int(run.name.removeprefix("run_"))))
-
-
-def write_hyperparameters(run_dir: str | Path, argv: list[str], args: dict) -> None:
-    """Write ``run_dir/hyperparameters.txt``: ``shlex.join(argv)`` on the first line, then one
-    ``name: value`` line per entry of ``args`` in its order."""
-    lines = [shlex.join([str(a) for a in argv])]
-    lines += [f"{key}: {value}" for key, value in args.items()]
-    (Path(run_dir) / HYPERPARAMETERS_TXT).write_text("\n".join(lines) + "\n")
-
-
-def append_text(run_dir: str | Path, filename: str, text: str) -> None:
-    """Append ``text`` (plus a newline if it lacks one) to ``run_dir/filename``."""
-    with open(Path(run_dir) / filename, "a") as f:
-        f.write(text if text.endswith("\n") else text + "\n")
-
-
-def _plain(value: Any) -> Any:
-    """A one-element tensor / numpy scalar as a Python number, anything else unchanged."""
-    if isinstance(value, (Tensor, np.generic, np.ndarray)):
-        return value.item()
-    return value
-
-
-def append_results_row(run_dir: str | Path, row: dict) -> None:
-    """Append ``row`` to ``run_dir/results.csv`` and fsync it; the header (the keys of the first
-    row) is written when the file is new. Later rows must have the same keys (any order)."""
-    path = Path(run_dir) / RESULTS_CSV
-    header = list(row)
-    if path.is_file() and path.stat().st_size > 0:
-        with open(path, newline="") as f:
-            header = next(csv.reader(f), [])
-        if set(header) != set(row):
-            raise ValueError(
-                f"{path} has columns {header}, the new row has {list(row)}; they must match"
-            )
-    new = not path.is_file() or path.stat().st_size == 0
-    with open(path, "a", newline="") as f:
-        writer = csv.writer(f)
-        if new:
-            writer.writerow(header)
-        writer.writerow([_plain(row[k]) for k in header])
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _parse_cell(text: str) -> float | str:
-    if text == "":
-        return math.nan
-    try:
-        return float(text)
-    except ValueError:
-        return text
-
-
-def read_results(run_dir: str | Path) -> list[dict]:
-    """Rows of ``run_dir/results.csv`` as dicts; numbers as float, empty cells as NaN, other text
-    as str. A row cut short by a crash mid-write is skipped. UsageError if the file is missing."""
-    path = Path(run_dir) / RESULTS_CSV
-    if not path.is_file():
-        raise UsageError(f"results file not found: {path}")
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        return [
-            {k: _parse_cell(v) for k, v in row.items()}
-            for row in reader
-            if None not in row and None not in row.values()
-        ]
-
-
-# --------------------------------------------------------------------------------------------
-# Safe file I/O
-# --------------------------------------------------------------------------------------------
-
-
-def _atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
-    """Run ``write`` on a temp file next to ``path``, fsync it, then rename it onto ``path``.
-
-    Readers see the old file or the complete new one, never a partial one; on error the temp
-    file is removed and the old file is left untouched.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    # Make the rename itself durable; folders cannot be opened this way on every platform.
-    if hasattr(os, "O_DIRECTORY"):
-        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-
-
-def atomic_save(obj: object, path: str | Path) -> None:
-    """``torch.save(obj)`` to ``path`` atomically (see :func:`_atomic_write`)."""
-    _atomic_write(path, lambda f: torch.save(obj, f))
-
-
-def safe_load(path: str | Path, what: str) -> object:
-    """``torch.load(path, map_location="cpu", weights_only=True)``: tensors, containers and plain
-    values only, never arbitrary code. ``what`` names the file in errors ("checkpoint", ...).
-
-    Raises:
-        UsageError: the file is missing, a folder, unreadable, corrupt or holds other objects.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise UsageError(f"{what} not found: {path.resolve()} (check the path)")
-    if not path.is_file():
-        raise UsageError(f"{what} path is a folder, not a file: {path.resolve()}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UsageError(
-            f"cannot read {path.resolve()}: it is corrupt or not a {what} ({_first_line(e)})"
-        ) from e
-
-
-# --------------------------------------------------------------------------------------------
-# Random number generator state
-# --------------------------------------------------------------------------------------------
-
-
-def get_rng_state() -> dict:
-    """State of Python's ``random``, numpy's global RNG, torch's CPU RNG and, when available,
-    every CUDA device's RNG, made only of tensors, ints and strings so that it round-trips
-    through ``torch.save`` + ``torch.load(weights_only=True)``.
-
-    Layout: ``python``: {version: int, state: int64 (625,), gauss_next: float64 (0,) or (1,)};
-    ``numpy``: {kind: str, keys: int64 (624,), pos: int, has_gauss: int, cached_gaussian:
-    float64 ()}; ``torch``: uint8 tensor; ``cuda`` (only with CUDA): list of uint8 tensors.
-    """
-    version, internal, gauss_next = random.getstate()
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state = {
-        "python": {
-            "version": int(version),
-            "state": torch.tensor(internal, dtype=torch.int64),
-            "gauss_next": torch.tensor(
-                [] if gauss_next is None else [gauss_next], dtype=torch.float64
-            ),
-        },
-        "numpy": {
-            "kind": str(kind),
-            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
-            "pos": int(pos),
-            "has_gauss": int(has_gauss),
-            "cached_gaussian": torch.tensor(float(cached), dtype=torch.float64),
-        },
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    """Restore generators from :func:`get_rng_state`'s dict; CUDA states are restored for the
-    devices present (ignored without CUDA)."""
-    py = state["python"]
-    gauss = py["gauss_next"].tolist()
-    random.setstate((py["version"], tuple(py["state"].tolist()), gauss[0] if gauss else None))
-    npst = state["numpy"]
-    keys = npst["keys"].numpy().astype(np.uint32)
-    np.random.set_state(
-        (npst["kind"], keys, npst["pos"], npst["has_gauss"], float(npst["cached_gaussian"]))
-    )
-    torch.set_rng_state(state["torch"].cpu())
-    if "cuda" in state and torch.cuda.is_available():
-        for device, cuda_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
-            torch.cuda.set_rng_state(cuda_state.cpu(), device)
-
-
-# --------------------------------------------------------------------------------------------
 # Plots
 # --------------------------------------------------------------------------------------------
-
-
-def _save_figure(fig: Figure, path: str | Path) -> None:
-    _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120, bbox_inches="tight"))
 
 
 # (file name, title, y label, which columns), for the metric plots made when the columns exist.
@@ -666,21 +474,19 @@ def _series_label(column: str) -> str:
     return column.removesuffix("_acc") or column
 
 
-def plot_metrics(run_dir: str | Path) -> list[Path]:
-    """Plot ``run_dir/results.csv`` against ``epoch`` (row number without that column) into
-    ``run_dir``: ``accuracy.png`` (every ``*_acc`` column), and when such columns exist
-    ``sparsity.png`` (``*frac_active*``), ``recon_error.png`` (``*recon_error*``) and
-    ``dict_cosine.png`` (``*dict_cosine*``). Returns the paths written (none without rows)."""
-    run_dir = Path(run_dir)
-    rows = read_results(run_dir)
+def plot_metrics(rows: list[dict]) -> dict[str, Figure]:
+    """Figures of a run's per-epoch ``rows`` (results.csv) against ``epoch`` (the row number
+    without that column), by file name: ``accuracy.png`` (every ``*_acc`` column), and when such
+    columns exist ``sparsity.png`` (``*frac_active*``), ``recon_error.png`` (``*recon_error*``)
+    and ``dict_cosine.png`` (``*dict_cosine*``). None without rows."""
     if not rows:
-        return []
+        return {}
     columns = list(rows[0])
     if "epoch" in columns:
         x, xlabel = [r["epoch"] for r in rows], "epoch"
     else:
         x, xlabel = list(range(1, len(rows) + 1)), "row"
-    written = []
+    figures = {}
     for filename, title, ylabel, wanted in _METRIC_PLOTS:
         selected = [c for c in columns if c != "epoch" and wanted(c)]
         if not selected:
@@ -694,15 +500,12 @@ def plot_metrics(run_dir: str | Path) -> list[Path]:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(True, alpha=0.4)
         ax.legend()
-        _save_figure(fig, run_dir / filename)
-        written.append(run_dir / filename)
-    return written
+        figures[filename] = fig
+    return figures
 
 
-def plot_neural_activity(
-    neurons: list[Tensor], path: str | Path, names: list[str] | None = None
-) -> None:
-    """Save to ``path`` one histogram per layer of the settled neuron values (any shape each)."""
+def plot_neural_activity(neurons: list[Tensor], names: list[str] | None = None) -> Figure:
+    """One histogram per layer of the settled neuron values (any shape each)."""
     names = names or [f"layer {i + 1}" for i in range(len(neurons))]
     if len(names) != len(neurons):
         raise ValueError(f"{len(names)} names for {len(neurons)} layers")
@@ -717,7 +520,7 @@ def plot_neural_activity(
         ax.grid(True, alpha=0.4)
     fig.suptitle("Settled neural activity")
     fig.tight_layout()
-    _save_figure(fig, path)
+    return fig
 
 
 def _rescale_each(images: Tensor) -> Tensor:
@@ -729,26 +532,32 @@ def _rescale_each(images: Tensor) -> Tensor:
     return scaled.reshape(images.shape)
 
 
-def plot_dictionary(weights: Tensor, path: str | Path, title: str | None = None) -> None:
-    """Save a (F, C, k, k) dictionary (C = 1 gray or 3 RGB) to ``path`` as a grid of its F
-    features, each rescaled to [0, 1] independently."""
+def dictionary_grid(weights: Tensor) -> Tensor:
+    """A (F, C, k, k) dictionary (C = 1 gray or 3 RGB) tiled into one (H, W, 3) image in [0, 1]:
+    ``ceil(sqrt(F))`` features per row, each rescaled to [0, 1] on its own, white borders."""
     if weights.dim() != 4 or weights.shape[1] not in (1, 3):
         raise ValueError(f"expected a (F, 1 or 3, k, k) dictionary, got {tuple(weights.shape)}")
     n = weights.shape[0]
     grid = make_grid(_rescale_each(weights), nrow=math.ceil(math.sqrt(n)), padding=1, pad_value=1.0)
+    return grid.permute(1, 2, 0)
+
+
+def plot_dictionary(weights: Tensor, title: str | None = None) -> Figure:
+    """The dictionary ``weights`` (F, C, k, k) as a grid of its F features (``dictionary_grid``)."""
+    grid = dictionary_grid(weights)
     fig = Figure(figsize=(6, 6))
     ax = fig.add_subplot()
-    ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
+    ax.imshow(grid.numpy(), interpolation="nearest")
     ax.set_axis_off()
-    ax.set_title(title or f"Dictionary: {n} features of {tuple(weights.shape[1:])}")
-    _save_figure(fig, path)
+    ax.set_title(title or f"Dictionary: {weights.shape[0]} features of {tuple(weights.shape[1:])}")
+    return fig
 
 
 def plot_reconstructions(
-    inputs: Tensor, recon_rows: dict[str, Tensor], path: str | Path, n_images: int = 8
-) -> None:
-    """Save to ``path`` a grid: the first ``n_images`` inputs (N, C, H, W) on the first row, then
-    one row per entry of ``recon_rows`` (same shape), each image rescaled to [0, 1] on its own."""
+    inputs: Tensor, recon_rows: dict[str, Tensor], n_images: int = 8
+) -> Figure:
+    """A grid: the first ``n_images`` inputs (N, C, H, W) on the first row, then one row per
+    entry of ``recon_rows`` (same shape), each image rescaled to [0, 1] on its own."""
     rows = {"input": inputs, **recon_rows}
     if inputs.dim() != 4 or inputs.shape[1] not in (1, 3):
         raise ValueError(f"expected (N, 1 or 3, H, W) inputs, got {tuple(inputs.shape)}")
@@ -772,11 +581,11 @@ def plot_reconstructions(
             if j == 0:
                 ax.set_ylabel(name)
     fig.suptitle("Inputs and reconstructions")
-    _save_figure(fig, path)
+    return fig
 
 
-def plot_gdu(report: dict, path: str | Path, n_entries: int = 5) -> None:
-    """Save the GDU check of ``utils_ep_fast.gdu_check`` to ``path``: one panel per parameter,
+def plot_gdu(report: dict, n_entries: int = 5) -> Figure:
+    """The GDU check of ``utils_ep_fast.gdu_check``: one panel per parameter,
     its ``n_entries`` entries of largest final BPTT gradient against the nudged-phase step, EP's
     update dashed and BPTT's gradient solid in the same colour per entry."""
     names = list(report)
@@ -802,4 +611,26 @@ def plot_gdu(report: dict, path: str | Path, n_entries: int = 5) -> None:
         ax.grid(True, alpha=0.4)
     fig.suptitle("GDU check: EP (dashed) vs BPTT (solid)")
     fig.tight_layout()
-    _save_figure(fig, path)
+    return fig
+
+
+def plot_dictlearning_curves(rows: list[dict[str, float]], metrics: Sequence[str]) -> Figure:
+    """``cifar_dictlearning.py``'s per-epoch ``metrics`` against the epoch, one panel each, with
+    a dotted line where lambda was raised."""
+    epochs = [row["epoch"] for row in rows]
+    raises = [
+        row["epoch"]
+        for prev, row in zip(rows, rows[1:], strict=False)
+        if row["lambda"] != prev["lambda"]
+    ]
+    fig = Figure(figsize=(10, 7))
+    for i, name in enumerate(metrics):
+        ax = fig.add_subplot(2, math.ceil(len(metrics) / 2), i + 1)
+        ax.plot(epochs, [row[name] for row in rows], marker="o", markersize=3)
+        for epoch in raises:
+            ax.axvline(epoch - 0.5, color="grey", linestyle=":", linewidth=1)
+        ax.set(xlabel="epoch", ylabel=name.replace("_", " "))
+        ax.grid(True, alpha=0.4)
+    fig.suptitle("LCA dictionary learning (dotted: lambda raised)")
+    fig.tight_layout()
+    return fig

@@ -19,16 +19,12 @@ rounding). Shapes throughout: inputs ``(N, C, H, W)``, dictionary ``(F, C, kh, k
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchvision.utils import make_grid
-
-from data_utils import atomic_save
 
 RETURN_VAR_NAMES = (
     "inputs",
@@ -40,11 +36,6 @@ RETURN_VAR_NAMES = (
     "conns",
 )
 TRANSFER_NAMES = ("soft_threshold", "hard_threshold")
-SUBSET_FILENAME = "subset_indices.pt"
-
-
-class DictionaryError(ValueError):
-    """A dictionary (or subset-indices) file is missing, unreadable or of the wrong shape."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -92,28 +83,6 @@ def compute_times_active_by_feature(acts: Tensor) -> Tensor:
     dims = [d for d in range(acts.dim()) if d != 1]
     counts = (acts != 0).float().sum(dim=dims)
     return counts.reshape((acts.shape[1],) + (1,) * len(dims))
-
-
-def make_feature_grid(weights: Tensor, scale_each: bool = False) -> Tensor:
-    """Tile a dictionary ``(F, C, kh, kw)`` into one image ``(H_grid, W_grid, 3)`` in [0, 1].
-
-    Features are laid out ``floor(sqrt(F))`` per row, separated by grey (0.5) borders, ready
-    for ``plt.imshow``. With ``scale_each`` every feature is min-max scaled on its own.
-    """
-    if weights.dim() != 4:
-        raise RuntimeError(
-            f"make_feature_grid expects a 4-D dictionary (F, C, kh, kw), got shape "
-            f"{tuple(weights.shape)}."
-        )
-    nrow = max(1, int(math.sqrt(weights.shape[0])))
-    grid = make_grid(
-        weights.detach().float().cpu(),
-        nrow=nrow,
-        normalize=True,
-        scale_each=scale_each,
-        pad_value=0.5,
-    )
-    return grid.permute(1, 2, 0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -525,7 +494,7 @@ class LCAConv2D(torch.nn.Module):
         )
 
     def settings(self) -> dict[str, Any]:
-        """The LCA settings as plain Python values (what ``save_dictionary`` stores)."""
+        """The LCA settings as plain Python values (what ``runs.save_dictionary`` stores)."""
         transfer = self.transfer_func
         return {
             "out_neurons": self.out_neurons,
@@ -544,98 +513,3 @@ class LCAConv2D(torch.nn.Module):
             "input_zero_mean": bool(self.input_zero_mean),
             "input_unit_var": bool(self.input_unit_var),
         }
-
-
-# ----------------------------------------------------------------------------------------------
-# Saving and loading dictionaries
-# ----------------------------------------------------------------------------------------------
-
-
-def subset_indices_path(dict_path: str) -> str:
-    """The ``subset_indices.pt`` file that sits next to a dictionary file."""
-    return os.path.join(os.path.dirname(os.path.abspath(dict_path)), SUBSET_FILENAME)
-
-
-def save_dictionary(path: str, lca: LCAConv2D, subset_indices: Tensor | None = None) -> None:
-    """Write ``{"weights": (F, C, kh, kw) tensor, "config": lca.settings()}`` to ``path``.
-
-    When given, ``subset_indices`` (1-D integer tensor: the training examples the dictionary
-    was learned on) goes to ``subset_indices.pt`` in the same folder. Both writes are atomic.
-    """
-    if subset_indices is not None:
-        if subset_indices.dim() != 1 or subset_indices.is_floating_point():
-            raise ValueError(
-                f"subset_indices must be a 1-D integer tensor, got {subset_indices.dtype} of "
-                f"shape {tuple(subset_indices.shape)}."
-            )
-        indices = subset_indices.detach().to(device="cpu", dtype=torch.int64).clone()
-        atomic_save(indices, subset_indices_path(path))
-    record = {"weights": lca.get_weights().cpu(), "config": lca.settings()}
-    atomic_save(record, path)
-
-
-def _load_file(path: str, what: str) -> Any:
-    if not os.path.isfile(path):
-        raise DictionaryError(
-            f"{what} file '{path}' not found: run cifar_dictlearning.py first (or pass the "
-            f"folder where it wrote its files)."
-        )
-    try:
-        return torch.load(path, weights_only=True, map_location="cpu")
-    except Exception as error:  # torch raises many types for a damaged or foreign file
-        raise DictionaryError(
-            f"{what} file '{path}' could not be read ({type(error).__name__}: "
-            f"{str(error).splitlines()[0] if str(error) else 'no detail'}); re-create it with "
-            f"cifar_dictlearning.py."
-        ) from error
-
-
-def load_dictionary(
-    path: str, expected_shape: Sequence[int] | None = None
-) -> tuple[Tensor, dict[str, Any]]:
-    """Load ``(weights, config)`` written by ``save_dictionary`` (safely: weights_only).
-
-    Raises ``DictionaryError`` if the file is missing, unreadable, not such a record, or (with
-    ``expected_shape``) holds weights of another shape.
-    """
-    record = _load_file(path, "dictionary")
-    if (
-        not isinstance(record, dict)
-        or not isinstance(record.get("weights"), Tensor)
-        or not isinstance(record.get("config"), dict)
-    ):
-        raise DictionaryError(
-            f"dictionary file '{path}' does not hold a dictionary record "
-            f"({{'weights': tensor, 'config': dict}}, found {type(record).__name__}); "
-            f"re-create it with cifar_dictlearning.py."
-        )
-    weights = record["weights"]
-    if weights.dim() != 4 or not weights.is_floating_point():
-        raise DictionaryError(
-            f"dictionary file '{path}' holds a {weights.dtype} tensor of shape "
-            f"{tuple(weights.shape)}, expected a float tensor (features, channels, k, k)."
-        )
-    if expected_shape is not None and tuple(weights.shape) != tuple(expected_shape):
-        raise DictionaryError(
-            f"dictionary file '{path}': expected shape {tuple(expected_shape)}, found "
-            f"{tuple(weights.shape)}; use matching LCA settings or re-run cifar_dictlearning.py "
-            f"with them."
-        )
-    return weights, record["config"]
-
-
-def load_subset_indices(dict_path: str) -> Tensor:
-    """The training indices saved next to the dictionary at ``dict_path`` (1-D int64)."""
-    path = subset_indices_path(dict_path)
-    indices = _load_file(path, "subset indices")
-    if (
-        not isinstance(indices, Tensor)
-        or indices.dim() != 1
-        or indices.is_floating_point()
-        or indices.dtype == torch.bool
-    ):
-        raise DictionaryError(
-            f"subset indices file '{path}' does not hold a 1-D integer tensor; re-create it "
-            f"with cifar_dictlearning.py."
-        )
-    return indices.to(torch.int64)

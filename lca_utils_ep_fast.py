@@ -14,7 +14,8 @@ and hands back to ``after_update`` for the dictionary update and to ``batch_stat
 metrics).
 
 Dictionary modes:
-    pretrained: loaded from ``cifar_dictlearning.py``'s file and frozen;
+    pretrained: loaded from ``cifar_dictlearning.py``'s file (``runs.load_model_dictionary``)
+                and frozen;
     finetune:   loaded, then after every batch updated with the LCA rule on (acts, recon error)
                 plus the same rule on ``acts* = T_lambda(s_0 at the nudged fixed point)``;
     learn:      the same updates from a random dictionary.
@@ -22,12 +23,10 @@ Dictionary modes:
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from torch import Tensor
 
-from lca import LCAConv2D, load_dictionary, load_subset_indices
+from lca import LCAConv2D
 from utils_ep_fast import P_CNN, Encoding, conv_output_size
 
 DICT_MODES = ("pretrained", "finetune", "learn")
@@ -117,9 +116,9 @@ class LCA_CNN(P_CNN):
 
     # ---- dictionary -----------------------------------------------------------------------
 
-    def load_dictionary(self, path: str | Path) -> None:
-        """Load the pretrained dictionary (F, C, k, k) from ``path`` and make it the start point."""
-        weights, _ = load_dictionary(path, expected_shape=tuple(self.lca.weights.shape))
+    def load_dictionary(self, weights: Tensor) -> None:
+        """Start from the pretrained dictionary ``weights`` (F, C, k, k), as it is (no
+        renormalisation); ``runs.load_model_dictionary`` reads it from its file."""
         self.lca.assign_weight_values(weights.to(self.lca.weights), normalize=False)
         self.initial_dictionary.copy_(self.lca.weights.detach())
 
@@ -167,15 +166,3 @@ class LCA_CNN(P_CNN):
         """The standardised inputs and their LCA reconstructions, both (B, C, H, W)."""
         inputs, acts, _ = self.lca(x)
         return inputs, self.lca.compute_recon(acts, self.lca.weights, inputs.shape)
-
-
-def ep_training_indices(num_train: int, dict_path: str | Path) -> Tensor:
-    """Indices of the training images NOT used to pretrain the dictionary at ``dict_path``.
-
-    The dictionary was learnt on the subset saved next to it (``subset_indices.pt``); EP trains
-    on the rest so that the two never see the same images.
-    """
-    used = load_subset_indices(dict_path)
-    mask = torch.ones(num_train, dtype=torch.bool)
-    mask[used] = False
-    return mask.nonzero().flatten()

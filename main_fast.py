@@ -5,27 +5,13 @@
     python main_fast.py --todo evaluate --load-path RUN_DIR           # train/test accuracy
     python main_fast.py --todo gducheck ...                           # EP updates vs BPTT
 
-This file only wires things together: it parses and checks the flags, builds the datasets, the
-model (``P_CNN``, ``LCA_CNN`` or ``P_MLP``), the optimizer and the scheduler, and hands them to
-the engine (``utils_ep_fast``). Every flag accepts its dash and underscore spellings.
+This file parses and checks the flags, then dispatches: it builds the datasets, the model
+(``P_CNN``, ``LCA_CNN`` or ``P_MLP``), the optimizer and the scheduler, and hands them to the
+engine (``utils_ep_fast``) and to ``runs`` (the run folder). Every flag accepts its dash and
+underscore spellings.
 
-With ``--save`` a run writes ``<results-dir>/<task>/<alg>/<model>/<dict_training|none>/<date>/
-run_<N>/``:
-
-    hyperparameters.txt   the command line, then every argument (evaluations are appended)
-    results.csv           one row per epoch: train/test accuracy, LCA metrics, learning rate, time
-    *.png                 accuracy, LCA sparsity / reconstruction error, neural activity,
-                          dictionaries, reconstructions
-    checkpoint.pt         rewritten atomically after every epoch, to resume from
-    model.pt              the epoch with the best test accuracy; final_model.pt the last one
-
-Checkpoint (``checkpoint.pt``): ``model_config`` ({"model": "CNN" | "LCACNN" | "MLP", "kwargs":
-constructor arguments}), ``model_state``, ``optimizer_state``, ``scheduler_state`` (or None),
-``epoch`` (epochs done), ``rng_state`` ({"global": data_utils.get_rng_state(), "train_loader":
-the loader generator's state or None}), ``history`` (the results.csv rows), ``best_test_acc`` and
-``args`` (every argument, plain values). ``model.pt``, ``final_model.pt`` and ``interrupted.pt``
-hold ``model_config``, ``model_state``, ``epoch``, ``test_acc`` and ``args``. All are plain
-tensors and containers, read back with ``torch.load(..., weights_only=True)``.
+With ``--save`` a run writes a run folder (``runs.py`` describes its files and owns its
+lifecycle: records, checkpoints, per-epoch files, resume).
 
 Exit status: 0 done, 1 training diverged, 2 bad input (message on stderr), 130 interrupted.
 """
@@ -34,52 +20,39 @@ from __future__ import annotations
 
 import argparse
 import math
-import random
-import shlex
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import Tensor
 
 import data_utils
-from data_utils import UsageError
-from lca import DictionaryError, subset_indices_path
-from lca_utils_ep_fast import DICT_MODES, LCA_CNN, ep_training_indices
+import runs
+from data_utils import UsageError, resolve_device, warn
+from lca_utils_ep_fast import DICT_MODES
 from utils_ep_fast import (
     ACTIVATIONS,
-    P_CNN,
-    P_MLP,
     POOLS,
     DivergenceError,
     EnergyNet,
     EPConfig,
-    check_finite,
     evaluate,
     gdu_check,
     make_optimizer,
     make_scheduler,
-    settle,
     train,
 )
 
-MODELS = ("CNN", "LCACNN", "MLP")
+MODELS = tuple(runs.MODEL_CLASSES)
 TODOS = ("train", "evaluate", "gducheck")
-CHECKPOINT = "checkpoint.pt"
-BEST_MODEL = "model.pt"
-FINAL_MODEL = "final_model.pt"
-INTERRUPTED = "interrupted.pt"
 PROBE_IMAGES = 32
-RECON_IMAGES = 8
 
 # Flags a resumed or evaluated run takes from the command line; the rest come from the saved run.
 RESUME_OVERRIDES = {"epochs", "device", "data_dir", "num_workers", "no_download", "dict_path"}
 EVALUATE_OVERRIDES = RESUME_OVERRIDES | {"T1", "mbs"}
 GDUCHECK_OVERRIDES = EVALUATE_OVERRIDES | {"T2", "betas", "thirdphase", "save", "results_dir"}
-SESSION_FLAGS = {"todo", "load_path"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -104,9 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     def add(name: str, **kwargs) -> None:
-        word = name[2:]
-        spellings = dict.fromkeys([word, word.replace("-", "_"), word.replace("_", "-")])
-        parser.add_argument(*(f"--{s}" for s in spellings), dest=word.replace("-", "_"), **kwargs)
+        dest = name[2:].replace("-", "_")
+        parser.add_argument(*data_utils.flag_spellings(name), dest=dest, **kwargs)
 
     add("--model", choices=MODELS, default="MLP", help="network")
     add("--task", default="DIGITS", help=f"dataset, one of {', '.join(data_utils.TASKS)}")
@@ -174,11 +146,6 @@ def note_unsaved(args: argparse.Namespace) -> None:
     """Say, once at the start, that a run without --save leaves no files."""
     if not args.save:
         print("note: no --save, so nothing is written to disk (results are only printed)")
-
-
-def warn(message: str) -> None:
-    """One ``warning:`` line on stderr."""
-    print(f"warning: {message}", file=sys.stderr)
 
 
 # --------------------------------------------------------------------------------------------
@@ -298,55 +265,12 @@ def check_conv_args(args: argparse.Namespace, classes: int) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-def model_config_from_args(args: argparse.Namespace) -> dict:
-    """``{"model": name, "kwargs": constructor arguments}`` in plain Python types."""
-    in_channels, height, _, _ = data_utils.task_info(args.task)
-    common = {
-        "activation": args.act,
-        "softmax": args.softmax,
-        "loss": args.loss,
-        "scale": args.scale,
-    }
-    if args.model == "MLP":
-        return {"model": "MLP", "kwargs": {"archi": list(args.archi), **common}}
-    kwargs = {
-        "in_size": height,
-        "in_channels": in_channels,
-        "channels": list(args.channels),
-        "kernels": list(args.kernels),
-        "strides": list(args.strides),
-        "paddings": list(args.paddings),
-        "pools": args.pools,
-        "fc": list(args.fc),
-        **common,
-    }
-    if args.model == "LCACNN":
-        kwargs.update(
-            lca_feats=args.lca_feats,
-            lca_ksize=args.lca_ksize,
-            lca_stride=args.lca_stride,
-            lca_lambda=args.lca_lambda,
-            lca_tau=args.lca_tau,
-            lca_eta=args.lca_eta,
-            lca_iters=args.lca_iters,
-            scale_feedback=args.scale_feedback,
-            dict_training=args.dict_training,
-        )
-    return {"model": args.model, "kwargs": kwargs}
-
-
-def build_model(model_config: dict) -> EnergyNet:
-    """The network described by ``model_config`` (see ``model_config_from_args``)."""
-    classes = {"CNN": P_CNN, "LCACNN": LCA_CNN, "MLP": P_MLP}
-    return classes[model_config["model"]](**model_config["kwargs"])
-
-
 def build_training(
     args: argparse.Namespace, model_config: dict, device: torch.device
 ) -> tuple[EnergyNet, torch.optim.Optimizer, object]:
     """Model (on ``device``), optimizer and scheduler; architecture errors become UsageErrors."""
     try:
-        model = build_model(model_config).to(device)
+        model = runs.build_model(model_config).to(device)
         optimizer = make_optimizer(model, args.optim, args.lrs, args.wds, args.mmt)
     except ValueError as error:
         raise UsageError(str(error)) from error
@@ -356,7 +280,7 @@ def build_training(
 def load_pretrained_dictionary(model: EnergyNet, args: argparse.Namespace) -> None:
     """``pretrained`` and ``finetune`` start from the dictionary file; ``learn`` from random."""
     if args.model == "LCACNN" and args.dict_training != "learn":
-        model.load_dictionary(args.dict_path)
+        runs.load_model_dictionary(model, args.dict_path)
 
 
 def ep_config(args: argparse.Namespace) -> EPConfig:
@@ -376,54 +300,6 @@ def ep_config(args: argparse.Namespace) -> EPConfig:
 # --------------------------------------------------------------------------------------------
 
 
-def resolve_device(spec: str) -> torch.device:
-    """``--device N``: ``cuda:N`` when CUDA is available, else the CPU (with a notice)."""
-    if spec == "cpu":
-        return torch.device("cpu")
-    if not spec.isdigit():
-        raise UsageError(f"--device takes a GPU index or 'cpu', got {spec!r}")
-    if not torch.cuda.is_available():
-        print("notice: CUDA is not available, running on the CPU")
-        return torch.device("cpu")
-    if int(spec) >= torch.cuda.device_count():
-        raise UsageError(f"--device {spec}: only {torch.cuda.device_count()} GPU(s) here")
-    torch.backends.cudnn.benchmark = True
-    return torch.device(f"cuda:{spec}")
-
-
-def seed_everything(seed: int | None) -> None:
-    """Seed Python's, numpy's and torch's RNGs (all devices); nothing when ``seed`` is None."""
-    if seed is not None:
-        random.seed(seed)
-        np.random.seed(seed)
-        torch.manual_seed(seed)
-
-
-def training_indices(args: argparse.Namespace, n_train: int) -> Tensor | None:
-    """Which training images EP uses: with a pretrained or finetuned dictionary, those it was
-    not learnt on; otherwise all of them (None)."""
-    if args.model != "LCACNN":
-        return None
-    if args.dict_training == "learn":
-        if Path(subset_indices_path(args.dict_path)).is_file():
-            print(f"learn: training on all {n_train} images (the dictionary subset is not used)")
-        return None
-    try:
-        indices = ep_training_indices(n_train, args.dict_path)
-    except IndexError as error:
-        raise UsageError(
-            f"the subset indices next to {args.dict_path} do not fit the {n_train} training "
-            f"images of {args.task}: was the dictionary learnt on another task?"
-        ) from error
-    if len(indices) == 0:
-        raise UsageError(f"the dictionary {args.dict_path} was learnt on every training image")
-    print(
-        f"EP trains on {len(indices)} of {n_train} training images (the other "
-        f"{n_train - len(indices)} were used to learn the dictionary)"
-    )
-    return indices
-
-
 @dataclass
 class Data:
     """What a run reads: the training and test loaders and a fixed batch for the plots."""
@@ -438,7 +314,7 @@ def build_data(args: argparse.Namespace, train_aug: bool, shuffle: bool) -> Data
     train_set, test_set = data_utils.build_datasets(
         args.task, args.data_dir, data_aug=train_aug, download=not args.no_download
     )
-    indices = training_indices(args, len(train_set))
+    indices = runs.training_indices(args, len(train_set))
     workers = args.num_workers
     train_loader = data_utils.make_loader(
         train_set, args.mbs, shuffle, seed=args.seed, num_workers=workers, indices=indices
@@ -448,207 +324,6 @@ def build_data(args: argparse.Namespace, train_aug: bool, shuffle: bool) -> Data
     items = [test_set[i] for i in range(min(PROBE_IMAGES, len(test_set)))]
     probe = torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])
     return Data(train_loader, test_loader, probe)
-
-
-# --------------------------------------------------------------------------------------------
-# Saved files
-# --------------------------------------------------------------------------------------------
-
-
-def load_record(path: Path, what: str, keys: Sequence[str]) -> dict:
-    """A dict saved by this program at ``path``, checked to hold ``keys``."""
-    record = data_utils.safe_load(path, what)
-    if not isinstance(record, dict) or any(key not in record for key in keys):
-        raise UsageError(f"{path} is not a {what} written by main_fast.py (keys missing)")
-    return record
-
-
-def model_record(model: EnergyNet, model_config: dict, epoch: int, test_acc, args) -> dict:
-    """What ``model.pt``, ``final_model.pt`` and ``interrupted.pt`` hold."""
-    return {
-        "model_config": model_config,
-        "model_state": model.state_dict(),
-        "epoch": epoch,
-        "test_acc": test_acc,
-        "args": vars(args),
-    }
-
-
-def load_model_file(load_path: str) -> tuple[dict, Path]:
-    """``model.pt`` of a run folder (else ``final_model.pt``), or the model file given."""
-    path = Path(load_path)
-    if path.is_dir():
-        path = path / BEST_MODEL if (path / BEST_MODEL).is_file() else path / FINAL_MODEL
-    keys = ("model_config", "model_state", "epoch", "test_acc", "args")
-    return load_record(path, "model file", keys), path
-
-
-def restore_model(record: dict, device: torch.device) -> EnergyNet:
-    """The model of a saved record, rebuilt from its configuration, on ``device``."""
-    try:
-        model = build_model(record["model_config"])
-        model.load_state_dict(record["model_state"])
-    except (ValueError, RuntimeError, KeyError, TypeError) as error:
-        raise UsageError(f"the saved model does not rebuild: {error}") from error
-    return model.to(device)
-
-
-def saved_args(
-    saved: dict, typed: argparse.Namespace, explicit: set[str], overrides: set[str]
-) -> argparse.Namespace:
-    """The saved run's arguments, with the typed flags among ``overrides`` on top."""
-    # defaults first, for any flag newer than the saved run
-    args = argparse.Namespace(**{**vars(typed), **saved})
-    ignored = []
-    for name in sorted(explicit - SESSION_FLAGS):
-        if name in overrides:
-            setattr(args, name, getattr(typed, name))
-        elif getattr(typed, name) != saved.get(name):
-            ignored.append(f"--{name}")
-    if ignored:
-        warn(f"{', '.join(ignored)} ignored: the settings of {typed.load_path} are used")
-    args.todo, args.load_path = typed.todo, typed.load_path
-    return args
-
-
-# --------------------------------------------------------------------------------------------
-# Plots and per-epoch records
-# --------------------------------------------------------------------------------------------
-
-
-def plot_neural_activity(model: EnergyNet, probe: tuple[Tensor, Tensor], T: int, path) -> None:
-    """Histograms of the free-phase states (and the LCA code) on the probe batch."""
-    device = next(model.parameters()).device
-    x, y = probe[0].to(device), probe[1].to(device)
-    encoding, neurons = settle(model, x, y, T)
-    names = [
-        f"layer {k + 1} ({kind}, {'x'.join(map(str, shape))})"
-        for k, (kind, shape) in enumerate(zip(model.link_kinds, model.layer_shapes, strict=True))
-    ]
-    if isinstance(model, LCA_CNN):
-        neurons, names = [encoding.code, *neurons], ["LCA code", *names]
-    data_utils.plot_neural_activity(neurons, path, names)
-
-
-@torch.no_grad()
-def plot_reconstructions(model: LCA_CNN, images: Tensor, path: Path) -> None:
-    """Test images and their LCA reconstructions with the initial and the final dictionary."""
-    images = images[:RECON_IMAGES].to(model.initial_dictionary.device)
-    final = model.lca.get_weights()
-    inputs, final_recon = model.reconstruct(images)
-    if model.dict_training == "pretrained":
-        rows = {"LCA reconstruction": final_recon}
-    else:
-        model.lca.assign_weight_values(model.initial_dictionary.clone(), normalize=False)
-        _, initial_recon = model.reconstruct(images)
-        model.lca.assign_weight_values(final, normalize=False)
-        rows = {"initial dictionary": initial_recon, "final dictionary": final_recon}
-    data_utils.plot_reconstructions(inputs, rows, path, n_images=RECON_IMAGES)
-
-
-def csv_row(metrics: dict) -> dict:
-    """results.csv columns: epoch, accuracies, the model's extra metrics, lr, seconds."""
-    first, last = ("epoch", "train_acc", "test_acc"), ("lr", "seconds")
-    extra = [name for name in metrics if name not in first + last]
-    return {name: metrics[name] for name in (*first, *extra, *last)}
-
-
-def sync_results_csv(run_dir: Path, history: list[dict]) -> None:
-    """Make results.csv hold exactly the checkpoint's rows (a crash may leave one extra)."""
-    path = run_dir / data_utils.RESULTS_CSV
-    rows = data_utils.read_results(run_dir) if path.is_file() else []
-    if len(rows) == len(history):
-        return
-    warn(f"{path} did not match the checkpoint's {len(history)} epochs; rewriting it")
-    path.unlink(missing_ok=True)
-    for row in history:
-        data_utils.append_results_row(run_dir, row)
-
-
-class RunRecorder:
-    """Writes a run folder's per-epoch files; called by ``train`` after every epoch."""
-
-    def __init__(self, run_dir: Path, model, model_config, optimizer, scheduler, data, args):
-        self.run_dir = run_dir
-        self.model = model
-        self.model_config = model_config
-        self.optimizer = optimizer
-        self.scheduler = scheduler
-        self.data = data
-        self.args = args
-        self.history: list[dict] = []
-        self.best_test_acc = -1.0
-        self.epoch = 0
-
-    def resume_from(self, checkpoint: dict, command: list[str]) -> None:
-        """Carry on the checkpointed run's records; note the resume in hyperparameters.txt."""
-        self.history = list(checkpoint["history"])
-        self.best_test_acc = checkpoint["best_test_acc"]
-        self.epoch = checkpoint["epoch"]
-        sync_results_csv(self.run_dir, self.history)
-        data_utils.append_text(
-            self.run_dir, data_utils.HYPERPARAMETERS_TXT, f"resumed: {shlex.join(command)}"
-        )
-
-    def start(self, command: list[str]) -> None:
-        """The files of a new run: its command line and arguments, the starting dictionary."""
-        data_utils.write_hyperparameters(self.run_dir, command, vars(self.args))
-        if isinstance(self.model, LCA_CNN):
-            pretrained = self.args.dict_training == "pretrained"
-            filename = "dictionary.png" if pretrained else "dictionary_epoch0.png"
-            self.plot_dictionary(filename, "initial dictionary")
-
-    def plot_dictionary(self, filename: str, title: str) -> None:
-        """The LCA dictionary as it is now, as a grid of features."""
-        data_utils.plot_dictionary(self.model.lca.get_weights(), self.run_dir / filename, title)
-
-    def __call__(self, epoch: int, metrics: dict) -> None:
-        check_finite(self.model)
-        row = csv_row(metrics)
-        self.history.append(row)
-        if row["test_acc"] > self.best_test_acc:
-            self.best_test_acc = row["test_acc"]
-            self.save_model(BEST_MODEL, epoch, row["test_acc"])
-        data_utils.atomic_save(self.checkpoint(epoch), self.run_dir / CHECKPOINT)
-        self.epoch = epoch
-        data_utils.append_results_row(self.run_dir, row)
-        data_utils.plot_metrics(self.run_dir)
-        path = self.run_dir / "neural_activity.png"
-        plot_neural_activity(self.model, self.data.probe, self.args.T1, path)
-        if isinstance(self.model, LCA_CNN) and self.args.dict_training != "pretrained":
-            self.plot_dictionary(f"dictionary_epoch{epoch}.png", f"dictionary after epoch {epoch}")
-
-    def checkpoint(self, epoch: int) -> dict:
-        """Everything needed to carry on after ``epoch`` exactly (see the module docstring)."""
-        generator = self.data.train_loader.generator
-        return {
-            "model_config": self.model_config,
-            "model_state": self.model.state_dict(),
-            "optimizer_state": self.optimizer.state_dict(),
-            "scheduler_state": self.scheduler.state_dict() if self.scheduler else None,
-            "epoch": epoch,
-            "rng_state": {
-                "global": data_utils.get_rng_state(),
-                "train_loader": generator.get_state() if generator is not None else None,
-            },
-            "history": self.history,
-            "best_test_acc": self.best_test_acc,
-            "args": vars(self.args),
-        }
-
-    def save_model(self, filename: str, epoch: int, test_acc) -> None:
-        """The current weights and configuration, written atomically to ``filename``."""
-        record = model_record(self.model, self.model_config, epoch, test_acc, self.args)
-        data_utils.atomic_save(record, self.run_dir / filename)
-
-    def finish(self) -> None:
-        """After the last epoch: ``final_model.pt`` and, with LCA, the reconstructions."""
-        test_acc = self.history[-1]["test_acc"] if self.history else None
-        self.save_model(FINAL_MODEL, self.epoch, test_acc)
-        if isinstance(self.model, LCA_CNN):
-            plot_reconstructions(
-                self.model, self.data.probe[0], self.run_dir / "reconstructions.png"
-            )
 
 
 # --------------------------------------------------------------------------------------------
@@ -665,18 +340,20 @@ def run_train(args: argparse.Namespace, explicit: set[str], argv: list[str]) -> 
         check_args(args)
     note_unsaved(args)
     device = resolve_device(args.device)
-    seed_everything(args.seed)
-    model_config = checkpoint["model_config"] if checkpoint else model_config_from_args(args)
+    runs.seed_everything(args.seed)
+    model_config = checkpoint["model_config"] if checkpoint else runs.model_config_from_args(args)
     model, optimizer, scheduler = build_training(args, model_config, device)
     if checkpoint:
-        restore_training_state(checkpoint, model, optimizer, scheduler)
+        runs.restore_training_state(checkpoint, model, optimizer, scheduler)
     else:
         load_pretrained_dictionary(model, args)
     data = build_data(args, train_aug=args.data_aug, shuffle=True)
     recorder = None
     if args.save:
-        run_dir = Path(args.load_path) if checkpoint else new_run_dir(args)
-        recorder = RunRecorder(run_dir, model, model_config, optimizer, scheduler, data, args)
+        run_dir = Path(args.load_path) if checkpoint else runs.new_run_dir(args)
+        recorder = runs.RunRecorder(
+            run_dir, model, model_config, optimizer, scheduler, data.train_loader, data.probe, args
+        )
         command = ["python", "main_fast.py", *argv]
         if checkpoint:
             recorder.resume_from(checkpoint, command)
@@ -685,7 +362,7 @@ def run_train(args: argparse.Namespace, explicit: set[str], argv: list[str]) -> 
         print(f"run folder: {run_dir}")
     start_epoch = 0
     if checkpoint:
-        restore_rng(checkpoint, data.train_loader)
+        runs.restore_rng(checkpoint, data.train_loader)
         start_epoch = checkpoint["epoch"]
     try:
         train(
@@ -701,9 +378,9 @@ def run_train(args: argparse.Namespace, explicit: set[str], argv: list[str]) -> 
             recorder,
         )
     except DivergenceError as error:
-        raise DivergenceError(divergence_message(error, recorder)) from error
+        raise DivergenceError(runs.divergence_message(error, recorder)) from error
     except KeyboardInterrupt:
-        report_interrupt(recorder, args)
+        runs.report_interrupt(recorder, args)
         return 130
     if recorder is not None:
         recorder.finish()
@@ -718,12 +395,8 @@ def load_checkpoint(
     arguments to resume it with."""
     folder = Path(typed.load_path)
     typed.load_path = str(folder.parent if folder.is_file() else folder)
-    checkpoint = load_record(
-        Path(typed.load_path) / CHECKPOINT,
-        "checkpoint",
-        ("model_config", "model_state", "optimizer_state", "epoch", "rng_state", "args"),
-    )
-    args = saved_args(checkpoint["args"], typed, explicit, RESUME_OVERRIDES)
+    checkpoint = runs.load_checkpoint(typed.load_path)
+    args = runs.saved_args(checkpoint["args"], typed, explicit, RESUME_OVERRIDES)
     check_positive(args, ("epochs",))
     if checkpoint["epoch"] >= args.epochs:
         raise UsageError(
@@ -731,57 +404,6 @@ def load_checkpoint(
             f"with N > {checkpoint['epoch']} to train further"
         )
     return args, checkpoint
-
-
-def new_run_dir(args: argparse.Namespace) -> Path:
-    """A fresh ``<results-dir>/<task>/<alg>/<model>/<dict_training|none>/<date>/run_<N>``."""
-    return data_utils.make_run_dir(
-        args.results_dir, args.task, args.alg, args.model, args.dict_training
-    )
-
-
-def restore_training_state(checkpoint: dict, model, optimizer, scheduler) -> None:
-    """Weights, optimizer (momentum buffers, rates) and scheduler as the checkpoint left them."""
-    try:
-        model.load_state_dict(checkpoint["model_state"])
-        optimizer.load_state_dict(checkpoint["optimizer_state"])
-        if scheduler is not None and checkpoint.get("scheduler_state") is not None:
-            scheduler.load_state_dict(checkpoint["scheduler_state"])
-    except (ValueError, RuntimeError, KeyError) as error:
-        raise UsageError(f"the checkpoint does not fit its own model: {error}") from error
-
-
-def restore_rng(checkpoint: dict, train_loader) -> None:
-    """Put every RNG (and the data order) where the checkpointed run left them."""
-    state = checkpoint["rng_state"]
-    data_utils.set_rng_state(state["global"])
-    if state["train_loader"] is not None and train_loader.generator is not None:
-        train_loader.generator.set_state(state["train_loader"])
-
-
-def divergence_message(error: DivergenceError, recorder: RunRecorder | None) -> str:
-    """The engine's diagnosis, where the last good checkpoint is, and what to change."""
-    if recorder is None or recorder.epoch == 0:
-        kept = "no epoch finished, so there is no checkpoint"
-    else:
-        kept = f"the last good checkpoint (epoch {recorder.epoch}) is in {recorder.run_dir}"
-    return f"training diverged: {error}; {kept}. Try lower --lrs or smaller --betas."
-
-
-def report_interrupt(recorder: RunRecorder | None, args: argparse.Namespace) -> None:
-    """Ctrl-C: save the current weights and say how to resume."""
-    if recorder is None:
-        print("\ninterrupted; nothing was saved (no --save)", file=sys.stderr)
-        return
-    recorder.save_model(INTERRUPTED, recorder.epoch, None)
-    saved = recorder.run_dir / INTERRUPTED
-    if recorder.epoch == 0:
-        resume = "no epoch finished, so there is no checkpoint: run the command again"
-    else:
-        resume_argv = ["--load-path", str(recorder.run_dir), "--epochs", str(args.epochs)]
-        command = shlex.join(["python", "main_fast.py", *resume_argv])
-        resume = f"resume from epoch {recorder.epoch} with:\n  {command}"
-    print(f"\ninterrupted; current weights saved to {saved}; {resume}", file=sys.stderr)
 
 
 # --------------------------------------------------------------------------------------------
@@ -794,11 +416,11 @@ def run_evaluate(args: argparse.Namespace, explicit: set[str], argv: list[str]) 
     hyperparameters.txt."""
     if not args.load_path:
         raise UsageError("--todo evaluate needs --load-path RUN_DIR (a folder of a saved run)")
-    record, path = load_model_file(args.load_path)
-    args = saved_args(record["args"], args, explicit, EVALUATE_OVERRIDES)
+    record, path = runs.load_model_file(args.load_path)
+    args = runs.saved_args(record["args"], args, explicit, EVALUATE_OVERRIDES)
     check_positive(args, ("T1", "mbs"))
     device = resolve_device(args.device)
-    model = restore_model(record, device)
+    model = runs.restore_model(record, device)
     data = build_data(args, train_aug=False, shuffle=False)
     train_acc = evaluate(model, data.train_loader, args.T1, device, "train set")
     test_acc = evaluate(model, data.test_loader, args.T1, device, "test set")
@@ -807,7 +429,7 @@ def run_evaluate(args: argparse.Namespace, explicit: set[str], argv: list[str]) 
         f"train_acc {train_acc:.4f} test_acc {test_acc:.4f}"
     )
     print(line)
-    data_utils.append_text(path.parent, data_utils.HYPERPARAMETERS_TXT, line)
+    runs.append_text(path.parent, runs.HYPERPARAMETERS_TXT, line)
     return 0
 
 
@@ -815,17 +437,17 @@ def run_gducheck(args: argparse.Namespace, explicit: set[str], argv: list[str]) 
     """EP's nudged-phase updates against BPTT's gradients on one training batch, for a new
     model or the saved one at ``--load-path``."""
     if args.load_path:
-        record, _ = load_model_file(args.load_path)
-        args = saved_args(record["args"], args, explicit, GDUCHECK_OVERRIDES)
+        record, _ = runs.load_model_file(args.load_path)
+        args = runs.saved_args(record["args"], args, explicit, GDUCHECK_OVERRIDES)
         check_betas(args)
         device = resolve_device(args.device)
-        model = restore_model(record, device)
+        model = runs.restore_model(record, device)
     else:
         check_args(args)
         note_unsaved(args)
         device = resolve_device(args.device)
-        seed_everything(args.seed)
-        model, _, _ = build_training(args, model_config_from_args(args), device)
+        runs.seed_everything(args.seed)
+        model, _, _ = build_training(args, runs.model_config_from_args(args), device)
         load_pretrained_dictionary(model, args)
     x, y = next(iter(build_data(args, train_aug=False, shuffle=False).train_loader))
     report = gdu_check(model, x.to(device), y.to(device), ep_config(args))
@@ -833,9 +455,9 @@ def run_gducheck(args: argparse.Namespace, explicit: set[str], argv: list[str]) 
     for name, entry in report.items():
         print(f"{name:<28} {entry['rel_rmse']:>14.4f} {entry['sign_error']:>12.3f}")
     if args.save:
-        run_dir = new_run_dir(args)
-        data_utils.write_hyperparameters(run_dir, ["python", "main_fast.py", *argv], vars(args))
-        data_utils.plot_gdu(report, run_dir / "gdu.png")
+        run_dir = runs.new_run_dir(args)
+        runs.write_hyperparameters(run_dir, ["python", "main_fast.py", *argv], vars(args))
+        runs.save_figure(data_utils.plot_gdu(report), run_dir / "gdu.png")
         print(f"GDU plot: {run_dir / 'gdu.png'}")
     return 0
 
@@ -862,7 +484,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DivergenceError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    except (UsageError, DictionaryError) as error:
+    except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -12,6 +12,7 @@ labels a header (magic 2049, N) then N uint8 labels.
 
 from __future__ import annotations
 
+import os
 import pickle
 import struct
 from pathlib import Path
@@ -128,3 +129,13 @@ def write_fake_svhn(
         savemat(Path(root) / f"{split}_32x32.mat", {"X": images.transpose(2, 3, 1, 0), "y": stored})
         out[f"{split}_images"], out[f"{split}_digits"] = images, digits
     return out
+
+
+class CodeRunningPickle:
+    """Unpickling this calls os.mkdir(path): stands for a pickle that runs code."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (os.mkdir, (self.path,))

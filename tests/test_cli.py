@@ -16,7 +16,9 @@ from fake_datasets import write_fake_cifar10, write_fake_mnist
 
 import cifar_dictlearning
 import main_fast
-from lca import LCAConv2D, save_dictionary
+import runs
+from lca import LCAConv2D
+from runs import save_dictionary
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*official checksums")
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,7 +109,7 @@ def load(path: Path) -> dict:
 
 def rebuilt(record: dict) -> torch.nn.Module:
     """The model of a saved file, rebuilt from its configuration (strict state-dict load)."""
-    model = main_fast.build_model(record["model_config"])
+    model = runs.build_model(record["model_config"])
     model.load_state_dict(record["model_state"])
     return model
 

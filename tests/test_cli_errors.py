@@ -14,7 +14,8 @@ import torch
 
 import main_fast
 import utils_ep_fast
-from lca import LCAConv2D, save_dictionary
+from lca import LCAConv2D
+from runs import save_dictionary
 
 ROOT = Path(__file__).resolve().parents[1]
 

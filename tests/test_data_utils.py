@@ -1,14 +1,10 @@
-"""Tests of data_utils: datasets from real on-disk formats, loaders, run folders, CSV logging,
-atomic checkpoints, safe loading, RNG state and plots. Nothing here touches the network."""
+"""Tests of data_utils: datasets from real on-disk formats and loaders. Nothing here touches
+the network (run folders and figures: test_runs.py)."""
 
 from __future__ import annotations
 
-import datetime
 import gzip
-import os
 import pickle
-import random
-import shlex
 import tarfile
 from pathlib import Path
 from urllib.error import URLError
@@ -18,7 +14,7 @@ import pytest
 import torch
 import torchvision.datasets.cifar as tv_cifar
 import torchvision.datasets.mnist as tv_mnist
-from fake_datasets import write_fake_cifar10, write_fake_mnist, write_fake_svhn
+from fake_datasets import CodeRunningPickle, write_fake_cifar10, write_fake_mnist, write_fake_svhn
 from torch.utils.data import Subset, TensorDataset
 
 import data_utils as du
@@ -147,21 +143,15 @@ def test_corrupt_cifar10_batch_is_a_usage_error(tmp_path):
     assert "cifar-10-batches-py" in str(err.value)
 
 
-class _MakesFolder:
-    """Unpickling this calls os.mkdir(path): stands for a pickle that runs code."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    def __reduce__(self):
-        return (os.mkdir, (self.path,))
-
-
 def test_unverified_cifar10_pickle_with_code_is_refused(tmp_path):
     write_fake_cifar10(tmp_path)
     marker = tmp_path / "code_ran"
     batch = tmp_path / "cifar-10-batches-py" / "data_batch_2"
-    entry = {"data": np.zeros((1, 3072), np.uint8), "labels": [0], "x": _MakesFolder(str(marker))}
+    entry = {
+        "data": np.zeros((1, 3072), np.uint8),
+        "labels": [0],
+        "x": CodeRunningPickle(str(marker)),
+    }
     batch.write_bytes(pickle.dumps(entry, protocol=2))
     with pytest.raises(du.UsageError, match="corrupt"):
         du.build_datasets("CIFAR10", tmp_path, download=False)
@@ -330,181 +320,3 @@ def test_make_loader_seeded_order_and_subsets():
     sub = du.make_loader(data, 2, shuffle=True, seed=0, indices=torch.tensor([3, 9, 11]))
     assert sorted(_order(sub)) == [3, 9, 11]
     assert plain.pin_memory == torch.cuda.is_available()
-
-
-# ------------------------------------------------------------------------------------- runs, logs
-
-
-def test_make_run_dir_layout_and_numbering(tmp_path):
-    day = datetime.date(2024, 5, 6)
-    first = du.make_run_dir(tmp_path, "CIFAR10", "EP", "LCACNN", "learn", date=day)
-    assert first == tmp_path / "CIFAR10" / "EP" / "LCACNN" / "learn" / "2024-05-06" / "run_1"
-    assert first.is_dir()
-    assert du.make_run_dir(tmp_path, "CIFAR10", "EP", "LCACNN", "learn", date=day).name == "run_2"
-    (first.parent / "run_7").mkdir()
-    (first.parent / "notes_9").mkdir()
-    assert du.make_run_dir(tmp_path, "CIFAR10", "EP", "LCACNN", "learn", date=day).name == "run_8"
-    none = du.make_run_dir(tmp_path, "MNIST", "EP", "CNN", None)
-    assert none.parent.parent.name == "none"
-    assert none.parent.name == datetime.date.today().isoformat() and none.name == "run_1"
-
-
-def test_write_hyperparameters_and_append_text(tmp_path):
-    argv = ["main_fast.py", "--model", "CNN", "--note", "two words", "--lrs", "0.1", "0.05"]
-    du.write_hyperparameters(
-        tmp_path, argv, {"model": "CNN", "note": "two words", "lrs": [0.1, 0.05]}
-    )
-    lines = (tmp_path / "hyperparameters.txt").read_text().splitlines()
-    assert lines[0] == "main_fast.py --model CNN --note 'two words' --lrs 0.1 0.05"
-    assert shlex.split(lines[0]) == argv
-    assert lines[1:] == ["model: CNN", "note: two words", "lrs: [0.1, 0.05]"]
-
-    du.append_text(tmp_path, "log.txt", "epoch 1")
-    du.append_text(tmp_path, "log.txt", "epoch 2\n")
-    assert (tmp_path / "log.txt").read_text() == "epoch 1\nepoch 2\n"
-
-
-def test_results_csv_round_trip(tmp_path):
-    du.append_results_row(
-        tmp_path,
-        {"epoch": 1, "train_acc": 0.1234567890123, "test_acc": torch.tensor(0.5), "lr": 0.1},
-    )
-    du.append_results_row(
-        tmp_path, {"lr": 0.05, "epoch": 2, "test_acc": 0.75, "train_acc": np.float32(0.25)}
-    )
-    text = (tmp_path / "results.csv").read_text().splitlines()
-    assert text[0] == "epoch,train_acc,test_acc,lr" and len(text) == 3
-    rows = du.read_results(tmp_path)
-    assert rows == [
-        {"epoch": 1.0, "train_acc": 0.1234567890123, "test_acc": 0.5, "lr": 0.1},
-        {"epoch": 2.0, "train_acc": 0.25, "test_acc": 0.75, "lr": 0.05},
-    ]
-    with pytest.raises(ValueError, match="columns"):
-        du.append_results_row(tmp_path, {"epoch": 3, "train_acc": 0.3})
-    # A row cut short by a crash is dropped, the complete ones are kept.
-    with open(tmp_path / "results.csv", "a") as f:
-        f.write("3,0.5")
-    assert len(du.read_results(tmp_path)) == 2
-    with pytest.raises(du.UsageError, match="not found"):
-        du.read_results(tmp_path / "elsewhere")
-
-
-# ------------------------------------------------------------------------------------- file I/O
-
-
-class _FailsToPickle:
-    def __reduce__(self):
-        raise RuntimeError("cannot pickle this")
-
-
-def test_atomic_save_round_trip_and_failure_keeps_old_file(tmp_path):
-    path = tmp_path / "ckpt" / "model.pt"
-    du.atomic_save({"w": torch.arange(4.0), "epoch": 3}, path)
-    assert os.listdir(path.parent) == ["model.pt"]
-    loaded = du.safe_load(path, "checkpoint")
-    assert loaded["epoch"] == 3 and torch.equal(loaded["w"], torch.arange(4.0))
-
-    with pytest.raises(RuntimeError, match="cannot pickle"):
-        du.atomic_save({"w": torch.ones(2), "bad": _FailsToPickle()}, path)
-    assert os.listdir(path.parent) == ["model.pt"]
-    assert torch.equal(du.safe_load(path, "checkpoint")["w"], torch.arange(4.0))
-
-
-def test_safe_load_errors_name_the_file(tmp_path):
-    missing = tmp_path / "absent.pt"
-    with pytest.raises(du.UsageError, match="checkpoint not found") as err:
-        du.safe_load(missing, "checkpoint")
-    assert str(missing) in str(err.value)
-
-    corrupt = tmp_path / "corrupt.pt"
-    corrupt.write_bytes(b"\x00\x01garbage")
-    with pytest.raises(du.UsageError, match="corrupt or not a dictionary") as err:
-        du.safe_load(corrupt, "dictionary")
-    assert str(corrupt) in str(err.value)
-
-    # A pickled object of an arbitrary class is refused rather than executed.
-    with_object = tmp_path / "object.pt"
-    torch.save({"obj": _MakesFolder(str(tmp_path / "code_ran"))}, with_object)
-    with pytest.raises(du.UsageError, match="not a checkpoint"):
-        du.safe_load(with_object, "checkpoint")
-    assert not (tmp_path / "code_ran").exists()
-
-    with pytest.raises(du.UsageError, match="folder"):
-        du.safe_load(tmp_path, "checkpoint")
-
-
-def _draws() -> tuple:
-    return (
-        [random.random() for _ in range(3)] + [random.gauss(0, 1)],
-        np.random.standard_normal(3).tolist(),
-        torch.rand(3).tolist(),
-    )
-
-
-def test_rng_state_round_trips_through_weights_only_load(tmp_path):
-    random.seed(1)
-    np.random.seed(2)
-    torch.manual_seed(3)
-    random.gauss(0, 1)  # leaves a cached second normal in Python's generator
-    np.random.standard_normal(1)  # and in numpy's
-    du.atomic_save(du.get_rng_state(), tmp_path / "rng.pt")
-    expected = _draws()
-    _draws()
-    state = torch.load(tmp_path / "rng.pt", map_location="cpu", weights_only=True)
-    du.set_rng_state(state)
-    assert _draws() == expected
-    assert _draws() != expected
-
-
-# ------------------------------------------------------------------------------------- plots
-
-
-def _assert_png(path: Path) -> None:
-    data = path.read_bytes()
-    assert data[:8] == PNG_MAGIC and len(data) > 2000
-
-
-def test_plot_metrics_writes_the_plots_for_present_columns(tmp_path):
-    lca_run, plain_run = tmp_path / "lca", tmp_path / "plain"
-    lca_run.mkdir()
-    plain_run.mkdir()
-    for epoch in range(1, 4):
-        acc = {"epoch": epoch, "train_acc": 0.2 * epoch, "test_acc": 0.15 * epoch, "lr": 0.1}
-        lca = {"lca_frac_active": 0.1 / epoch, "lca_recon_error": 1.0 / epoch}
-        du.append_results_row(lca_run, {**acc, **lca})
-        du.append_results_row(plain_run, acc)
-    written = du.plot_metrics(lca_run)
-    assert [p.name for p in written] == ["accuracy.png", "sparsity.png", "recon_error.png"]
-    for p in written:
-        _assert_png(p)
-    assert [p.name for p in du.plot_metrics(plain_run)] == ["accuracy.png"]
-    assert not (plain_run / "sparsity.png").exists()
-    assert sorted(f for f in os.listdir(lca_run) if f.startswith(".")) == []
-
-
-def test_rescale_each_image_independently():
-    images = torch.tensor([[[[1.0, 3.0]]], [[[5.0, 5.0]]], [[[-2.0, 2.0]]]])
-    assert du._rescale_each(images).flatten().tolist() == [0.0, 1.0, 0.5, 0.5, 0.0, 1.0]
-
-
-def test_activity_dictionary_and_reconstruction_plots(tmp_path):
-    torch.manual_seed(0)
-    neurons = [torch.rand(4, 8, 6, 6), torch.rand(4, 10)]
-    du.plot_neural_activity(neurons, tmp_path / "activity.png", names=["conv", "fc"])
-    _assert_png(tmp_path / "activity.png")
-    du.plot_neural_activity(neurons, tmp_path / "activity_default.png")
-    _assert_png(tmp_path / "activity_default.png")
-
-    du.plot_dictionary(torch.randn(16, 3, 9, 9), tmp_path / "dict_rgb.png", title="D")
-    du.plot_dictionary(torch.randn(10, 1, 5, 5), tmp_path / "dict_gray.png")
-    _assert_png(tmp_path / "dict_rgb.png")
-    _assert_png(tmp_path / "dict_gray.png")
-    with pytest.raises(ValueError):
-        du.plot_dictionary(torch.randn(4, 64, 3, 3), tmp_path / "bad.png")
-
-    x = torch.rand(5, 3, 32, 32)
-    du.plot_reconstructions(x, {"before": x * 0.5, "after": x + 0.1}, tmp_path / "recon.png")
-    _assert_png(tmp_path / "recon.png")
-    with pytest.raises(ValueError, match="before"):
-        du.plot_reconstructions(x, {"before": torch.rand(5, 1, 32, 32)}, tmp_path / "bad.png")
-    assert not (tmp_path / "bad.png").exists()

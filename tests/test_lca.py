@@ -1,24 +1,18 @@
 """Tests of the LCA layer against closed forms, hand-worked numbers and dense-matrix LCA."""
 
 import math
-import os
 
 import pytest
 import torch
 
 from lca import (
-    DictionaryError,
     LCAConv2D,
     compute_frac_active,
     compute_l1_sparsity,
     compute_l2_error,
     compute_times_active_by_feature,
-    load_dictionary,
-    load_subset_indices,
-    make_feature_grid,
     make_unit_var,
     make_zero_mean,
-    save_dictionary,
 )
 
 
@@ -481,71 +475,3 @@ def test_metrics_on_hand_values():
     inputs = torch.tensor([[[[1.0, 2.0]]], [[[0.0, 0.0]]]])
     recons = torch.tensor([[[[0.0, 0.0]]], [[[0.0, 2.0]]]])
     assert compute_l2_error(inputs, recons).item() == pytest.approx((0.5 * 5 + 0.5 * 4) / 2)
-
-
-def test_feature_grid_layout():
-    weights = torch.randn(16, 3, 5, 5)
-    grid = make_feature_grid(weights)
-    # 4 x 4 tiles of 5 px with 2 px borders: 4 * (5 + 2) + 2 = 30
-    assert grid.shape == (30, 30, 3)
-    assert grid.min() >= 0 and grid.max() <= 1
-    assert make_feature_grid(torch.randn(9, 1, 3, 3)).shape == (17, 17, 3)
-
-
-# ---------------------------------------------------------------------------------------------
-# Saving and loading
-# ---------------------------------------------------------------------------------------------
-
-
-def test_save_and_load_round_trip(tmp_path):
-    lca = LCAConv2D(6, 3, kernel_size=5, stride=2, lambda_=0.3, tau=50, eta=0.02, lca_iters=7)
-    path = tmp_path / "dicts" / "dictionary.pt"
-    indices = torch.tensor([5, 1, 9], dtype=torch.int64)
-    save_dictionary(str(path), lca, subset_indices=indices)
-
-    weights, config = load_dictionary(str(path), expected_shape=(6, 3, 5, 5))
-    assert torch.equal(weights, lca.weights.detach())
-    assert config == {
-        "out_neurons": 6, "in_neurons": 3, "kernel_size": 5, "stride": 2, "lambda_": 0.3,
-        "tau": 50.0, "eta": 0.02, "lca_iters": 7, "pad": "same", "nonneg": True,
-        "transfer_func": "soft_threshold", "input_zero_mean": True, "input_unit_var": True,
-    }  # fmt: skip
-    assert torch.equal(load_subset_indices(str(path)), indices)
-    assert sorted(os.listdir(path.parent)) == ["dictionary.pt", "subset_indices.pt"]
-
-
-def test_load_errors_name_the_file_and_the_fix(tmp_path):
-    missing = tmp_path / "nothing.pt"
-    with pytest.raises(DictionaryError, match="run cifar_dictlearning.py first"):
-        load_dictionary(str(missing))
-    with pytest.raises(DictionaryError, match="subset_indices.pt"):
-        load_subset_indices(str(missing))
-
-    garbage = tmp_path / "garbage.pt"
-    garbage.write_bytes(b"this is not a torch file")
-    with pytest.raises(DictionaryError, match="garbage.pt"):
-        load_dictionary(str(garbage))
-
-    bare = tmp_path / "bare.pt"
-    torch.save(torch.zeros(2, 1, 3, 3), bare)
-    with pytest.raises(DictionaryError, match="does not hold a dictionary record"):
-        load_dictionary(str(bare))
-
-    lca = LCAConv2D(4, 1, kernel_size=3)
-    good = tmp_path / "good.pt"
-    save_dictionary(str(good), lca)
-    with pytest.raises(
-        DictionaryError, match=r"expected shape \(64, 3, 9, 9\), found \(4, 1, 3, 3\)"
-    ):
-        load_dictionary(str(good), expected_shape=(64, 3, 9, 9))
-
-
-class _NotAllowed:
-    pass
-
-
-def test_load_refuses_arbitrary_pickles(tmp_path):
-    path = tmp_path / "pickle.pt"
-    torch.save({"weights": _NotAllowed(), "config": {}}, path)
-    with pytest.raises(DictionaryError, match="could not be read"):
-        load_dictionary(str(path))

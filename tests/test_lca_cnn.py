@@ -4,8 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lca import LCAConv2D, save_dictionary
-from lca_utils_ep_fast import LCA_CNN, ep_training_indices
+from lca import LCAConv2D
+from lca_utils_ep_fast import LCA_CNN
+from runs import ep_training_indices, load_model_dictionary, save_dictionary
 from utils_ep_fast import EPConfig, make_optimizer, train_batch
 
 SMALL = dict(
@@ -102,7 +103,7 @@ def train_steps(model, steps=2, alg="EP"):
 def test_pretrained_dictionary_is_loaded_and_stays_fixed(tmp_path):
     path, saved = write_dictionary(tmp_path)
     model = small_model(dict_training="pretrained")
-    model.load_dictionary(path)
+    load_model_dictionary(model, path)
     assert torch.equal(model.lca.weights.detach(), saved)
     train_steps(model)
     assert torch.equal(model.lca.weights.detach(), saved)
@@ -111,7 +112,7 @@ def test_pretrained_dictionary_is_loaded_and_stays_fixed(tmp_path):
 def test_finetune_moves_dictionary_and_keeps_unit_norm(tmp_path):
     path, saved = write_dictionary(tmp_path)
     model = small_model(dict_training="finetune")
-    model.load_dictionary(path)
+    load_model_dictionary(model, path)
     encoding = train_steps(model)
     weights = model.lca.weights.detach()
     assert (weights - saved).abs().max() > 1e-4
@@ -127,7 +128,7 @@ def test_bptt_updates_the_dictionary_with_the_lca_rule(tmp_path, mode):
     path, _ = write_dictionary(tmp_path)
     model = small_model(dict_training=mode)
     if mode == "finetune":
-        model.load_dictionary(path)
+        load_model_dictionary(model, path)
     before = model.lca.get_weights()
     x, y = batch()
     expected = small_model(dict_training=mode)

@@ -47,7 +47,8 @@ def test_lca_front_end_with_pretrained_dictionary_learns_digits(tmp_path):
     the training images. LCACNN: code 16@8x8 -> copy layer -> conv 32@3x3 + maxpool -> softmax
     readout; feedback scale 0.01; EP on the other 70% as in the seed's pretrained runs."""
     import cifar_dictlearning
-    from lca_utils_ep_fast import LCA_CNN, ep_training_indices
+    from lca_utils_ep_fast import LCA_CNN
+    from runs import ep_training_indices, load_model_dictionary
 
     cifar_dictlearning.main(
         ["--task", "DIGITS", "--features", "16", "--kernel-size", "3", "--stride", "1",
@@ -84,7 +85,7 @@ def test_lca_front_end_with_pretrained_dictionary_learns_digits(tmp_path):
         scale_feedback=0.01,
         dict_training="pretrained",
     )
-    model.load_dictionary(dict_path)
+    load_model_dictionary(model, dict_path)
     optimizer = make_optimizer(model, "sgd", [0.2, 0.05], mmt=0.9)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, EPOCHS)
     cfg = EPConfig(alg="EP", T1=20, T2=5, betas=(0.0, 0.5), thirdphase=True)

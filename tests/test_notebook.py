@@ -17,8 +17,8 @@ from jupyter_client.manager import KernelManager
 from nbclient import NotebookClient
 
 import cifar_dictlearning
-import data_utils
 import main_fast
+import runs
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "eval_lcanet.ipynb"
@@ -73,7 +73,7 @@ def tiny_runs(tmp_path_factory) -> dict:
     assert main_fast.main(CNN_FLAGS + EP_FLAGS + where) == 0
     dict_path = ["--dict-path", str(dict_dir / "dictionary.pt")]
     assert main_fast.main(LCACNN_FLAGS + EP_FLAGS + where + dict_path) == 0
-    cnn, lcacnn = sorted(data_utils.find_runs(results), key=lambda run: "LCACNN" in str(run))
+    cnn, lcacnn = sorted(runs.find_runs(results), key=lambda run: "LCACNN" in str(run))
     return {"results": results, "cnn": cnn, "lcacnn": lcacnn}
 
 
@@ -145,11 +145,11 @@ def test_find_runs_lists_trained_run_folders_in_order(tmp_path):
     parent = tmp_path / "DIGITS" / "EP" / "CNN" / "none" / "2026-01-01"
     for name in ("run_10", "run_2", "run_1", "not_a_run"):
         (parent / name).mkdir(parents=True)
-        data_utils.append_results_row(parent / name, {"epoch": 1, "test_acc": 0.5})
+        runs.append_results_row(parent / name, {"epoch": 1, "test_acc": 0.5})
     (parent / "run_3").mkdir()  # a GDU check or a run stopped in its first epoch
-    runs = data_utils.find_runs(tmp_path)
-    assert runs == [parent / "run_1", parent / "run_2", parent / "run_10"]
-    assert data_utils.find_runs(tmp_path / "missing") == []
+    found = runs.find_runs(tmp_path)
+    assert found == [parent / "run_1", parent / "run_2", parent / "run_10"]
+    assert runs.find_runs(tmp_path / "missing") == []
 
 
 def test_notebook_on_cnn_and_finetune_runs(tiny_runs, tmp_path):
@@ -167,7 +167,7 @@ def test_notebook_on_cnn_and_finetune_runs(tiny_runs, tmp_path):
     table = {row["model"]: row for row in read_csv(figures / "runs.csv")}
     assert set(table) == {"CNN", "LCACNN"}
     for model, run_dir in (("CNN", tiny_runs["cnn"]), ("LCACNN", tiny_runs["lcacnn"])):
-        row, results = table[model], data_utils.read_results(run_dir)
+        row, results = table[model], runs.read_results(run_dir)
         assert Path(row["folder"]) == run_dir
         assert int(row["epochs"]) == len(results)
         assert float(row["best_test_acc"]) == max(r["test_acc"] for r in results)
