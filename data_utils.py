@@ -284,6 +284,16 @@ def _transforms(task: str, data_aug: bool) -> tuple[Callable, Callable]:
     return train, transforms.Compose(to_tensor)
 
 
+def input_normalization(task: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``(mean, std)`` per channel that the test transform of ``task`` applies to pixels in
+    [0, 1] (``(x - mean) / std``): CIFAR's for CIFAR10/100 and SVHN, ``(0, 1)`` for the others."""
+    name = canonical_task(task)
+    channels = task_info(name)[0]
+    if name in ("CIFAR10", "CIFAR100", "SVHN"):
+        return CIFAR_MEAN, CIFAR_STD
+    return (0.0,) * channels, (1.0,) * channels
+
+
 def _open_split(cls: type, root: Path, train: bool, transform: Callable, download: bool) -> Dataset:
     """One split of a torchvision dataset class; SVHN names its splits, the others use ``train``."""
     if issubclass(cls, tv_datasets.SVHN):
@@ -632,5 +642,61 @@ def plot_dictlearning_curves(rows: list[dict[str, float]], metrics: Sequence[str
         ax.set(xlabel="epoch", ylabel=name.replace("_", " "))
         ax.grid(True, alpha=0.4)
     fig.suptitle("LCA dictionary learning (dotted: lambda raised)")
+    fig.tight_layout()
+    return fig
+
+
+def plot_robustness(rows: list[dict]) -> Figure:
+    """The rows of ``robustness.csv``: accuracy against epsilon for every attack, norm and input
+    gradient (one panel per norm, the clean accuracy dotted), then accuracy per corruption and
+    severity (one line per severity, the mean over corruptions dashed) when there are any."""
+    attacked = [row for row in rows if row["norm"] in ("linf", "l2")]
+    corrupted = [row for row in rows if row["norm"] == "none" and row["attack"] != "clean"]
+    corrupted = [row for row in corrupted if row["attack"] != "corruption_mean"]
+    clean = [row["accuracy"] for row in rows if row["attack"] == "clean"]
+    norms = [norm for norm in ("linf", "l2") if any(row["norm"] == norm for row in attacked)]
+    panels = len(norms) + (1 if corrupted else 0)
+    fig = Figure(figsize=(6.5 * max(panels, 1), 4.5))
+    for i, norm in enumerate(norms):
+        ax = fig.add_subplot(1, max(panels, 1), i + 1)
+        curves = dict.fromkeys((row["attack"], row["gradient"]) for row in attacked)
+        for attack, gradient in curves:
+            points = sorted(
+                (row["epsilon"], row["accuracy"])
+                for row in attacked
+                if (row["norm"], row["attack"], row["gradient"]) == (norm, attack, gradient)
+            )
+            if points:
+                label = attack if gradient == "none" else f"{attack} ({gradient})"
+                ax.plot(*zip(*points, strict=True), marker="o", markersize=4, label=label)
+        if clean:
+            ax.axhline(clean[0], color="grey", linestyle=":", label="clean")
+        name = "L-inf" if norm == "linf" else "L2"
+        ax.set(title=f"{name} attacks", xlabel="epsilon", ylabel="accuracy", ylim=(-0.02, 1.02))
+        ax.grid(True, alpha=0.4)
+        ax.legend(fontsize=8)
+    if corrupted:
+        ax = fig.add_subplot(1, panels, panels)
+        names = list(dict.fromkeys(row["attack"] for row in corrupted))
+        for severity in sorted({int(row["severity"]) for row in corrupted}):
+            by_name = {
+                row["attack"]: row["accuracy"]
+                for row in corrupted
+                if int(row["severity"]) == severity
+            }
+            ax.plot(
+                range(len(names)),
+                [by_name.get(name, math.nan) for name in names],
+                marker="o",
+                markersize=3,
+                label=f"severity {severity}",
+            )
+        means = [row["accuracy"] for row in rows if row["attack"] == "corruption_mean"]
+        if means:
+            ax.axhline(means[0], color="black", linestyle="--", label="mean")
+        ax.set_xticks(range(len(names)), [n.replace("_", " ") for n in names], rotation=70)
+        ax.set(title="Corruptions", ylabel="accuracy", ylim=(-0.02, 1.02))
+        ax.grid(True, alpha=0.4)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     return fig

@@ -465,6 +465,28 @@ class EnergyNet(nn.Module):
             self.readout.weight.grad = (beta_1 * weight_1 - beta_2 * weight_2) * scale
             self.readout.bias.grad = (beta_1 * bias_1 - beta_2 * bias_2) * scale
 
+    @torch.no_grad()
+    def input_gradient_ep(
+        self, x: Tensor, y: Tensor, free: list[Tensor], T2: int, beta: float
+    ) -> Tensor:
+        """EP estimate of ``dL/dx`` per sample, (B, *x.shape[1:]), with no graph.
+
+        The fixed input enters ``Phi`` only through ``<F_0(x), s_1>``, so ``dPhi/dx = F_0^T(s_1)``
+        (the adjoint of link 0, with the max-pool positions of ``F_0(x)``). Treating ``x`` like a
+        parameter, EP gives ``dL/dx = -d/dbeta dPhi/dx (s^beta)`` at ``beta = 0``, estimated
+        symmetrically from two nudged phases of ``T2`` steps from the free states ``free``::
+
+            dL/dx ~ -(F_0^T(s_1^{+beta}) - F_0^T(s_1^{-beta})) / (2 beta)
+
+        ``L`` is the per-sample loss of ``loss``. For the LCA front end ``x`` is the LCA code.
+        """
+        plus = self(x, y, free, T2, beta=beta)
+        minus = self(x, y, free, T2, beta=-beta)
+        x = in_memory_format(x)
+        _, cache = self._link_forward(0, x)
+        difference = plus[0] - minus[0]
+        return self._link_adjoint(0, difference, cache, x.shape) / (-2.0 * beta)
+
     def _readout_loss_grads(self, neurons: list[Tensor], y: Tensor) -> tuple[Tensor, Tensor]:
         """Batch sums of ``dCE/dW_out = (softmax - onehot)^T s_L`` and ``dCE/db_out``."""
         last = neurons[-1].flatten(1)
