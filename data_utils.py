@@ -688,7 +688,8 @@ def plot_robustness(rows: list[dict]) -> Figure:
                 range(len(names)),
                 [by_name.get(name, math.nan) for name in names],
                 marker="o",
-                markersize=3,
+                markersize=4,
+                linestyle="none",
                 label=f"severity {severity}",
             )
         means = [row["accuracy"] for row in rows if row["attack"] == "corruption_mean"]
