@@ -18,6 +18,7 @@ from nbclient import NotebookClient
 
 import cifar_dictlearning
 import main_fast
+import robustness
 import runs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,6 +34,7 @@ LCA_FIGURES = {
     "reconstructions.png",
 }
 RUN_TABLES = {"runs.csv", "per_class_accuracy.csv"}
+ROBUSTNESS_FILES = {"robustness_comparison.png", "robustness_comparison.csv"}
 LCA_TABLES = {"dictionary_drift.csv"}
 
 EP_FLAGS = ["--task", "DIGITS", "--kernels", "3", "--strides", "1", "--paddings", "1",
@@ -44,6 +46,9 @@ LCACNN_FLAGS = ["--model", "LCACNN", "--channels", "8", "16", "--pools", "im", "
                 "--lca_feats", "8", "--lca_ksize", "3", "--lca_stride", "1", "--lca_iters", "10",
                 "--lca_tau", "5", "--lca_lambda", "0.1", "--lca_eta", "0.05",
                 "--dict_training", "finetune"]  # fmt: skip
+ROBUSTNESS_FLAGS = ["--device", "cpu", "--n-samples", "20", "--attacks", "corruptions", "pgd-linf",
+                    "square-linf", "--eps", "0", "0.1", "--steps", "2", "--queries", "3",
+                    "--corruptions", "fog", "--severities", "2"]  # fmt: skip
 
 
 def read_csv(path: Path) -> list[dict]:
@@ -59,7 +64,7 @@ def load(path: Path) -> dict:
 def tiny_runs(tmp_path_factory) -> dict:
     """A dictionary learnt by cifar_dictlearning.py on 80% of the digits, then two saved runs
     under one results folder: a CNN (2 epochs) and an LCACNN fine-tuning that dictionary on
-    the other 20% (1 epoch)."""
+    the other 20% (1 epoch), each evaluated by robustness.py."""
     root = tmp_path_factory.mktemp("tiny_runs")
     dict_dir = root / "dictionary"
     dictlearning = ["--task", "DIGITS", "--out-dir", str(dict_dir), "--features", "8",
@@ -74,6 +79,8 @@ def tiny_runs(tmp_path_factory) -> dict:
     dict_path = ["--dict-path", str(dict_dir / "dictionary.pt")]
     assert main_fast.main(LCACNN_FLAGS + EP_FLAGS + where + dict_path) == 0
     cnn, lcacnn = sorted(runs.find_runs(results), key=lambda run: "LCACNN" in str(run))
+    for run_dir in (cnn, lcacnn):
+        assert robustness.main(["--load-path", str(run_dir), *ROBUSTNESS_FLAGS]) == 0
     return {"results": results, "cnn": cnn, "lcacnn": lcacnn}
 
 
@@ -158,11 +165,30 @@ def test_notebook_on_cnn_and_finetune_runs(tiny_runs, tmp_path):
         tmp_path, eval_env(figures, EVAL_RESULTS_DIR=str(tiny_runs["results"]))
     )
 
-    expected = RUN_FIGURES | LCA_FIGURES
-    assert {p.name for p in figures.iterdir()} == expected | RUN_TABLES | LCA_TABLES
+    expected = RUN_FIGURES | LCA_FIGURES | {"robustness_comparison.png"}
+    assert {p.name for p in figures.iterdir()} == expected | RUN_TABLES | LCA_TABLES | {
+        "robustness_comparison.csv"
+    }
     for name in expected:
         assert (figures / name).read_bytes().startswith(PNG_MAGIC), name
     assert inline_images(notebook) == len(expected)
+
+    # Section 8: one row per run, read from its robustness.csv.
+    robust = read_csv(figures / "robustness_comparison.csv")
+    assert len(robust) == 2
+    for row, run_dir in zip(robust, (tiny_runs["cnn"], tiny_runs["lcacnn"]), strict=True):
+        saved = runs.read_csv_rows(run_dir / robustness.ROBUSTNESS_CSV)
+        by_attack = {(r["attack"], r["epsilon"], r["gradient"]): r["accuracy"] for r in saved}
+        assert float(row["clean"]) == pytest.approx(by_attack[("clean", 0.0, "none")])
+        assert float(row["pgd-linf eps 0.1 ep"]) == pytest.approx(
+            by_attack[("pgd-linf", 0.1, "ep")]
+        )
+        assert float(row["square-linf eps 0.1 none"]) == pytest.approx(
+            by_attack[("square-linf", 0.1, "none")]
+        )
+        assert float(row["corruption_mean"]) == pytest.approx(
+            by_attack[("corruption_mean", 0.0, "none")]
+        )
 
     table = {row["model"]: row for row in read_csv(figures / "runs.csv")}
     assert set(table) == {"CNN", "LCACNN"}
@@ -200,8 +226,8 @@ def test_notebook_with_only_cnn_runs(tiny_runs, tmp_path):
     figures = tmp_path / "figures"
     notebook = execute_notebook(tmp_path, eval_env(figures, EVAL_RUNS=str(tiny_runs["cnn"])))
 
-    assert {p.name for p in figures.iterdir()} == RUN_FIGURES | RUN_TABLES
-    assert inline_images(notebook) == len(RUN_FIGURES)
+    assert {p.name for p in figures.iterdir()} == RUN_FIGURES | RUN_TABLES | ROBUSTNESS_FILES
+    assert inline_images(notebook) == len(RUN_FIGURES) + 1
     (row,) = read_csv(figures / "runs.csv")
     assert row["model"] == "CNN" and Path(row["folder"]) == tiny_runs["cnn"]
     assert printed(notebook).count("No LCA runs") == 3  # sections 3, 4 and 5
@@ -216,3 +242,4 @@ def test_notebook_without_runs(tmp_path):
     assert list(figures.iterdir()) == []
     assert inline_images(notebook) == 0
     assert f"No runs found under {empty.resolve()}" in printed(notebook)
+    assert "No robustness.csv in these runs" in printed(notebook)

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from fake_datasets import write_fake_cifar10
 
 import main_fast
 import robustness
 import runs
-from fake_datasets import write_fake_cifar10
 from lca_utils_ep_fast import LCA_CNN
 from utils_ep_fast import P_CNN, P_MLP
 
@@ -190,8 +190,9 @@ def cifar_run(tmp_path: Path) -> Path:
     """A run folder holding an untrained CIFAR-10 RCNN's model.pt, reading ``tmp_path/data``."""
     run_dir = tmp_path / "run_1"
     run_dir.mkdir()
-    config = {"model": "CNN", "kwargs": {"in_size": 32, "in_channels": 3, "channels": [4],
-              "kernels": [5], "strides": [2], "paddings": [0], "pools": "m", "fc": [10]}}  # fmt: skip
+    kwargs = {"in_size": 32, "in_channels": 3, "channels": [4], "kernels": [5], "strides": [2],
+              "paddings": [0], "pools": "m", "fc": [10]}  # fmt: skip
+    config = {"model": "CNN", "kwargs": kwargs}
     args = argparse.Namespace(task="CIFAR10", T1=3, T2=2, data_dir=str(tmp_path / "data"))
     model = runs.build_model(config)
     runs.atomic_save(runs.model_record(model, config, 1, 0.1, args), run_dir / runs.BEST_MODEL)
