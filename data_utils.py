@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import argparse
 import math
 import pickle
 import sys
@@ -40,6 +41,13 @@ from torchvision.utils import make_grid
 
 class UsageError(Exception):
     """A problem the user can fix (bad flag, missing or corrupt file); the message says how."""
+
+
+class UsageArgumentParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are UsageErrors, reported like the rest (one line)."""
+
+    def error(self, message: str):
+        raise UsageError(message)
 
 
 def first_line(error: BaseException) -> str:

@@ -322,42 +322,43 @@ def generate_corruption(pixels: Tensor, name: str, severity: int, seed: int) -> 
 # --------------------------------------------------------------------------------------------
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):
-        raise UsageError(message)
+# (flag, argparse keywords); every flag also has its underscore spelling
+FLAGS: tuple[tuple[str, dict], ...] = (
+    ("--load-path", {"required": True, "help": "run folder (or model file) to evaluate"}),
+    ("--data-dir", {"default": None, "help": "datasets and CIFAR-10-C; default: the run's"}),
+    ("--no-download", {"action": "store_true", "help": "never download a missing dataset"}),
+    ("--n-samples", {"type": int, "default": 1000, "help": "test images (all if fewer)"}),
+    ("--mbs", {"type": int, "default": 100, "help": "images per batch of evaluation/attack"}),
+    ("--device", {"default": "0", "help": "GPU index (the CPU without CUDA) or 'cpu'"}),
+    ("--seed", {"type": int, "default": 0, "help": "seed of the test subset and the attacks"}),
+    ("--attacks", {"nargs": "+", "default": list(ATTACKS), "help": ", ".join(ATTACKS)}),
+    ("--gradients", {"nargs": "+", "default": list(GRADIENTS), "help": "bptt and/or ep"}),
+    ("--eps", {"type": float, "nargs": "+", "default": [0.0, 0.03, 0.1, 0.3],
+               "help": "L-inf epsilons (pixels in [0, 1])"}),
+    ("--eps-l2", {"type": float, "nargs": "+", "default": [0.0, 0.5, 1.0, 2.0],
+                  "help": "L2 epsilons"}),
+    ("--steps", {"type": int, "default": 10, "help": "iterations of PGD and APGD"}),
+    ("--queries", {"type": int, "default": 300, "help": "iterations of the Square attack"}),
+    ("--corruptions", {"nargs": "+", "default": list(CORRUPTIONS), "help": "their names"}),
+    ("--severities", {"type": int, "nargs": "+", "default": list(SEVERITIES), "help": "1-5"}),
+    ("--T1", {"type": int, "default": None, "help": "free-phase steps; default: the run's"}),
+    ("--T2", {"type": int, "default": None, "help": "EP nudged-phase steps; default: the run's"}),
+    ("--beta", {"type": float, "default": 0.01, "help": "nudging of the EP input gradient"}),
+    ("--grad-chunk", {"type": int, "default": 32, "help": "images per backpropagated chunk"}),
+)  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(
+    """The flags of ``FLAGS``; a bad one raises UsageError (one line) instead of exiting."""
+    parser = data_utils.UsageArgumentParser(
         prog="robustness.py",
         description="Accuracy of a saved run under corruptions and adversarial attacks.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         allow_abbrev=False,
     )
-
-    def add(name: str, **kwargs) -> None:
+    for name, keywords in FLAGS:
         dest = name[2:].replace("-", "_")
-        parser.add_argument(*data_utils.flag_spellings(name), dest=dest, **kwargs)
-
-    add("--load-path", required=True, help="run folder (or model file) to evaluate")
-    add("--data-dir", default=None, help="datasets and CIFAR-10-C; default: the run's")
-    add("--no-download", action="store_true", help="never download a missing dataset")
-    add("--n-samples", type=int, default=1000, help="test images evaluated (all if fewer)")
-    add("--mbs", type=int, default=100, help="images per batch of evaluation and attack")
-    add("--device", default="0", help="GPU index (the CPU when CUDA is absent) or 'cpu'")
-    add("--seed", type=int, default=0, help="seed of the test subset and of the attacks")
-    add("--attacks", nargs="+", default=list(ATTACKS), help=f"among {', '.join(ATTACKS)}")
-    add("--gradients", nargs="+", default=list(GRADIENTS), help="input gradients: bptt, ep")
-    add("--eps", type=float, nargs="+", default=[0.0, 0.03, 0.1, 0.3], help="L-inf epsilons")
-    add("--eps-l2", type=float, nargs="+", default=[0.0, 0.5, 1.0, 2.0], help="L2 epsilons")
-    add("--steps", type=int, default=10, help="iterations of PGD and APGD")
-    add("--queries", type=int, default=300, help="iterations (queries) of the Square attack")
-    add("--corruptions", nargs="+", default=list(CORRUPTIONS), help="corruption names")
-    add("--severities", type=int, nargs="+", default=list(SEVERITIES), help="1 to 5")
-    add("--T1", type=int, default=None, help="free-phase steps; default: the run's")
-    add("--T2", type=int, default=None, help="steps of each EP nudged phase; default: the run's")
-    add("--beta", type=float, default=0.01, help="nudging of the EP input gradient (+-beta)")
-    add("--grad-chunk", type=int, default=32, help="images per backpropagated chunk")
+        parser.add_argument(*data_utils.flag_spellings(name), dest=dest, **keywords)
     return parser
 
 
