@@ -396,7 +396,9 @@ def _check_names(flag: str, given: Sequence, known: Sequence) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def test_pixels(task: str, args, n_samples: int, seed: int) -> tuple[Tensor, Tensor, Tensor, int]:
+def sample_test_pixels(
+    task: str, args, n_samples: int, seed: int
+) -> tuple[Tensor, Tensor, Tensor, int]:
     """``n_samples`` test images drawn with ``seed`` (all if fewer): their indices (sorted),
     pixels (N, C, H, W) in [0, 1] (the normalisation undone), labels (N,), and the test-set
     size."""
@@ -476,7 +478,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     device = data_utils.resolve_device(args.device)
     model = runs.restore_model(record, device).eval()
     channels, height, width, classes = data_utils.task_info(task)
-    indices, pixels, labels, n_test = test_pixels(task, args, args.n_samples, args.seed)
+    indices, pixels, labels, n_test = sample_test_pixels(task, args, args.n_samples, args.seed)
     release = release_folder(task, args.data_dir) if "corruptions" in args.attacks else None
     released = {}
     if release is not None:  # read (and check) every file before anything is written

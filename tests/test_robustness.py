@@ -41,9 +41,9 @@ def digits_run(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def evaluated(digits_run) -> dict:
     """robustness.py run once on ``digits_run`` with every attack and two corruptions."""
-    argv = ["--load-path", str(digits_run), "--device", "cpu", "--n-samples", "120",
+    argv = ["--load-path", str(digits_run), "--device", "cpu", "--n-samples", "60",
             "--eps", *map(str, EPSILONS), "--eps-l2", "0", "2", "--steps", "5",
-            "--queries", "10", "--corruptions", "gaussian_noise", "contrast",
+            "--queries", "5", "--corruptions", "gaussian_noise", "contrast",
             "--severities", "1", "5"]  # fmt: skip
     assert robustness.main(argv) == 0
     rows = runs.read_csv_rows(digits_run / robustness.ROBUSTNESS_CSV)
@@ -87,7 +87,7 @@ def test_pgd_accuracy_falls_as_epsilon_grows(evaluated):
 def test_output_files(evaluated):
     run_dir, rows = evaluated["dir"], evaluated["rows"]
     assert list(rows[0]) == list(robustness.CSV_COLUMNS)
-    assert all(row["samples"] == 120 and row["seconds"] >= 0 for row in rows)
+    assert all(row["samples"] == 60 and row["seconds"] >= 0 for row in rows)
     corruptions = [row for row in rows if row["attack"] in ("gaussian_noise", "contrast")]
     assert sorted((row["attack"], row["severity"]) for row in corruptions) == [
         ("contrast", 1), ("contrast", 5), ("gaussian_noise", 1), ("gaussian_noise", 5)
