@@ -476,6 +476,8 @@ def run(args: argparse.Namespace) -> list[dict]:
     T1 = args.T1 or int(saved["T1"])
     T2 = args.T2 or int(saved["T2"])
     device = data_utils.resolve_device(args.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # ART puts its tensors on the current CUDA device
     model = runs.restore_model(record, device).eval()
     channels, height, width, classes = data_utils.task_info(task)
     indices, pixels, labels, n_test = sample_test_pixels(task, args, args.n_samples, args.seed)
