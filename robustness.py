@@ -344,7 +344,7 @@ FLAGS: tuple[tuple[str, dict], ...] = (
     ("--T1", {"type": int, "default": None, "help": "free-phase steps; default: the run's"}),
     ("--T2", {"type": int, "default": None, "help": "EP nudged-phase steps; default: the run's"}),
     ("--beta", {"type": float, "default": 0.01, "help": "nudging of the EP input gradient"}),
-    ("--grad-chunk", {"type": int, "default": 32, "help": "images per backpropagated chunk"}),
+    ("--grad-chunk", {"type": int, "default": 16, "help": "images per backpropagated chunk"}),
 )  # fmt: skip
 
 

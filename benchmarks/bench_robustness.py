@@ -9,7 +9,8 @@ and records ``tensor_peak``: the largest number of bytes held by the tensors cre
 the call, from PyTorch's profiler (as in bench_memory.py). Backpropagation keeps a graph whose
 size is ``batch * (a + b * T1)`` (``a``: the LCA loop's graph, ``b``: one step of the
 dynamics); ``a`` and ``b`` are fitted from two T1 at batch 2, and the table extrapolates them to
-a batch of 128 at T1 = 250, and to the chunks of 32 images robustness.py computes at a time.
+a batch of 128 at T1 = 250, and to chunks of 32 images (robustness.py computes 16 at a time
+by default, `--grad-chunk`).
 """
 
 from __future__ import annotations
