@@ -150,7 +150,7 @@ def test_ep_pixel_gradient_of_trained_cnn_and_lcacnn(digits_run):
     pixels = torch.rand(8, 1, 8, 8, dtype=torch.float64)
     labels = torch.arange(8) % 10
     for model in (trained, lca_model):
-        net = robustness.PixelClassifier(model, "DIGITS", T1=200, T2=100, beta=1e-3, chunk=3)
+        net = robustness.PixelClassifier(model, "DIGITS", T1=300, T2=150, beta=1e-3, chunk=3)
         net = net.double()
         through_dynamics = net.input_gradient(pixels, labels, "bptt")
         by_ep = net.input_gradient(pixels, labels, "ep")
