@@ -193,7 +193,9 @@ def cifar_run(tmp_path: Path) -> Path:
     kwargs = {"in_size": 32, "in_channels": 3, "channels": [4], "kernels": [5], "strides": [2],
               "paddings": [0], "pools": "m", "fc": [10]}  # fmt: skip
     config = {"model": "CNN", "kwargs": kwargs}
-    args = argparse.Namespace(task="CIFAR10", T1=3, T2=2, data_dir=str(tmp_path / "data"))
+    args = argparse.Namespace(
+        task="CIFAR10", model="CNN", T1=3, T2=2, data_dir=str(tmp_path / "data")
+    )
     model = runs.build_model(config)
     runs.atomic_save(runs.model_record(model, config, 1, 0.1, args), run_dir / runs.BEST_MODEL)
     write_fake_cifar10(tmp_path / "data", n_test=6)
