@@ -51,50 +51,42 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
 
-    def add(*names: str, dest: str, **kwargs) -> None:
+    def add(*names: str, **kwargs) -> None:
+        dest = names[0][2:].replace("-", "_")
         parser.add_argument(*data_utils.flag_spellings(*names), dest=dest, **kwargs)
 
-    add("--task", dest="task", default="CIFAR10", help=f"dataset, one of "
-        f"{', '.join(data_utils.TASKS)}")  # fmt: skip
-    add("--data-dir", dest="data_dir", default="./data", help="where the datasets are (or go)")
-    add(
-        "--out-dir", dest="out_dir", default=None, help="output folder; None: ./dictionaries/<task>"
-    )
-    add("--no-download", dest="no_download", action="store_true", help="never download the data")
-    add("--seed", dest="seed", type=int, default=0, help="seed of the subset, order and init")
-    add("--device", dest="device", default="auto", help="GPU index, cuda[:N], auto or cpu")
-    add("--num-workers", "--workers", dest="workers", type=int, default=0,
-        help="data loader worker processes")  # fmt: skip
-    add("--epochs", dest="epochs", type=int, default=35, help="passes over the subset")
-    add("--mbs", "--batch-size", dest="batch_size", type=int, default=200,
-        help="images per dictionary update")  # fmt: skip
-    add("--subset-fraction", dest="subset_fraction", type=float, default=0.5,
-        help="fraction of the training set drawn at random to learn on")  # fmt: skip
-    add("--max-batches", dest="max_batches", type=int, default=None,
-        help="stop each epoch after N batches")  # fmt: skip
-    add("--lca_feats", "--features", dest="features", type=int, default=64,
-        help="dictionary features")  # fmt: skip
-    add("--lca_ksize", "--kernel-size", dest="kernel_size", type=int, default=9,
-        help="feature size (odd)")  # fmt: skip
-    add("--lca_stride", "--stride", dest="stride", type=int, default=2, help="feature stride")
-    add("--lca_lambda", "--lambda", dest="lambda_", type=float, default=0.2,
-        help="LCA threshold of the first epoch")  # fmt: skip
-    add("--lambda-increment", dest="lambda_increment", type=float, default=0.1,
-        help="added to lambda every --lambda-every epochs")  # fmt: skip
-    add("--lambda-every", dest="lambda_every", type=int, default=None,
-        help="epochs between lambda raises; None means epochs // 7, 0 never")  # fmt: skip
-    add("--lca_iters", dest="lca_iters", type=int, default=600, help="LCA iterations per batch")
-    add("--lca_tau", "--tau", dest="tau", type=float, default=100.0, help="LCA time constant")
-    add("--lca_eta", "--eta", dest="eta", type=float, default=1e-2,
-        help="dictionary learning rate")  # fmt: skip
-    add("--d-update-clip", dest="d_update_clip", type=float, default=math.inf,
-        help="clip each dictionary update entry to +-this")  # fmt: skip
+    tasks = ", ".join(data_utils.TASKS)
+    add("--task", default="CIFAR10", help=f"dataset, one of {tasks}")
+    add("--data-dir", default="./data", help="where the datasets are (or go)")
+    add("--out-dir", default=None, help="output folder; None means ./dictionaries/<task>")
+    add("--no-download", action="store_true", help="never download the dataset")
+    add("--seed", type=int, default=0, help="seed of the subset, the order and the init")
+    add("--device", default="auto", help="GPU index, cuda[:N], auto or cpu")
+    add("--num-workers", "--workers", type=int, default=0, help="data loader worker processes")
+    add("--epochs", type=int, default=35, help="passes over the subset")
+    add("--mbs", "--batch-size", type=int, default=200, help="images per dictionary update")
+    add("--subset-fraction", type=float, default=0.5, help="fraction of the training set "
+        "drawn at random to learn on")  # fmt: skip
+    add("--max-batches", type=int, default=None, help="stop each epoch after N batches")
+    add("--lca_feats", "--features", type=int, default=64, help="dictionary features")
+    add("--lca_ksize", "--kernel-size", type=int, default=9, help="feature size (odd)")
+    add("--lca_stride", "--stride", type=int, default=2, help="feature stride")
+    add("--lca_lambda", "--lambda", type=float, default=0.2, help="LCA threshold, first epoch")
+    add("--lambda-increment", type=float, default=0.1, help="added to lambda every "
+        "--lambda-every epochs")  # fmt: skip
+    add("--lambda-every", type=int, default=None, help="epochs between lambda raises; None "
+        "means epochs // 7, 0 never")  # fmt: skip
+    add("--lca_iters", type=int, default=600, help="LCA iterations per batch")
+    add("--lca_tau", "--tau", type=float, default=100.0, help="LCA time constant")
+    add("--lca_eta", "--eta", type=float, default=1e-2, help="dictionary learning rate")
+    add("--d-update-clip", type=float, default=math.inf, help="clip each dictionary update "
+        "entry to +-this")  # fmt: skip
     return parser
 
 
 def check_args(args: argparse.Namespace) -> None:
     """UsageError for settings that cannot run."""
-    positive = ("epochs", "batch_size", "features", "kernel_size", "stride", "lca_iters")
+    positive = ("epochs", "mbs", "lca_feats", "lca_ksize", "lca_stride", "lca_iters")
     for name in positive:
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
@@ -102,10 +94,10 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError("--max-batches must be at least 1")
     if not 0.0 < args.subset_fraction <= 1.0:
         raise UsageError("--subset-fraction must be in (0, 1]")
-    if args.kernel_size % 2 == 0:
-        raise UsageError("--kernel-size must be odd (LCA uses 'same' padding)")
-    if args.tau <= 0 or args.eta < 0 or args.lambda_ < 0:
-        raise UsageError("--tau must be > 0, --eta and --lambda >= 0")
+    if args.lca_ksize % 2 == 0:
+        raise UsageError("--lca_ksize must be odd (LCA uses 'same' padding)")
+    if args.lca_tau <= 0 or args.lca_eta < 0 or args.lca_lambda < 0:
+        raise UsageError("--lca_tau must be > 0, --lca_eta and --lca_lambda >= 0")
     if args.lambda_every is not None and args.lambda_every < 0:
         raise UsageError("--lambda-every must be >= 0")
 
@@ -163,9 +155,9 @@ def run(args: argparse.Namespace) -> LCAConv2D:
     out_dir = args.out_dir or os.path.join("dictionaries", task)
     device = data_utils.resolve_device(args.device)
     every = args.epochs // 7 if args.lambda_every is None else args.lambda_every
-    if args.kernel_size > min(height, width):
+    if args.lca_ksize > min(height, width):
         print(
-            f"warning: {args.kernel_size}x{args.kernel_size} features are larger than the "
+            f"warning: {args.lca_ksize}x{args.lca_ksize} features are larger than the "
             f"{height}x{width} images of {task}",
             file=sys.stderr,
         )
@@ -174,18 +166,18 @@ def run(args: argparse.Namespace) -> LCAConv2D:
         task, args.data_dir, data_aug=False, download=not args.no_download
     )
     subset = draw_subset(len(train_set), args.subset_fraction, args.seed)
-    loader = make_loader(train_set, args.batch_size, shuffle=True, seed=args.seed,
-                         num_workers=args.workers, indices=subset)  # fmt: skip
+    loader = make_loader(train_set, args.mbs, shuffle=True, seed=args.seed,
+                         num_workers=args.num_workers, indices=subset)  # fmt: skip
 
     torch.manual_seed(args.seed)
     lca = LCAConv2D(
-        args.features,
+        args.lca_feats,
         in_channels,
-        kernel_size=args.kernel_size,
-        stride=args.stride,
-        lambda_=args.lambda_,
-        tau=args.tau,
-        eta=args.eta,
+        kernel_size=args.lca_ksize,
+        stride=args.lca_stride,
+        lambda_=args.lca_lambda,
+        tau=args.lca_tau,
+        eta=args.lca_eta,
         lca_iters=args.lca_iters,
         pad="same",
         return_vars=["inputs", "acts", "recons", "recon_errors"],
@@ -198,13 +190,13 @@ def run(args: argparse.Namespace) -> LCAConv2D:
     if os.path.exists(csv_path):  # the CSV holds this run's epochs only
         os.remove(csv_path)
     print(
-        f"{task}: learning {args.features} features of {in_channels}x{args.kernel_size}x"
-        f"{args.kernel_size} (stride {args.stride}) on {len(subset)} of {len(train_set)} "
+        f"{task}: learning {args.lca_feats} features of {in_channels}x{args.lca_ksize}x"
+        f"{args.lca_ksize} (stride {args.lca_stride}) on {len(subset)} of {len(train_set)} "
         f"training images, device {device}; writing to {out_dir}"
     )
     rows: list[dict[str, float]] = []
     for epoch in range(args.epochs):
-        lca.lambda_ = lambda_at_epoch(epoch, args.lambda_, args.lambda_increment, every)
+        lca.lambda_ = lambda_at_epoch(epoch, args.lca_lambda, args.lambda_increment, every)
         start = time.perf_counter()
         metrics = learn_one_epoch(lca, loader, device, args.max_batches,
                                   desc=f"epoch {epoch + 1}/{args.epochs}")  # fmt: skip

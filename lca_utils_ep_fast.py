@@ -46,28 +46,16 @@ class LCA_CNN(P_CNN):
         dict_training: ``pretrained``, ``finetune`` or ``learn``.
     """
 
+    # fmt: off
     def __init__(
         self,
-        in_size: int,
-        in_channels: int,
-        lca_feats: int,
-        lca_ksize: int,
-        lca_stride: int,
-        lca_lambda: float,
-        lca_tau: float,
-        lca_eta: float,
-        lca_iters: int,
-        channels: list[int],
-        kernels: list[int],
-        strides: list[int],
-        paddings: list[int],
-        pools: str,
-        fc: list[int],
-        activation: str = "my_hard_sig",
-        softmax: bool = False,
-        loss: str = "mse",
-        scale: float | None = None,
-        scale_feedback: float = 1.0,
+        in_size: int, in_channels: int,
+        lca_feats: int, lca_ksize: int, lca_stride: int,
+        lca_lambda: float, lca_tau: float, lca_eta: float, lca_iters: int,
+        channels: list[int], kernels: list[int], strides: list[int], paddings: list[int],
+        pools: str, fc: list[int],
+        activation: str = "my_hard_sig", softmax: bool = False, loss: str = "mse",
+        scale: float | None = None, scale_feedback: float = 1.0,
         dict_training: str = "pretrained",
     ) -> None:
         if dict_training not in DICT_MODES:
@@ -83,34 +71,17 @@ class LCA_CNN(P_CNN):
             )
         code_size = conv_output_size(in_size, lca_ksize, lca_stride, lca_ksize // 2)
         super().__init__(
-            code_size,
-            lca_feats,
-            list(channels[1:]),
-            kernels,
-            strides,
-            paddings,
-            pools[1:],
-            fc,
-            activation=activation,
-            softmax=softmax,
-            loss=loss,
-            scale=scale,
-            input_copy=True,
-            scale_feedback=scale_feedback,
+            code_size, lca_feats, list(channels[1:]), kernels, strides, paddings, pools[1:], fc,
+            activation=activation, softmax=softmax, loss=loss, scale=scale,
+            input_copy=True, scale_feedback=scale_feedback,
         )
         self.dict_training = dict_training
         self.lca = LCAConv2D(
-            lca_feats,
-            in_channels,
-            kernel_size=lca_ksize,
-            stride=lca_stride,
-            lambda_=lca_lambda,
-            tau=lca_tau,
-            eta=lca_eta,
-            lca_iters=lca_iters,
-            pad="same",
-            return_vars=["inputs", "acts", "recon_errors"],
+            lca_feats, in_channels, kernel_size=lca_ksize, stride=lca_stride,
+            lambda_=lca_lambda, tau=lca_tau, eta=lca_eta, lca_iters=lca_iters,
+            pad="same", return_vars=["inputs", "acts", "recon_errors"],
         )
+        # fmt: on
         # where the dictionary started: its drift is a metric of finetune/learn
         self.register_buffer("initial_dictionary", self.lca.weights.detach().clone())
 

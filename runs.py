@@ -38,6 +38,7 @@ import shlex
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
@@ -471,6 +472,11 @@ def ep_training_indices(num_train: int, dict_path: str | Path) -> Tensor:
 # --------------------------------------------------------------------------------------------
 
 SESSION_FLAGS = {"todo", "load_path"}
+# The flags that LCA_CNN takes under their own names, on top of the CNN's.
+LCA_ARGUMENTS = (
+    *("lca_feats", "lca_ksize", "lca_stride", "lca_lambda", "lca_tau", "lca_eta", "lca_iters"),
+    *("scale_feedback", "dict_training"),
+)
 
 
 def model_config_from_args(args: argparse.Namespace) -> dict:
@@ -496,17 +502,7 @@ def model_config_from_args(args: argparse.Namespace) -> dict:
         **common,
     }
     if args.model == "LCACNN":
-        kwargs.update(
-            lca_feats=args.lca_feats,
-            lca_ksize=args.lca_ksize,
-            lca_stride=args.lca_stride,
-            lca_lambda=args.lca_lambda,
-            lca_tau=args.lca_tau,
-            lca_eta=args.lca_eta,
-            lca_iters=args.lca_iters,
-            scale_feedback=args.scale_feedback,
-            dict_training=args.dict_training,
-        )
+        kwargs.update({name: getattr(args, name) for name in LCA_ARGUMENTS})
     return {"model": args.model, "kwargs": kwargs}
 
 
@@ -646,29 +642,27 @@ def reconstructions_figure(model: LCA_CNN, images: Tensor) -> Figure:
     return data_utils.plot_reconstructions(inputs, rows, n_images=RECON_IMAGES)
 
 
+@dataclass
 class RunRecorder:
     """Writes a run folder's per-epoch files; ``train`` calls it after every epoch.
 
-    Args:
-        run_dir: the run folder. model, model_config, optimizer, scheduler: what is trained.
-        train_loader: its generator's state goes into the checkpoint. probe: (images, labels)
-            of a fixed test batch for the figures. args: the run's arguments (a Namespace).
+    run_dir is the run folder; model, model_config, optimizer and scheduler what is trained;
+    the train_loader's generator state goes into the checkpoint; probe is (images, labels) of a
+    fixed test batch for the figures; args the run's arguments (a Namespace). history, the
+    best test accuracy and the epochs done carry over a resume.
     """
 
-    def __init__(
-        self, run_dir: Path, model, model_config, optimizer, scheduler, train_loader, probe, args
-    ):
-        self.run_dir = run_dir
-        self.model = model
-        self.model_config = model_config
-        self.optimizer = optimizer
-        self.scheduler = scheduler
-        self.train_loader = train_loader
-        self.probe = probe
-        self.args = args
-        self.history: list[dict] = []
-        self.best_test_acc = -1.0
-        self.epoch = 0
+    run_dir: Path
+    model: EnergyNet
+    model_config: dict
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    train_loader: torch.utils.data.DataLoader
+    probe: tuple[Tensor, Tensor]
+    args: argparse.Namespace
+    history: list[dict] = field(default_factory=list)
+    best_test_acc: float = -1.0
+    epoch: int = 0
 
     def resume_from(self, checkpoint: dict, command: list[str]) -> None:
         """Carry on the checkpointed run's records; note the resume in hyperparameters.txt."""
