@@ -697,7 +697,9 @@ class LCAConv2D(torch.nn.Module):
                 inputs = make_zero_mean(inputs)
             if self.input_unit_var:
                 inputs = make_unit_var(inputs)
-        outputs = self.encode(inputs, drive_scaling, initial_states)
+        # Pass on only what was given, so that code wrapping encode(inputs) keeps working.
+        given = {"drive_scaling": drive_scaling, "initial_states": initial_states}
+        outputs = self.encode(inputs, **{k: v for k, v in given.items() if v is not None})
         return outputs[0] if len(outputs) == 1 else outputs
 
     def extra_repr(self) -> str:
