@@ -251,6 +251,7 @@ class LCAConv2D(torch.nn.Module):
         inputs, recons, recon_errors: (N, C, H, W)
         input_drives, states, acts: (N, F, H_out, W_out), H_out = floor((H + 2p - kh) / sh) + 1
         weights: (F, C, kh, kw); conns: (F, F, 2 * (kh - 1) // sh + 1, 2 * (kw - 1) // sw + 1)
+        with return_all_ts, each returned variable gains a last axis of length lca_iters
     """
 
     def __init__(
