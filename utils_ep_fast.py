@@ -28,6 +28,11 @@ argmax positions of the current forward pass for ``m``, spread ``value / 4`` for
 
 written out explicitly as weight-gradient correlations. Tensor shapes: conv layers are
 ``(B, C, H, W)``, linear layers ``(B, N)``.
+
+Vector-field models (``vf_utils_ep_fast``) replace the feedback ``F_k^T`` by separate backward
+weights and the estimate by the reference's crossed layer-wise phis, through the link hooks
+``_link_forward``, ``_feedback_synapse`` and ``_write_link_estimate``; their equations are in
+that module's docstring.
 """
 
 from __future__ import annotations
@@ -256,6 +261,15 @@ class EnergyNet(nn.Module):
         """Extra per-batch metrics of ``encoding`` (e.g. LCA sparsity); none here."""
         return {}
 
+    def epoch_stats(self) -> dict[str, float]:
+        """Extra metrics of the weights after an epoch (e.g. forward/backward angles); none."""
+        return {}
+
+    def optimizer_groups(self) -> list[tuple[int, list[nn.Parameter]]]:
+        """The parameter sets the optimizer updates, each with the index of the ``lrs`` / ``wds``
+        entry it takes: synapse ``i`` takes entry ``i``."""
+        return [(i, list(synapse.parameters())) for i, synapse in enumerate(self.synapses)]
+
     def init_neurons(self, x: Tensor) -> list[Tensor]:
         """Zero states, one ``(B, *layer_shape)`` tensor per layer, on ``x``'s device and dtype."""
         batch = x.shape[0]
@@ -275,12 +289,17 @@ class EnergyNet(nn.Module):
         pooled, indices = pool_forward(z, self.pools[k])
         return pooled, (indices, z.shape)
 
+    def _feedback_synapse(self, k: int) -> nn.Module:
+        """The synapse whose transpose carries the feedback of link ``k``: its own one here."""
+        return self.synapses[self.link_synapse[k]]
+
     def _link_adjoint(self, k: int, above: Tensor, cache: tuple | None, below_shape) -> Tensor:
-        """``F_k^T(above)``: the feedback that layer ``k+1`` sends to the state below link ``k``."""
+        """``F_k^T(above)``: the feedback that layer ``k+1`` sends to the state below link ``k``,
+        through the weights of ``_feedback_synapse(k)`` and the pool indices of ``cache``."""
         kind = self.link_kinds[k]
         if kind == "copy":
             return above
-        synapse = self.synapses[self.link_synapse[k]]
+        synapse = self._feedback_synapse(k)
         if kind == "linear":
             return (above @ synapse.weight).view(below_shape)
         indices, z_size = cache
@@ -294,14 +313,18 @@ class EnergyNet(nn.Module):
             self.output_paddings[k],
         )
 
-    def _link_param_grads(self, k: int, below: Tensor, above: Tensor) -> tuple[Tensor, Tensor]:
+    def _link_param_grads(
+        self, k: int, below: Tensor, above: Tensor, synapse: nn.Module | None = None
+    ) -> tuple[Tensor, Tensor]:
         """``dPhi/dW_k`` and ``dPhi/db_k`` of ``<F_k(below), above>`` summed over the batch.
 
         conv: the correlation of ``below`` with ``P_k^T(above)`` (B, C_out, H, W), giving
         (C_out, C_in, k, k); linear: ``above^T flatten(below)``, giving (N_out, N_in).
-        Biases: ``P_k^T(above)`` (or ``above``) summed.
+        Biases: ``P_k^T(above)`` (or ``above``) summed. ``synapse`` (default: link ``k``'s own)
+        is the one ``F_k`` applies, whose pool indices ``P_k^T`` follows.
         """
-        synapse = self.synapses[self.link_synapse[k]]
+        if synapse is None:
+            synapse = self.synapses[self.link_synapse[k]]
         if self.link_kinds[k] == "linear":
             return above.t() @ below.flatten(1), above.sum(0)
         below = in_memory_format(below)  # the input x may come in NCHW
@@ -439,31 +462,46 @@ class EnergyNet(nn.Module):
         neurons_1: list[Tensor],
         neurons_2: list[Tensor],
         betas: tuple[float, float],
+        free: list[Tensor] | None = None,
     ) -> None:
         """Write ``d/dtheta [mean(Phi(s^2, b2) - Phi(s^1, b1)) / (b1 - b2)]`` into every ``.grad``.
 
         One-sided EP: ``s^1`` the free fixed point, ``betas = (0, beta)``; symmetric EP:
         ``s^1 = s^{-beta}``, ``betas = (-beta, beta)``. The readout (``softmax``) only appears in
         ``-beta L``: its estimate is ``(b2 dL(s^2) - b1 dL(s^1)) / (b2 - b1)`` with
-        ``dL/dW_out = (softmax - onehot)^T s_L``.
+        ``dL/dW_out = (softmax - onehot)^T s_L``. ``free`` (the free fixed point, default
+        ``s^1``) is not used here; the vector-field estimate crosses the nudged states with it.
         """
         beta_1, beta_2 = betas
         scale = 1.0 / ((beta_1 - beta_2) * x.shape[0])
-        below_1 = [x, *neurons_1[:-1]]
-        below_2 = [x, *neurons_2[:-1]]
+        layers_1 = [x, *neurons_1]
+        layers_2 = [x, *neurons_2]
+        anchor = layers_1 if free is None else [x, *free]
         for k in range(self.num_layers):
-            if self.link_kinds[k] == "copy":
-                continue
-            weight_2, bias_2 = self._link_param_grads(k, below_2[k], neurons_2[k])
-            weight_1, bias_1 = self._link_param_grads(k, below_1[k], neurons_1[k])
-            synapse = self.synapses[self.link_synapse[k]]
-            synapse.weight.grad = (weight_2 - weight_1) * scale
-            synapse.bias.grad = (bias_2 - bias_1) * scale
+            if self.link_kinds[k] != "copy":
+                self._write_link_estimate(k, layers_1, layers_2, anchor, scale)
         if self.softmax:
             weight_2, bias_2 = self._readout_loss_grads(neurons_2, y)
             weight_1, bias_1 = self._readout_loss_grads(neurons_1, y)
             self.readout.weight.grad = (beta_1 * weight_1 - beta_2 * weight_2) * scale
             self.readout.bias.grad = (beta_1 * bias_1 - beta_2 * bias_2) * scale
+
+    def _write_link_estimate(
+        self,
+        k: int,
+        layers_1: list[Tensor],
+        layers_2: list[Tensor],
+        anchor: list[Tensor],
+        scale: float,
+    ) -> None:
+        """Link ``k``'s share of ``compute_syn_grads``: ``scale (dPhi/dtheta_k(s^2) -
+        dPhi/dtheta_k(s^1))`` into its weight and bias ``.grad``; ``layers_i = [x, *s^i]``.
+        (``anchor``, ``[x, *free]``, is for the vector-field override.)"""
+        synapse = self.synapses[self.link_synapse[k]]
+        weight_2, bias_2 = self._link_param_grads(k, layers_2[k], layers_2[k + 1])
+        weight_1, bias_1 = self._link_param_grads(k, layers_1[k], layers_1[k + 1])
+        synapse.weight.grad = (weight_2 - weight_1) * scale
+        synapse.bias.grad = (bias_2 - bias_1) * scale
 
     def _readout_loss_grads(self, neurons: list[Tensor], y: Tensor) -> tuple[Tensor, Tensor]:
         """Batch sums of ``dCE/dW_out = (softmax - onehot)^T s_L`` and ``dCE/db_out``."""
@@ -599,7 +637,9 @@ def make_optimizer(
     wds: list[float] | None = None,
     mmt: float = 0.0,
 ) -> torch.optim.Optimizer:
-    """SGD (momentum ``mmt``) or Adam with one learning rate / weight decay per synapse."""
+    """SGD (momentum ``mmt``) or Adam with one learning rate / weight decay per synapse (the
+    groups of ``model.optimizer_groups``: a vector-field model's backward weights take the
+    rates of their forward synapse)."""
     synapses = list(model.synapses)
     if len(lrs) < len(synapses):
         raise ValueError(f"{len(synapses)} synapses need {len(synapses)} learning rates")
@@ -607,8 +647,8 @@ def make_optimizer(
     if len(wds) < len(synapses):
         raise ValueError(f"{len(synapses)} synapses need {len(synapses)} weight decays")
     groups = [
-        {"params": list(syn.parameters()), "lr": lrs[i], "weight_decay": wds[i]}
-        for i, syn in enumerate(synapses)
+        {"params": params, "lr": lrs[i], "weight_decay": wds[i]}
+        for i, params in model.optimizer_groups()
     ]
     if optim == "sgd":
         return torch.optim.SGD(groups, momentum=mmt)
@@ -684,9 +724,9 @@ def train_batch(
     nudged = model(code, y, free, cfg.T2, beta=beta_2)
     if cfg.thirdphase:
         nudged_negative = model(code, y, free, cfg.T2, beta=-beta_2)
-        model.compute_syn_grads(code, y, nudged_negative, nudged, (-beta_2, beta_2))
+        model.compute_syn_grads(code, y, nudged_negative, nudged, (-beta_2, beta_2), free)
     else:
-        model.compute_syn_grads(code, y, free, nudged, (beta_1, beta_2))
+        model.compute_syn_grads(code, y, free, nudged, (beta_1, beta_2), free)
     optimizer.step()
     model.after_update(encoding, nudged)
     return free, encoding
@@ -760,8 +800,8 @@ def train(
     on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
 ) -> list[dict[str, float]]:
     """Train from ``start_epoch`` to ``epochs``; after each epoch evaluate on ``test_loader`` with
-    T1 steps, step the scheduler and hand the metrics (``epoch`` counted from 1) to
-    ``on_epoch_end`` (which saves checkpoints and logs)."""
+    T1 steps, add the model's ``epoch_stats``, step the scheduler and hand the metrics (``epoch``
+    counted from 1) to ``on_epoch_end`` (which saves checkpoints and logs)."""
     history = []
     for epoch in range(start_epoch, epochs):
         started = time.time()
@@ -770,6 +810,7 @@ def train(
             model, optimizer, train_loader, cfg, device, f"epoch {epoch + 1}/{epochs}"
         )
         metrics["test_acc"] = evaluate(model, test_loader, cfg.T1, device, "test")
+        metrics.update(model.epoch_stats())
         if scheduler is not None:
             scheduler.step()
         metrics = {"epoch": epoch + 1, **metrics, "lr": lr, "seconds": time.time() - started}
@@ -819,9 +860,9 @@ def gdu_check(
         nudged = model(code, y, nudged, 1, beta=beta)
         if cfg.thirdphase:
             nudged_negative = model(code, y, nudged_negative, 1, beta=-beta)
-            model.compute_syn_grads(code, y, nudged_negative, nudged, (-beta, beta))
+            model.compute_syn_grads(code, y, nudged_negative, nudged, (-beta, beta), free)
         else:
-            model.compute_syn_grads(code, y, free, nudged, (0.0, beta))
+            model.compute_syn_grads(code, y, free, nudged, (0.0, beta), free)
         ep_steps.append(_snapshot_grads(model))
     bptt_steps: list[dict[str, Tensor]] = []
     for t in range(1, cfg.T2 + 1):
