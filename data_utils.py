@@ -466,6 +466,12 @@ _METRIC_PLOTS: tuple[tuple[str, str, str, Callable[[str], bool]], ...] = (
         lambda c: "recon_error" in c,
     ),
     ("dict_cosine.png", "Dictionary change", "cosine similarity", lambda c: "dict_cosine" in c),
+    (
+        "angles.png",
+        "Angle between forward and backward weights",
+        "angle (degrees)",
+        lambda c: c.startswith("angle_"),
+    ),
 )
 
 
@@ -477,8 +483,9 @@ def _series_label(column: str) -> str:
 def plot_metrics(rows: list[dict]) -> dict[str, Figure]:
     """Figures of a run's per-epoch ``rows`` (results.csv) against ``epoch`` (the row number
     without that column), by file name: ``accuracy.png`` (every ``*_acc`` column), and when such
-    columns exist ``sparsity.png`` (``*frac_active*``), ``recon_error.png`` (``*recon_error*``)
-    and ``dict_cosine.png`` (``*dict_cosine*``). None without rows."""
+    columns exist ``sparsity.png`` (``*frac_active*``), ``recon_error.png`` (``*recon_error*``),
+    ``dict_cosine.png`` (``*dict_cosine*``) and ``angles.png`` (``angle_*``, the vector-field
+    models' forward/backward weight angles). None without rows."""
     if not rows:
         return {}
     columns = list(rows[0])

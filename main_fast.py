@@ -8,7 +8,8 @@
 This file parses and checks the flags, then dispatches: it builds the datasets, the model
 (``P_CNN``, ``LCA_CNN`` or ``P_MLP``), the optimizer and the scheduler, and hands them to the
 engine (``utils_ep_fast``) and to ``runs`` (the run folder). Every flag accepts its dash and
-underscore spellings.
+underscore spellings. ``VFCNN``, ``VFMLP`` and ``LCACNN --vf`` are the vector-field versions
+(``vf_utils_ep_fast``).
 
 With ``--save`` a run writes a run folder (``runs.py`` describes its files and owns its
 lifecycle: records, checkpoints, per-epoch files, resume).
@@ -45,7 +46,9 @@ from utils_ep_fast import (
     train,
 )
 
-MODELS = tuple(runs.MODEL_CLASSES)
+# --model choices; --model LCACNN --vf builds the model_config name VFLCACNN
+MODELS = tuple(name for name in runs.MODEL_CLASSES if name != "VFLCACNN")
+VF_MODELS = ("VFCNN", "VFMLP")
 TODOS = ("train", "evaluate", "gducheck")
 PROBE_IMAGES = 32
 
@@ -115,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--lca_ksize", type=int, default=9, help="LCA feature size (odd)")
     add("--scale_feedback", type=float, default=0.01, help="feedback scale into the LCA copy")
     add("--dict_training", choices=("", *DICT_MODES), default="", help="LCA dictionary mode")
+    add("--vf", action="store_true", help="LCACNN with separate backward weights")
+    add("--same-update", action="store_true", help="VF models: average forward/backward updates")
     add("--epochs", type=int, default=1, help="epochs to train (in total, when resuming)")
     add("--mbs", type=int, default=20, help="minibatch size")
     add("--device", default="0", help="GPU index (the CPU when CUDA is absent) or 'cpu'")
@@ -189,7 +194,8 @@ def check_args(args: argparse.Namespace) -> None:
     if args.model != "LCACNN" and args.dict_training:
         warn(f"--dict_training {args.dict_training} ignored: only LCACNN has a dictionary")
         args.dict_training = ""
-    if args.model == "MLP":
+    check_vector_field(args)
+    if args.model in ("MLP", "VFMLP"):
         if args.archi is None:
             args.archi = [in_channels * height * width, 512, classes]
         check_positive(args, ("archi",))
@@ -212,6 +218,17 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError("--lrs, --wds and --mmt must be finite and not negative")
     if args.dict_path is None:
         args.dict_path = str(Path("dictionaries") / args.task / "dictionary.pt")
+
+
+def check_vector_field(args: argparse.Namespace) -> None:
+    """``--vf`` only with LCACNN; ``--same-update`` only with a vector-field model."""
+    if args.vf and args.model != "LCACNN":
+        raise UsageError(
+            f"--vf makes LCACNN a vector-field model; for {args.model} use --model VFCNN or VFMLP"
+        )
+    if args.same_update and not (args.vf or args.model in VF_MODELS):
+        warn("--same-update ignored: only vector-field models (VFCNN, VFMLP, --vf) have it")
+        args.same_update = False
 
 
 def check_betas(args: argparse.Namespace) -> None:

@@ -12,7 +12,7 @@ One run of ``main_fast.py --save`` lives in
     model.pt              the epoch with the best test accuracy; final_model.pt the last one;
                           interrupted.pt the weights at a Ctrl-C
 
-Checkpoint: ``model_config`` ({"model": "CNN" | "LCACNN" | "MLP", "kwargs": constructor
+Checkpoint: ``model_config`` ({"model": a name of ``MODEL_CLASSES``, "kwargs": constructor
 arguments}), ``model_state``, ``optimizer_state``, ``scheduler_state`` (or None), ``epoch``
 (epochs done), ``rng_state`` ({"global": ``get_rng_state()``, "train_loader": the loader
 generator's state or None}), ``history`` (the results.csv rows), ``best_test_acc`` and ``args``
@@ -52,6 +52,7 @@ from data_utils import UsageError, first_line, warn
 from lca import LCAConv2D
 from lca_utils_ep_fast import LCA_CNN
 from utils_ep_fast import P_CNN, P_MLP, DivergenceError, EnergyNet, check_finite, settle
+from vf_utils_ep_fast import VF_CNN, VF_LCA_CNN, VF_MLP
 
 CHECKPOINT = "checkpoint.pt"
 BEST_MODEL = "model.pt"
@@ -60,7 +61,15 @@ INTERRUPTED = "interrupted.pt"
 RESULTS_CSV = "results.csv"
 HYPERPARAMETERS_TXT = "hyperparameters.txt"
 SUBSET_FILENAME = "subset_indices.pt"
-MODEL_CLASSES: dict[str, type[EnergyNet]] = {"CNN": P_CNN, "LCACNN": LCA_CNN, "MLP": P_MLP}
+# The --model names, and VFLCACNN for --model LCACNN --vf (vector-field models: VF*)
+MODEL_CLASSES: dict[str, type[EnergyNet]] = {
+    "CNN": P_CNN,
+    "LCACNN": LCA_CNN,
+    "MLP": P_MLP,
+    "VFCNN": VF_CNN,
+    "VFMLP": VF_MLP,
+    "VFLCACNN": VF_LCA_CNN,
+}
 MODEL_KEYS = ("model_config", "model_state", "epoch", "test_acc", "args")
 CHECKPOINT_KEYS = ("model_config", "model_state", "optimizer_state", "epoch", "rng_state", "args")
 RECON_IMAGES = 8
@@ -488,8 +497,11 @@ def model_config_from_args(args: argparse.Namespace) -> dict:
         "loss": args.loss,
         "scale": args.scale,
     }
-    if args.model == "MLP":
-        return {"model": "MLP", "kwargs": {"archi": list(args.archi), **common}}
+    name = "VFLCACNN" if args.model == "LCACNN" and args.vf else args.model
+    if name.startswith("VF"):
+        common["same_update"] = args.same_update
+    if args.model in ("MLP", "VFMLP"):
+        return {"model": name, "kwargs": {"archi": list(args.archi), **common}}
     kwargs = {
         "in_size": height,
         "in_channels": in_channels,
@@ -503,7 +515,7 @@ def model_config_from_args(args: argparse.Namespace) -> dict:
     }
     if args.model == "LCACNN":
         kwargs.update({name: getattr(args, name) for name in LCA_ARGUMENTS})
-    return {"model": args.model, "kwargs": kwargs}
+    return {"model": name, "kwargs": kwargs}
 
 
 def saved_args(
