@@ -329,9 +329,10 @@ def test_cli_vfmlp_logs_and_plots_angles_and_resumes(tmp_path, capsys):
 def test_cli_vf_flag_checks(capsys):
     assert main_fast.main(["--model", "CNN", "--vf", "--lrs", "0.1", "0.1", "0.1"]) == 2
     assert "use --model VFCNN or VFMLP" in capsys.readouterr().err
-    args, _ = main_fast.parse_args(["--model", "LCACNN", "--vf", "--same-update",
-                                    "--dict_training", "learn", "--channels", "64", "8",
-                                    "--kernels", "3", "--pools", "im", "--lrs", "1", "1"])  # fmt: skip
+    argv = ["--model", "LCACNN", "--vf", "--same-update", "--dict_training", "learn",
+            "--channels", "64", "8", "--kernels", "3", "--pools", "im",
+            "--lrs", "1", "1"]  # fmt: skip
+    args, _ = main_fast.parse_args(argv)
     main_fast.check_args(args)
     config = main_fast.model_config_from_args(args)
     assert config["model"] == "VFLCACNN" and config["kwargs"]["same_update"] is True
