@@ -157,16 +157,9 @@ class VectorField:
             cache = (indices, cache[1])
         return drive, cache
 
-    def _write_link_estimate(
-        self,
-        k: int,
-        layers_1: list[Tensor],
-        layers_2: list[Tensor],
-        anchor: list[Tensor],
-        scale: float,
-    ) -> None:
+    def _write_link_estimate(self, k, layers_1, layers_2, anchor, scale) -> None:
         """Link ``k``'s forward and backward estimates (module docstring), averaged with
-        ``same_update``."""
+        ``same_update``; the arguments are the engine's."""
         synapse = self.synapses[self.link_synapse[k]]
         if self.same_update:
             super()._write_link_estimate(k, layers_1, layers_2, anchor, scale)
