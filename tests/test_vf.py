@@ -12,6 +12,7 @@ from test_engine import ARCHITECTURES, MLPS, build, random_case
 from test_lca_cnn import SMALL, batch
 
 import main_fast
+import runs
 from utils_ep_fast import EPConfig, make_optimizer, train_batch
 from vf_utils_ep_fast import VF_CNN, VF_LCA_CNN, VF_MLP
 
@@ -334,6 +335,6 @@ def test_cli_vf_flag_checks(capsys):
             "--lrs", "1", "1"]  # fmt: skip
     args, _ = main_fast.parse_args(argv)
     main_fast.check_args(args)
-    config = main_fast.model_config_from_args(args)
+    config = runs.model_config_from_args(args)
     assert config["model"] == "VFLCACNN" and config["kwargs"]["same_update"] is True
-    assert isinstance(main_fast.build_model(config), VF_LCA_CNN)
+    assert isinstance(runs.build_model(config), VF_LCA_CNN)
