@@ -4,6 +4,8 @@ optimizer's rates for backward weights, BPTT through them, the LCA front end and
 
 import copy
 import csv
+import shlex
+from pathlib import Path
 
 import pytest
 import torch
@@ -338,3 +340,22 @@ def test_cli_vf_flag_checks(capsys):
     config = runs.model_config_from_args(args)
     assert config["model"] == "VFLCACNN" and config["kwargs"]["same_update"] is True
     assert isinstance(runs.build_model(config), VF_LCA_CNN)
+
+
+@pytest.mark.parametrize(
+    "script,same_update",
+    [("vfcnn_cifar10.sh", False), ("vfcnn_cifar10_same_update.sh", True)],
+)
+def test_run_scripts_build_laborieux_vfcnn(script, same_update):
+    """The reference's VFCNN CIFAR-10 commands: 4 convs, backward weights on the 3 non-input
+    convs, the same update only where asked."""
+    text = (Path(__file__).resolve().parents[1] / "run" / script).read_text()
+    (command,) = [line for line in text.splitlines() if line.startswith("python main_fast.py")]
+    args, _ = main_fast.parse_args(shlex.split(command)[2:-1])
+    main_fast.check_args(args)
+    config = runs.model_config_from_args(args)
+    assert (config["model"], config["kwargs"]["same_update"]) == ("VFCNN", same_update)
+    model = runs.build_model(config)
+    assert [b.weight.shape for b in model.backward_synapses] == [
+        model.synapses[i].weight.shape for i in (1, 2, 3)
+    ]
