@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The digits figures of the README, offline on the CPU: EP vs BPTT on a small RCNN, a longer
-# augmented EP run, and the LCACNN with a pretrained, fine-tuned and learned dictionary.
+# The digits figures of the README, offline on the CPU: EP vs BPTT on a small RCNN, its
+# vector-field version with and without the same update, a longer augmented EP run, and the LCACNN with a pretrained, fine-tuned and learned dictionary.
 # Everything goes to results/digits_experiments (or $OUT); a summary table ends the run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,6 +23,9 @@ mkdir -p "$OUT"
 SMALL=(--channels 16 32 --lrs 0.05 0.03 0.02 --mbs 16 --epochs 15)
 run "RCNN 16-32, EP" "${RCNN[@]}" "${SMALL[@]}" --alg EP
 run "RCNN 16-32, BPTT" "${RCNN[@]}" "${SMALL[@]}" --alg BPTT
+VFCNN=(--model VFCNN "${RCNN[@]:2}")
+run "VFCNN 16-32, EP" "${VFCNN[@]}" "${SMALL[@]}" --alg EP
+run "VFCNN 16-32, EP, same update" "${VFCNN[@]}" "${SMALL[@]}" --alg EP --same-update
 run "RCNN 32-64, EP, augmented, 30 epochs" "${RCNN[@]}" --channels 32 64 --lrs 0.1 0.05 0.02 \
     --mbs 32 --epochs 30 --data-aug --lr-decay --alg EP
 

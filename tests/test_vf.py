@@ -12,10 +12,11 @@ import torch
 import torch.nn.functional as F
 from test_engine import ARCHITECTURES, MLPS, build, random_case
 from test_lca_cnn import SMALL, batch
+from test_learning import digits_loaders
 
 import main_fast
 import runs
-from utils_ep_fast import EPConfig, make_optimizer, train_batch
+from utils_ep_fast import EPConfig, make_optimizer, train, train_batch
 from vf_utils_ep_fast import VF_CNN, VF_LCA_CNN, VF_MLP
 
 CASES = ARCHITECTURES + MLPS
@@ -281,6 +282,24 @@ def test_scale_multiplies_backward_init():
         assert a.bias is None and a.weight.shape == b.weight.shape
         bound = 1 / a.weight.shape[1] ** 0.5  # PyTorch's default init: U(-bound, bound)
         assert a.weight.abs().max() > 0.5 * bound >= b.weight.abs().max()
+
+
+def test_vfcnn_with_same_update_learns_digits():
+    """8x8x1 -> conv 16@3x3 + maxpool -> conv 32@3x3 + maxpool (its own backward weights) ->
+    softmax readout; my_hard_sig, T1 = 20, T2 = 5, beta = 0.5 with a third phase, SGD momentum
+    0.9, lrs 0.1 0.05 0.02 with cosine decay over 10 epochs, batch 16. Measured: 94.2%, 95.0%,
+    94.2% for seeds 0, 1, 2; the angle falls from about 90 to 30 degrees."""
+    torch.manual_seed(0)
+    train_loader, test_loader = digits_loaders()
+    model = VF_CNN(8, 1, [16, 32], [3, 3], [1, 1], [1, 1], "mm", [10], activation="my_hard_sig",
+                   softmax=True, loss="cel", same_update=True)  # fmt: skip
+    optimizer = make_optimizer(model, "sgd", [0.1, 0.05, 0.02], mmt=0.9)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, 10)
+    cfg = EPConfig(T1=20, T2=5, betas=(0.0, 0.5), thirdphase=True)
+    start_angle = model.backward_angles()["angle_syn1"]
+    history = train(model, optimizer, train_loader, test_loader, cfg, 10, scheduler=scheduler)
+    assert history[-1]["test_acc"] >= 0.93, [round(m["test_acc"], 3) for m in history]
+    assert history[-1]["angle_syn1"] < 45 < start_angle - 30
 
 
 # ---- LCA front end ----------------------------------------------------------------------------
