@@ -497,11 +497,11 @@ def model_config_from_args(args: argparse.Namespace) -> dict:
         "loss": args.loss,
         "scale": args.scale,
     }
-    name = "VFLCACNN" if args.model == "LCACNN" and args.vf else args.model
-    if name.startswith("VF"):
+    model_name = "VFLCACNN" if args.model == "LCACNN" and args.vf else args.model
+    if model_name.startswith("VF"):
         common["same_update"] = args.same_update
     if args.model in ("MLP", "VFMLP"):
-        return {"model": name, "kwargs": {"archi": list(args.archi), **common}}
+        return {"model": model_name, "kwargs": {"archi": list(args.archi), **common}}
     kwargs = {
         "in_size": height,
         "in_channels": in_channels,
@@ -515,7 +515,7 @@ def model_config_from_args(args: argparse.Namespace) -> dict:
     }
     if args.model == "LCACNN":
         kwargs.update({name: getattr(args, name) for name in LCA_ARGUMENTS})
-    return {"model": name, "kwargs": kwargs}
+    return {"model": model_name, "kwargs": kwargs}
 
 
 def saved_args(
