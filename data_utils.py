@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import math
+import os
 import pickle
 import signal
 import sys
@@ -416,6 +417,8 @@ def _extract_tar(archive: Path, destination: Path) -> None:
         members = tar.getmembers()
         for member in members:
             try:
+                if os.path.isabs(member.name):  # the filter would only strip the leading /
+                    raise tarfile.AbsolutePathError(member)
                 tarfile.data_filter(member, str(destination))
             except tarfile.FilterError as error:
                 raise UsageError(

@@ -693,7 +693,10 @@ def new_run_dir(args: argparse.Namespace) -> Path:
 
 def build_model(model_config: dict) -> EnergyNet:
     """The network described by ``model_config`` ({"model": name, "kwargs": arguments})."""
-    return MODEL_CLASSES[model_config["model"]](**model_config["kwargs"])
+    try:
+        return MODEL_CLASSES[model_config["model"]](**model_config["kwargs"])
+    except TypeError as error:  # arguments the class does not take: a damaged record
+        raise UsageError(f"the saved model does not rebuild: {first_line(error)}") from error
 
 
 def model_record(model: EnergyNet, model_config: dict, epoch: int, test_acc, args) -> dict:
