@@ -437,13 +437,15 @@ def load_checkpoint(
             f"{typed.load_path} already has {checkpoint['epoch']} epochs; pass --epochs N "
             f"with N > {checkpoint['epoch']} to train further"
         )
-    changed = sorted({"lrs", "wds"} & explicit)
+    changed = []
     n_synapses = len(checkpoint["optimizer_state"]["param_groups"])
-    for name in changed:
+    for name in sorted({"lrs", "wds"} & explicit):
         values = fit_list(name, getattr(args, name), n_synapses, f"one per synapse, {n_synapses}")
         setattr(args, name, values)
-        print(f"notice: --{name} {' '.join(map(str, values))} replaces the saved values from "
-              f"epoch {checkpoint['epoch']} on")  # fmt: skip
+        if values != checkpoint["args"].get(name):  # a requeued command line changes nothing
+            changed.append(name)
+            print(f"notice: --{name} {' '.join(map(str, values))} replaces the saved values "
+                  f"from epoch {checkpoint['epoch']} on")  # fmt: skip
     data_utils.check_numbers(args, {name: FLOAT_RANGES[name] for name in changed})
     return args, checkpoint, changed
 

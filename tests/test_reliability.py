@@ -23,7 +23,7 @@ import pytest
 import torch
 import torchvision.datasets.cifar as tv_cifar
 from fake_datasets import write_fake_cifar10
-from test_cli_errors import DIGITS_CNN, LCACNN, run_dir_of, run_failing
+from test_cli_errors import DIGITS_CNN, LCACNN, fail_in_epoch, run_dir_of, run_failing
 
 import cifar_dictlearning
 import data_utils
@@ -118,6 +118,23 @@ def test_ctrl_c_while_the_libraries_load_exits_130_without_traceback():
     finally:
         child.kill()
     assert child.returncode == 130 and "Traceback" not in err, err
+
+
+def test_one_command_line_starts_and_after_a_preemption_resumes(tmp_path, monkeypatch, capsys):
+    def preempt(model):
+        raise data_utils.Terminated
+
+    run_dir = tmp_path / "job"
+    argv = DIGITS_CNN + ["--mbs", "1437", "--epochs", "3", "--save", "--load-path", str(run_dir)]
+    fail_in_epoch(monkeypatch, 2, preempt)
+    assert main_fast.main(argv) == 143
+    assert torch.load(run_dir / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert main_fast.main(argv) == 0  # the requeued job: the same line
+    out, err = capsys.readouterr()
+    assert "ignored" not in err and "notice: --lrs" not in out
+    assert [row["epoch"] for row in runs.read_results(run_dir)] == [1, 2, 3]
 
 
 # --------------------------------------------------------------- 3. one writer per run folder
