@@ -259,6 +259,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return fail(str(error), data_utils.EXIT_USAGE)
     except runs.FolderBusyError as error:
         return fail(str(error), data_utils.EXIT_BUSY)
+    except data_utils.StorageError as error:
+        return fail(str(error), data_utils.EXIT_STORAGE)
     except OSError as error:
         fix = "free space or pass a writable --out-dir; the dictionary of the last epoch is kept"
         return fail(data_utils.storage_message(error, fix), data_utils.EXIT_STORAGE)

@@ -187,10 +187,15 @@ def is_unstarted(folder: str | Path) -> bool:
 
 def check_writable(folder: str | Path, flag: str) -> None:
     """Create ``folder`` (and its parents) and a probe file in it, before any long work, so
-    that an unwritable ``--flag`` folder fails at once (OSError) rather than after it."""
-    Path(folder).mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryFile(dir=folder, prefix=".probe."):
-        pass
+    that an unwritable ``--flag`` folder fails at once (StorageError) rather than after it."""
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder, prefix=".probe."):
+            pass
+    except OSError as error:
+        raise data_utils.StorageError(
+            data_utils.storage_message(error, f"pass a writable --{flag} (here {folder})")
+        ) from error
 
 
 def _process_alive(pid: int) -> bool:
@@ -239,7 +244,8 @@ class FolderLock:
         if previous:
             warn(f"took over the lock of {self.folder} left by process {' on '.join(previous[:2])}")
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
         for leftover in remove_temp_files(self.folder):
             print(f"notice: removed {leftover.name}, left by an interrupted write")
         return self

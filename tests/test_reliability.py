@@ -59,7 +59,8 @@ def one_error_line(err: str) -> str:
     """The error message that ends ``err`` (after any progress bars), asserting that it is
     one ``error:`` line and the only one."""
     lines = err.strip().splitlines()
-    assert lines[-1].startswith("error: ") and err.count("error: ") == 1, err
+    assert lines[-1].startswith(("error: ", "cifar_dictlearning.py: error: ")), err
+    assert err.count("error: ") == 1, err
     return lines[-1]
 
 
@@ -193,7 +194,9 @@ def test_unwritable_results_dir_fails_at_once_with_status_74(tmp_path, monkeypat
         line = one_error_line(run_failing(argv, capsys, status=74))
         assert f"cannot write or read a file ({folder / 'r'})" in line
         argv = DIGITS_CNN + ["--save", "--results-dir", str(folder)]
-        assert str(folder) in one_error_line(run_failing(argv, capsys, status=74))
+        assert "pass a writable --results-dir" in one_error_line(run_failing(argv, capsys, 74))
+        assert cifar_dictlearning.main(["--task", "DIGITS", "--out-dir", str(folder)]) == 74
+        assert "pass a writable --out-dir" in one_error_line(capsys.readouterr().err)
     finally:
         subprocess.run(["umount", str(folder)], capture_output=True)
 
