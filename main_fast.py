@@ -396,8 +396,7 @@ def run_train(args: argparse.Namespace, explicit: set[str], argv: list[str]) -> 
         if checkpoint:
             runs.restore_training_state(checkpoint, model, optimizer, scheduler)
             if changed:
-                n = len(optimizer.param_groups)
-                runs.override_rates(optimizer, scheduler, args.lrs, args.wds or [0.0] * n)
+                runs.override_rates(optimizer, scheduler, args.lrs, args.wds)
         else:
             load_pretrained_dictionary(model, args)
         data = build_data(args, train_aug=args.data_aug, shuffle=True, record=checkpoint)
@@ -406,19 +405,12 @@ def run_train(args: argparse.Namespace, explicit: set[str], argv: list[str]) -> 
             runs.restore_rng(checkpoint, data.train_loader)
         recorder = None
         if args.save:  # nothing was written before this point
-            if run_dir is None:
-                run_dir = runs.new_run_dir(args)
-                held.enter_context(runs.FolderLock(run_dir))
             parts = model, model_config, optimizer, scheduler, data.train_loader, data.probe
-            recorder = runs.RunRecorder(run_dir, *parts, args)
             command = ["python", "main_fast.py", *argv]
-            if checkpoint:
-                recorder.resume_from(checkpoint, command, changed)
-            else:
-                recorder.start(command)
-            print(f"run folder: {run_dir}")
-        loaders = data.train_loader, data.test_loader
-        config = ep_config(args)
+            recorder = runs.start_recording(
+                held, run_dir, parts, args, command, checkpoint, changed
+            )
+        loaders, config = (data.train_loader, data.test_loader), ep_config(args)
         return runs.train_run(
             model, optimizer, scheduler, loaders, config, device, start_epoch, recorder, args
         )

@@ -33,6 +33,7 @@ temporary files a killed one left. Files get the modes of the process's umask, a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import datetime
 import math
@@ -47,6 +48,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: FolderLock judges a lock by the process it names
+    fcntl = None
 
 import numpy as np
 import torch
@@ -198,6 +204,12 @@ def check_writable(folder: str | Path, flag: str) -> None:
         ) from error
 
 
+def _holder(fd: int) -> list[str]:
+    """``[pid, host]`` of the lock file open at ``fd``; empty when nobody holds it."""
+    os.lseek(fd, 0, os.SEEK_SET)
+    return os.read(fd, 256).decode(errors="replace").split()
+
+
 def _process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -230,19 +242,19 @@ class FolderLock:
     def __enter__(self) -> FolderLock:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
-            previous = os.read(fd, 256).decode(errors="replace").split()
-            if not self._lock(fd, previous):
-                holder = " on ".join(previous[:2]) if previous else "another process"
+            taken = self._lock(fd)
+            holder = " on ".join(_holder(fd)[:2])
+            if not taken:
                 raise FolderBusyError(
-                    f"{self.folder} is being written by process {holder}: one writer per run "
-                    f"folder; wait for it to end (or stop it), then run this again"
+                    f"{self.folder} is being written by process {holder or '(unknown)'}: one "
+                    f"writer per run folder; wait for it to end (or stop it), then run this again"
                 )
         except BaseException:
             os.close(fd)
             raise
         self._fd = fd
-        if previous:
-            warn(f"took over the lock of {self.folder} left by process {' on '.join(previous[:2])}")
+        if holder:  # a holder that did not release: killed
+            warn(f"took over the lock of {self.folder} left by process {holder}")
         os.ftruncate(fd, 0)
         os.lseek(fd, 0, os.SEEK_SET)
         os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
@@ -251,12 +263,8 @@ class FolderLock:
         return self
 
     @staticmethod
-    def _lock(fd: int, previous: list[str]) -> bool:
+    def _lock(fd: int) -> bool:
         """Whether the lock was taken (False: a live holder has it)."""
-        try:
-            import fcntl
-        except ImportError:  # not POSIX
-            fcntl = None
         if fcntl is not None:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -265,6 +273,7 @@ class FolderLock:
                 return False
             except OSError:  # flock unsupported here: judge by the recorded holder
                 pass
+        previous = _holder(fd)
         if len(previous) < 2 or not previous[0].isdigit():
             return True
         pid, host = int(previous[0]), previous[1]
@@ -831,15 +840,17 @@ def restore_training_state(checkpoint: dict, model, optimizer, scheduler) -> Non
 
 
 def override_rates(
-    optimizer: torch.optim.Optimizer, scheduler, lrs: Sequence[float], wds: Sequence[float]
+    optimizer: torch.optim.Optimizer, scheduler, lrs: Sequence[float], wds: Sequence[float] | None
 ) -> None:
-    """Replace a resumed run's learning rates and weight decays, one per synapse (param group).
+    """Replace a resumed run's learning rates and weight decays (None: 0), one per synapse
+    (param group).
 
     ``lrs`` become the initial rates; with cosine decay (``CosineAnnealingLR``, T_max, eta_min)
     the rate at the epoch e reached is ``eta_min + (lr - eta_min) (1 + cos(pi e / T_max)) / 2``,
     as if the run had started with ``lrs``.
     """
     decay = isinstance(scheduler, torch.optim.lr_scheduler.CosineAnnealingLR)
+    wds = wds or [0.0] * len(lrs)
     for group, lr, wd in zip(optimizer.param_groups, lrs, wds, strict=True):
         group["initial_lr"], group["weight_decay"] = lr, wd
         group["lr"] = lr
@@ -1020,6 +1031,30 @@ def _kept(recorder: RunRecorder | None) -> str:
     if recorder is None or recorder.epoch == 0:
         return "no epoch finished, so there is no checkpoint"
     return f"the last good checkpoint (epoch {recorder.epoch}) is in {recorder.run_dir}"
+
+
+def start_recording(
+    held: contextlib.ExitStack,
+    run_dir: Path | None,
+    parts: tuple,
+    args: argparse.Namespace,
+    command: list[str],
+    checkpoint: dict | None,
+    changed: Sequence[str],
+) -> RunRecorder:
+    """The recorder of a run with ``--save`` (``parts``: RunRecorder's arguments between the
+    folder and ``args``), in ``run_dir`` or, when None, in a new run folder locked in ``held``;
+    it carries on ``checkpoint`` (with the arguments ``changed`` on the resume) or starts."""
+    if run_dir is None:
+        run_dir = new_run_dir(args)
+        held.enter_context(FolderLock(run_dir))
+    recorder = RunRecorder(run_dir, *parts, args)
+    if checkpoint:
+        recorder.resume_from(checkpoint, command, changed)
+    else:
+        recorder.start(command)
+    print(f"run folder: {run_dir}")
+    return recorder
 
 
 def train_run(
