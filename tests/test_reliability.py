@@ -110,6 +110,22 @@ def test_sigterm_saves_the_weights_and_prints_the_resume_command(tmp_path):
     assert main_fast.main(["--load-path", str(run_dir), "--epochs", str(done + 1)]) == 0
 
 
+def test_sigterm_stops_dictionary_learning_keeping_the_last_dictionary(tmp_path):
+    argv = ["--task", "DIGITS", "--lca_feats", "4", "--lca_ksize", "3", "--lca_stride", "1",
+            "--lca-iters", "5", "--epochs", "100000", "--out-dir", str(tmp_path)]  # fmt: skip
+    child = start(["cifar_dictlearning.py", *argv])
+    try:
+        wait_for(lambda: (tmp_path / "dictlearning.csv").is_file(), "the first epoch")
+        child.send_signal(signal.SIGTERM)
+        _, err = child.communicate(timeout=WAIT)
+    finally:
+        child.kill()
+    assert child.returncode == 143 and "Traceback" not in err, err
+    assert "terminated (SIGTERM); the dictionary of the last finished epoch is kept" in err
+    weights, _ = runs.load_dictionary(tmp_path / "dictionary.pt", expected_shape=(4, 1, 3, 3))
+    assert torch.isfinite(weights).all()
+
+
 def test_ctrl_c_while_the_libraries_load_exits_130_without_traceback():
     child = start(["main_fast.py", *DIGITS_CNN])
     try:
