@@ -401,11 +401,11 @@ def _missing_message(task: str, root: Path, missing: Sequence[str], reason: str)
     """One line: which files are missing where, and the three ways out."""
     src = _SOURCES[task]
     folder = (root / src.folder).resolve()
-    archives = " or the archive " + ", ".join(str(root / a) for a in src.archives)
+    archives = ", ".join(str(root / a) for a in src.archives)
+    archives = f" or the archive {archives} (unpacked on first use)" if archives else ""
     return (
         f"{task} data not found in {root} ({reason}): put {', '.join(missing)} in {folder}"
-        f"{archives if src.archives else ''} (unpacked on first use), or run offline with "
-        f"--task DIGITS (bundled with scikit-learn)"
+        f"{archives}, or run offline with --task DIGITS (bundled with scikit-learn)"
     )
 
 
@@ -413,6 +413,8 @@ def _extract_tar(archive: Path, destination: Path) -> None:
     """Unpack the tar ``archive`` into ``destination``, refusing it whole (before writing
     anything) if a member would land outside, is absolute, is a link pointing outside or is
     a device: tarfile's ``data`` filter, applied to every member first."""
+    if not hasattr(tarfile, "data_filter"):  # Python < 3.10.12 / 3.11.4
+        raise UsageError(f"this Python cannot unpack {archive} safely: unpack it yourself")
     with tarfile.open(archive) as tar:
         members = tar.getmembers()
         for member in members:
