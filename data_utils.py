@@ -409,6 +409,10 @@ def _missing_message(task: str, root: Path, missing: Sequence[str], reason: str)
     )
 
 
+# Errors of the disk or its permissions, as opposed to the network or the files' contents.
+_DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
 def _extract_tar(archive: Path, destination: Path) -> None:
     """Unpack the tar ``archive`` into ``destination``, refusing it whole (before writing
     anything) if a member would land outside, is absolute, is a link pointing outside or is
@@ -447,7 +451,7 @@ def _unpack_local_archives(task: str, root: Path) -> None:
             except UsageError:
                 raise
             except Exception as e:
-                if isinstance(e, OSError) and e.errno is not None:
+                if isinstance(e, OSError) and e.errno in _DISK_ERRORS:
                     raise  # the disk failed (full, read-only), not the archive
                 raise UsageError(f"cannot unpack {archive}, it is corrupt: {first_line(e)}") from e
 
@@ -540,6 +544,8 @@ def build_datasets(
             cls, root, False, test_tf, True
         )
     except Exception as e:
+        if isinstance(e, OSError) and e.errno in _DISK_ERRORS:
+            raise  # the data folder cannot be written: a storage failure, not missing data
         reason = f"the download failed: {first_line(e)}"
         raise UsageError(_missing_message(name, root, missing, reason)) from e
 

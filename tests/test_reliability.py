@@ -245,6 +245,16 @@ def test_full_disk_keeps_the_last_checkpoint_and_exits_74(tmp_path, monkeypatch,
     assert not list(run_dir.glob(".*.tmp"))
 
 
+def test_download_into_an_unwritable_data_dir_is_a_storage_error(tmp_path, monkeypatch, capsys):
+    def denied(url, download_root, *args, **kwargs):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), download_root)
+
+    monkeypatch.setattr(tv_cifar, "download_and_extract_archive", denied)
+    argv = DIGITS_CNN + ["--task", "CIFAR10", "--data-dir", str(tmp_path), "--channels", "4"]
+    line = one_error_line(run_failing([*argv, "--kernels", "3"], capsys, status=74))
+    assert f"({tmp_path}): Permission denied [EACCES]" in line
+
+
 # ------------------------------------ 5. bad numbers (main_fast.py: test_cli_errors.py)
 
 
