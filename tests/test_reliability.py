@@ -12,6 +12,7 @@ import os
 import pickle
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tarfile
@@ -193,6 +194,20 @@ def test_second_writer_is_refused_and_a_stale_lock_is_taken_over(tmp_path, capsy
     )
     epochs = [line.split(",")[0] for line in (run_dir / "results.csv").read_text().splitlines()]
     assert epochs == ["epoch", "1", "2"]
+
+
+def test_without_flock_a_lock_is_judged_by_the_process_it_names(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(runs, "fcntl", None)  # as on a filesystem or system without flock
+    host, lock_file = socket.gethostname(), tmp_path / ".lock"
+    lock_file.write_text(f"{os.getppid()} {host}\n")  # alive: the process that started pytest
+    with pytest.raises(runs.FolderBusyError, match=f"process {os.getppid()} on {host}"):
+        runs.FolderLock(tmp_path).__enter__()
+    exited = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                            capture_output=True, text=True, timeout=WAIT)  # fmt: skip
+    lock_file.write_text(f"{int(exited.stdout)} {host}\n")
+    with runs.FolderLock(tmp_path):
+        assert lock_file.read_text() == f"{os.getpid()} {host}\n"
+    assert lock_file.read_text() == "" and "took over the lock" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------- 4. failed writes
