@@ -374,8 +374,9 @@ def run_train(args: argparse.Namespace, explicit: set[str], argv: list[str]) -> 
             run_dir = Path(args.load_path)
             run_dir = run_dir.parent if run_dir.is_file() else run_dir
             args.load_path = str(run_dir)
-            fresh = args.save and runs.is_unstarted(run_dir)
+            fresh = args.save and run_dir.suffix != ".pt" and runs.is_unstarted(run_dir)
             if fresh:
+                print(f"notice: {run_dir} holds no checkpoint yet, so a new run starts there")
                 check_args(args)
                 runs.check_writable(run_dir, "load-path")
             if run_dir.is_dir():
