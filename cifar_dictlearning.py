@@ -14,14 +14,30 @@ Written to ``--out-dir`` (default ``./dictionaries/<task>``):
                           total_energy (means over the epoch's training samples), seconds
     dictionary.png        the features as a grid
     dictlearning_curves.png  the four metrics against the epoch
+
+One process writes an output folder at a time. Exit status as ``main_fast.py``: 0 done, 2 bad
+input, 74 a file could not be written, 75 another process writes the folder, 130 Ctrl-C,
+143 SIGTERM (the dictionary of the last finished epoch is kept).
 """
 
 from __future__ import annotations
 
+import signal
+import sys
+
+
+def _quit(signum, frame):  # until main() takes over
+    sys.exit(128 + signum)
+
+
+if __name__ == "__main__":  # Ctrl-C or SIGTERM while the libraries load: no traceback
+    signal.signal(signal.SIGINT, _quit)
+    signal.signal(signal.SIGTERM, _quit)
+
 import argparse
+import contextlib
 import math
 import os
-import sys
 import time
 from collections.abc import Sequence
 from itertools import islice
@@ -40,6 +56,15 @@ GRID_FILE = "dictionary.png"
 CURVES_FILE = "dictlearning_curves.png"
 METRICS = ("recon_error", "l1_sparsity", "frac_active", "total_energy")
 CSV_COLUMNS = ("epoch", "lambda") + METRICS + ("seconds",)
+# Range of every float flag, by dest: (low, low excluded?, high, high excluded?); None: no bound.
+FLOAT_RANGES = {
+    "subset_fraction": (0, True, 1, False),
+    "lca_lambda": (0, False, None, False),
+    "lambda_increment": (None, False, None, False),
+    "lca_tau": (0, True, None, False),
+    "lca_eta": (0, False, None, False),
+}
+FLAGS = {"subset_fraction": "subset-fraction", "lambda_increment": "lambda-increment"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,12 +117,10 @@ def check_args(args: argparse.Namespace) -> None:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
     if args.max_batches is not None and args.max_batches < 1:
         raise UsageError("--max-batches must be at least 1")
-    if not 0.0 < args.subset_fraction <= 1.0:
-        raise UsageError("--subset-fraction must be in (0, 1]")
+    data_utils.check_numbers(args, FLOAT_RANGES, FLAGS)
+    data_utils.check_number("d-update-clip", args.d_update_clip, 0, low_open=True, allow_inf=True)
     if args.lca_ksize % 2 == 0:
         raise UsageError("--lca_ksize must be odd (LCA uses 'same' padding)")
-    if args.lca_tau <= 0 or args.lca_eta < 0 or args.lca_lambda < 0:
-        raise UsageError("--lca_tau must be > 0, --lca_eta and --lca_lambda >= 0")
     if args.lambda_every is not None and args.lambda_every < 0:
         raise UsageError("--lambda-every must be >= 0")
 
@@ -149,6 +172,12 @@ def learn_one_epoch(
 
 def run(args: argparse.Namespace) -> LCAConv2D:
     """Learn the dictionary (writing the files listed at the top); returns the LCA layer."""
+    with contextlib.ExitStack() as held:
+        return learn(args, held)
+
+
+def learn(args: argparse.Namespace, held: contextlib.ExitStack) -> LCAConv2D:
+    """:func:`run`, holding the lock of the output folder in ``held``."""
     check_args(args)
     task = canonical_task(args.task)
     in_channels, height, width, _ = task_info(task)
@@ -162,6 +191,7 @@ def run(args: argparse.Namespace) -> LCAConv2D:
             file=sys.stderr,
         )
 
+    runs.check_writable(out_dir, "out-dir")
     train_set, _ = build_datasets(
         task, args.data_dir, data_aug=False, download=not args.no_download
     )
@@ -184,7 +214,7 @@ def run(args: argparse.Namespace) -> LCAConv2D:
         d_update_clip=args.d_update_clip,
     ).to(device)
 
-    os.makedirs(out_dir, exist_ok=True)
+    held.enter_context(runs.FolderLock(out_dir))
     dict_path = os.path.join(out_dir, DICTIONARY_FILE)
     csv_path = os.path.join(out_dir, CSV_FILE)
     if os.path.exists(csv_path):  # the CSV holds this run's epochs only
@@ -223,11 +253,29 @@ def run(args: argparse.Namespace) -> LCAConv2D:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        run(args)
+        with data_utils.signals_as_interrupts():
+            run(args)
     except UsageError as error:
-        print(f"cifar_dictlearning.py: error: {data_utils.one_line(str(error))}", file=sys.stderr)
-        return 2
+        return fail(str(error), data_utils.EXIT_USAGE)
+    except runs.FolderBusyError as error:
+        return fail(str(error), data_utils.EXIT_BUSY)
+    except data_utils.StorageError as error:
+        return fail(str(error), data_utils.EXIT_STORAGE)
+    except OSError as error:
+        fix = "free space or pass a writable --out-dir; the dictionary of the last epoch is kept"
+        return fail(data_utils.storage_message(error, fix), data_utils.EXIT_STORAGE)
+    except KeyboardInterrupt as interrupt:
+        terminated = isinstance(interrupt, data_utils.Terminated)
+        what = "terminated (SIGTERM)" if terminated else "interrupted"
+        print(f"\n{what}; the dictionary of the last finished epoch is kept", file=sys.stderr)
+        return data_utils.exit_status_of(interrupt)
     return 0
+
+
+def fail(message: str, status: int) -> int:
+    """One ``error:`` line on stderr; returns the exit ``status``."""
+    print(f"cifar_dictlearning.py: error: {data_utils.one_line(message)}", file=sys.stderr)
+    return status
 
 
 if __name__ == "__main__":

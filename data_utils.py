@@ -7,17 +7,25 @@
 - Plotting: every figure of the project is drawn here and returned as a matplotlib ``Figure``
   (``runs.save_figure`` writes it).
 - Logging: the vocabulary the command-line scripts share: ``UsageError`` for problems the user
-  can fix, one-line messages (``first_line``, ``one_line``, ``warn``), flag spellings
+  can fix, one-line messages (``first_line``, ``one_line``, ``warn``, ``storage_message``), the
+  exit statuses (``EXIT_*``), SIGTERM handled like Ctrl-C (``Terminated``,
+  ``signals_as_interrupts``), range checks of number flags (``check_number``), flag spellings
   (``flag_spellings``) and the ``--device`` parser (``resolve_device``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import math
+import os
 import pickle
+import signal
 import sys
+import tarfile
+import threading
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +38,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import datasets as tv_datasets
 from torchvision import transforms
-from torchvision.datasets.utils import extract_archive
+from torchvision.datasets.utils import check_integrity, extract_archive
 from torchvision.utils import make_grid
 
 # --------------------------------------------------------------------------------------------
@@ -38,8 +46,105 @@ from torchvision.utils import make_grid
 # --------------------------------------------------------------------------------------------
 
 
+# Exit statuses of both command-line scripts.
+EXIT_OK = 0
+EXIT_DIVERGED = 1  # training diverged to NaN/inf; the last good checkpoint is kept
+EXIT_USAGE = 2  # bad input: a flag, a missing or corrupt file; nothing was written
+EXIT_STORAGE = 74  # a file could not be written or read (disk full, read-only, permissions)
+EXIT_BUSY = 75  # another live process writes the same run folder; try again later
+EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT): weights saved, resume command printed
+EXIT_TERMINATED = 143  # SIGTERM (preemption): the same as Ctrl-C
+
+
 class UsageError(Exception):
     """A problem the user can fix (bad flag, missing or corrupt file); the message says how."""
+
+
+class StorageError(Exception):
+    """A file could not be written or read (disk full, read-only folder, permissions); the
+    message says which, what was kept and what to do (exit status 74)."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, the signal a cluster scheduler sends before killing a job. A KeyboardInterrupt,
+    so that everything that saves and cleans up on Ctrl-C does the same on SIGTERM."""
+
+
+def exit_status_of(interrupt: KeyboardInterrupt) -> int:
+    """143 for SIGTERM, 130 for Ctrl-C."""
+    return EXIT_TERMINATED if isinstance(interrupt, Terminated) else EXIT_INTERRUPTED
+
+
+@contextlib.contextmanager
+def signals_as_interrupts() -> Iterator[None]:
+    """Within the block SIGINT raises ``KeyboardInterrupt`` and SIGTERM raises ``Terminated``.
+
+    Only the first SIGTERM raises: a second one (schedulers may repeat it) would cut short the
+    saving that the first one started. The previous handlers come back on exit. Outside the
+    main thread signals cannot be caught, and nothing changes.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    raised = []
+
+    def terminate(signum, frame):
+        if not raised:
+            raised.append(signum)
+            raise Terminated()
+
+    previous = {
+        signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler),
+        signal.SIGTERM: signal.signal(signal.SIGTERM, terminate),
+    }
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def storage_message(error: OSError, fix: str) -> str:
+    """One line for a failed read or write: what, which file, and ``fix``."""
+    name = errno.errorcode.get(error.errno or 0, "")
+    reason = error.strerror or str(error)
+    where = f" ({error.filename})" if error.filename else ""
+    return f"cannot write or read a file{where}: {reason}{f' [{name}]' if name else ''}; {fix}"
+
+
+def check_numbers(args: Any, ranges: dict[str, tuple], flags: dict[str, str] | None = None) -> None:
+    """:func:`check_number` on every value (a number, a list or None) of each float flag named
+    in ``ranges``, ``{dest: (low, low_open, high, high_open)}``; ``args`` holds them by dest,
+    and ``flags`` spells the flag of a dest in messages when it is not the dest itself."""
+    for name, (low, low_open, high, high_open) in ranges.items():
+        values = getattr(args, name)
+        flag = (flags or {}).get(name, name)
+        for value in values if isinstance(values, list) else [values]:
+            check_number(flag, value, low, high, low_open, high_open)
+
+
+def check_number(
+    flag: str,
+    value: float | None,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+    allow_inf: bool = False,
+) -> None:
+    """UsageError unless ``value`` (of ``--flag``) is a number in its range: finite (or +inf
+    when ``allow_inf``), >= ``low`` (> with ``low_open``), <= ``high`` (< with ``high_open``).
+    None (an unset optional flag) passes."""
+    if value is None:
+        return
+    bad = math.isnan(value) or (math.isinf(value) and not allow_inf)
+    bad |= low is not None and (value <= low if low_open else value < low)
+    bad |= high is not None and (value >= high if high_open else value > high)
+    if bad:
+        left = "(-inf" if low is None else f"{'(' if low_open else '['}{low:g}"
+        right = "inf)" if high is None else f"{high:g}{')' if high_open else ']'}"
+        kind = "a number" if allow_inf else "a finite number"
+        raise UsageError(f"--{flag} must be {kind} in {left}, {right}, got {value}")
 
 
 def first_line(error: BaseException) -> str:
@@ -293,20 +398,40 @@ def _open_split(cls: type, root: Path, train: bool, transform: Callable, downloa
 
 
 def _missing_message(task: str, root: Path, missing: Sequence[str], reason: str) -> str:
+    """One line: which files are missing where, and the three ways out."""
     src = _SOURCES[task]
     folder = (root / src.folder).resolve()
-    lines = [
-        f"{task} data not found in {root} ({reason}).",
-        f"Expected, as torchvision reads them: {folder}/{{{', '.join(src.files)}}}",
-        f"Missing: {', '.join(missing)}",
-    ]
-    if src.archives:
-        lines.append(
-            "Or place the downloaded archive(s), unpacked on first use: "
-            + ", ".join(str(root / a) for a in src.archives)
-        )
-    lines.append("To run without any download, use --task DIGITS (bundled with scikit-learn).")
-    return "\n".join(lines)
+    archives = ", ".join(str(root / a) for a in src.archives)
+    archives = f" or the archive {archives} (unpacked on first use)" if archives else ""
+    return (
+        f"{task} data not found in {root} ({reason}): put {', '.join(missing)} in {folder}"
+        f"{archives}, or run offline with --task DIGITS (bundled with scikit-learn)"
+    )
+
+
+# Errors of the disk or its permissions, as opposed to the network or the files' contents.
+_DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def _extract_tar(archive: Path, destination: Path) -> None:
+    """Unpack the tar ``archive`` into ``destination``, refusing it whole (before writing
+    anything) if a member would land outside, is absolute, is a link pointing outside or is
+    a device: tarfile's ``data`` filter, applied to every member first."""
+    if not hasattr(tarfile, "data_filter"):  # Python < 3.10.12 / 3.11.4
+        raise UsageError(f"this Python cannot unpack {archive} safely: unpack it yourself")
+    with tarfile.open(archive) as tar:
+        members = tar.getmembers()
+        for member in members:
+            try:
+                if os.path.isabs(member.name):  # the filter would only strip the leading /
+                    raise tarfile.AbsolutePathError(member)
+                tarfile.data_filter(member, str(destination))
+            except tarfile.FilterError as error:
+                raise UsageError(
+                    f"refusing to unpack {archive}: member {member.name!r} is unsafe "
+                    f"({first_line(error)}); download the archive again from its source"
+                ) from error
+        tar.extractall(destination, members=members, filter="data")
 
 
 def _unpack_local_archives(task: str, root: Path) -> None:
@@ -319,8 +444,15 @@ def _unpack_local_archives(task: str, root: Path) -> None:
         target = root / src.folder / Path(rel).name.removesuffix(".gz")
         if archive.is_file() and (rel.endswith(".tar.gz") or not target.is_file()):
             try:
-                extract_archive(str(archive), str(archive.parent))
+                if rel.endswith(".tar.gz"):
+                    _extract_tar(archive, archive.parent)
+                else:  # a single gzipped file, unpacked to its own name without .gz
+                    extract_archive(str(archive), str(archive.parent))
+            except UsageError:
+                raise
             except Exception as e:
+                if isinstance(e, OSError) and e.errno in _DISK_ERRORS:
+                    raise  # the disk failed (full, read-only), not the archive
                 raise UsageError(f"cannot unpack {archive}, it is corrupt: {first_line(e)}") from e
 
 
@@ -331,41 +463,52 @@ def _corrupt_message(task: str, folder: Path, error: BaseException) -> str:
     )
 
 
+def _official_md5(task: str) -> dict[str, str]:
+    """The md5 sum of every file of the official release of a task with an unchecked reader."""
+    cls = _CHECKED[task]
+    if task == "SVHN":
+        return {name: md5 for _, name, md5 in cls.split_list.values()}
+    return {name: md5 for name, md5 in cls.train_list + cls.test_list} | {
+        cls.meta["filename"]: cls.meta["md5"]
+    }
+
+
+def _is_pristine(task: str, folder: Path) -> bool:
+    """Whether every file of ``task`` in ``folder`` has its official checksum."""
+    return all(
+        check_integrity(str(folder / name), md5) for name, md5 in _official_md5(task).items()
+    )
+
+
 def _open_local(
     task: str, root: Path, train_tf: Callable, test_tf: Callable
 ) -> tuple[Dataset, Dataset]:
     """Open both splits from files that exist; UsageError if they are unreadable.
 
-    The official checksums are checked first. Copies whose checksums differ (e.g. rebuilt or
-    trimmed files) are read without them, after making sure pickled batches hold only arrays,
-    and a warning says so.
+    Files with the official checksums are read by torchvision as they are. Copies whose
+    checksums differ (e.g. rebuilt or trimmed files) are read without them, and only after
+    every pickled batch has been checked to hold nothing but arrays, lists and strings (before
+    torchvision's unrestricted ``pickle.load`` sees them); a warning says so.
     """
     folder = (root / _SOURCES[task].folder).resolve()
-    checked = _CHECKED[task]
+    pristine = task not in _UNCHECKED or _is_pristine(task, folder)
+    reader = _CHECKED[task] if pristine else _UNCHECKED[task]
     try:
-        return (
-            _open_split(checked, root, True, train_tf, False),
-            _open_split(checked, root, False, test_tf, False),
-        )
-    except Exception as e:
-        if task not in _UNCHECKED:
-            raise UsageError(_corrupt_message(task, folder, e)) from e
-    try:
-        if task.startswith("CIFAR"):
+        if not pristine and task.startswith("CIFAR"):
             for name in _SOURCES[task].files:
                 with open(folder / name, "rb") as f:
                     _DataOnlyUnpickler(f, encoding="latin1").load()
-        unchecked = _UNCHECKED[task]
         sets = (
-            _open_split(unchecked, root, True, train_tf, False),
-            _open_split(unchecked, root, False, test_tf, False),
+            _open_split(reader, root, True, train_tf, False),
+            _open_split(reader, root, False, test_tf, False),
         )
     except Exception as e:
         raise UsageError(_corrupt_message(task, folder, e)) from e
-    warnings.warn(
-        f"{task} files in {folder} do not match the official checksums; loaded them anyway",
-        stacklevel=3,
-    )
+    if not pristine:
+        warnings.warn(
+            f"{task} files in {folder} do not match the official checksums; loaded them anyway",
+            stacklevel=3,
+        )
     return sets
 
 
@@ -401,6 +544,8 @@ def build_datasets(
             cls, root, False, test_tf, True
         )
     except Exception as e:
+        if isinstance(e, OSError) and e.errno in _DISK_ERRORS:
+            raise  # the data folder cannot be written: a storage failure, not missing data
         reason = f"the download failed: {first_line(e)}"
         raise UsageError(_missing_message(name, root, missing, reason)) from e
 

@@ -12,16 +12,33 @@ underscore spellings. ``VFCNN``, ``VFMLP`` and ``LCACNN --vf`` are the vector-fi
 (``vf_utils_ep_fast``).
 
 With ``--save`` a run writes a run folder (``runs.py`` describes its files and owns its
-lifecycle: records, checkpoints, per-epoch files, resume).
+lifecycle: records, checkpoints, per-epoch files, resume), one process at a time.
 
-Exit status: 0 done, 1 training diverged, 2 bad input (message on stderr), 130 interrupted.
+Exit status: 0 done; 1 training diverged; 2 bad input; 74 a file could not be written or read
+(disk full, read-only folder); 75 another process is writing the run folder; 130 Ctrl-C;
+143 SIGTERM. Errors are one line on stderr. Ctrl-C and SIGTERM save the weights and print the
+command that resumes. On a cluster, one command line both starts and, requeued after a
+preemption, resumes a run: ``--save --load-path DIR`` starts a new run in DIR while it holds no
+checkpoint, and resumes it once it does.
 """
 
 from __future__ import annotations
 
-import argparse
-import math
+import signal
 import sys
+
+
+def _quit(signum, frame):  # until main() takes over
+    sys.exit(128 + signum)
+
+
+if __name__ == "__main__":  # Ctrl-C or SIGTERM while the libraries load: no traceback
+    signal.signal(signal.SIGINT, _quit)
+    signal.signal(signal.SIGTERM, _quit)
+
+import argparse
+import contextlib
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,7 +60,6 @@ from utils_ep_fast import (
     gdu_check,
     make_optimizer,
     make_scheduler,
-    train,
 )
 
 # --model choices; --model LCACNN --vf builds the model_config name VFLCACNN
@@ -53,9 +69,21 @@ TODOS = ("train", "evaluate", "gducheck")
 PROBE_IMAGES = 32
 
 # Flags a resumed or evaluated run takes from the command line; the rest come from the saved run.
-RESUME_OVERRIDES = {"epochs", "device", "data_dir", "num_workers", "no_download", "dict_path"}
-EVALUATE_OVERRIDES = RESUME_OVERRIDES | {"T1", "mbs"}
+READ_OVERRIDES = {"epochs", "device", "data_dir", "num_workers", "no_download", "dict_path"}
+RESUME_OVERRIDES = READ_OVERRIDES | {"lrs", "wds"}
+EVALUATE_OVERRIDES = READ_OVERRIDES | {"T1", "mbs"}
 GDUCHECK_OVERRIDES = EVALUATE_OVERRIDES | {"T2", "betas", "thirdphase", "save", "results_dir"}
+# Range of every float flag but --betas: (lowest, excluded?, highest, excluded?); None: no bound.
+FLOAT_RANGES = {
+    "scale": (0, True, None, False),
+    "lrs": (0, False, torch.finfo(torch.float32).max, False),
+    "wds": (0, False, torch.finfo(torch.float32).max, False),
+    "mmt": (0, False, 1, True),
+    "lca_lambda": (0, False, None, False),
+    "lca_tau": (0, True, None, False),
+    "lca_eta": (0, False, None, False),
+    "scale_feedback": (None, False, None, False),
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -188,6 +216,7 @@ def check_args(args: argparse.Namespace) -> None:
     in_channels, height, width, classes = data_utils.task_info(args.task)
     check_positive(args, ("T1", "T2", "epochs", "mbs"))
     check_positive(args, ("num_workers",), minimum=0)
+    data_utils.check_numbers(args, FLOAT_RANGES)
     check_betas(args)
     if args.model == "LCACNN" and not args.dict_training:
         raise UsageError("LCACNN needs --dict_training pretrained, finetune or learn")
@@ -213,11 +242,9 @@ def check_args(args: argparse.Namespace) -> None:
     args.lrs = fit_list("lrs", args.lrs, n_synapses, why)
     if args.wds is not None:
         args.wds = fit_list("wds", args.wds, n_synapses, why)
-    rates = [*args.lrs, *(args.wds or []), args.mmt]
-    if not all(0 <= rate <= torch.finfo(torch.float32).max for rate in rates):
-        raise UsageError("--lrs, --wds and --mmt must be finite and not negative")
     if args.dict_path is None:
         args.dict_path = str(Path("dictionaries") / args.task / "dictionary.pt")
+    args.dict_path = runs.dictionary_file(args.dict_path)
 
 
 def check_vector_field(args: argparse.Namespace) -> None:
@@ -272,8 +299,8 @@ def check_conv_args(args: argparse.Namespace, classes: int) -> int:
             raise UsageError(
                 f"with LCACNN --pools must start with i (the copy layer): {args.pools}"
             )
-        if args.lca_ksize % 2 == 0 or args.lca_tau <= 0 or args.lca_lambda < 0:
-            raise UsageError("--lca_ksize must be odd, --lca_tau > 0 and --lca_lambda >= 0")
+        if args.lca_ksize % 2 == 0:
+            raise UsageError(f"--lca_ksize must be odd (LCA pads 'same'), got {args.lca_ksize}")
     return n_conv + len(args.fc)
 
 
@@ -326,12 +353,15 @@ class Data:
     probe: tuple[Tensor, Tensor]  # first test images and labels, for the plots
 
 
-def build_data(args: argparse.Namespace, train_aug: bool, shuffle: bool) -> Data:
-    """Loaders of the EP training images and of the test set, plus a fixed probe batch."""
+def build_data(
+    args: argparse.Namespace, train_aug: bool, shuffle: bool, record: dict | None = None
+) -> Data:
+    """Loaders of the EP training images (those the saved ``record`` names, if given) and of
+    the test set, plus a fixed probe batch."""
     train_set, test_set = data_utils.build_datasets(
         args.task, args.data_dir, data_aug=train_aug, download=not args.no_download
     )
-    indices = runs.training_indices(args, len(train_set))
+    indices = runs.training_indices(args, len(train_set), record)
     workers = args.num_workers
     train_loader = data_utils.make_loader(
         train_set, args.mbs, shuffle, seed=args.seed, num_workers=workers, indices=indices
@@ -349,69 +379,66 @@ def build_data(args: argparse.Namespace, train_aug: bool, shuffle: bool) -> Data
 
 
 def run_train(args: argparse.Namespace, explicit: set[str], argv: list[str]) -> int:
-    """Train a new run, or resume the one at ``--load-path``."""
-    checkpoint = None
-    if args.load_path:
-        args, checkpoint = load_checkpoint(args, explicit)
-    else:
-        check_args(args)
-    note_unsaved(args)
-    device = resolve_device(args.device)
-    runs.seed_everything(args.seed)
-    model_config = checkpoint["model_config"] if checkpoint else runs.model_config_from_args(args)
-    model, optimizer, scheduler = build_training(args, model_config, device)
-    if checkpoint:
-        runs.restore_training_state(checkpoint, model, optimizer, scheduler)
-    else:
-        load_pretrained_dictionary(model, args)
-    data = build_data(args, train_aug=args.data_aug, shuffle=True)
-    recorder = None
-    if args.save:
-        run_dir = Path(args.load_path) if checkpoint else runs.new_run_dir(args)
-        recorder = runs.RunRecorder(
-            run_dir, model, model_config, optimizer, scheduler, data.train_loader, data.probe, args
-        )
-        command = ["python", "main_fast.py", *argv]
-        if checkpoint:
-            recorder.resume_from(checkpoint, command)
+    """Train a new run, or resume the one at ``--load-path``; with ``--save``, a ``--load-path``
+    folder without a checkpoint gets a new run (so one command line starts and resumes).
+
+    Everything that can be refused is checked before the run folder is written to; the folder
+    is locked (one writer) from before its checkpoint is read until the process ends.
+    """
+    with contextlib.ExitStack() as held:
+        checkpoint, changed, run_dir = None, [], None
+        if args.load_path:
+            run_dir = Path(args.load_path)
+            run_dir = run_dir.parent if run_dir.is_file() else run_dir
+            args.load_path = str(run_dir)
+            fresh = args.save and run_dir.suffix != ".pt" and runs.is_unstarted(run_dir)
+            if fresh:
+                print(f"notice: {run_dir} holds no checkpoint yet, so a new run starts there")
+                check_args(args)
+                runs.check_writable(run_dir, "load-path")
+            if run_dir.is_dir():
+                held.enter_context(runs.FolderLock(run_dir))
+            if not fresh:
+                args, checkpoint, changed = load_checkpoint(args, explicit)
         else:
-            recorder.start(command)
-        print(f"run folder: {run_dir}")
-    start_epoch = 0
-    if checkpoint:
-        runs.restore_rng(checkpoint, data.train_loader)
-        start_epoch = checkpoint["epoch"]
-    try:
-        train(
-            model,
-            optimizer,
-            data.train_loader,
-            data.test_loader,
-            ep_config(args),
-            args.epochs,
-            device,
-            scheduler,
-            start_epoch,
-            recorder,
+            check_args(args)
+            if args.save:
+                runs.check_writable(args.results_dir, "results-dir")
+        note_unsaved(args)
+        device = resolve_device(args.device)
+        runs.seed_everything(args.seed)
+        model_config = (
+            checkpoint["model_config"] if checkpoint else runs.model_config_from_args(args)
         )
-    except DivergenceError as error:
-        raise DivergenceError(runs.divergence_message(error, recorder)) from error
-    except KeyboardInterrupt:
-        runs.report_interrupt(recorder, args)
-        return 130
-    if recorder is not None:
-        recorder.finish()
-        print(f"best test accuracy {recorder.best_test_acc:.4f}; results in {recorder.run_dir}")
-    return 0
+        model, optimizer, scheduler = build_training(args, model_config, device)
+        if checkpoint:
+            runs.restore_training_state(checkpoint, model, optimizer, scheduler)
+            if changed:
+                runs.override_rates(optimizer, scheduler, args.lrs, args.wds)
+        else:
+            load_pretrained_dictionary(model, args)
+        data = build_data(args, train_aug=args.data_aug, shuffle=True, record=checkpoint)
+        start_epoch = checkpoint["epoch"] if checkpoint else 0
+        if checkpoint:
+            runs.restore_rng(checkpoint, data.train_loader)
+        recorder = None
+        if args.save:  # nothing was written before this point
+            parts = model, model_config, optimizer, scheduler, data.train_loader, data.probe
+            command = ["python", "main_fast.py", *argv]
+            recorder = runs.start_recording(
+                held, run_dir, parts, args, command, checkpoint, changed
+            )
+        loaders, config = (data.train_loader, data.test_loader), ep_config(args)
+        return runs.train_run(
+            model, optimizer, scheduler, loaders, config, device, start_epoch, recorder, args
+        )
 
 
 def load_checkpoint(
     typed: argparse.Namespace, explicit: set[str]
-) -> tuple[argparse.Namespace, dict]:
-    """The checkpoint of the run at ``--load-path`` (a run folder or a file in it) and the
-    arguments to resume it with."""
-    folder = Path(typed.load_path)
-    typed.load_path = str(folder.parent if folder.is_file() else folder)
+) -> tuple[argparse.Namespace, dict, list[str]]:
+    """The checkpoint of the run folder ``--load-path``, the arguments to resume it with, and
+    which of ``--lrs`` / ``--wds`` the command line changes."""
     checkpoint = runs.load_checkpoint(typed.load_path)
     args = runs.saved_args(checkpoint["args"], typed, explicit, RESUME_OVERRIDES)
     check_positive(args, ("epochs",))
@@ -420,7 +447,17 @@ def load_checkpoint(
             f"{typed.load_path} already has {checkpoint['epoch']} epochs; pass --epochs N "
             f"with N > {checkpoint['epoch']} to train further"
         )
-    return args, checkpoint
+    changed = []
+    n_synapses = len(checkpoint["optimizer_state"]["param_groups"])
+    for name in sorted({"lrs", "wds"} & explicit):
+        values = fit_list(name, getattr(args, name), n_synapses, f"one per synapse, {n_synapses}")
+        setattr(args, name, values)
+        if values != checkpoint["args"].get(name):  # a requeued command line changes nothing
+            changed.append(name)
+            print(f"notice: --{name} {' '.join(map(str, values))} replaces the saved values "
+                  f"from epoch {checkpoint['epoch']} on")  # fmt: skip
+    data_utils.check_numbers(args, {name: FLOAT_RANGES[name] for name in changed})
+    return args, checkpoint, changed
 
 
 # --------------------------------------------------------------------------------------------
@@ -438,7 +475,7 @@ def run_evaluate(args: argparse.Namespace, explicit: set[str], argv: list[str]) 
     check_positive(args, ("T1", "mbs"))
     device = resolve_device(args.device)
     model = runs.restore_model(record, device)
-    data = build_data(args, train_aug=False, shuffle=False)
+    data = build_data(args, train_aug=False, shuffle=False, record=record)
     train_acc = evaluate(model, data.train_loader, args.T1, device, "train set")
     test_acc = evaluate(model, data.test_loader, args.T1, device, "test set")
     line = (
@@ -453,6 +490,7 @@ def run_evaluate(args: argparse.Namespace, explicit: set[str], argv: list[str]) 
 def run_gducheck(args: argparse.Namespace, explicit: set[str], argv: list[str]) -> int:
     """EP's nudged-phase updates against BPTT's gradients on one training batch, for a new
     model or the saved one at ``--load-path``."""
+    record = None
     if args.load_path:
         record, _ = runs.load_model_file(args.load_path)
         args = runs.saved_args(record["args"], args, explicit, GDUCHECK_OVERRIDES)
@@ -466,7 +504,9 @@ def run_gducheck(args: argparse.Namespace, explicit: set[str], argv: list[str]) 
         runs.seed_everything(args.seed)
         model, _, _ = build_training(args, runs.model_config_from_args(args), device)
         load_pretrained_dictionary(model, args)
-    x, y = next(iter(build_data(args, train_aug=False, shuffle=False).train_loader))
+    if args.save:
+        runs.check_writable(args.results_dir, "results-dir")
+    x, y = next(iter(build_data(args, train_aug=False, shuffle=False, record=record).train_loader))
     report = gdu_check(model, x.to(device), y.to(device), ep_config(args))
     print(f"{'parameter':<28} {'relative RMSE':>14} {'sign errors':>12}")
     for name, entry in report.items():
@@ -486,27 +526,36 @@ TODO_RUNNERS: dict[str, Callable[[argparse.Namespace, set[str], list[str]], int]
 }
 
 
+# What each kind of error exits with (the first match counts); its message goes to stderr.
+ERROR_STATUSES = (
+    (DivergenceError, data_utils.EXIT_DIVERGED),
+    (UsageError, data_utils.EXIT_USAGE),
+    (runs.FolderBusyError, data_utils.EXIT_BUSY),
+    (data_utils.StorageError, data_utils.EXIT_STORAGE),
+)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args, explicit = parse_args(argv)
+        with data_utils.signals_as_interrupts():
+            return TODO_RUNNERS[args.todo](args, explicit, argv)
     except SystemExit as done:  # --help
         return int(done.code or 0)
-    except UsageError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    try:
-        return TODO_RUNNERS[args.todo](args, explicit, argv)
-    except DivergenceError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    except UsageError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return 130
+    except tuple(kind for kind, _ in ERROR_STATUSES) as error:
+        status = next(status for kind, status in ERROR_STATUSES if isinstance(error, kind))
+        print(f"error: {data_utils.one_line(str(error))}", file=sys.stderr)
+        return status
+    except OSError as error:
+        fix = "check the free space and permissions there (--results-dir, --data-dir)"
+        print(f"error: {data_utils.storage_message(error, fix)}", file=sys.stderr)
+        return data_utils.EXIT_STORAGE
+    except KeyboardInterrupt as interrupt:
+        terminated = isinstance(interrupt, data_utils.Terminated)
+        print(f"\n{'terminated (SIGTERM)' if terminated else 'interrupted'}", file=sys.stderr)
+        return data_utils.exit_status_of(interrupt)
 
 
 if __name__ == "__main__":
