@@ -51,6 +51,7 @@ from lca import DictionaryError, subset_indices_path
 from lca_utils_ep_fast import DICT_MODES, LCA_CNN, ep_training_indices
 from utils_ep_fast import (
     ACTIVATIONS,
+    DYNAMICS,
     P_CNN,
     P_MLP,
     POOLS,
@@ -63,6 +64,7 @@ from utils_ep_fast import (
     make_optimizer,
     make_scheduler,
     settle,
+    settling_trace,
     train,
 )
 
@@ -74,10 +76,11 @@ FINAL_MODEL = "final_model.pt"
 INTERRUPTED = "interrupted.pt"
 PROBE_IMAGES = 32
 RECON_IMAGES = 8
+SETTLING_IMAGES = 8
 
 # Flags a resumed or evaluated run takes from the command line; the rest come from the saved run.
 RESUME_OVERRIDES = {"epochs", "device", "data_dir", "num_workers", "no_download", "dict_path"}
-EVALUATE_OVERRIDES = RESUME_OVERRIDES | {"T1", "mbs"}
+EVALUATE_OVERRIDES = RESUME_OVERRIDES | {"T1", "mbs", "dynamics", "tol"}
 GDUCHECK_OVERRIDES = EVALUATE_OVERRIDES | {"T2", "betas", "thirdphase", "save", "results_dir"}
 SESSION_FLAGS = {"todo", "load_path"}
 
@@ -126,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--T1", type=int, default=20, help="free-phase steps")
     add("--T2", type=int, default=4, help="nudged-phase steps")
     add("--betas", type=float, nargs="+", default=[0.0, 0.01], help="beta1 beta2")
+    add("--dynamics", choices=DYNAMICS, default="sync", help="sync or async (odd/even) steps")
+    add("--tol", type=float, default=None, help="stop a phase once max|ds| < TOL (T1/T2 caps)")
     add("--random-sign", action="store_true", help="random sign of beta2 per batch")
     add("--thirdphase", action="store_true", help="nudge with +beta2 and -beta2")
     add("--loss", choices=("mse", "cel"), default="mse", help="loss")
@@ -217,6 +222,7 @@ def check_args(args: argparse.Namespace) -> None:
     check_positive(args, ("T1", "T2", "epochs", "mbs"))
     check_positive(args, ("num_workers",), minimum=0)
     check_betas(args)
+    check_tol(args)
     if args.model == "LCACNN" and not args.dict_training:
         raise UsageError("LCACNN needs --dict_training pretrained, finetune or learn")
     if args.model != "LCACNN" and args.dict_training:
@@ -259,6 +265,19 @@ def check_betas(args: argparse.Namespace) -> None:
         )
     if args.alg == "BPTT" and args.T2 > args.T1:
         raise UsageError(f"BPTT backpropagates the last T2 of T1 steps: T2 ({args.T2}) > T1")
+
+
+def check_tol(args: argparse.Namespace) -> None:
+    """``--tol`` is a positive finite number when given."""
+    if args.tol is not None and not 0 < args.tol < math.inf:
+        raise UsageError(f"--tol must be a positive number (e.g. --tol 1e-4), got {args.tol}")
+
+
+def set_dynamics(model: EnergyNet, args: argparse.Namespace) -> None:
+    """``--dynamics`` and ``--tol`` into the engine (runs saved without them get the defaults,
+    sync steps and fixed T1/T2, through ``saved_args``)."""
+    check_tol(args)
+    model.set_dynamics(args.dynamics, args.tol)
 
 
 def check_conv_args(args: argparse.Namespace, classes: int) -> int:
@@ -530,6 +549,16 @@ def plot_neural_activity(model: EnergyNet, probe: tuple[Tensor, Tensor], T: int,
     data_utils.plot_neural_activity(neurons, path, names)
 
 
+def plot_settling(model: EnergyNet, probe: tuple[Tensor, Tensor], args, path: Path) -> None:
+    """Energy and max|ds| per step of the free and nudged phases, sync and async, on a few
+    probe images (``SETTLING_IMAGES``)."""
+    device = next(model.parameters()).device
+    x, y = probe[0][:SETTLING_IMAGES].to(device), probe[1][:SETTLING_IMAGES].to(device)
+    traces = settling_trace(model, x, y, args.T1, args.T2, tuple(args.betas))
+    title = f"{len(y)} test images, T1 {args.T1}, T2 {args.T2}, betas {args.betas}"
+    data_utils.plot_settling(traces, path, title)
+
+
 @torch.no_grad()
 def plot_reconstructions(model: LCA_CNN, images: Tensor, path: Path) -> None:
     """Test images and their LCA reconstructions with the initial and the final dictionary."""
@@ -615,6 +644,7 @@ class RunRecorder:
         data_utils.plot_metrics(self.run_dir)
         path = self.run_dir / "neural_activity.png"
         plot_neural_activity(self.model, self.data.probe, self.args.T1, path)
+        plot_settling(self.model, self.data.probe, self.args, self.run_dir / "settling.png")
         if isinstance(self.model, LCA_CNN) and self.args.dict_training != "pretrained":
             self.plot_dictionary(f"dictionary_epoch{epoch}.png", f"dictionary after epoch {epoch}")
 
@@ -668,6 +698,7 @@ def run_train(args: argparse.Namespace, explicit: set[str], argv: list[str]) -> 
     seed_everything(args.seed)
     model_config = checkpoint["model_config"] if checkpoint else model_config_from_args(args)
     model, optimizer, scheduler = build_training(args, model_config, device)
+    set_dynamics(model, args)
     if checkpoint:
         restore_training_state(checkpoint, model, optimizer, scheduler)
     else:
@@ -799,11 +830,13 @@ def run_evaluate(args: argparse.Namespace, explicit: set[str], argv: list[str]) 
     check_positive(args, ("T1", "mbs"))
     device = resolve_device(args.device)
     model = restore_model(record, device)
+    set_dynamics(model, args)
     data = build_data(args, train_aug=False, shuffle=False)
     train_acc = evaluate(model, data.train_loader, args.T1, device, "train set")
     test_acc = evaluate(model, data.test_loader, args.T1, device, "test set")
     line = (
-        f"evaluate {path.name} (epoch {record['epoch']}, T1 {args.T1}): "
+        f"evaluate {path.name} (epoch {record['epoch']}, T1 {args.T1}, {args.dynamics}"
+        f"{'' if args.tol is None else f', tol {args.tol}'}): "
         f"train_acc {train_acc:.4f} test_acc {test_acc:.4f}"
     )
     print(line)
@@ -827,6 +860,7 @@ def run_gducheck(args: argparse.Namespace, explicit: set[str], argv: list[str]) 
         seed_everything(args.seed)
         model, _, _ = build_training(args, model_config_from_args(args), device)
         load_pretrained_dictionary(model, args)
+    set_dynamics(model, args)
     x, y = next(iter(build_data(args, train_aug=False, shuffle=False).train_loader))
     report = gdu_check(model, x.to(device), y.to(device), ep_config(args))
     print(f"{'parameter':<28} {'relative RMSE':>14} {'sign errors':>12}")

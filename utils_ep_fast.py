@@ -1044,6 +1044,41 @@ def train(
     return history
 
 
+@torch.no_grad()
+def settling_trace(
+    model: EnergyNet, x: Tensor, y: Tensor, T1: int, T2: int, betas: tuple[float, float]
+) -> dict[str, dict[str, Tensor | None]]:
+    """How each dynamics settles the batch ``x``: per ``sync`` and ``async``, a free phase of
+    ``T1`` steps from zero at ``betas[0]`` and a nudged phase of ``T2`` steps from its end at
+    ``betas[1]``, every step taken (no tolerance).
+
+    Returns per dynamics ``free_energy`` (T1 + 1,) and ``nudged_energy`` (T2 + 1,): the mean
+    energy (``EnergyNet.energy``, with each phase's beta) over the batch from the phase's start,
+    None when the activation has no energy; ``free_change`` (T1,) and ``nudged_change`` (T2,):
+    ``max |s_t - s_(t-1)|`` over layers and samples at every step.
+    """
+    encoding = model.prepare_input(x)
+    code = encoding.code
+    has_energy = model.activation in CLAMP_SLOPES
+    traces = {}
+    for dynamics in DYNAMICS:
+        trace: dict[str, Tensor | None] = {}
+        neurons = model.init_neurons(code)
+        with model.dynamics_set_to(dynamics):
+            for phase, T, beta in (("free", T1, betas[0]), ("nudged", T2, betas[1])):
+                energies, changes = [], []
+                for step in range(T + 1):
+                    if has_energy:
+                        energies.append(model.energy(code, y, neurons, beta).mean())
+                    if step < T:
+                        previous, neurons = neurons, model(code, y, neurons, 1, beta)
+                        changes.append(torch.tensor(max_change(previous, neurons)))
+                trace[f"{phase}_energy"] = torch.stack(energies).cpu() if has_energy else None
+                trace[f"{phase}_change"] = torch.stack(changes) if changes else torch.zeros(0)
+        traces[dynamics] = trace
+    return traces
+
+
 # --------------------------------------------------------------------------------------------
 # Gradient descending updates (GDU) check: EP's nudged-phase updates vs BPTT's gradients
 # --------------------------------------------------------------------------------------------
@@ -1123,6 +1158,7 @@ __all__ = [
     "make_optimizer",
     "make_scheduler",
     "settle",
+    "settling_trace",
     "train",
     "train_batch",
     "train_epoch",
