@@ -1,7 +1,11 @@
 """--dynamics and --tol on the command line: defaults unchanged, saved with the run, reported."""
 
+import os
+import shlex
+import subprocess
+
 import torch
-from test_cli import DIGITS_CNN, load, only_run_dir, read_csv
+from test_cli import DIGITS_CNN, ROOT, load, only_run_dir, read_csv, seed_argv
 
 import main_fast
 
@@ -68,3 +72,31 @@ def test_bad_tol_is_a_usage_error(tmp_path, capsys):
     for bad in ("0", "-1e-3", "inf", "nan"):
         assert main_fast.main(DIGITS_CNN + [f"--tol={bad}"]) == 2
         assert "--tol must be a positive number" in capsys.readouterr().err
+
+
+def test_fast_script_runs_the_seed_command_with_async_and_tol(tmp_path):
+    """run/cifar10_fast.sh NAME: the seed command of run/<NAME script> plus the fast flags
+    (a stand-in ``python`` on PATH prints the command instead of training)."""
+    fake = tmp_path / "python"
+    fake.write_text('#!/usr/bin/env bash\necho "python $*"\n')
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}"}
+    script = ROOT / "run" / "cifar10_fast.sh"
+    result = subprocess.run(
+        ["bash", str(script), "rcnn", "--device", "1"], env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    argv = shlex.split(result.stdout)[2:]
+    assert argv[: len(seed_argv("rcnn"))] == seed_argv("rcnn")
+    assert argv[len(seed_argv("rcnn")) :] == [
+        "--dynamics",
+        "async",
+        "--tol",
+        "1e-4",
+        "--device",
+        "1",
+    ]
+    args, _ = main_fast.parse_args(argv)
+    assert (args.dynamics, args.tol, args.T1, args.T2) == ("async", 1e-4, 250, 50)
+    bad = subprocess.run(["bash", str(script), "mlp"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "usage: run/cifar10_fast.sh" in bad.stderr
