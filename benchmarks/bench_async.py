@@ -38,6 +38,7 @@ from functools import partial
 import torch
 from common import (
     SEED_CNN,
+    SEED_LCACNN,
     cifar_like_batch,
     interleaved_times,
     load_average,
@@ -53,41 +54,14 @@ from lca_utils_ep_fast import LCA_CNN
 from utils_ep_fast import P_CNN, EPConfig, make_optimizer, max_change, train, train_epoch
 
 TOLS = (1e-3, 1e-4)
-DIGITS_RCNN = dict(
-    in_size=8,
-    in_channels=1,
-    channels=[16, 32],
-    kernels=[3, 3],
-    strides=[1, 1],
-    paddings=[1, 1],
-    pools="mm",
-    fc=[10],
-    activation="my_hard_sig",
-    softmax=True,
-    loss="cel",
-)
-DIGITS_LCACNN = dict(
-    in_size=8,
-    in_channels=1,
-    lca_feats=16,
-    lca_ksize=3,
-    lca_stride=1,
-    lca_lambda=0.1,
-    lca_tau=100,
-    lca_eta=0.01,
-    lca_iters=100,
-    channels=[16, 32],
-    kernels=[3],
-    strides=[1],
-    paddings=[1],
-    pools="im",
-    fc=[10],
-    activation="my_hard_sig",
-    softmax=True,
-    loss="cel",
-    scale_feedback=0.01,
-    dict_training="learn",
-)
+# The README's digits nets: RCNN 16-32 on 8x8x1; LCACNN with 16 LCA features 3x3, stride 1
+DIGITS_RCNN = {**SEED_CNN, "in_size": 8, "in_channels": 1, "channels": [16, 32],
+               "kernels": [3, 3], "strides": [1, 1], "paddings": [1, 1], "pools": "mm"}  # fmt: skip
+DIGITS_LCACNN = {**SEED_LCACNN, "in_size": 8, "in_channels": 1, "lca_feats": 16, "lca_ksize": 3,
+                 "lca_stride": 1, "lca_lambda": 0.1, "lca_eta": 0.01, "lca_iters": 100,
+                 "channels": [16, 32], "kernels": [3], "strides": [1], "paddings": [1],
+                 "pools": "im", "scale": None, "scale_feedback": 0.01,
+                 "dict_training": "learn"}  # fmt: skip
 
 
 @torch.no_grad()

@@ -7,44 +7,14 @@ worked by hand for the energy, and a step-by-step loop for the stopping rule.
 import pytest
 import torch
 from math_checks import cosine
-from test_engine import converged_case
+from test_engine import ARCHITECTURES, converged_case
+from test_lca_cnn import SMALL as LCA_SMALL
 
 from lca_utils_ep_fast import LCA_CNN
 from utils_ep_fast import P_CNN, P_MLP, EPConfig, gdu_check, max_change, train_batch
 
-SEED_SHAPED = dict(  # the seed RCNN's layout (4 convs 3x3 pad 1, max-pools, softmax readout)
-    in_size=16,
-    in_channels=3,
-    channels=[2, 3, 4, 5],
-    kernels=[3, 3, 3, 3],
-    strides=[1, 1, 1, 1],
-    paddings=[1, 1, 1, 1],
-    pools="mmmm",
-    fc=[10],
-    activation="my_hard_sig",
-    softmax=True,
-    loss="cel",
-)
-LCA_SMALL = dict(
-    in_size=8,
-    in_channels=1,
-    lca_feats=4,
-    lca_ksize=3,
-    lca_stride=1,
-    lca_lambda=0.1,
-    lca_tau=10,
-    lca_eta=0.05,
-    lca_iters=20,
-    channels=[4, 6, 8],
-    kernels=[3, 3],
-    strides=[1, 1],
-    paddings=[1, 1],
-    pools="imm",
-    fc=[10],
-    activation="my_hard_sig",
-    softmax=True,
-    loss="cel",
-)
+# the seed RCNN's layout (4 convs 3x3 pad 1, max-pools, softmax readout), small
+SEED_SHAPED = {**ARCHITECTURES[3][1], "pools": "mmmm", "fc": [10], "activation": "my_hard_sig"}
 MLP_SMALL = dict(archi=[12, 9, 7, 10], activation="my_hard_sig", loss="mse")
 
 
