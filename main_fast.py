@@ -503,12 +503,15 @@ def load_model_file(load_path: str) -> tuple[dict, Path]:
 
 
 def restore_model(record: dict, device: torch.device) -> EnergyNet:
-    """The model of a saved record, rebuilt from its configuration, on ``device``."""
+    """The model of a saved record, rebuilt from its configuration, on ``device``, with the
+    run's dynamics and tolerance."""
     try:
         model = build_model(record["model_config"])
         model.load_state_dict(record["model_state"])
     except (ValueError, RuntimeError, KeyError, TypeError) as error:
         raise UsageError(f"the saved model does not rebuild: {error}") from error
+    saved = record["args"]  # runs saved before --dynamics and --tol existed: the defaults
+    model.set_dynamics(saved.get("dynamics", "sync"), saved.get("tol"))
     return model.to(device)
 
 

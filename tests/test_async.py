@@ -332,3 +332,27 @@ def test_tol_does_not_cut_bptt_graph():
     model.set_dynamics("async", tol=1e-3, tol_every=1)
     model(x, y, model.init_neurons(x), 100, track_grad=True)
     assert model.last_phase == (100, None)
+
+
+@pytest.mark.parametrize("activation", ["my_hard_sig", "tanh"])
+def test_settling_trace_and_its_figure(activation, tmp_path):
+    """The diagnostic behind settling.png: per step of each dynamics, the mean energy (async:
+    never up in the free phase) and max|ds| (async: 0 once settled); tanh has no energy."""
+    import data_utils
+    from utils_ep_fast import settling_trace
+
+    model = make_model("cnn", 2.0, activation=activation)
+    x, y = images("cnn")
+    traces = settling_trace(model, x, y, 30, 6, (0.0, 0.5))
+    assert set(traces) == {"sync", "async"}
+    for trace in traces.values():
+        assert trace["free_change"].shape == (30,) and trace["nudged_change"].shape == (6,)
+    if activation == "tanh":
+        assert traces["async"]["free_energy"] is None
+    else:
+        energy = traces["async"]["free_energy"]
+        assert energy.shape == (31,) and (energy.diff() <= 1e-12 * energy.abs()[1:]).all()
+        mean_energy = model.energy(x, y, settle_with(model, "async", x, y, 30)).mean()
+        torch.testing.assert_close(energy[-1], mean_energy)
+    data_utils.plot_settling(traces, tmp_path / "settling.png", "title")
+    assert (tmp_path / "settling.png").stat().st_size > 0
