@@ -617,6 +617,13 @@ _METRIC_PLOTS: tuple[tuple[str, str, str, Callable[[str], bool]], ...] = (
         "angle (degrees)",
         lambda c: c.startswith("angle_"),
     ),
+    ("phase_steps.png", "Steps per phase (--tol)", "mean steps", lambda c: c.endswith("_steps")),
+    (
+        "phases_at_cap.png",
+        "Phases that hit their cap unsettled (--tol)",
+        "fraction of phases",
+        lambda c: c.endswith("_at_cap"),
+    ),
 )
 
 
@@ -629,8 +636,9 @@ def plot_metrics(rows: list[dict]) -> dict[str, Figure]:
     """Figures of a run's per-epoch ``rows`` (results.csv) against ``epoch`` (the row number
     without that column), by file name: ``accuracy.png`` (every ``*_acc`` column), and when such
     columns exist ``sparsity.png`` (``*frac_active*``), ``recon_error.png`` (``*recon_error*``),
-    ``dict_cosine.png`` (``*dict_cosine*``) and ``angles.png`` (``angle_*``, the vector-field
-    models' forward/backward weight angles). None without rows."""
+    ``dict_cosine.png`` (``*dict_cosine*``), ``angles.png`` (``angle_*``, the vector-field
+    models' forward/backward weight angles), and with ``--tol`` ``phase_steps.png``
+    (``*_steps``) and ``phases_at_cap.png`` (``*_at_cap``). None without rows."""
     if not rows:
         return {}
     columns = list(rows[0])
@@ -784,5 +792,47 @@ def plot_dictlearning_curves(rows: list[dict[str, float]], metrics: Sequence[str
         ax.set(xlabel="epoch", ylabel=name.replace("_", " "))
         ax.grid(True, alpha=0.4)
     fig.suptitle("LCA dictionary learning (dotted: lambda raised)")
+    fig.tight_layout()
+    return fig
+
+
+def plot_settling(traces: dict, title: str = "") -> Figure:
+    """``utils_ep_fast.settling_trace`` drawn: one column per dynamics (sync and
+    async side by side), the mean energy above its lowest value in the phase (top, log scale;
+    absent without an energy) and ``max |s_t - s_(t-1)|`` (bottom, log scale) against the
+    step, the free phase then the nudged phase after it (each phase with its own beta)."""
+    names = list(traces)
+    has_energy = traces[names[0]]["free_energy"] is not None
+    nrows = 2 if has_energy else 1
+    fig = Figure(figsize=(5.5 * len(names), 3.2 * nrows))
+    for col, name in enumerate(names):
+        trace = traces[name]
+        free_steps = len(trace["free_change"])
+        axes = [
+            fig.add_subplot(nrows, len(names), row * len(names) + col + 1) for row in range(nrows)
+        ]
+        if has_energy:
+            free, nudged = trace["free_energy"], trace["nudged_energy"]
+            above_min = [(phase - phase.min()).clamp_min(1e-12) for phase in (free, nudged)]
+            axes[0].semilogy(range(len(free)), above_min[0].numpy(), label="free phase")
+            nudged_steps = range(free_steps, free_steps + len(nudged))
+            axes[0].semilogy(nudged_steps, above_min[1].numpy(), label="nudged phase")
+            axes[0].set(
+                title=f"{name}: E - min E of the phase (mean E over images)", ylabel="energy gap"
+            )
+        change = axes[-1]
+        change.semilogy(range(1, free_steps + 1), trace["free_change"].numpy(), label="free phase")
+        nudged_change = trace["nudged_change"]
+        change.semilogy(
+            range(free_steps + 1, free_steps + 1 + len(nudged_change)),
+            nudged_change.numpy(),
+            label="nudged phase",
+        )
+        change.set(title=f"{name}: max |s_t - s_(t-1)|", xlabel="step t", ylabel="max change")
+        for ax in axes:
+            ax.grid(True, alpha=0.4)
+            ax.legend()
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     return fig

@@ -52,6 +52,7 @@ from data_utils import UsageError, resolve_device, warn
 from lca_utils_ep_fast import DICT_MODES
 from utils_ep_fast import (
     ACTIVATIONS,
+    DYNAMICS,
     POOLS,
     DivergenceError,
     EnergyNet,
@@ -71,7 +72,7 @@ PROBE_IMAGES = 32
 # Flags a resumed or evaluated run takes from the command line; the rest come from the saved run.
 READ_OVERRIDES = {"epochs", "device", "data_dir", "num_workers", "no_download", "dict_path"}
 RESUME_OVERRIDES = READ_OVERRIDES | {"lrs", "wds"}
-EVALUATE_OVERRIDES = READ_OVERRIDES | {"T1", "mbs"}
+EVALUATE_OVERRIDES = READ_OVERRIDES | {"T1", "mbs", "dynamics", "tol"}
 GDUCHECK_OVERRIDES = EVALUATE_OVERRIDES | {"T2", "betas", "thirdphase", "save", "results_dir"}
 # Range of every float flag but --betas: (lowest, excluded?, highest, excluded?); None: no bound.
 FLOAT_RANGES = {
@@ -129,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--T1", type=int, default=20, help="free-phase steps")
     add("--T2", type=int, default=4, help="nudged-phase steps")
     add("--betas", type=float, nargs="+", default=[0.0, 0.01], help="beta1 beta2")
+    add("--dynamics", choices=DYNAMICS, default="sync", help="sync or async (odd/even) steps")
+    add("--tol", type=float, default=None, help="stop a phase once max|ds| < TOL (T1/T2 caps)")
     add("--random-sign", action="store_true", help="random sign of beta2 per batch")
     add("--thirdphase", action="store_true", help="nudge with +beta2 and -beta2")
     add("--loss", choices=("mse", "cel"), default="mse", help="loss")
@@ -218,6 +221,7 @@ def check_args(args: argparse.Namespace) -> None:
     check_positive(args, ("num_workers",), minimum=0)
     data_utils.check_numbers(args, FLOAT_RANGES)
     check_betas(args)
+    check_tol(args)
     if args.model == "LCACNN" and not args.dict_training:
         raise UsageError("LCACNN needs --dict_training pretrained, finetune or learn")
     if args.model != "LCACNN" and args.dict_training:
@@ -270,6 +274,19 @@ def check_betas(args: argparse.Namespace) -> None:
         )
     if args.alg == "BPTT" and args.T2 > args.T1:
         raise UsageError(f"BPTT backpropagates the last T2 of T1 steps: T2 ({args.T2}) > T1")
+
+
+def check_tol(args: argparse.Namespace) -> None:
+    """``--tol`` is a positive finite number when given."""
+    if args.tol is not None and not 0 < args.tol < math.inf:
+        raise UsageError(f"--tol must be a positive number (e.g. --tol 1e-4), got {args.tol}")
+
+
+def set_dynamics(model: EnergyNet, args: argparse.Namespace) -> None:
+    """``--dynamics`` and ``--tol`` into the engine (runs saved without them get the defaults,
+    sync steps and fixed T1/T2, through ``saved_args``)."""
+    check_tol(args)
+    model.set_dynamics(args.dynamics, args.tol)
 
 
 def check_conv_args(args: argparse.Namespace, classes: int) -> int:
@@ -411,6 +428,7 @@ def run_train(args: argparse.Namespace, explicit: set[str], argv: list[str]) -> 
             checkpoint["model_config"] if checkpoint else runs.model_config_from_args(args)
         )
         model, optimizer, scheduler = build_training(args, model_config, device)
+        set_dynamics(model, args)
         if checkpoint:
             runs.restore_training_state(checkpoint, model, optimizer, scheduler)
             if changed:
@@ -475,11 +493,13 @@ def run_evaluate(args: argparse.Namespace, explicit: set[str], argv: list[str]) 
     check_positive(args, ("T1", "mbs"))
     device = resolve_device(args.device)
     model = runs.restore_model(record, device)
+    set_dynamics(model, args)
     data = build_data(args, train_aug=False, shuffle=False, record=record)
     train_acc = evaluate(model, data.train_loader, args.T1, device, "train set")
     test_acc = evaluate(model, data.test_loader, args.T1, device, "test set")
     line = (
-        f"evaluate {path.name} (epoch {record['epoch']}, T1 {args.T1}): "
+        f"evaluate {path.name} (epoch {record['epoch']}, T1 {args.T1}, {args.dynamics}"
+        f"{'' if args.tol is None else f', tol {args.tol}'}): "
         f"train_acc {train_acc:.4f} test_acc {test_acc:.4f}"
     )
     print(line)
@@ -507,6 +527,7 @@ def run_gducheck(args: argparse.Namespace, explicit: set[str], argv: list[str]) 
     if args.save:
         runs.check_writable(args.results_dir, "results-dir")
     x, y = next(iter(build_data(args, train_aug=False, shuffle=False, record=record).train_loader))
+    set_dynamics(model, args)
     report = gdu_check(model, x.to(device), y.to(device), ep_config(args))
     print(f"{'parameter':<28} {'relative RMSE':>14} {'sign errors':>12}")
     for name, entry in report.items():

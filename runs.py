@@ -71,6 +71,7 @@ from utils_ep_fast import (
     EPConfig,
     check_finite,
     settle,
+    settling_trace,
     train,
 )
 from vf_utils_ep_fast import VF_CNN, VF_LCA_CNN, VF_MLP
@@ -95,6 +96,7 @@ MODEL_KEYS = ("model_config", "model_state", "epoch", "args")  # test_acc: absen
 CHECKPOINT_KEYS = (*MODEL_KEYS, "optimizer_state", "rng_state", "history", "best_test_acc")
 LOCK_FILE = ".lock"
 RECON_IMAGES = 8
+SETTLING_IMAGES = 8
 
 
 class DictionaryError(UsageError):
@@ -835,6 +837,8 @@ def restore_model(record: dict, device: torch.device | str = "cpu") -> EnergyNet
         model.load_state_dict(record["model_state"])
     except (ValueError, RuntimeError, KeyError, TypeError) as error:
         raise UsageError(f"the saved model does not rebuild: {first_line(error)}") from error
+    saved = record["args"]  # runs saved before --dynamics and --tol existed: the defaults
+    model.set_dynamics(saved.get("dynamics", "sync"), saved.get("tol"))
     return model.to(device)
 
 
@@ -910,6 +914,16 @@ def neural_activity_figure(model: EnergyNet, probe: tuple[Tensor, Tensor], T: in
     if isinstance(model, LCA_CNN):
         neurons, names = [encoding.code, *neurons], ["LCA code", *names]
     return data_utils.plot_neural_activity(neurons, names)
+
+
+def settling_figure(model: EnergyNet, probe: tuple[Tensor, Tensor], args) -> Figure:
+    """Energy and max|ds| per step of the free and nudged phases, sync and async, on a few
+    probe images (``SETTLING_IMAGES``)."""
+    device = next(model.parameters()).device
+    x, y = probe[0][:SETTLING_IMAGES].to(device), probe[1][:SETTLING_IMAGES].to(device)
+    traces = settling_trace(model, x, y, args.T1, args.T2, tuple(args.betas))
+    title = f"{len(y)} test images, T1 {args.T1}, T2 {args.T2}, betas {args.betas}"
+    return data_utils.plot_settling(traces, title)
 
 
 @torch.no_grad()
@@ -990,6 +1004,9 @@ class RunRecorder:
             save_figure(fig, self.run_dir / filename)
         activity = neural_activity_figure(self.model, self.probe, self.args.T1)
         save_figure(activity, self.run_dir / "neural_activity.png")
+        save_figure(
+            settling_figure(self.model, self.probe, self.args), self.run_dir / "settling.png"
+        )
         if isinstance(self.model, LCA_CNN) and self.args.dict_training != "pretrained":
             self.plot_dictionary(f"dictionary_epoch{epoch}.png", f"dictionary after epoch {epoch}")
 

@@ -123,6 +123,11 @@ class VectorField:
 
     # ---- engine hooks ---------------------------------------------------------------------
 
+    @property
+    def has_energy(self) -> bool:
+        """A vector field is not the gradient of an energy: none to trace."""
+        return False
+
     def Phi(self, *args, **kwargs) -> Tensor:
         raise NotImplementedError(
             "a vector-field model has no single Phi: its dynamics follow the layer-wise phis "
