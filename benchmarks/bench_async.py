@@ -35,19 +35,8 @@ import argparse
 import time
 from functools import partial
 
+import common as bench
 import torch
-from common import (
-    SEED_CNN,
-    SEED_LCACNN,
-    cifar_like_batch,
-    interleaved_times,
-    load_average,
-    median,
-    paired_ratio,
-    print_table,
-    seed_lcacnn,
-    set_threads,
-)
 
 import data_utils
 from lca_utils_ep_fast import LCA_CNN
@@ -55,10 +44,11 @@ from utils_ep_fast import P_CNN, EPConfig, make_optimizer, max_change, train, tr
 
 TOLS = (1e-3, 1e-4)
 # The README's digits nets: RCNN 16-32 on 8x8x1; LCACNN with 16 LCA features 3x3, stride 1
-DIGITS_RCNN = {**SEED_CNN, "in_size": 8, "in_channels": 1, "channels": [16, 32],
+DIGITS_RCNN = {**bench.SEED_CNN, "in_size": 8, "in_channels": 1, "channels": [16, 32],
                "kernels": [3, 3], "strides": [1, 1], "paddings": [1, 1], "pools": "mm"}  # fmt: skip
-DIGITS_LCACNN = {**SEED_LCACNN, "in_size": 8, "in_channels": 1, "lca_feats": 16, "lca_ksize": 3,
-                 "lca_stride": 1, "lca_lambda": 0.1, "lca_eta": 0.01, "lca_iters": 100,
+DIGITS_LCACNN = {**bench.SEED_LCACNN, "in_size": 8, "in_channels": 1, "lca_feats": 16,
+                 "lca_ksize": 3, "lca_stride": 1, "lca_lambda": 0.1, "lca_eta": 0.01,
+                 "lca_iters": 100,
                  "channels": [16, 32], "kernels": [3], "strides": [1], "paddings": [1],
                  "pools": "im", "scale": None, "scale_feedback": 0.01,
                  "dict_training": "learn"}  # fmt: skip
@@ -127,9 +117,9 @@ def fixed_point_agreement(model, cap: int) -> list[str]:
 def part_steps(args) -> None:
     cases = []
     torch.manual_seed(0)
-    x, y = cifar_like_batch(32)
-    cases.append(("seed RCNN, random init", P_CNN(**SEED_CNN), x, y, None))
-    lca_model = seed_lcacnn(scale_feedback=0.01)
+    x, y = bench.cifar_like_batch(32)
+    cases.append(("seed RCNN, random init", P_CNN(**bench.SEED_CNN), x, y, None))
+    lca_model = bench.seed_lcacnn(scale_feedback=0.01)
     cases.append(("seed LCACNN body, random init", lca_model, x, y, None))
     print("training the digits nets with sync steps (T1 = 20, T2 = 5) ...", flush=True)
     torch.manual_seed(0)
@@ -164,10 +154,10 @@ def part_steps(args) -> None:
     header = ["case (batch 32)"]
     for tol in TOLS:
         header += [f"sync<{tol:g}", f"async<{tol:g}", "sync/async"]
-    print_table(header, rows)
+    bench.print_table(header, rows)
     print()
     header = ["digits test set (360)", "differ>1e-3", "max_gap", "acc_sync%", "acc_async%"]
-    print_table(header, agreement_rows)
+    bench.print_table(header, agreement_rows)
 
 
 def part_digits(args) -> None:
@@ -188,14 +178,14 @@ def part_digits(args) -> None:
         rows.append(row)
         print(" | ".join(row), flush=True)
     header = ["T1/T2:dynamics[:tol]", "best%", "final%", "free_steps", "seconds", "speed-up"]
-    print_table(header, rows)
+    bench.print_table(header, rows)
 
 
 def part_epoch(args) -> None:
     """Seconds of one training epoch under each schedule, the schedules taken in turn every
     repeat (so that load from other jobs falls on all alike), each run going on from its last
     epoch (all start from the same weights):
-    medians and the median per-repeat speed-up over the first schedule."""
+    medians and the bench.median per-repeat speed-up over the first schedule."""
     variants = {}
     for schedule in args.schedules:
         T1, T2, dynamics, tol = parse_schedule(schedule)
@@ -206,13 +196,13 @@ def part_epoch(args) -> None:
         cfg = EPConfig(T1=T1, T2=T2, betas=(0.0, 0.5), thirdphase=True)
         loader = digits_loaders(16)[0]
         variants[schedule] = partial(train_epoch, model, optimizer, loader, cfg)
-    times = interleaved_times(variants, args.repeats, warmup=0)
+    times = bench.interleaved_times(variants, args.repeats, warmup=0)
     first = times[args.schedules[0]]
     rows = [
-        [name, f"{median(seconds):.1f}", f"{paired_ratio(first, seconds):.2f}"]
+        [name, f"{bench.median(seconds):.1f}", f"{bench.paired_ratio(first, seconds):.2f}"]
         for name, seconds in times.items()
     ]
-    print_table(["T1/T2:dynamics[:tol]", "epoch_s", "speed-up"], rows)
+    bench.print_table(["T1/T2:dynamics[:tol]", "epoch_s", "speed-up"], rows)
 
 
 def parse_schedule(schedule: str) -> tuple[int, int, str, float | None]:
@@ -236,15 +226,15 @@ def main() -> None:
         default=["20/5:sync", "20/5:async", "10/3:async", "6/2:async", "20/5:async:0.01"],
     )
     args = parser.parse_args()
-    threads = set_threads(args.threads)
-    print(f"bench_async: {threads} thread(s), float32, load average {load_average()}")
+    threads = bench.set_threads(args.threads)
+    print(f"bench_async: {threads} thread(s), float32, load average {bench.load_average()}")
     if "steps" in args.part:
         part_steps(args)
     if "digits" in args.part:
         part_digits(args)
     if "epoch" in args.part:
         part_epoch(args)
-    print(f"load average at the end: {load_average()}")
+    print(f"load average at the end: {bench.load_average()}")
 
 
 if __name__ == "__main__":
