@@ -187,6 +187,8 @@ class LCAConv2D(torch.nn.Module):
         self.input_unit_var = input_unit_var
         self.d_update_clip = d_update_clip
         self.req_grad = req_grad
+        # replaces the no-graph loop when set (compiled.CapturedLCA): (drive) -> (states, acts)
+        self.settle_runner: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None
 
         self.kh, self.kw = _pair(kernel_size, "kernel_size")
         self.sh, self.sw = _pair(stride, "stride")
@@ -406,28 +408,58 @@ class LCAConv2D(torch.nn.Module):
         """Run the LCA loop without a graph, reusing preallocated buffers.
 
         Returns ``(states, acts)``: states after the last update, acts = T(states) from
-        before it.
+        before it. A ``settle_runner`` (``compiled.CapturedLCA``, for ``--compile``) runs the
+        loop in its place when one is set.
         """
-        weights = self.weights
-        self_overlap = weights.pow(2).sum(dim=(1, 2, 3)).view(1, -1, 1, 1)
-        rate = 1.0 / self.tau
-        states = torch.zeros_like(drive)
-        acts = torch.empty_like(drive)
-        target = torch.empty_like(drive)
+        if self.settle_runner is not None:
+            return self.settle_runner(drive)
+        return self.settle_loop(drive, self.iterate_in_place)
+
+    def self_overlap(self) -> Tensor:
+        """``||D_f||^2`` per feature, (1, F, 1, 1): the diagonal that ``G = D^T D - I`` drops."""
+        return self.weights.pow(2).sum(dim=(1, 2, 3)).view(1, -1, 1, 1)
+
+    def settle_buffers(self, drive: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Zero states ``u`` and scratch for ``a``, the target ``b - G a`` and the patches of
+        ``_overlap``, all shaped for ``drive`` (N, F, H_out, W_out)."""
         n, _, h, w = drive.shape
-        patches = drive.new_empty(n, weights[0].numel(), h * w)
+        patches = drive.new_empty(n, self.weights[0].numel(), h * w)
+        return torch.zeros_like(drive), torch.empty_like(drive), torch.empty_like(drive), patches
+
+    def settle_loop(self, drive: Tensor, iterate: Callable[..., None]) -> tuple[Tensor, Tensor]:
+        """``lca_iters`` calls of ``iterate`` (``iterate_in_place`` or a compiled copy of it)
+        on fresh buffers; returns ``(states, acts)``."""
+        self_overlap = self.self_overlap()
+        states, acts, target, patches = self.settle_buffers(drive)
         for _ in range(self.lca_iters):
-            self._transfer_into(states, acts)
-            # target = b - G a, with G a = D^T D a - ||D_f||^2 a; then u += (target - u) / tau
-            torch.sub(drive, self._overlap(acts, weights, patches), out=target)
-            target.addcmul_(self_overlap, acts)
-            states.lerp_(target, rate)
+            iterate(drive, self.weights, self_overlap, states, acts, target, patches)
         return states, acts
+
+    def iterate_in_place(
+        self,
+        drive: Tensor,
+        weights: Tensor,
+        self_overlap: Tensor,
+        states: Tensor,
+        acts: Tensor,
+        target: Tensor,
+        patches: Tensor,
+    ) -> None:
+        """One LCA iteration on the buffers: ``a = T(u)``; ``u <- u + (b - G a - u) / tau``.
+
+        ``drive`` is ``b`` (N, F, H_out, W_out), ``self_overlap`` ``||D_f||^2`` (1, F, 1, 1);
+        ``states``, ``acts``, ``target`` and ``patches`` are overwritten (``u`` updated).
+        """
+        self._transfer_into(states, acts)
+        # target = b - G a, with G a = D^T D a - ||D_f||^2 a; then u += (target - u) / tau
+        torch.sub(drive, self._overlap(acts, weights, patches), out=target)
+        target.addcmul_(self_overlap, acts)
+        states.lerp_(target, 1.0 / self.tau)
 
     def _settle_with_graph(self, drive: Tensor) -> tuple[Tensor, Tensor]:
         """The same loop, out of place, so autograd can differentiate through it."""
         weights = self.weights
-        self_overlap = weights.pow(2).sum(dim=(1, 2, 3)).view(1, -1, 1, 1)
+        self_overlap = self.self_overlap()
         states = torch.zeros_like(drive)
         acts = states
         for _ in range(self.lca_iters):

@@ -218,6 +218,8 @@ class EnergyNet(nn.Module):
         self.layer_shapes: list[tuple[int, ...]] = []
         self.output_paddings: list[tuple[int, int] | None] = []
         self.num_classes = 0
+        # runs forward's phases in its loop's place when set (see forward)
+        self.phase_runner: Callable[..., list[Tensor] | None] | None = None
 
     # ---- construction helpers -------------------------------------------------------------
 
@@ -419,11 +421,16 @@ class EnergyNet(nn.Module):
         No graph is built unless ``track_grad`` (BPTT). The input list is left untouched. The
         input and the states are put once in the layout of ``memory_format_for`` (a copy only
         where they are not in it yet), and the input's drive ``F_0(x)`` is computed once for
-        the T steps.
+        the T steps. A ``phase_runner`` (``compiled.PhaseRunner``: ``--compile``,
+        ``--precision bf16``) runs the T steps in this loop's place unless it declines (None).
         """
         with torch.set_grad_enabled(track_grad):
             x = in_memory_format(x)
             neurons = [in_memory_format(state) for state in neurons]
+            if self.phase_runner is not None and T > 0:
+                settled = self.phase_runner(x, y, neurons, T, beta, track_grad)
+                if settled is not None:
+                    return settled
             input_drive = self._link_forward(0, x)[0] if T > 0 else None
             for _ in range(T):
                 neurons = self._step(x, y, neurons, beta, input_drive)
