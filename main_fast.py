@@ -28,7 +28,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+import compiled
 import data_utils
+import precision
 import runs
 from data_utils import UsageError, resolve_device, warn
 from lca_utils_ep_fast import DICT_MODES
@@ -51,7 +53,8 @@ PROBE_IMAGES = 32
 
 # Flags a resumed or evaluated run takes from the command line; the rest come from the saved run.
 RESUME_OVERRIDES = {"epochs", "device", "data_dir", "num_workers", "no_download", "dict_path"}
-EVALUATE_OVERRIDES = RESUME_OVERRIDES | {"T1", "mbs"}
+RESUME_OVERRIDES |= {"compile"}  # runs the same numbers, only faster
+EVALUATE_OVERRIDES = RESUME_OVERRIDES | {"T1", "mbs", "precision"}
 GDUCHECK_OVERRIDES = EVALUATE_OVERRIDES | {"T2", "betas", "thirdphase", "save", "results_dir"}
 
 
@@ -124,7 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--data-dir", default="./data", help="where the datasets are")
     add("--results-dir", default="./results", help="where run folders go")
     add("--dict-path", default=None, help="dictionary file; ./dictionaries/<task>/dictionary.pt")
-    add("--num-workers", type=int, default=0, help="data loader worker processes")
+    add("--num-workers", type=int, default=None, help="loader workers (None: 4 on CUDA, else 0)")
+    add("--compile", action="store_true", help="compiled phases (CUDA: replayed CUDA graphs)")
+    add("--precision", choices=precision.PRECISIONS, default=None, help="None: torch's own")
     add("--no-download", action="store_true", help="never download a missing dataset")
     return parser
 
@@ -182,7 +187,8 @@ def check_args(args: argparse.Namespace) -> None:
     args.task = data_utils.canonical_task(args.task)
     in_channels, height, width, classes = data_utils.task_info(args.task)
     check_positive(args, ("T1", "T2", "epochs", "mbs"))
-    check_positive(args, ("num_workers",), minimum=0)
+    if args.num_workers is not None:
+        check_positive(args, ("num_workers",), minimum=0)
     check_betas(args)
     if args.model == "LCACNN" and not args.dict_training:
         raise UsageError("LCACNN needs --dict_training pretrained, finetune or learn")
@@ -283,6 +289,11 @@ def load_pretrained_dictionary(model: EnergyNet, args: argparse.Namespace) -> No
         runs.load_model_dictionary(model, args.dict_path)
 
 
+def install_fast_paths(model: EnergyNet, args: argparse.Namespace, device: torch.device) -> None:
+    """``--precision`` sets the backends, then ``--compile`` / bf16 hook the model's phases."""
+    compiled.install(model, args.compile, precision.apply(args.precision, device))
+
+
 def ep_config(args: argparse.Namespace) -> EPConfig:
     """How the engine trains a batch, from the flags."""
     return EPConfig(
@@ -309,13 +320,15 @@ class Data:
     probe: tuple[Tensor, Tensor]  # first test images and labels, for the plots
 
 
-def build_data(args: argparse.Namespace, train_aug: bool, shuffle: bool) -> Data:
+def build_data(
+    args: argparse.Namespace, device: torch.device, train_aug: bool, shuffle: bool
+) -> Data:
     """Loaders of the EP training images and of the test set, plus a fixed probe batch."""
     train_set, test_set = data_utils.build_datasets(
         args.task, args.data_dir, data_aug=train_aug, download=not args.no_download
     )
     indices = runs.training_indices(args, len(train_set))
-    workers = args.num_workers
+    workers = data_utils.loader_workers(args.num_workers, device)
     train_loader = data_utils.make_loader(
         train_set, args.mbs, shuffle, seed=args.seed, num_workers=workers, indices=indices
     )
@@ -347,7 +360,10 @@ def run_train(args: argparse.Namespace, explicit: set[str], argv: list[str]) -> 
         runs.restore_training_state(checkpoint, model, optimizer, scheduler)
     else:
         load_pretrained_dictionary(model, args)
-    data = build_data(args, train_aug=args.data_aug, shuffle=True)
+    install_fast_paths(model, args, device)
+    data = build_data(args, device, train_aug=args.data_aug, shuffle=True)
+    probe = [tensor.to(device) for tensor in data.probe]
+    precision.check_ep_update(model, *probe, ep_config(args), args.precision)
     recorder = None
     if args.save:
         run_dir = Path(args.load_path) if checkpoint else runs.new_run_dir(args)
@@ -421,7 +437,8 @@ def run_evaluate(args: argparse.Namespace, explicit: set[str], argv: list[str]) 
     check_positive(args, ("T1", "mbs"))
     device = resolve_device(args.device)
     model = runs.restore_model(record, device)
-    data = build_data(args, train_aug=False, shuffle=False)
+    install_fast_paths(model, args, device)
+    data = build_data(args, device, train_aug=False, shuffle=False)
     train_acc = evaluate(model, data.train_loader, args.T1, device, "train set")
     test_acc = evaluate(model, data.test_loader, args.T1, device, "test set")
     line = (
@@ -449,11 +466,14 @@ def run_gducheck(args: argparse.Namespace, explicit: set[str], argv: list[str]) 
         runs.seed_everything(args.seed)
         model, _, _ = build_training(args, runs.model_config_from_args(args), device)
         load_pretrained_dictionary(model, args)
-    x, y = next(iter(build_data(args, train_aug=False, shuffle=False).train_loader))
-    report = gdu_check(model, x.to(device), y.to(device), ep_config(args))
+    install_fast_paths(model, args, device)
+    x, y = next(iter(build_data(args, device, train_aug=False, shuffle=False).train_loader))
+    x, y = x.to(device), y.to(device)
+    report = gdu_check(model, x, y, ep_config(args))
     print(f"{'parameter':<28} {'relative RMSE':>14} {'sign errors':>12}")
     for name, entry in report.items():
         print(f"{name:<28} {entry['rel_rmse']:>14.4f} {entry['sign_error']:>12.3f}")
+    precision.check_ep_update(model, x, y, ep_config(args), args.precision, refuse=False)
     if args.save:
         run_dir = runs.new_run_dir(args)
         runs.write_hyperparameters(run_dir, ["python", "main_fast.py", *argv], vars(args))

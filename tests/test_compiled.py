@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
 
 import compiled
+import main_fast
 from lca_utils_ep_fast import LCA_CNN
 from utils_ep_fast import P_CNN
 
@@ -79,10 +81,24 @@ def notices(capsys) -> list[str]:
 NO_COMPILER = shutil.which("cc") is None and shutil.which("gcc") is None
 
 
+# One batch of all 1437 training digits and one of the 360 test digits: few shapes to compile.
+DIGITS_RUN = ["--model", "CNN", "--task", "DIGITS", "--channels", "3", "--kernels", "3",
+              "--strides", "1", "--paddings", "1", "--pools", "m", "--fc", "10", "--lrs", "0.2",
+              "0.1", "--T1", "4", "--T2", "2", "--betas", "0.0", "0.5", "--thirdphase",
+              "--mbs", "1500", "--epochs", "2", "--seed", "0", "--save",
+              "--device", "cpu"]  # fmt: skip
+
+
+def final_weights(results: Path) -> dict[str, torch.Tensor]:
+    (path,) = results.glob("*/*/*/*/*/run_*/final_model.pt")
+    return torch.load(path, map_location="cpu", weights_only=True)["model_state"]
+
+
 @pytest.mark.skipif(NO_COMPILER, reason="inductor needs a C++ compiler on the CPU; none here")
-def test_compiled_phases_give_the_eager_states(capsys):
+def test_compiled_phases_give_the_eager_states_and_weights(tmp_path, capsys):
     """torch.compile of the EP step and of the LCA iteration: the same states as the engine's
-    loops to 1e-6 (float32), on a small RCNN and a small LCACNN."""
+    loops to 1e-6 (float32) on a small RCNN and a small LCACNN, and a --compile digits run
+    ends with the weights of the same run without it to 1e-5. (The only test that compiles.)"""
     x, y = images(5)
     for cls, config in ((P_CNN, RCNN), (LCA_CNN, LCACNN)):
         model = make(cls, config)
@@ -90,6 +106,17 @@ def test_compiled_phases_give_the_eager_states(capsys):
         compiled.install(model, compile=True, graphs=False)
         assert_states_match(phases(model, x, y), expected, 1e-6)
     assert notices(capsys) == []  # nothing fell back
+
+    assert main_fast.main(DIGITS_RUN + ["--results-dir", str(tmp_path / "eager")]) == 0
+    graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    compiled_run = DIGITS_RUN + ["--results-dir", str(tmp_path / "compiled"), "--compile"]
+    assert main_fast.main(compiled_run) == 0
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs_before  # it compiled
+    assert notices(capsys) == []
+    eager, captured = final_weights(tmp_path / "eager"), final_weights(tmp_path / "compiled")
+    assert eager.keys() == captured.keys()
+    for name, weight in eager.items():
+        assert (captured[name] - weight).abs().max().item() <= 1e-5, name
 
 
 @pytest.mark.parametrize("cls, config", [(P_CNN, RCNN), (LCA_CNN, LCACNN)])
