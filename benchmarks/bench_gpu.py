@@ -315,10 +315,9 @@ def main() -> None:
     x, y = (tensor.to(device) for tensor in cifar_like_batch(args.batch))
     cnn = seed_cnn().to(device)
     lcacnn = seed_lcacnn(lca_iters=args.lca_iters).to(device)
-    with torch.no_grad():
-        code = lcacnn.prepare_input(x).code
-
     if "steps" not in args.skip:
+        with torch.no_grad():
+            code = lcacnn.prepare_input(x).code
         rows = [
             step_row(name, model, inputs, y, kind, args, device)
             for kind in args.precisions
