@@ -126,6 +126,19 @@ def capture(function: Callable[[], None], device: torch.device, pool) -> Callabl
     return function
 
 
+def captured_or_none(make: Callable[[], object], what: str, notices: Notices):
+    """``make()`` (a capture of ``what``), or None with one notice when capturing fails."""
+    try:
+        return make()
+    except Exception as error:  # noqa: BLE001 - any capture failure means: no graphs
+        notices.once(
+            f"capture {what}",
+            f"--compile: capturing {what} in a CUDA graph failed ({first_line(error)}); "
+            f"it runs compiled without graphs",
+        )
+        return None
+
+
 def _layout(tensor: Tensor) -> tuple:
     return tuple(tensor.shape), tensor.stride(), tensor.dtype, tensor.device
 
@@ -272,18 +285,17 @@ class PhaseRunner:
         if key not in self.captured:
             if self.pool is None and x.device.type == "cuda":
                 self.pool = torch.cuda.graph_pool_handle()
-            try:
-                self.captured[key] = StepGraph(
+            graph = captured_or_none(
+                lambda: StepGraph(
                     self.step, self.model, x, y, neurons, beta, input_drive, self.pool
-                )
-            except Exception as error:  # noqa: BLE001 - any capture failure means: no graphs
+                ),
+                "the EP step",
+                self.notices,
+            )
+            if graph is None:
                 self.graphs = False
-                self.notices.once(
-                    "capture step",
-                    f"--compile: capturing the EP step in a CUDA graph failed "
-                    f"({first_line(error)}); phases run compiled without graphs",
-                )
                 return None
+            self.captured[key] = graph
         return self.captured[key]
 
 
@@ -346,16 +358,15 @@ class CapturedLCA:
             if key not in self.captured:
                 if self.pool is None and drive.is_cuda:
                     self.pool = torch.cuda.graph_pool_handle()
-                try:
-                    self.captured[key] = LCAGraph(self.iterate, lca, drive, self.pool)
-                except Exception as error:  # noqa: BLE001 - any capture failure: no graphs
+                graph = captured_or_none(
+                    lambda: LCAGraph(self.iterate, lca, drive, self.pool),
+                    "the LCA iteration",
+                    self.notices,
+                )
+                if graph is None:
                     self.graphs = False
-                    self.notices.once(
-                        "capture lca",
-                        f"--compile: capturing the LCA iteration in a CUDA graph failed "
-                        f"({first_line(error)}); the encode runs compiled without graphs",
-                    )
                     return self.__call__(drive)
+                self.captured[key] = graph
             return self.captured[key].run(lca, drive)
         return lca.settle_loop(drive, lambda *buffers: self.iterate(lca, *buffers))
 

@@ -2,6 +2,7 @@
 
     python benchmarks/bench_precision.py [--device cpu|cuda] [--batch 32] [--T1 250] [--T2 50]
                                          [--betas 1.0 0.1 0.01] [--batches 2] [--threads N]
+                                         [--models RCNN LCACNN]
 
 For the seed RCNN and the seed LCACNN (``--thirdphase``, softmax readout, CE; random
 initial weights, random CIFAR-sized images), every reduced precision (bf16 everywhere, tf32
@@ -41,6 +42,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=2)
     parser.add_argument("--lca-iters", type=int, default=600)
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--models", nargs="+", default=["RCNN", "LCACNN"])
     args = parser.parse_args()
     threads = set_threads(args.threads)
     device = torch.device(args.device)
@@ -50,10 +52,8 @@ def main() -> None:
         f" torch {torch.__version__}, {threads} threads, batch {args.batch}, T1 {args.T1}, "
         f"T2 {args.T2}, LCA {args.lca_iters} iterations, load {load_average()}"
     )
-    models = {
-        "RCNN": seed_cnn(),
-        "LCACNN": seed_lcacnn(lca_iters=args.lca_iters),
-    }
+    builders = {"RCNN": seed_cnn, "LCACNN": lambda: seed_lcacnn(lca_iters=args.lca_iters)}
+    models = {name: builders[name]() for name in args.models}
     rows = []
     for name, model in models.items():
         model.to(device)

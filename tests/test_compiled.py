@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_lca_cnn import SMALL
 
 import compiled
 import main_fast
@@ -26,26 +27,7 @@ RCNN = dict(
     softmax=True,
     loss="cel",
 )
-LCACNN = dict(
-    in_size=8,
-    in_channels=1,
-    lca_feats=3,
-    lca_ksize=3,
-    lca_stride=1,
-    lca_lambda=0.1,
-    lca_tau=5,
-    lca_eta=0.05,
-    lca_iters=6,
-    channels=[3, 4],
-    kernels=[3],
-    strides=[1],
-    paddings=[1],
-    pools="im",
-    fc=[10],
-    activation="my_hard_sig",
-    softmax=True,
-    loss="cel",
-)
+LCACNN = {**SMALL, "lca_iters": 6}
 
 
 def make(cls, config):
@@ -76,6 +58,18 @@ def assert_states_match(got, expected, tolerance: float) -> None:
 
 def notices(capsys) -> list[str]:
     return [line for line in capsys.readouterr().out.splitlines() if line.startswith("notice:")]
+
+
+def notices_of_two_runs(cls, config, capsys, **install) -> list[str]:
+    """Phases run twice with ``compiled.install(**install)`` (after whatever the test broke):
+    both times the eager states; returns the notices printed."""
+    model = make(cls, config)
+    x, y = images(5)
+    expected = phases(model, x, y)
+    compiled.install(model, **install)
+    for _ in range(2):
+        assert_states_match(phases(model, x, y), expected, 0.0)
+    return notices(capsys)
 
 
 NO_COMPILER = shutil.which("cc") is None and shutil.which("gcc") is None
@@ -148,14 +142,8 @@ def test_a_compile_that_fails_says_so_once_then_runs_eagerly(monkeypatch, capsys
 
         return run
 
-    model = make(LCA_CNN, LCACNN)
-    x, y = images(5)
-    expected = phases(model, x, y)
     monkeypatch.setattr(torch, "compile", failing_compile)
-    compiled.install(model, compile=True, graphs=False)
-    for _ in range(2):
-        assert_states_match(phases(model, x, y), expected, 0.0)
-    said = notices(capsys)
+    said = notices_of_two_runs(LCA_CNN, LCACNN, capsys, compile=True, graphs=False)
     assert said == [  # the encode runs first
         "notice: --compile: compiling the LCA iteration failed (RuntimeError: no working C++ "
         "compiler); it runs eagerly",
@@ -165,14 +153,8 @@ def test_a_compile_that_fails_says_so_once_then_runs_eagerly(monkeypatch, capsys
 
 
 def test_a_torch_without_compile_says_so_once(monkeypatch, capsys):
-    model = make(P_CNN, RCNN)
-    x, y = images(5)
-    expected = phases(model, x, y)
     monkeypatch.delattr(torch, "compile")
-    compiled.install(model, compile=True, graphs=False)
-    for _ in range(2):
-        assert_states_match(phases(model, x, y), expected, 0.0)
-    said = notices(capsys)
+    said = notices_of_two_runs(P_CNN, RCNN, capsys, compile=True, graphs=False)
     assert len(said) == 1 and "has no torch.compile; the EP step runs eagerly" in said[0]
 
 
@@ -180,14 +162,8 @@ def test_a_failed_capture_says_so_once_then_runs_without_graphs(monkeypatch, cap
     def failing_capture(function, device, pool):
         raise RuntimeError("operation not permitted when stream is capturing")
 
-    model = make(LCA_CNN, LCACNN)
-    x, y = images(5)
-    expected = phases(model, x, y)
     monkeypatch.setattr(compiled, "capture", failing_capture)
-    compiled.install(model, compile=False, graphs=True)
-    for _ in range(2):
-        assert_states_match(phases(model, x, y), expected, 0.0)
-    said = notices(capsys)
+    said = notices_of_two_runs(LCA_CNN, LCACNN, capsys, compile=False, graphs=True)
     assert len(said) == 2
     assert "capturing the LCA iteration in a CUDA graph failed (RuntimeError: operation" in said[0]
     assert "capturing the EP step in a CUDA graph failed" in said[1]

@@ -6,35 +6,22 @@ import copy
 
 import pytest
 import torch
+from test_compiled import RCNN
+from test_compiled import images as digit_like_images
 
 import compiled
 import main_fast
 import precision
 from utils_ep_fast import P_CNN, EPConfig, make_optimizer, train_batch
 
-TINY = dict(
-    in_size=8,
-    in_channels=1,
-    channels=[4, 6],
-    kernels=[3, 3],
-    strides=[1, 1],
-    paddings=[1, 1],
-    pools="mm",
-    fc=[10],
-    activation="my_hard_sig",
-    softmax=True,
-    loss="cel",
-)
-
 
 def tiny_model() -> P_CNN:
     torch.manual_seed(0)
-    return P_CNN(**TINY)
+    return P_CNN(**RCNN)
 
 
 def images(n: int = 8):
-    generator = torch.Generator().manual_seed(3)
-    return torch.rand(n, 1, 8, 8, generator=generator), torch.arange(n) % 10
+    return digit_like_images(n, seed=3)
 
 
 @pytest.mark.parametrize("thirdphase", [False, True])
