@@ -289,11 +289,6 @@ def load_pretrained_dictionary(model: EnergyNet, args: argparse.Namespace) -> No
         runs.load_model_dictionary(model, args.dict_path)
 
 
-def install_fast_paths(model: EnergyNet, args: argparse.Namespace, device: torch.device) -> None:
-    """``--precision`` sets the backends, then ``--compile`` / bf16 hook the model's phases."""
-    compiled.install(model, args.compile, precision.apply(args.precision, device))
-
-
 def ep_config(args: argparse.Namespace) -> EPConfig:
     """How the engine trains a batch, from the flags."""
     return EPConfig(
@@ -360,7 +355,7 @@ def run_train(args: argparse.Namespace, explicit: set[str], argv: list[str]) -> 
         runs.restore_training_state(checkpoint, model, optimizer, scheduler)
     else:
         load_pretrained_dictionary(model, args)
-    install_fast_paths(model, args, device)
+    compiled.install(model, args.compile, precision.apply(args.precision, device))
     data = build_data(args, device, train_aug=args.data_aug, shuffle=True)
     probe = [tensor.to(device) for tensor in data.probe]
     precision.check_ep_update(model, *probe, ep_config(args), args.precision)
@@ -437,7 +432,7 @@ def run_evaluate(args: argparse.Namespace, explicit: set[str], argv: list[str]) 
     check_positive(args, ("T1", "mbs"))
     device = resolve_device(args.device)
     model = runs.restore_model(record, device)
-    install_fast_paths(model, args, device)
+    compiled.install(model, args.compile, precision.apply(args.precision, device))
     data = build_data(args, device, train_aug=False, shuffle=False)
     train_acc = evaluate(model, data.train_loader, args.T1, device, "train set")
     test_acc = evaluate(model, data.test_loader, args.T1, device, "test set")
@@ -466,7 +461,7 @@ def run_gducheck(args: argparse.Namespace, explicit: set[str], argv: list[str]) 
         runs.seed_everything(args.seed)
         model, _, _ = build_training(args, runs.model_config_from_args(args), device)
         load_pretrained_dictionary(model, args)
-    install_fast_paths(model, args, device)
+    compiled.install(model, args.compile, precision.apply(args.precision, device))
     x, y = next(iter(build_data(args, device, train_aug=False, shuffle=False).train_loader))
     x, y = x.to(device), y.to(device)
     report = gdu_check(model, x, y, ep_config(args))
