@@ -563,6 +563,20 @@ def dataset_labels(dataset: Dataset) -> torch.LongTensor:
     return torch.tensor([int(dataset[i][1]) for i in range(len(dataset))], dtype=torch.int64)
 
 
+# Loader workers on CUDA when --num-workers is not given (at most the CPU count): the CPU
+# transforms (crop, flip, normalise) then run in parallel with the GPU's phases.
+CUDA_LOADER_WORKERS = 4
+
+
+def loader_workers(requested: int | None, device: torch.device) -> int:
+    """``--num-workers`` when given; else ``CUDA_LOADER_WORKERS`` on CUDA and 0 on the CPU."""
+    if requested is not None:
+        return requested
+    if device.type != "cuda":
+        return 0
+    return min(CUDA_LOADER_WORKERS, os.cpu_count() or 1)
+
+
 def make_loader(
     dataset: Dataset,
     batch_size: int,
@@ -575,7 +589,10 @@ def make_loader(
 
     With ``shuffle`` and a ``seed`` the order of every epoch comes from a ``torch.Generator``
     seeded with it (exposed as ``loader.generator``), so it is the same on every run; memory is
-    pinned when CUDA is available.
+    pinned when CUDA is available (so that ``.to(device, non_blocking=True)`` overlaps the copy
+    with the GPU's work). Workers are not persistent: each epoch's workers are seeded from the
+    loader's generator, whose state the checkpoint keeps, so a resumed run augments exactly as
+    an uninterrupted one would; a persistent worker's own RNG stream is in no checkpoint.
     """
     if indices is not None:
         idx = indices.tolist() if isinstance(indices, (Tensor, np.ndarray)) else list(indices)

@@ -268,6 +268,8 @@ class LCAConv2D(torch.nn.Module):
         self.weight_init, self.weight_init_kwargs = _split_weight_init(
             weight_init, weight_init_kwargs
         )
+        # replaces the no-graph loop when set (compiled.CapturedLCA): (drive) -> (states, acts)
+        self.settle_runner: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None
 
         self.kh, self.kw = _pair(kernel_size, "kernel_size")
         self.sh, self.sw = _pair(stride, "stride")
@@ -510,26 +512,67 @@ class LCAConv2D(torch.nn.Module):
 
         ``states`` (N, F, H_out, W_out) is the start ``u`` (zeros when None) and is updated in
         place. ``on_step(states, acts)`` sees the live buffers after every update. Returns
-        ``(states, acts)``: states after the last update, acts = T(states) from before it.
+        ``(states, acts)``: states after the last update, acts = T(states) from before it. A
+        ``settle_runner`` (``compiled.CapturedLCA``, for ``--compile``) runs the loop in its
+        place when one is set and the run starts from zero without a step hook.
         """
-        weights = self.weights
-        self_overlap = weights.pow(2).sum(dim=(1, 2, 3)).view(1, -1, 1, 1)
-        rate = 1.0 / self.tau
-        if states is None:
-            states = torch.zeros_like(drive)
-        acts = torch.empty_like(drive)
-        target = torch.empty_like(drive)
+        if self.settle_runner is not None and states is None and on_step is None:
+            return self.settle_runner(drive)
+        return self.settle_loop(drive, self.iterate_in_place, states, on_step)
+
+    def self_overlap(self) -> Tensor:
+        """``||D_f||^2`` per feature, (1, F, 1, 1): the diagonal that ``G = D^T D - I`` drops."""
+        return self.weights.pow(2).sum(dim=(1, 2, 3)).view(1, -1, 1, 1)
+
+    def settle_buffers(
+        self, drive: Tensor, states: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The states ``u`` (``states``, or zeros when None) and scratch for ``a``, the target
+        ``b - G a`` and the patches of ``_overlap``, all shaped for ``drive`` (N, F, H_out,
+        W_out)."""
         n, _, h, w = drive.shape
-        patches = drive.new_empty(n, weights[0].numel(), h * w)
+        patches = drive.new_empty(n, self.weights[0].numel(), h * w)
+        states = torch.zeros_like(drive) if states is None else states
+        return states, torch.empty_like(drive), torch.empty_like(drive), patches
+
+    def settle_loop(
+        self,
+        drive: Tensor,
+        iterate: Callable[..., None],
+        states: Tensor | None = None,
+        on_step: StepHook | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """``lca_iters`` calls of ``iterate`` (``iterate_in_place`` or a compiled copy of it)
+        from ``states`` (zeros when None, updated in place), ``on_step`` after each; returns
+        ``(states, acts)``."""
+        self_overlap = self.self_overlap()
+        states, acts, target, patches = self.settle_buffers(drive, states)
         for _ in range(self.lca_iters):
-            self._transfer_into(states, acts)
-            # target = b - G a, with G a = D^T D a - ||D_f||^2 a; then u += (target - u) / tau
-            torch.sub(drive, self._overlap(acts, weights, patches), out=target)
-            target.addcmul_(self_overlap, acts)
-            states.lerp_(target, rate)
+            iterate(drive, self.weights, self_overlap, states, acts, target, patches)
             if on_step is not None:
                 on_step(states, acts)
         return states, acts
+
+    def iterate_in_place(
+        self,
+        drive: Tensor,
+        weights: Tensor,
+        self_overlap: Tensor,
+        states: Tensor,
+        acts: Tensor,
+        target: Tensor,
+        patches: Tensor,
+    ) -> None:
+        """One LCA iteration on the buffers: ``a = T(u)``; ``u <- u + (b - G a - u) / tau``.
+
+        ``drive`` is ``b`` (N, F, H_out, W_out), ``self_overlap`` ``||D_f||^2`` (1, F, 1, 1);
+        ``states``, ``acts``, ``target`` and ``patches`` are overwritten (``u`` updated).
+        """
+        self._transfer_into(states, acts)
+        # target = b - G a, with G a = D^T D a - ||D_f||^2 a; then u += (target - u) / tau
+        torch.sub(drive, self._overlap(acts, weights, patches), out=target)
+        target.addcmul_(self_overlap, acts)
+        states.lerp_(target, 1.0 / self.tau)
 
     def _settle_with_graph(
         self, drive: Tensor, states: Tensor | None = None, on_step: StepHook | None = None
@@ -537,7 +580,7 @@ class LCAConv2D(torch.nn.Module):
         """The same loop, out of place, so autograd can differentiate through it (to the
         drive, the start ``states`` and ``weights``)."""
         weights = self.weights
-        self_overlap = weights.pow(2).sum(dim=(1, 2, 3)).view(1, -1, 1, 1)
+        self_overlap = self.self_overlap()
         if states is None:
             states = torch.zeros_like(drive)
         acts = states

@@ -46,7 +46,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+import compiled
 import data_utils
+import precision
 import runs
 from data_utils import UsageError, resolve_device, warn
 from lca_utils_ep_fast import DICT_MODES
@@ -70,9 +72,11 @@ TODOS = ("train", "evaluate", "gducheck")
 PROBE_IMAGES = 32
 
 # Flags a resumed or evaluated run takes from the command line; the rest come from the saved run.
+# --compile runs the same numbers, only faster.
 READ_OVERRIDES = {"epochs", "device", "data_dir", "num_workers", "no_download", "dict_path"}
+READ_OVERRIDES |= {"compile"}
 RESUME_OVERRIDES = READ_OVERRIDES | {"lrs", "wds"}
-EVALUATE_OVERRIDES = READ_OVERRIDES | {"T1", "mbs", "dynamics", "tol"}
+EVALUATE_OVERRIDES = READ_OVERRIDES | {"T1", "mbs", "dynamics", "tol", "precision"}
 GDUCHECK_OVERRIDES = EVALUATE_OVERRIDES | {"T2", "betas", "thirdphase", "save", "results_dir"}
 # Range of every float flag but --betas: (lowest, excluded?, highest, excluded?); None: no bound.
 FLOAT_RANGES = {
@@ -160,7 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--data-dir", default="./data", help="where the datasets are")
     add("--results-dir", default="./results", help="where run folders go")
     add("--dict-path", default=None, help="dictionary file; ./dictionaries/<task>/dictionary.pt")
-    add("--num-workers", type=int, default=0, help="data loader worker processes")
+    add("--num-workers", type=int, default=None, help="loader workers (None: 4 on CUDA, else 0)")
+    add("--compile", action="store_true", help="compiled phases (CUDA: replayed CUDA graphs)")
+    add("--precision", choices=precision.PRECISIONS, default=None, help="None: torch's own")
     add("--no-download", action="store_true", help="never download a missing dataset")
     return parser
 
@@ -218,7 +224,8 @@ def check_args(args: argparse.Namespace) -> None:
     args.task = data_utils.canonical_task(args.task)
     in_channels, height, width, classes = data_utils.task_info(args.task)
     check_positive(args, ("T1", "T2", "epochs", "mbs"))
-    check_positive(args, ("num_workers",), minimum=0)
+    if args.num_workers is not None:
+        check_positive(args, ("num_workers",), minimum=0)
     data_utils.check_numbers(args, FLOAT_RANGES)
     check_betas(args)
     check_tol(args)
@@ -371,7 +378,11 @@ class Data:
 
 
 def build_data(
-    args: argparse.Namespace, train_aug: bool, shuffle: bool, record: dict | None = None
+    args: argparse.Namespace,
+    device: torch.device,
+    train_aug: bool,
+    shuffle: bool,
+    record: dict | None = None,
 ) -> Data:
     """Loaders of the EP training images (those the saved ``record`` names, if given) and of
     the test set, plus a fixed probe batch."""
@@ -379,7 +390,7 @@ def build_data(
         args.task, args.data_dir, data_aug=train_aug, download=not args.no_download
     )
     indices = runs.training_indices(args, len(train_set), record)
-    workers = args.num_workers
+    workers = data_utils.loader_workers(args.num_workers, device)
     train_loader = data_utils.make_loader(
         train_set, args.mbs, shuffle, seed=args.seed, num_workers=workers, indices=indices
     )
@@ -435,7 +446,10 @@ def run_train(args: argparse.Namespace, explicit: set[str], argv: list[str]) -> 
                 runs.override_rates(optimizer, scheduler, args.lrs, args.wds)
         else:
             load_pretrained_dictionary(model, args)
-        data = build_data(args, train_aug=args.data_aug, shuffle=True, record=checkpoint)
+        compiled.install(model, args.compile, precision.apply(args.precision, device))
+        data = build_data(args, device, args.data_aug, shuffle=True, record=checkpoint)
+        probe = [tensor.to(device) for tensor in data.probe]
+        precision.check_ep_update(model, *probe, ep_config(args), args.precision)
         start_epoch = checkpoint["epoch"] if checkpoint else 0
         if checkpoint:
             runs.restore_rng(checkpoint, data.train_loader)
@@ -494,7 +508,8 @@ def run_evaluate(args: argparse.Namespace, explicit: set[str], argv: list[str]) 
     device = resolve_device(args.device)
     model = runs.restore_model(record, device)
     set_dynamics(model, args)
-    data = build_data(args, train_aug=False, shuffle=False, record=record)
+    compiled.install(model, args.compile, precision.apply(args.precision, device))
+    data = build_data(args, device, train_aug=False, shuffle=False, record=record)
     train_acc = evaluate(model, data.train_loader, args.T1, device, "train set")
     test_acc = evaluate(model, data.test_loader, args.T1, device, "test set")
     line = (
@@ -526,12 +541,16 @@ def run_gducheck(args: argparse.Namespace, explicit: set[str], argv: list[str]) 
         load_pretrained_dictionary(model, args)
     if args.save:
         runs.check_writable(args.results_dir, "results-dir")
-    x, y = next(iter(build_data(args, train_aug=False, shuffle=False, record=record).train_loader))
     set_dynamics(model, args)
-    report = gdu_check(model, x.to(device), y.to(device), ep_config(args))
+    compiled.install(model, args.compile, precision.apply(args.precision, device))
+    data = build_data(args, device, train_aug=False, shuffle=False, record=record)
+    x, y = next(iter(data.train_loader))
+    x, y = x.to(device), y.to(device)
+    report = gdu_check(model, x, y, ep_config(args))
     print(f"{'parameter':<28} {'relative RMSE':>14} {'sign errors':>12}")
     for name, entry in report.items():
         print(f"{name:<28} {entry['rel_rmse']:>14.4f} {entry['sign_error']:>12.3f}")
+    precision.check_ep_update(model, x, y, ep_config(args), args.precision, refuse=False)
     if args.save:
         run_dir = runs.new_run_dir(args)
         runs.write_hyperparameters(run_dir, ["python", "main_fast.py", *argv], vars(args))

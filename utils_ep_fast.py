@@ -276,6 +276,8 @@ class EnergyNet(nn.Module):
         self.num_classes = 0
         self.set_dynamics()
         self.last_phase = PhaseRecord(0, None)
+        # runs forward's phases in its loop's place when set (see forward)
+        self.phase_runner: Callable[..., list[Tensor] | None] | None = None
 
     def set_dynamics(
         self, dynamics: str = "sync", tol: float | None = None, tol_every: int = TOL_EVERY
@@ -645,11 +647,18 @@ class EnergyNet(nn.Module):
         steps taken go to ``last_phase``. No graph is built unless ``track_grad``. The input
         list is left untouched. The input and the states are put once in the layout of
         ``memory_format_for`` (a copy only where they are not in it yet), and the input's
-        drive ``F_0(x)`` is computed once for the T steps.
+        drive ``F_0(x)`` is computed once for the T steps. A ``phase_runner``
+        (``compiled.PhaseRunner``: ``--compile``, ``--precision bf16``) runs the T steps in
+        this loop's place unless it declines (None).
         """
         with torch.set_grad_enabled(track_grad):
             x = in_memory_format(x)
             neurons = [in_memory_format(state) for state in neurons]
+            if self.phase_runner is not None and T > 0:
+                settled = self.phase_runner(x, y, neurons, T, beta, track_grad)
+                if settled is not None:
+                    self.last_phase = PhaseRecord(T, None)
+                    return settled
             input_drive = self._link_forward(0, x)[0] if T > 0 else None
             advance = self._stepper(x, y, beta, input_drive)
             if self.tol is None or track_grad:
