@@ -181,7 +181,42 @@ class StepGraph:
         return [state.clone() for state in self.states]
 
 
-class PhaseRunner:
+class Capturer:
+    """What ``PhaseRunner`` and ``CapturedLCA`` share: the unbound ``function`` they run (its
+    compiled copy with ``compile``), whether they capture it in CUDA graphs (``graphs``;
+    ``None``: on CUDA when ``compile``), and the graphs already captured, one per key."""
+
+    def __init__(
+        self, function: Callable, what: str, compile: bool, graphs: bool | None, notices
+    ) -> None:
+        self.what = what
+        self.compile = compile
+        self.graphs = graphs
+        self.notices = notices or Notices()
+        self.function = CompiledFunction(function, what, self.notices) if compile else function
+        self.captured: dict[tuple, object] = {}
+        self.pool = None
+
+    def _use_graphs(self, device: torch.device) -> bool:
+        if self.graphs is None:
+            return self.compile and device.type == "cuda"
+        return self.graphs
+
+    def _graph(self, key: tuple, device: torch.device, make: Callable[[object], object]):
+        """The capture for ``key``, made on first use by ``make(pool)``, or ``None`` after a
+        failed capture (one notice; from then on the function runs without graphs)."""
+        if key not in self.captured:
+            if self.pool is None and device.type == "cuda":
+                self.pool = torch.cuda.graph_pool_handle()
+            graph = captured_or_none(lambda: make(self.pool), self.what, self.notices)
+            if graph is None:
+                self.graphs = False
+                return None
+            self.captured[key] = graph
+        return self.captured[key]
+
+
+class PhaseRunner(Capturer):
     """Runs ``EnergyNet.forward``'s phases (installed as ``model.phase_runner``).
 
     Args:
@@ -200,22 +235,11 @@ class PhaseRunner:
         autocast_dtype: torch.dtype | None = None,
         notices: Notices | None = None,
     ) -> None:
-        self.model = model
-        self.graphs = graphs
-        self.autocast_dtype = autocast_dtype
-        self.notices = notices or Notices()
         # unbound, called with the model: a subclass's own _step is the one compiled
-        step = type(model)._step
-        self.step = CompiledFunction(step, "the EP step", self.notices) if compile else step
-        self.compile = compile
-        self.captured: dict[tuple, StepGraph] = {}
-        self.pool = None
+        super().__init__(type(model)._step, "the EP step", compile, graphs, notices)
+        self.model = model
+        self.autocast_dtype = autocast_dtype
         self.parameter_addresses: tuple[int, ...] = ()
-
-    def _use_graphs(self, device: torch.device) -> bool:
-        if self.graphs is None:
-            return self.compile and device.type == "cuda"
-        return self.graphs
 
     def _autocast(self, device: torch.device):
         if self.autocast_dtype is None:
@@ -267,7 +291,7 @@ class PhaseRunner:
             if graph is not None:
                 return graph.run(x, y, neurons, input_drive, T)
         for _ in range(T):
-            neurons = self.step(self.model, x, y, neurons, beta, input_drive)
+            neurons = self.function(self.model, x, y, neurons, beta, input_drive)
         return neurons
 
     def _graph_for(
@@ -285,21 +309,13 @@ class PhaseRunner:
             self.captured.clear()
             self.parameter_addresses = addresses
         key = (beta, *(_layout(t) for t in (x, y, input_drive, *neurons)))
-        if key not in self.captured:
-            if self.pool is None and x.device.type == "cuda":
-                self.pool = torch.cuda.graph_pool_handle()
-            graph = captured_or_none(
-                lambda: StepGraph(
-                    self.step, self.model, x, y, neurons, beta, input_drive, self.pool
-                ),
-                "the EP step",
-                self.notices,
-            )
-            if graph is None:
-                self.graphs = False
-                return None
-            self.captured[key] = graph
-        return self.captured[key]
+        return self._graph(
+            key,
+            x.device,
+            lambda pool: StepGraph(
+                self.function, self.model, x, y, neurons, beta, input_drive, pool
+            ),
+        )
 
 
 class LCAGraph:
@@ -328,7 +344,7 @@ class LCAGraph:
         return self.states.clone(), self.acts.clone()
 
 
-class CapturedLCA:
+class CapturedLCA(Capturer):
     """Runs ``LCAConv2D``'s no-graph loop (installed as ``lca.settle_runner``); arguments as
     ``PhaseRunner``'s."""
 
@@ -339,39 +355,22 @@ class CapturedLCA:
         graphs: bool | None = None,
         notices: Notices | None = None,
     ) -> None:
+        super().__init__(type(lca).iterate_in_place, "the LCA iteration", compile, graphs, notices)
         self.lca = lca
-        self.graphs = graphs
-        self.compile = compile
-        self.notices = notices or Notices()
-        iterate = type(lca).iterate_in_place
-        self.iterate = (
-            CompiledFunction(iterate, "the LCA iteration", self.notices) if compile else iterate
-        )
-        self.captured: dict[tuple, LCAGraph] = {}
-        self.pool = None
 
     def __call__(self, drive: Tensor) -> tuple[Tensor, Tensor]:
         lca = self.lca
-        use_graphs = self.compile and drive.is_cuda if self.graphs is None else self.graphs
-        if use_graphs:
+        if self._use_graphs(drive.device):
             # what the graph bakes in: shapes, the weights' storage, and the settings read as
             # Python numbers (the step size 1 / tau and the threshold)
             transfer = (lca.tau, lca.lambda_, lca.nonneg, lca.transfer_func)
             key = (_layout(drive), lca.weights.data_ptr(), transfer)
-            if key not in self.captured:
-                if self.pool is None and drive.is_cuda:
-                    self.pool = torch.cuda.graph_pool_handle()
-                graph = captured_or_none(
-                    lambda: LCAGraph(self.iterate, lca, drive, self.pool),
-                    "the LCA iteration",
-                    self.notices,
-                )
-                if graph is None:
-                    self.graphs = False
-                    return self.__call__(drive)
-                self.captured[key] = graph
-            return self.captured[key].run(lca, drive)
-        return lca.settle_loop(drive, lambda *buffers: self.iterate(lca, *buffers))
+            graph = self._graph(
+                key, drive.device, lambda pool: LCAGraph(self.function, lca, drive, pool)
+            )
+            if graph is not None:
+                return graph.run(lca, drive)
+        return lca.settle_loop(drive, lambda *buffers: self.function(lca, *buffers))
 
 
 def install(
