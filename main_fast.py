@@ -13,12 +13,15 @@ underscore spellings.
 With ``--save`` a run writes a run folder (``runs.py`` describes its files and owns its
 lifecycle: records, checkpoints, per-epoch files, resume).
 
+Under ``torchrun`` the same command trains data-parallel (``distributed.py``).
+
 Exit status: 0 done, 1 training diverged, 2 bad input (message on stderr), 130 interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import sys
 from collections.abc import Callable, Sequence
@@ -29,8 +32,9 @@ import torch
 from torch import Tensor
 
 import data_utils
+import distributed
 import runs
-from data_utils import UsageError, resolve_device, warn
+from data_utils import UsageError, warn
 from lca_utils_ep_fast import DICT_MODES
 from utils_ep_fast import (
     ACTIVATIONS,
@@ -50,7 +54,8 @@ TODOS = ("train", "evaluate", "gducheck")
 PROBE_IMAGES = 32
 
 # Flags a resumed or evaluated run takes from the command line; the rest come from the saved run.
-RESUME_OVERRIDES = {"epochs", "device", "data_dir", "num_workers", "no_download", "dict_path"}
+RESUME_OVERRIDES = {"epochs", "device", "data_dir", "num_workers", "no_download", "dict_path",
+                    "dist_timeout"}  # fmt: skip
 EVALUATE_OVERRIDES = RESUME_OVERRIDES | {"T1", "mbs"}
 GDUCHECK_OVERRIDES = EVALUATE_OVERRIDES | {"T2", "betas", "thirdphase", "save", "results_dir"}
 
@@ -126,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--dict-path", default=None, help="dictionary file; ./dictionaries/<task>/dictionary.pt")
     add("--num-workers", type=int, default=0, help="data loader worker processes")
     add("--no-download", action="store_true", help="never download a missing dataset")
+    add("--dist-timeout", type=float, default=600.0, help="torchrun: collective timeout (s)")
     return parser
 
 
@@ -311,9 +317,10 @@ class Data:
 
 def build_data(args: argparse.Namespace, train_aug: bool, shuffle: bool) -> Data:
     """Loaders of the EP training images and of the test set, plus a fixed probe batch."""
-    train_set, test_set = data_utils.build_datasets(
-        args.task, args.data_dir, data_aug=train_aug, download=not args.no_download
-    )
+    with distributed.local_main_first():  # one download per node
+        train_set, test_set = data_utils.build_datasets(
+            args.task, args.data_dir, data_aug=train_aug, download=not args.no_download
+        )
     indices = runs.training_indices(args, len(train_set))
     workers = args.num_workers
     train_loader = data_utils.make_loader(
@@ -339,7 +346,7 @@ def run_train(args: argparse.Namespace, explicit: set[str], argv: list[str]) -> 
     else:
         check_args(args)
     note_unsaved(args)
-    device = resolve_device(args.device)
+    device = distributed.device_for(args.device)
     runs.seed_everything(args.seed)
     model_config = checkpoint["model_config"] if checkpoint else runs.model_config_from_args(args)
     model, optimizer, scheduler = build_training(args, model_config, device)
@@ -349,7 +356,7 @@ def run_train(args: argparse.Namespace, explicit: set[str], argv: list[str]) -> 
         load_pretrained_dictionary(model, args)
     data = build_data(args, train_aug=args.data_aug, shuffle=True)
     recorder = None
-    if args.save:
+    if args.save and distributed.is_main_process():
         run_dir = Path(args.load_path) if checkpoint else runs.new_run_dir(args)
         recorder = runs.RunRecorder(
             run_dir, model, model_config, optimizer, scheduler, data.train_loader, data.probe, args
@@ -368,14 +375,15 @@ def run_train(args: argparse.Namespace, explicit: set[str], argv: list[str]) -> 
         train(
             model,
             optimizer,
-            data.train_loader,
-            data.test_loader,
+            distributed.split_batches(data.train_loader, optimizer),
+            distributed.shard_evaluation(data.test_loader),
             ep_config(args),
             args.epochs,
             device,
             scheduler,
             start_epoch,
             recorder,
+            distributed.sum_totals,
         )
     except DivergenceError as error:
         raise DivergenceError(runs.divergence_message(error, recorder)) from error
@@ -419,17 +427,19 @@ def run_evaluate(args: argparse.Namespace, explicit: set[str], argv: list[str]) 
     record, path = runs.load_model_file(args.load_path)
     args = runs.saved_args(record["args"], args, explicit, EVALUATE_OVERRIDES)
     check_positive(args, ("T1", "mbs"))
-    device = resolve_device(args.device)
+    device = distributed.device_for(args.device)
     model = runs.restore_model(record, device)
     data = build_data(args, train_aug=False, shuffle=False)
-    train_acc = evaluate(model, data.train_loader, args.T1, device, "train set")
-    test_acc = evaluate(model, data.test_loader, args.T1, device, "test set")
+    shard, total = distributed.shard_evaluation, distributed.sum_totals
+    train_acc = evaluate(model, shard(data.train_loader), args.T1, device, "train set", total)
+    test_acc = evaluate(model, shard(data.test_loader), args.T1, device, "test set", total)
     line = (
         f"evaluate {path.name} (epoch {record['epoch']}, T1 {args.T1}): "
         f"train_acc {train_acc:.4f} test_acc {test_acc:.4f}"
     )
     print(line)
-    runs.append_text(path.parent, runs.HYPERPARAMETERS_TXT, line)
+    if distributed.is_main_process():
+        runs.append_text(path.parent, runs.HYPERPARAMETERS_TXT, line)
     return 0
 
 
@@ -440,12 +450,12 @@ def run_gducheck(args: argparse.Namespace, explicit: set[str], argv: list[str]) 
         record, _ = runs.load_model_file(args.load_path)
         args = runs.saved_args(record["args"], args, explicit, GDUCHECK_OVERRIDES)
         check_betas(args)
-        device = resolve_device(args.device)
+        device = distributed.device_for(args.device)
         model = runs.restore_model(record, device)
     else:
         check_args(args)
         note_unsaved(args)
-        device = resolve_device(args.device)
+        device = distributed.device_for(args.device)
         runs.seed_everything(args.seed)
         model, _, _ = build_training(args, runs.model_config_from_args(args), device)
         load_pretrained_dictionary(model, args)
@@ -454,7 +464,7 @@ def run_gducheck(args: argparse.Namespace, explicit: set[str], argv: list[str]) 
     print(f"{'parameter':<28} {'relative RMSE':>14} {'sign errors':>12}")
     for name, entry in report.items():
         print(f"{name:<28} {entry['rel_rmse']:>14.4f} {entry['sign_error']:>12.3f}")
-    if args.save:
+    if args.save and distributed.is_main_process():
         run_dir = runs.new_run_dir(args)
         runs.write_hyperparameters(run_dir, ["python", "main_fast.py", *argv], vars(args))
         runs.save_figure(data_utils.plot_gdu(report), run_dir / "gdu.png")
@@ -479,8 +489,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    todo = functools.partial(TODO_RUNNERS[args.todo], args, explicit, argv)
+    if distributed.launched():
+        typed = "device" in explicit
+        return distributed.run(todo, args.device, typed, args.dist_timeout)
     try:
-        return TODO_RUNNERS[args.todo](args, explicit, argv)
+        return todo()
     except DivergenceError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -448,7 +448,7 @@ class EnergyNet(nn.Module):
         ``dL/dW_out = (softmax - onehot)^T s_L``.
         """
         beta_1, beta_2 = betas
-        scale = 1.0 / ((beta_1 - beta_2) * x.shape[0])
+        scale = 1.0 / ((beta_1 - beta_2) * max(x.shape[0], 1))  # an empty batch gives zeros
         below_1 = [x, *neurons_1[:-1]]
         below_2 = [x, *neurons_2[:-1]]
         for k in range(self.num_layers):
@@ -692,6 +692,10 @@ def train_batch(
     return free, encoding
 
 
+def _own_totals(totals: dict[str, float]) -> dict[str, float]:
+    return totals
+
+
 def train_epoch(
     model: EnergyNet,
     optimizer: torch.optim.Optimizer,
@@ -699,9 +703,13 @@ def train_epoch(
     cfg: EPConfig,
     device: torch.device | str = "cpu",
     description: str = "train",
+    sum_totals: Callable[[dict[str, float]], dict[str, float]] = _own_totals,
 ) -> dict[str, float]:
     """One pass over ``loader``; returns ``train_acc`` and the model's batch stats, all averaged
-    over every sample of the epoch. Raises ``DivergenceError`` when states or weights blow up."""
+    over every sample of the epoch. Raises ``DivergenceError`` when states or weights blow up.
+
+    ``sum_totals`` turns this process's sums (correct, seen, stats) into sums over every
+    process of a data-parallel run (``distributed.sum_totals``); here they are all there is."""
     model.train()
     correct, seen = 0, 0
     stat_sums: dict[str, float] = {}
@@ -713,11 +721,13 @@ def train_epoch(
         batch = y.shape[0]
         correct += (model.predict(free) == y).sum().item()
         seen += batch
-        for name, value in model.batch_stats(encoding).items():
+        for name, value in model.batch_stats(encoding).items() if batch else ():
             stat_sums[name] = stat_sums.get(name, 0.0) + value * batch
-        progress.set_postfix(acc=f"{correct / seen:.3f}")
-    metrics = {"train_acc": correct / max(seen, 1)}
-    metrics.update({name: total / max(seen, 1) for name, total in stat_sums.items()})
+        progress.set_postfix(acc=f"{correct / max(seen, 1):.3f}")
+    totals = sum_totals({"correct": correct, "seen": seen, **stat_sums})
+    seen = totals.pop("seen")
+    metrics = {"train_acc": totals.pop("correct") / max(seen, 1)}
+    metrics.update({name: total / max(seen, 1) for name, total in totals.items()})
     return metrics
 
 
@@ -735,8 +745,10 @@ def evaluate(
     T: int,
     device: torch.device | str = "cpu",
     description: str = "eval",
+    sum_totals: Callable[[dict[str, float]], dict[str, float]] = _own_totals,
 ) -> float:
-    """Accuracy of the free fixed point after ``T`` steps over ``loader``."""
+    """Accuracy of the free fixed point after ``T`` steps over ``loader`` (its counts summed
+    over processes by ``sum_totals``, as in ``train_epoch``)."""
     model.eval()
     correct, seen = 0, 0
     for x, y in tqdm(loader, desc=description, leave=False, dynamic_ncols=True):
@@ -744,7 +756,8 @@ def evaluate(
         free = settle(model, x, y, T)[1]
         correct += (model.predict(free) == y).sum().item()
         seen += y.shape[0]
-    return correct / max(seen, 1)
+    totals = sum_totals({"correct": correct, "seen": seen})
+    return totals["correct"] / max(totals["seen"], 1)
 
 
 def train(
@@ -758,18 +771,18 @@ def train(
     scheduler=None,
     start_epoch: int = 0,
     on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
+    sum_totals: Callable[[dict[str, float]], dict[str, float]] = _own_totals,
 ) -> list[dict[str, float]]:
     """Train from ``start_epoch`` to ``epochs``; after each epoch evaluate on ``test_loader`` with
     T1 steps, step the scheduler and hand the metrics (``epoch`` counted from 1) to
-    ``on_epoch_end`` (which saves checkpoints and logs)."""
+    ``on_epoch_end`` (which saves checkpoints and logs). ``sum_totals``: see ``train_epoch``."""
     history = []
     for epoch in range(start_epoch, epochs):
         started = time.time()
         lr = optimizer.param_groups[0]["lr"]
-        metrics = train_epoch(
-            model, optimizer, train_loader, cfg, device, f"epoch {epoch + 1}/{epochs}"
-        )
-        metrics["test_acc"] = evaluate(model, test_loader, cfg.T1, device, "test")
+        description = f"epoch {epoch + 1}/{epochs}"
+        metrics = train_epoch(model, optimizer, train_loader, cfg, device, description, sum_totals)
+        metrics["test_acc"] = evaluate(model, test_loader, cfg.T1, device, "test", sum_totals)
         if scheduler is not None:
             scheduler.step()
         metrics = {"epoch": epoch + 1, **metrics, "lr": lr, "seconds": time.time() - started}
