@@ -53,6 +53,7 @@ from data_utils import UsageError, first_line, resolve_device
 from utils_ep_fast import DivergenceError
 
 FAILURE_KEY = "failure"
+STOPPED_KEY = "stopped"  # how many other ranks have seen the failure and are exiting
 WATCH_SECONDS = 0.5  # how often every rank looks for another rank's failure
 RANK_ZERO_GRACE_SECONDS = 0.5  # a failure seen everywhere at once is reported by rank 0
 EXIT_STATUS = ((UsageError, 2), (DivergenceError, 1), (KeyboardInterrupt, 130))
@@ -342,13 +343,31 @@ class FailureBoard:
         return int(failed_status), int(failed_rank)
 
     @classmethod
+    def follow(cls, status: int) -> None:
+        """Exit with another rank's failure ``status``, telling it so."""
+        with cls.lock:
+            cls.store.add(STOPPED_KEY, 1)
+        _exit_now(status)
+
+    @classmethod
+    def wait_for_the_others(cls) -> None:
+        """Give the other ranks time to exit with this rank's status before this one exits
+        (torchrun ends the rest with SIGTERM as soon as one has gone)."""
+        deadline = time.monotonic() + 2 * WATCH_SECONDS + 1.0
+        while time.monotonic() < deadline:
+            with cls.lock:
+                if cls.store.add(STOPPED_KEY, 0) >= world_size() - 1:
+                    return
+            time.sleep(0.05)
+
+    @classmethod
     def _watch(cls) -> None:
         try:
             while True:
                 time.sleep(WATCH_SECONDS)
                 failure = cls.read()
                 if failure is not None and failure[1] != rank() and not cls.stopping:
-                    _exit_now(failure[0])
+                    cls.follow(failure[0])
         except Exception:  # the store went away: torchrun is tearing the run down
             return
 
@@ -378,12 +397,13 @@ def fail(status: int, message: str, error: BaseException | None = None) -> None:
     if rank() != 0:
         time.sleep(RANK_ZERO_GRACE_SECONDS)
     kept_status, failed_rank = FailureBoard.record(status)
-    if failed_rank == rank():
-        if error is not None:
-            traceback.print_exception(error, file=sys.__stderr__)
-        if message:
-            where = f"rank {rank()} of {world_size()}"
-            print(f"error ({where}): {message}", file=sys.__stderr__)
+    if failed_rank != rank():
+        FailureBoard.follow(kept_status)
+    if error is not None:
+        traceback.print_exception(error, file=sys.__stderr__)
+    if message:
+        print(f"error (rank {rank()} of {world_size()}): {message}", file=sys.__stderr__)
+    FailureBoard.wait_for_the_others()
     _exit_now(kept_status)
 
 
