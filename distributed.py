@@ -202,9 +202,9 @@ class SplitBatches:
             yield x[start:stop], y[start:stop]
 
 
-def split_batches(loader: DataLoader, optimizer: torch.optim.Optimizer) -> Iterable:
-    """The training batches of this rank (``SplitBatches``), with ``optimizer`` now averaging the
-    gradients over ranks before every step. ``loader`` itself without a process group."""
+def split_batches(loader: DataLoader, optimizer: torch.optim.Optimizer | None = None) -> Iterable:
+    """The training batches of this rank (``SplitBatches``), with ``optimizer`` (if given) now
+    averaging the gradients over ranks before every step. ``loader`` without a process group."""
     if not active():
         return loader
     if loader.batch_size < world_size():
@@ -213,7 +213,8 @@ def split_batches(loader: DataLoader, optimizer: torch.optim.Optimizer) -> Itera
             f"process needs a part of each batch (--mbs is the global batch)"
         )
     batches = SplitBatches(loader, rank(), world_size())
-    optimizer.register_step_pre_hook(lambda *_: average_gradients(optimizer, batches.fraction))
+    if optimizer is not None:
+        optimizer.register_step_pre_hook(lambda *_: average_gradients(optimizer, batches.fraction))
     return batches
 
 

@@ -204,12 +204,20 @@ def test_resume_with_another_number_of_processes(cnn_reference, tmp_path, first,
     assert_same_run(run_dir, cnn_reference)
 
 
-def test_two_processes_finetune_the_lcacnn_dictionary_like_one(tmp_path):
+def test_two_processes_learn_and_finetune_the_dictionary_like_one(tmp_path):
+    """cifar_dictlearning.py, then LCACNN finetune, each with two processes and with one."""
     dictionary = tmp_path / "dict" / "dictionary.pt"
-    learn = ["--task", "DIGITS", "--out-dir", str(dictionary.parent), "--features", "4",
-             "--kernel-size", "3", "--stride", "1", "--epochs", "1", "--lca-iters", "10",
-             "--batch-size", "64", "--subset-fraction", "0.8"]  # fmt: skip
-    assert cifar_dictlearning.main(learn) == 0
+    learn = ["--task", "DIGITS", "--features", "4", "--kernel-size", "3", "--stride", "1",
+             "--epochs", "1", "--lca-iters", "10", "--batch-size", "64", "--subset-fraction",
+             "0.8", "--eta", "0.5", "--device", "cpu"]  # fmt: skip
+    assert cifar_dictlearning.main([*learn, "--out-dir", str(dictionary.parent)]) == 0
+    done = torchrun(2, [*learn, "--out-dir", str(tmp_path / "dict2")], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    learnt, expected = (
+        torch.load(folder / "dictionary.pt", weights_only=True)["weights"]
+        for folder in (tmp_path / "dict2", dictionary.parent)
+    )
+    assert (learnt - expected).norm() / expected.norm() <= TOLERANCE
     argv = DIGITS_LCACNN_FINETUNE + ["--epochs", "2", "--dict-path", str(dictionary)]
     reference = train_one_process(argv, tmp_path / "one")
     run_dir = train_two_processes(argv, tmp_path / "two", tmp_path)
