@@ -211,7 +211,8 @@ def test_two_processes_learn_and_finetune_the_dictionary_like_one(tmp_path):
              "--epochs", "1", "--lca-iters", "10", "--batch-size", "64", "--subset-fraction",
              "0.8", "--eta", "0.5", "--device", "cpu"]  # fmt: skip
     assert cifar_dictlearning.main([*learn, "--out-dir", str(dictionary.parent)]) == 0
-    done = torchrun(2, [*learn, "--out-dir", str(tmp_path / "dict2")], tmp_path)
+    learn_twice = [*learn, "--out-dir", str(tmp_path / "dict2")]
+    done = torchrun(2, learn_twice, tmp_path, script=ROOT / "cifar_dictlearning.py")
     assert done.returncode == 0, done.stderr[-3000:]
     learnt, expected = (
         torch.load(folder / "dictionary.pt", weights_only=True)["weights"]
