@@ -244,6 +244,7 @@ def run(args: argparse.Namespace) -> LCAConv2D:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    distributed.quiet_unless_rank_zero()
     args = build_parser().parse_args(argv)
     if distributed.launched():
 

@@ -125,14 +125,19 @@ def setup(device_spec: str, device_typed: bool, timeout_s: float) -> None:
         dist.init_process_group("cpu:gloo,cuda:nccl", timeout=timeout)
     else:
         dist.init_process_group("gloo", timeout=timeout)
-    if rank() != 0:
-        quiet = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
-        sys.stdout = sys.stderr = quiet
-    elif device_typed and uses_cuda(device_spec):
+    quiet_unless_rank_zero()
+    if rank() == 0 and device_typed and uses_cuda(device_spec):
         print(f"notice: --device {device_spec} ignored under torchrun: each process uses the GPU "
               "of its LOCAL_RANK")  # fmt: skip
     FailureBoard.start(timeout)
     share_seed()
+
+
+def quiet_unless_rank_zero() -> None:
+    """Under torchrun, send the stdout and stderr of every rank but 0 to ``os.devnull`` (the
+    failure report writes to ``sys.__stderr__``); nothing for one process."""
+    if launched() and os.environ["RANK"] != "0" and sys.stdout is sys.__stdout__:
+        sys.stdout = sys.stderr = open(os.devnull, "w")  # noqa: SIM115 (for the process's life)
 
 
 def share_seed() -> None:

@@ -482,6 +482,7 @@ TODO_RUNNERS: dict[str, Callable[[argparse.Namespace, set[str], list[str]], int]
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    distributed.quiet_unless_rank_zero()
     try:
         args, explicit = parse_args(argv)
     except SystemExit as done:  # --help
