@@ -259,3 +259,25 @@ def test_a_failing_rank_stops_every_rank(fault, batch, tmp_path):
         assert checkpoint["epoch"] == epochs_done and len(read_rows(run_dir)) == epochs_done
     else:
         assert not (run_dir / "checkpoint.pt").exists() and not (run_dir / "results.csv").exists()
+
+
+@pytest.mark.parametrize(
+    ("script", "env", "expected"),
+    [
+        ("torchrun_one_node.sh", {}, "--standalone --nproc_per_node 2 main_fast.py --model CNN"),
+        ("torchrun_two_nodes.sh", {"ENDPOINT": "node0:29500"},
+         "--nnodes 2 --nproc_per_node 2 --rdzv-backend c10d --rdzv-endpoint node0:29500 "
+         "--rdzv-id ep-rcnn main_fast.py --model CNN"),
+    ],
+    ids=["one-node", "two-nodes"],
+)  # fmt: skip
+def test_run_scripts_start_the_seed_command_under_torchrun(script, env, expected, tmp_path):
+    """A stand-in torchrun on PATH echoes what run/torchrun_*.sh hands it."""
+    fake = tmp_path / "torchrun"
+    fake.write_text('#!/bin/sh\necho "torchrun $*"\n')
+    fake.chmod(0o755)
+    environment = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}", "GPUS": "2", **env}
+    command = ["bash", str(ROOT / "run" / script), str(ROOT / "run" / "rcnn_cifar10.sh"), "--x"]
+    done = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"torchrun {expected}") and done.stdout.endswith("--x\n")
