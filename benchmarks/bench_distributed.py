@@ -7,10 +7,14 @@ Each process count is one ``torchrun --standalone`` of this script in worker mod
 per process. A worker trains the digits RCNN of ``run/digits_experiments.sh`` (16 -> 32
 channels, T1 = 20, T2 = 5) with EP through the engine's ``train_epoch`` on its part of every
 global batch (``distributed.split_batches``), and times every call of
-``distributed.average_gradients`` (the one flattened all-reduce of all gradients per batch).
-Rank 0 reports the median epoch over ``--epochs`` (the first, a warm-up, is left out when
-there are more) and the all-reduce's share of the training time. The table ends with the
-speed-up over the first process count.
+``distributed.average_gradients`` (the one flattened all-reduce of all gradients per batch),
+after a barrier timed apart: ``wait`` is the time a rank waits for the slowest one (load
+imbalance, other jobs), ``allreduce`` the reduction itself. Rank 0 reports medians over
+``--epochs`` (the first, a warm-up, is left out when there are more), per iteration and as
+shares of the training time, and the speed-up over the first process count. Last, each
+process count times the all-reduce of a buffer the size of the seed RCNN's weights (1.57 M
+floats, ``--seed-weights``), the cost that data-parallel training of the seed command adds to
+every batch.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ MODEL = dict(in_size=8, in_channels=1, channels=[16, 32], kernels=[3, 3], stride
              paddings=[1, 1], pools="mm", fc=[10], activation="my_hard_sig", softmax=True,
              loss="cel")  # fmt: skip
 CONFIG = EPConfig(alg="EP", T1=20, T2=5, betas=(0.0, 0.5), thirdphase=True)
+SEED_RCNN_WEIGHTS = 1_571_466  # sum(p.numel() for p in common.seed_cnn().parameters())
 
 
 def worker(epochs: int, mbs: int) -> int:
@@ -44,27 +49,40 @@ def worker(epochs: int, mbs: int) -> int:
     optimizer = make_optimizer(model, "sgd", [0.05, 0.03, 0.02], mmt=0.9)
     train_set, _ = data_utils.build_datasets("DIGITS", "./data", data_aug=False, download=False)
     loader = data_utils.make_loader(train_set, mbs, shuffle=True, seed=0)
-    reduce_seconds = []
+    wait_seconds, reduce_seconds = [], []
     average = distributed.average_gradients
 
     def timed_average(*args) -> None:
         started = time.perf_counter()
+        torch.distributed.barrier()
+        waited = time.perf_counter()
         average(*args)
-        reduce_seconds.append(time.perf_counter() - started)
+        wait_seconds.append(waited - started)
+        reduce_seconds.append(time.perf_counter() - waited)
 
     distributed.average_gradients = timed_average  # split_batches' hook looks it up per call
     batches = distributed.split_batches(loader, optimizer)
-    epoch_seconds, epoch_reduce = [], []
+    epoch_seconds, epoch_wait, epoch_reduce = [], [], []
     for _ in range(epochs):
+        wait_seconds.clear()
         reduce_seconds.clear()
         started = time.perf_counter()
         train_epoch(model, optimizer, batches, CONFIG, "cpu", sum_totals=distributed.sum_totals)
         epoch_seconds.append(time.perf_counter() - started)
+        epoch_wait.append(sum(wait_seconds))
         epoch_reduce.append(sum(reduce_seconds))
+    seed_buffer = [torch.ones(SEED_RCNN_WEIGHTS)]
+    seed_reduce = []
+    for _ in range(10):
+        torch.distributed.barrier()
+        started = time.perf_counter()
+        distributed.sum_over_ranks(seed_buffer)
+        seed_reduce.append(time.perf_counter() - started)
     if distributed.is_main_process():
         weights = sum(p.numel() for p in model.parameters())
-        record = {"epochs": epoch_seconds, "reduce": epoch_reduce, "batches": len(loader),
-                  "weights": weights}  # fmt: skip
+        record = {"epochs": epoch_seconds, "wait": epoch_wait, "reduce": epoch_reduce,
+                  "batches": len(loader), "weights": weights,
+                  "seed_reduce": statistics.median(seed_reduce[1:])}  # fmt: skip
         print("RESULT " + json.dumps(record), file=sys.__stdout__, flush=True)
     return 0
 
@@ -93,21 +111,25 @@ def main() -> None:
         sys.exit(distributed.run(lambda: worker(args.epochs, args.mbs), "cpu", False, 600))
     print(f"# digits RCNN 16-32, EP T1 20 T2 5 thirdphase, global batch {args.mbs}, "
           f"1 thread per process; load average {load_average()} before")  # fmt: skip
-    rows, first_epoch = [], None
+    rows, first_epoch, seed_rows = [], None, []
     for procs in args.procs:
         record = launch(procs, args.epochs, args.mbs)
         timed = slice(1, None) if len(record["epochs"]) > 1 else slice(None)
-        epoch = statistics.median(record["epochs"][timed])
-        reduce = statistics.median(record["reduce"][timed])
+        epoch, wait, reduce = (statistics.median(record[key][timed])
+                               for key in ("epochs", "wait", "reduce"))  # fmt: skip
         first_epoch = first_epoch or epoch
+        per_batch = 1e3 / record["batches"]
         rows.append([
-            str(procs), str(record["batches"]), f"{epoch:.2f}",
-            f"{1e3 * epoch / record['batches']:.1f}", f"{1e3 * reduce / record['batches']:.2f}",
+            str(procs), str(record["batches"]), f"{epoch:.2f}", f"{epoch * per_batch:.1f}",
+            f"{wait * per_batch:.2f}", f"{reduce * per_batch:.2f}", f"{100 * wait / epoch:.1f}",
             f"{100 * reduce / epoch:.1f}", f"{first_epoch / epoch:.2f}", str(record["weights"]),
         ])  # fmt: skip
-    header = ["procs", "batches", "epoch_s", "iter_ms", "allreduce_ms", "allreduce_%",
-              "speedup", "weights"]  # fmt: skip
+        seed_rows.append([str(procs), f"{1e3 * record['seed_reduce']:.1f}"])
+    header = ["procs", "batches", "epoch_s", "iter_ms", "wait_ms", "allreduce_ms", "wait_%",
+              "allreduce_%", "speedup", "weights"]  # fmt: skip
     print_table(header, rows)
+    print()
+    print_table(["procs", "seed_rcnn_allreduce_ms"], seed_rows)
     print(f"# load average {load_average()} after")
 
 
