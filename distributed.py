@@ -145,8 +145,8 @@ def share_seed() -> None:
 
     ``--seed`` reseeds them all afterwards when given; without it, this is what keeps the
     ranks' initial weights and data order the same."""
-    seed = torch.randint(0, 2**31, (1,), dtype=torch.int64)
-    dist.broadcast(seed, src=0)
+    seed = torch.tensor([int.from_bytes(os.urandom(4), "little") >> 1], dtype=torch.int64)
+    dist.broadcast(seed, src=0)  # rank 0's draw replaces the others
     random.seed(seed.item())
     np.random.seed(seed.item())
     torch.manual_seed(seed.item())
@@ -416,6 +416,9 @@ def fail(status: int, message: str, error: BaseException | None = None) -> None:
 def run(todo: Callable[[], int], device_spec: str, device_typed: bool, timeout_s: float) -> int:
     """Run ``todo`` (returns an exit status) as one rank of a torchrun job; see the module
     docstring for the failure protocol. Returns 0 after leaving the group cleanly."""
+    if not timeout_s > 0:  # every rank finds this; rank 0 says it
+        print(f"error: --dist-timeout must be positive seconds, got {timeout_s}", file=sys.stderr)
+        return 2
     try:
         setup(device_spec, device_typed, timeout_s)
         status = todo()
