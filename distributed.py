@@ -408,7 +408,8 @@ def fail(status: int, message: str, error: BaseException | None = None) -> None:
     if error is not None:
         traceback.print_exception(error, file=sys.__stderr__)
     if message:
-        print(f"error (rank {rank()} of {world_size()}): {message}", file=sys.__stderr__)
+        # on a line of its own: rank 0's progress bar may be half-way along the terminal's
+        print(f"\nerror (rank {rank()} of {world_size()}): {message}", file=sys.__stderr__)
     FailureBoard.wait_for_the_others()
     _exit_now(kept_status)
 
@@ -428,8 +429,8 @@ def run(todo: Callable[[], int], device_spec: str, device_typed: bool, timeout_s
             print(f"error: {message}", file=sys.__stderr__)
             return status
         fail(status, message, error if unforeseen and FailureBoard.read() is None else None)
-    if status != 0:
-        fail(status, "")  # the todo has said why (rank 0 prints it)
+    if status != 0:  # the todo has said why, but only rank 0's output is shown
+        fail(status, "" if rank() == 0 else ("interrupted" if status == 130 else "stopped"))
     dist.destroy_process_group()
     return 0
 

@@ -232,11 +232,16 @@ def test_two_processes_learn_and_finetune_the_dictionary_like_one(tmp_path):
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("fault", "batch"), [("raise", 30), ("hang", 10)], ids=["raise", "hang"])
-def test_a_failing_rank_stops_every_rank(fault, batch, tmp_path):
-    """Rank 1 raises in the second epoch (23 batches an epoch), or stops answering in the
-    first: every rank stops with one message and the same non-zero status, within the
-    timeout; only rank 0 wrote files, and the checkpoint of the last finished epoch stays."""
+@pytest.mark.parametrize(
+    ("fault", "batch", "status"),
+    [("raise", 30, "1"), ("interrupt", 30, "130"), ("hang", 10, "1")],
+    ids=["raise", "interrupt", "hang"],
+)
+def test_a_failing_rank_stops_every_rank(fault, batch, status, tmp_path):
+    """Rank 1 raises or is interrupted in the second epoch (23 batches an epoch), or stops
+    answering in the first: every rank stops with one message and the same non-zero status,
+    within the timeout; only rank 0 wrote files, and the checkpoint of the last finished epoch
+    stays."""
     argv = DIGITS_CNN + ["--epochs", "3", "--results-dir", str(tmp_path / "results"),
                          "--dist-timeout", "10"]  # fmt: skip
     env = {"FAULT": fault, "FAULT_RANK": "1", "FAULT_BATCH": str(batch)}
@@ -247,10 +252,12 @@ def test_a_failing_rank_stops_every_rank(fault, batch, tmp_path):
     failed_rank, message = reports[0]
     if fault == "raise":
         assert (failed_rank, message) == ("1", "RuntimeError: injected failure")
+    elif fault == "interrupt":
+        assert (failed_rank, message) == ("1", "interrupted")
     else:  # rank 0 waited for the silent rank 1 until --dist-timeout
         assert failed_rank == "0" and "Timed out" in message
     statuses = re.findall(r"exitcode\s*: (-?\d+)", done.stderr)
-    assert statuses and all(status == "1" for status in statuses), statuses
+    assert statuses and set(statuses) == {status}, statuses
     run_dir = only_run_dir(tmp_path / "results")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results"]
     epochs_done = (batch - 1) // 23

@@ -2,7 +2,8 @@
 
     torchrun --nproc_per_node 2 tests/torchrun_fault.py <main_fast flags>
 
-Environment: ``FAULT`` is ``raise`` (a RuntimeError) or ``hang`` (the rank stops answering);
+Environment: ``FAULT`` is ``raise`` (a RuntimeError), ``interrupt`` (a KeyboardInterrupt, as
+Ctrl-C raises) or ``hang`` (the rank stops answering);
 ``FAULT_RANK`` the rank that fails; ``FAULT_BATCH`` the training batch (counted from 1 over the
 whole run) at which it does.
 """
@@ -30,6 +31,8 @@ def faulty_train_batch(*args, **kwargs):
     ):
         if os.environ["FAULT"] == "hang":
             time.sleep(3600)
+        if os.environ["FAULT"] == "interrupt":
+            raise KeyboardInterrupt
         raise RuntimeError("injected failure")
     return train_batch(*args, **kwargs)
 
