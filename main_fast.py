@@ -13,9 +13,8 @@ underscore spellings.
 With ``--save`` a run writes a run folder (``runs.py`` describes its files and owns its
 lifecycle: records, checkpoints, per-epoch files, resume).
 
-Under ``torchrun`` the same command trains data-parallel (``distributed.py``).
-
-Exit status: 0 done, 1 training diverged, 2 bad input (message on stderr), 130 interrupted.
+Under ``torchrun`` the same command runs data-parallel (``distributed.py``). Exit status: 0
+done, 1 training diverged, 2 bad input (message on stderr), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -492,8 +491,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     todo = functools.partial(TODO_RUNNERS[args.todo], args, explicit, argv)
     if distributed.launched():
-        typed = "device" in explicit
-        return distributed.run(todo, args.device, typed, args.dist_timeout)
+        return distributed.run(todo, args.device, "device" in explicit, args.dist_timeout)
     try:
         return todo()
     except DivergenceError as error:
