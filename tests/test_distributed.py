@@ -177,6 +177,13 @@ def test_two_processes_train_the_cnn_like_one(cnn_reference, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results"]  # rank 0 wrote, only there
 
 
+def test_two_processes_train_the_cnn_with_bptt_like_one(tmp_path):
+    """BPTT's autograd gradients go through the same all-reduce as EP's estimate."""
+    argv = DIGITS_CNN + ["--epochs", "1", "--alg", "BPTT"]
+    reference = train_one_process(argv, tmp_path / "one")
+    assert_same_run(train_two_processes(argv, tmp_path / "two", tmp_path), reference)
+
+
 def test_evaluate_under_torchrun_gives_the_one_process_accuracies(cnn_reference, tmp_path, capsys):
     assert main_fast.main(["--todo", "evaluate", "--load-path", str(cnn_reference)]) == 0
     expected = re.search(r"train_acc \S+ test_acc \S+", capsys.readouterr().out).group(0)
