@@ -18,6 +18,10 @@ Written to ``--out-dir`` (default ``./dictionaries/<task>``):
 One process writes an output folder at a time. Exit status as ``main_fast.py``: 0 done, 2 bad
 input, 74 a file could not be written, 75 another process writes the folder, 130 Ctrl-C,
 143 SIGTERM (the dictionary of the last finished epoch is kept).
+
+Under ``torchrun --nproc_per_node N cifar_dictlearning.py ...`` every batch of ``--mbs`` images
+is split over the N processes, which sum the rule's batch terms before each update, so the
+dictionary is the one a single process learns (``distributed.py``); rank 0 writes the files.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ import torch
 from tqdm import tqdm
 
 import data_utils
+import distributed
 import runs
 from data_utils import UsageError, build_datasets, canonical_task, make_loader, task_info
 from lca import LCAConv2D, compute_frac_active, compute_l1_sparsity, compute_l2_error
@@ -106,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--lca_eta", "--eta", type=float, default=1e-2, help="dictionary learning rate")
     add("--d-update-clip", type=float, default=math.inf, help="clip each dictionary update "
         "entry to +-this")  # fmt: skip
+    add("--dist-timeout", type=float, default=600.0, help="torchrun: collective timeout (s)")
     return parser
 
 
@@ -148,16 +154,19 @@ def learn_one_epoch(
     desc: str,
 ) -> dict[str, float]:
     """Code every batch, update the dictionary after each; return per-sample means of the
-    metrics of the codes (computed before each update)."""
+    metrics of the codes (computed before each update). Data-parallel, ``loader`` gives this
+    process's part of each batch, and the update and the means are those of whole batches."""
     sums = dict.fromkeys(METRICS, 0.0)
     seen = 0
     total = len(loader) if max_batches is None else min(max_batches, len(loader))
     progress = tqdm(islice(loader, total), total=total, desc=desc, leave=False, dynamic_ncols=True)
     for images, _ in progress:
         inputs, acts, recons, errors = lca(images.to(device, non_blocking=True))
-        lca.update_weights(acts, errors)
+        lca.apply_weight_update(*distributed.sum_over_ranks(lca.weight_update_terms(acts, errors)))
 
         n = images.shape[0]
+        if n == 0:  # this process's part of a last batch smaller than the process count
+            continue
         recon_error = compute_l2_error(inputs, recons).item()
         l1 = compute_l1_sparsity(acts, lca.lambda_).item()
         sums["recon_error"] += recon_error * n
@@ -167,7 +176,8 @@ def learn_one_epoch(
         seen += n
         progress.set_postfix(recon=f"{recon_error:.3f}", l1=f"{l1:.3f}")
     progress.close()
-    return {name: value / seen for name, value in sums.items()}
+    totals = distributed.sum_totals({"seen": seen, **sums})
+    return {name: totals[name] / totals["seen"] for name in sums}
 
 
 def run(args: argparse.Namespace) -> LCAConv2D:
@@ -182,7 +192,7 @@ def learn(args: argparse.Namespace, held: contextlib.ExitStack) -> LCAConv2D:
     task = canonical_task(args.task)
     in_channels, height, width, _ = task_info(task)
     out_dir = args.out_dir or os.path.join("dictionaries", task)
-    device = data_utils.resolve_device(args.device)
+    device = distributed.device_for(args.device)
     every = args.epochs // 7 if args.lambda_every is None else args.lambda_every
     if args.lca_ksize > min(height, width):
         print(
@@ -198,6 +208,7 @@ def learn(args: argparse.Namespace, held: contextlib.ExitStack) -> LCAConv2D:
     subset = draw_subset(len(train_set), args.subset_fraction, args.seed)
     loader = make_loader(train_set, args.mbs, shuffle=True, seed=args.seed,
                          num_workers=args.num_workers, indices=subset)  # fmt: skip
+    batches = distributed.split_batches(loader)
 
     torch.manual_seed(args.seed)
     lca = LCAConv2D(
@@ -214,11 +225,15 @@ def learn(args: argparse.Namespace, held: contextlib.ExitStack) -> LCAConv2D:
         d_update_clip=args.d_update_clip,
     ).to(device)
 
-    held.enter_context(runs.FolderLock(out_dir))
+    writes = distributed.is_main_process()
+    if writes:
+        held.enter_context(runs.FolderLock(out_dir))
     dict_path = os.path.join(out_dir, DICTIONARY_FILE)
     csv_path = os.path.join(out_dir, CSV_FILE)
-    if os.path.exists(csv_path):  # the CSV holds this run's epochs only
-        os.remove(csv_path)
+    if writes:
+        os.makedirs(out_dir, exist_ok=True)
+        if os.path.exists(csv_path):  # the CSV holds this run's epochs only
+            os.remove(csv_path)
     print(
         f"{task}: learning {args.lca_feats} features of {in_channels}x{args.lca_ksize}x"
         f"{args.lca_ksize} (stride {args.lca_stride}) on {len(subset)} of {len(train_set)} "
@@ -228,12 +243,13 @@ def learn(args: argparse.Namespace, held: contextlib.ExitStack) -> LCAConv2D:
     for epoch in range(args.epochs):
         lca.lambda_ = lambda_at_epoch(epoch, args.lca_lambda, args.lambda_increment, every)
         start = time.perf_counter()
-        metrics = learn_one_epoch(lca, loader, device, args.max_batches,
+        metrics = learn_one_epoch(lca, batches, device, args.max_batches,
                                   desc=f"epoch {epoch + 1}/{args.epochs}")  # fmt: skip
         row = {"epoch": epoch + 1, "lambda": lca.lambda_, **metrics}
         row["seconds"] = time.perf_counter() - start
         rows.append(row)
-
+        if not writes:
+            continue
         runs.save_dictionary(dict_path, lca, subset_indices=subset)
         runs.append_csv_row(csv_path, {name: row[name] for name in CSV_COLUMNS})
         grid = data_utils.plot_dictionary(
@@ -251,7 +267,16 @@ def learn(args: argparse.Namespace, held: contextlib.ExitStack) -> LCAConv2D:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    distributed.quiet_unless_rank_zero()
     args = build_parser().parse_args(argv)
+    if distributed.launched():
+        typed = args.device != "auto"
+        return distributed.run(lambda: learn_reporting(args), args.device, typed, args.dist_timeout)
+    return learn_reporting(args)
+
+
+def learn_reporting(args: argparse.Namespace) -> int:
+    """:func:`run`, every failure reported as one line; returns the exit status."""
     try:
         with data_utils.signals_as_interrupts():
             run(args)

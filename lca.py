@@ -391,10 +391,24 @@ class LCAConv2D(torch.nn.Module):
         with ``dD`` from ``compute_weight_update`` and ``times_active_f`` the number of
         non-zero entries of feature f in ``acts``.
         """
+        return self.apply_weight_update(*self.weight_update_terms(acts, recon_error), normalize)
+
+    @torch.no_grad()
+    def weight_update_terms(self, acts: Tensor, recon_error: Tensor) -> tuple[Tensor, Tensor]:
+        """The two batch sums of the rule: ``dD`` (F, C, kh, kw) and ``times_active`` (F, 1, 1, 1).
+
+        Both are sums over the batch, so the terms of the parts of a batch, added, are the
+        terms of the whole (how data-parallel processes share one update).
+        """
+        return self.compute_weight_update(acts, recon_error), compute_times_active_by_feature(acts)
+
+    def apply_weight_update(
+        self, correlation: Tensor, times_active: Tensor, normalize: bool = True
+    ) -> Tensor:
+        """The rule of ``update_weights`` from its terms ``dD`` and ``times_active``; returns the
+        applied update."""
         with torch.no_grad():
-            update = self.compute_weight_update(acts, recon_error)
-            times_active = compute_times_active_by_feature(acts).to(update.dtype) + 1
-            update.mul_(self.eta / times_active)
+            update = correlation * (self.eta / (times_active.to(correlation.dtype) + 1))
             update.clamp_(min=-self.d_update_clip, max=self.d_update_clip)
             self.weights.add_(update)
         if normalize:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from distributed import sum_over_ranks
 from lca import LCAConv2D
 from utils_ep_fast import P_CNN, Encoding, conv_output_size
 
@@ -112,14 +113,21 @@ class LCA_CNN(P_CNN):
     def after_update(self, encoding: Encoding, nudged: list[Tensor]) -> None:
         """finetune / learn: the LCA update on ``(acts, recon error)`` and on
         ``(acts*, images - recon(acts*))`` with ``acts* = T_lambda(s_0)`` of the ``nudged``
-        states; both reconstruction errors are taken with the dictionary before either update."""
+        states; both reconstruction errors are taken with the dictionary before either update
+        (so both updates' batch sums are taken first, and summed over data-parallel ranks)."""
         if self.dict_training == "pretrained":
             return
         nudged_acts = self.lca.transfer(nudged[0])
         nudged_recons = self.lca.compute_recon(nudged_acts, self.lca.weights, encoding.images.shape)
         nudged_recon_errors = self.lca.compute_recon_error(encoding.images, nudged_recons)
-        self.lca.update_weights(encoding.code, encoding.recon_errors)
-        self.lca.update_weights(nudged_acts, nudged_recon_errors)
+        terms = [
+            *self.lca.weight_update_terms(encoding.code, encoding.recon_errors),
+            *self.lca.weight_update_terms(nudged_acts, nudged_recon_errors),
+        ]
+        # data-parallel: the batch sums of every process's part, i.e. those of the global batch
+        correlation, times_active, nudged_correlation, nudged_times_active = sum_over_ranks(terms)
+        self.lca.apply_weight_update(correlation, times_active)
+        self.lca.apply_weight_update(nudged_correlation, nudged_times_active)
 
     def batch_stats(self, encoding: Encoding) -> dict[str, float]:
         """Fraction of non-zero LCA activations and the reconstruction error

@@ -14,12 +14,13 @@ underscore spellings. ``VFCNN``, ``VFMLP`` and ``LCACNN --vf`` are the vector-fi
 With ``--save`` a run writes a run folder (``runs.py`` describes its files and owns its
 lifecycle: records, checkpoints, per-epoch files, resume), one process at a time.
 
-Exit status: 0 done; 1 training diverged; 2 bad input; 74 a file could not be written or read
-(disk full, read-only folder); 75 another process is writing the run folder; 130 Ctrl-C;
-143 SIGTERM. Errors are one line on stderr. Ctrl-C and SIGTERM save the weights and print the
-command that resumes. On a cluster, one command line both starts and, requeued after a
-preemption, resumes a run: ``--save --load-path DIR`` starts a new run in DIR while it holds no
-checkpoint, and resumes it once it does.
+Under ``torchrun`` the same command runs data-parallel (``distributed.py``). Exit status: 0
+done; 1 training diverged; 2 bad input; 74 a file could not be written or read (disk full,
+read-only folder); 75 another process is writing the run folder; 130 Ctrl-C; 143 SIGTERM.
+Errors are one line on stderr. Ctrl-C and SIGTERM save the weights and print the command that
+resumes. On a cluster, one command line both starts and, requeued after a preemption, resumes a
+run: ``--save --load-path DIR`` starts a new run in DIR while it holds no checkpoint, and
+resumes it once it does.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ if __name__ == "__main__":  # Ctrl-C or SIGTERM while the libraries load: no tra
 
 import argparse
 import contextlib
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -48,15 +50,15 @@ from torch import Tensor
 
 import compiled
 import data_utils
+import distributed
 import precision
 import runs
-from data_utils import UsageError, resolve_device, warn
+from data_utils import UsageError, warn
 from lca_utils_ep_fast import DICT_MODES
 from utils_ep_fast import (
     ACTIVATIONS,
     DYNAMICS,
     POOLS,
-    DivergenceError,
     EnergyNet,
     EPConfig,
     evaluate,
@@ -74,7 +76,7 @@ PROBE_IMAGES = 32
 # Flags a resumed or evaluated run takes from the command line; the rest come from the saved run.
 # --compile runs the same numbers, only faster.
 READ_OVERRIDES = {"epochs", "device", "data_dir", "num_workers", "no_download", "dict_path"}
-READ_OVERRIDES |= {"compile"}
+READ_OVERRIDES |= {"compile", "dist_timeout"}
 RESUME_OVERRIDES = READ_OVERRIDES | {"lrs", "wds"}
 EVALUATE_OVERRIDES = READ_OVERRIDES | {"T1", "mbs", "dynamics", "tol", "precision"}
 GDUCHECK_OVERRIDES = EVALUATE_OVERRIDES | {"T2", "betas", "thirdphase", "save", "results_dir"}
@@ -168,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--compile", action="store_true", help="compiled phases (CUDA: replayed CUDA graphs)")
     add("--precision", choices=precision.PRECISIONS, default=None, help="None: torch's own")
     add("--no-download", action="store_true", help="never download a missing dataset")
+    add("--dist-timeout", type=float, default=600.0, help="torchrun: collective timeout (s)")
     return parser
 
 
@@ -386,9 +389,10 @@ def build_data(
 ) -> Data:
     """Loaders of the EP training images (those the saved ``record`` names, if given) and of
     the test set, plus a fixed probe batch."""
-    train_set, test_set = data_utils.build_datasets(
-        args.task, args.data_dir, data_aug=train_aug, download=not args.no_download
-    )
+    with distributed.local_main_first():  # one download per node
+        train_set, test_set = data_utils.build_datasets(
+            args.task, args.data_dir, data_aug=train_aug, download=not args.no_download
+        )
     indices = runs.training_indices(args, len(train_set), record)
     workers = data_utils.loader_workers(args.num_workers, device)
     train_loader = data_utils.make_loader(
@@ -423,17 +427,18 @@ def run_train(args: argparse.Namespace, explicit: set[str], argv: list[str]) -> 
             if fresh:
                 print(f"notice: {run_dir} holds no checkpoint yet, so a new run starts there")
                 check_args(args)
-                runs.check_writable(run_dir, "load-path")
-            if run_dir.is_dir():
+                if distributed.is_main_process():
+                    runs.check_writable(run_dir, "load-path")
+            if run_dir.is_dir() and distributed.is_main_process():
                 held.enter_context(runs.FolderLock(run_dir))
             if not fresh:
                 args, checkpoint, changed = load_checkpoint(args, explicit)
         else:
             check_args(args)
-            if args.save:
+            if args.save and distributed.is_main_process():
                 runs.check_writable(args.results_dir, "results-dir")
         note_unsaved(args)
-        device = resolve_device(args.device)
+        device = distributed.device_for(args.device)
         runs.seed_everything(args.seed)
         model_config = (
             checkpoint["model_config"] if checkpoint else runs.model_config_from_args(args)
@@ -454,15 +459,25 @@ def run_train(args: argparse.Namespace, explicit: set[str], argv: list[str]) -> 
         if checkpoint:
             runs.restore_rng(checkpoint, data.train_loader)
         recorder = None
-        if args.save:  # nothing was written before this point
+        if args.save and distributed.is_main_process():  # nothing was written before this
             parts = model, model_config, optimizer, scheduler, data.train_loader, data.probe
             command = ["python", "main_fast.py", *argv]
             recorder = runs.start_recording(
                 held, run_dir, parts, args, command, checkpoint, changed
             )
-        loaders, config = (data.train_loader, data.test_loader), ep_config(args)
+        train_batches = distributed.split_batches(data.train_loader, optimizer)
+        loaders = train_batches, distributed.shard_evaluation(data.test_loader)
         return runs.train_run(
-            model, optimizer, scheduler, loaders, config, device, start_epoch, recorder, args
+            model,
+            optimizer,
+            scheduler,
+            loaders,
+            ep_config(args),
+            device,
+            start_epoch,
+            recorder,
+            args,
+            distributed.sum_totals,
         )
 
 
@@ -505,20 +520,22 @@ def run_evaluate(args: argparse.Namespace, explicit: set[str], argv: list[str]) 
     record, path = runs.load_model_file(args.load_path)
     args = runs.saved_args(record["args"], args, explicit, EVALUATE_OVERRIDES)
     check_positive(args, ("T1", "mbs"))
-    device = resolve_device(args.device)
+    device = distributed.device_for(args.device)
     model = runs.restore_model(record, device)
     set_dynamics(model, args)
     compiled.install(model, args.compile, precision.apply(args.precision, device))
     data = build_data(args, device, train_aug=False, shuffle=False, record=record)
-    train_acc = evaluate(model, data.train_loader, args.T1, device, "train set")
-    test_acc = evaluate(model, data.test_loader, args.T1, device, "test set")
+    shard, total = distributed.shard_evaluation, distributed.sum_totals
+    train_acc = evaluate(model, shard(data.train_loader), args.T1, device, "train set", total)
+    test_acc = evaluate(model, shard(data.test_loader), args.T1, device, "test set", total)
     line = (
         f"evaluate {path.name} (epoch {record['epoch']}, T1 {args.T1}, {args.dynamics}"
         f"{'' if args.tol is None else f', tol {args.tol}'}): "
         f"train_acc {train_acc:.4f} test_acc {test_acc:.4f}"
     )
     print(line)
-    runs.append_text(path.parent, runs.HYPERPARAMETERS_TXT, line)
+    if distributed.is_main_process():
+        runs.append_text(path.parent, runs.HYPERPARAMETERS_TXT, line)
     return 0
 
 
@@ -530,12 +547,12 @@ def run_gducheck(args: argparse.Namespace, explicit: set[str], argv: list[str]) 
         record, _ = runs.load_model_file(args.load_path)
         args = runs.saved_args(record["args"], args, explicit, GDUCHECK_OVERRIDES)
         check_betas(args)
-        device = resolve_device(args.device)
+        device = distributed.device_for(args.device)
         model = runs.restore_model(record, device)
     else:
         check_args(args)
         note_unsaved(args)
-        device = resolve_device(args.device)
+        device = distributed.device_for(args.device)
         runs.seed_everything(args.seed)
         model, _, _ = build_training(args, runs.model_config_from_args(args), device)
         load_pretrained_dictionary(model, args)
@@ -551,7 +568,7 @@ def run_gducheck(args: argparse.Namespace, explicit: set[str], argv: list[str]) 
     for name, entry in report.items():
         print(f"{name:<28} {entry['rel_rmse']:>14.4f} {entry['sign_error']:>12.3f}")
     precision.check_ep_update(model, x, y, ep_config(args), args.precision, refuse=False)
-    if args.save:
+    if args.save and distributed.is_main_process():
         run_dir = runs.new_run_dir(args)
         runs.write_hyperparameters(run_dir, ["python", "main_fast.py", *argv], vars(args))
         runs.save_figure(data_utils.plot_gdu(report), run_dir / "gdu.png")
@@ -566,26 +583,26 @@ TODO_RUNNERS: dict[str, Callable[[argparse.Namespace, set[str], list[str]], int]
 }
 
 
-# What each kind of error exits with (the first match counts); its message goes to stderr.
-ERROR_STATUSES = (
-    (DivergenceError, data_utils.EXIT_DIVERGED),
-    (UsageError, data_utils.EXIT_USAGE),
-    (runs.FolderBusyError, data_utils.EXIT_BUSY),
-    (data_utils.StorageError, data_utils.EXIT_STORAGE),
-)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+    """Run the command line ``argv`` (default ``sys.argv[1:]``); returns the exit status. Under
+    torchrun every rank runs it, and a failure on any rank stops them all (``distributed``)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    distributed.quiet_unless_rank_zero()
     try:
         args, explicit = parse_args(argv)
-        with data_utils.signals_as_interrupts():
-            return TODO_RUNNERS[args.todo](args, explicit, argv)
     except SystemExit as done:  # --help
         return int(done.code or 0)
-    except tuple(kind for kind, _ in ERROR_STATUSES) as error:
-        status = next(status for kind, status in ERROR_STATUSES if isinstance(error, kind))
+    except UsageError as error:
+        print(f"error: {data_utils.one_line(str(error))}", file=sys.stderr)
+        return data_utils.EXIT_USAGE
+    todo = functools.partial(run_todo, args, explicit, argv)
+    if distributed.launched():
+        typed = "device" in explicit
+        return distributed.run(todo, args.device, typed, args.dist_timeout, runs.ERROR_STATUSES)
+    try:
+        return todo()
+    except tuple(kind for kind, _ in runs.ERROR_STATUSES) as error:
+        status = next(status for kind, status in runs.ERROR_STATUSES if isinstance(error, kind))
         print(f"error: {data_utils.one_line(str(error))}", file=sys.stderr)
         return status
     except OSError as error:
@@ -596,6 +613,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         terminated = isinstance(interrupt, data_utils.Terminated)
         print(f"\n{'terminated (SIGTERM)' if terminated else 'interrupted'}", file=sys.stderr)
         return data_utils.exit_status_of(interrupt)
+
+
+def run_todo(args: argparse.Namespace, explicit: set[str], argv: list[str]) -> int:
+    """``--todo``'s runner, with SIGINT and SIGTERM raised as interrupts."""
+    with data_utils.signals_as_interrupts():
+        return TODO_RUNNERS[args.todo](args, explicit, argv)
 
 
 if __name__ == "__main__":

@@ -107,6 +107,15 @@ class FolderBusyError(Exception):
     """Another live process holds the lock of a run folder (exit status 75: try again later)."""
 
 
+# What each kind of failure exits with (the first match counts); its message is one line.
+ERROR_STATUSES: tuple[tuple[type[BaseException], int], ...] = (
+    (DivergenceError, data_utils.EXIT_DIVERGED),
+    (UsageError, data_utils.EXIT_USAGE),
+    (FolderBusyError, data_utils.EXIT_BUSY),
+    (data_utils.StorageError, data_utils.EXIT_STORAGE),
+)
+
+
 # --------------------------------------------------------------------------------------------
 # Safe file I/O
 # --------------------------------------------------------------------------------------------
@@ -1096,9 +1105,11 @@ def train_run(
     start_epoch: int,
     recorder: RunRecorder | None,
     args: argparse.Namespace,
+    sum_totals: Callable[[dict[str, float]], dict[str, float]] | None = None,
 ) -> int:
     """Train from ``start_epoch`` to ``args.epochs`` on ``loaders`` (train, test), recording
-    each epoch; returns the exit status. A divergence (DivergenceError), a failed write
+    each epoch (``sum_totals``: see ``utils_ep_fast.train_epoch``); returns the exit status. A
+    divergence (DivergenceError), a failed write
     (StorageError), Ctrl-C or SIGTERM (status 130 or 143) keeps what was saved and says how to
     carry on."""
     try:
@@ -1112,6 +1123,7 @@ def train_run(
             scheduler,
             start_epoch,
             recorder,
+            **({} if sum_totals is None else {"sum_totals": sum_totals}),
         )
         if recorder is not None:
             recorder.finish()

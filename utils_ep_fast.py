@@ -704,7 +704,7 @@ class EnergyNet(nn.Module):
         ``s^1``) is not used here; the vector-field estimate crosses the nudged states with it.
         """
         beta_1, beta_2 = betas
-        scale = 1.0 / ((beta_1 - beta_2) * x.shape[0])
+        scale = 1.0 / ((beta_1 - beta_2) * max(x.shape[0], 1))  # an empty batch gives zeros
         layers_1 = [x, *neurons_1]
         layers_2 = [x, *neurons_2]
         anchor = layers_1 if free is None else [x, *free]
@@ -979,6 +979,10 @@ def train_batch(
     return free, encoding
 
 
+def _own_totals(totals: dict[str, float]) -> dict[str, float]:
+    return totals
+
+
 def train_epoch(
     model: EnergyNet,
     optimizer: torch.optim.Optimizer,
@@ -986,12 +990,16 @@ def train_epoch(
     cfg: EPConfig,
     device: torch.device | str = "cpu",
     description: str = "train",
+    sum_totals: Callable[[dict[str, float]], dict[str, float]] = _own_totals,
 ) -> dict[str, float]:
     """One pass over ``loader``; returns ``train_acc`` and the model's batch stats, all averaged
     over every sample of the epoch. With a tolerance (``model.tol``) also, per phase kind,
     ``<phase>_steps`` (mean steps per phase) and ``<phase>_at_cap`` (fraction of phases that
-    hit their cap without settling), shown in the progress bar as well. Raises
-    ``DivergenceError`` when states or weights blow up."""
+    hit their cap without settling), shown in the progress bar as well (this process's phases
+    only). Raises ``DivergenceError`` when states or weights blow up.
+
+    ``sum_totals`` turns this process's sums (correct, seen, stats) into sums over every
+    process of a data-parallel run (``distributed.sum_totals``); here they are all there is."""
     model.train()
     correct, seen = 0, 0
     stat_sums: dict[str, float] = {}
@@ -1004,16 +1012,18 @@ def train_epoch(
         batch = y.shape[0]
         correct += (model.predict(free) == y).sum().item()
         seen += batch
-        for name, value in model.batch_stats(encoding).items():
+        for name, value in model.batch_stats(encoding).items() if batch else ():
             stat_sums[name] = stat_sums.get(name, 0.0) + value * batch
-        postfix = {"acc": f"{correct / seen:.3f}"}
+        postfix = {"acc": f"{correct / max(seen, 1):.3f}"}
         if model.tol is not None:
             postfix["steps"] = "/".join(
                 f"{value:.0f}" for name, value in phase_stats(phases).items() if "steps" in name
             )
         progress.set_postfix(postfix)
-    metrics = {"train_acc": correct / max(seen, 1)}
-    metrics.update({name: total / max(seen, 1) for name, total in stat_sums.items()})
+    totals = sum_totals({"correct": correct, "seen": seen, **stat_sums})
+    seen = totals.pop("seen")
+    metrics = {"train_acc": totals.pop("correct") / max(seen, 1)}
+    metrics.update({name: total / max(seen, 1) for name, total in totals.items()})
     if model.tol is not None:
         metrics.update(phase_stats(phases))
     return metrics
@@ -1044,8 +1054,10 @@ def evaluate(
     T: int,
     device: torch.device | str = "cpu",
     description: str = "eval",
+    sum_totals: Callable[[dict[str, float]], dict[str, float]] = _own_totals,
 ) -> float:
-    """Accuracy of the free fixed point after ``T`` steps over ``loader``."""
+    """Accuracy of the free fixed point after ``T`` steps over ``loader`` (its counts summed
+    over processes by ``sum_totals``, as in ``train_epoch``)."""
     model.eval()
     correct, seen = 0, 0
     for x, y in tqdm(loader, desc=description, leave=False, dynamic_ncols=True):
@@ -1053,7 +1065,8 @@ def evaluate(
         free = settle(model, x, y, T)[1]
         correct += (model.predict(free) == y).sum().item()
         seen += y.shape[0]
-    return correct / max(seen, 1)
+    totals = sum_totals({"correct": correct, "seen": seen})
+    return totals["correct"] / max(totals["seen"], 1)
 
 
 def train(
@@ -1067,18 +1080,19 @@ def train(
     scheduler=None,
     start_epoch: int = 0,
     on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
+    sum_totals: Callable[[dict[str, float]], dict[str, float]] = _own_totals,
 ) -> list[dict[str, float]]:
     """Train from ``start_epoch`` to ``epochs``; after each epoch evaluate on ``test_loader`` with
     T1 steps, add the model's ``epoch_stats``, step the scheduler and hand the metrics (``epoch``
-    counted from 1) to ``on_epoch_end`` (which saves checkpoints and logs)."""
+    counted from 1) to ``on_epoch_end`` (which saves checkpoints and logs). ``sum_totals``: see
+    ``train_epoch``."""
     history = []
     for epoch in range(start_epoch, epochs):
         started = time.time()
         lr = optimizer.param_groups[0]["lr"]
-        metrics = train_epoch(
-            model, optimizer, train_loader, cfg, device, f"epoch {epoch + 1}/{epochs}"
-        )
-        metrics["test_acc"] = evaluate(model, test_loader, cfg.T1, device, "test")
+        description = f"epoch {epoch + 1}/{epochs}"
+        metrics = train_epoch(model, optimizer, train_loader, cfg, device, description, sum_totals)
+        metrics["test_acc"] = evaluate(model, test_loader, cfg.T1, device, "test", sum_totals)
         metrics.update(model.epoch_stats())
         if scheduler is not None:
             scheduler.step()
