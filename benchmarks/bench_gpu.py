@@ -41,19 +41,10 @@ import argparse
 import contextlib
 import time
 
+import common as bench
 import numpy as np
 import torch
 from bench_dynamics import autograd_step, floor_calls
-from common import (
-    cifar_like_batch,
-    interleaved_times,
-    load_average,
-    median,
-    paired_ratio,
-    print_table,
-    seed_cnn,
-    seed_lcacnn,
-)
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
@@ -146,16 +137,16 @@ def step_row(name, model, x, y, kind, args, device) -> list[str]:
         "autograd": synchronized(autograd, device),
         "floor": synchronized(floor, device),
     }
-    times = interleaved_times(variants, args.repeats)
+    times = bench.interleaved_times(variants, args.repeats)
     compiled.uninstall(model)
-    ms = {key: 1e3 * median(values) / steps for key, values in times.items()}
+    ms = {key: 1e3 * bench.median(values) / steps for key, values in times.items()}
     return [
         name,
         kind,
         *(f"{ms[key]:.3f}" for key in ("eager", "captured", "autograd", "floor")),
-        f"{paired_ratio(times['eager'], times['captured']):.2f}",
-        f"{paired_ratio(times['autograd'], times['captured']):.2f}",
-        f"{paired_ratio(times['captured'], times['floor']):.2f}",
+        f"{bench.paired_ratio(times['eager'], times['captured']):.2f}",
+        f"{bench.paired_ratio(times['autograd'], times['captured']):.2f}",
+        f"{bench.paired_ratio(times['captured'], times['floor']):.2f}",
     ]
 
 
@@ -167,7 +158,7 @@ def lca_row(model, x, args, device) -> list[str]:
     def encode():
         model.lca(x)
 
-    times = interleaved_times(
+    times = bench.interleaved_times(
         {
             "eager": hooked(model, hooks[False], encode, device),
             "captured": hooked(model, hooks[True], encode, device),
@@ -175,12 +166,12 @@ def lca_row(model, x, args, device) -> list[str]:
         args.repeats,
     )
     compiled.uninstall(model)
-    ms = {key: 1e3 * median(values) / model.lca.lca_iters for key, values in times.items()}
+    ms = {key: 1e3 * bench.median(values) / model.lca.lca_iters for key, values in times.items()}
     return [
         "LCACNN",
         f"{ms['eager']:.3f}",
         f"{ms['captured']:.3f}",
-        f"{paired_ratio(times['eager'], times['captured']):.2f}",
+        f"{bench.paired_ratio(times['eager'], times['captured']):.2f}",
     ]
 
 
@@ -224,9 +215,9 @@ def train_rows(name, make_model, x, y, args, device) -> list[list[str]]:
     for captured, label in ((False, "eager"), (True, "captured")):
         variants[f"{label}_train"] = hooked(model, hooks[captured], iteration, device)
         variants[f"{label}_eval"] = hooked(model, hooks[captured], evaluation, device)
-    times = interleaved_times(variants, args.repeats)
+    times = bench.interleaved_times(variants, args.repeats)
     busy = busy_fraction(variants["captured_train"], device)
-    seconds = {key: median(values) for key, values in times.items()}
+    seconds = {key: bench.median(values) for key, values in times.items()}
     batches_train = SEED_TRAIN_IMAGES[name] / x.shape[0]
     batches_test = SEED_TEST_IMAGES / x.shape[0]
     rows = []
@@ -310,11 +301,12 @@ def main() -> None:
     else:
         what = "CPU (a dry run: CPU figures, not GPU ones)"
     print(
-        f"# bench_gpu: {what}, torch {torch.__version__}, batch {args.batch}, load {load_average()}"
+        f"# bench_gpu: {what}, torch {torch.__version__}, batch {args.batch}, "
+        f"load {bench.load_average()}"
     )
-    x, y = (tensor.to(device) for tensor in cifar_like_batch(args.batch))
-    cnn = seed_cnn().to(device)
-    lcacnn = seed_lcacnn(lca_iters=args.lca_iters).to(device)
+    x, y = (tensor.to(device) for tensor in bench.cifar_like_batch(args.batch))
+    cnn = bench.seed_cnn().to(device)
+    lcacnn = bench.seed_lcacnn(lca_iters=args.lca_iters).to(device)
     if "steps" not in args.skip:
         with torch.no_grad():
             code = lcacnn.prepare_input(x).code
@@ -325,28 +317,30 @@ def main() -> None:
         ]
         print(f"\n1. ms per step, batch {args.batch}, {args.steps} steps per call (beta 0)")
         header = ["case", "precision", "eager", "captured", "autograd", "floor"]
-        print_table(header + ["eager/capt", "autograd/capt", "capt/floor"], rows)
+        bench.print_table(header + ["eager/capt", "autograd/capt", "capt/floor"], rows)
     precision.apply("fp32", device)
 
     if "lca" not in args.skip:
         print(f"\n2. LCA ms per iteration, batch {args.batch}, float32")
-        print_table(["case", "eager", "captured", "eager/capt"], [lca_row(lcacnn, x, args, device)])
+        bench.print_table(
+            ["case", "eager", "captured", "eager/capt"], [lca_row(lcacnn, x, args, device)]
+        )
 
     if "train" not in args.skip:
-        rows = train_rows("RCNN", seed_cnn, x, y, args, device)
+        rows = train_rows("RCNN", bench.seed_cnn, x, y, args, device)
         rows += train_rows(
-            "LCACNN", lambda: seed_lcacnn(lca_iters=args.lca_iters), x, y, args, device
+            "LCACNN", lambda: bench.seed_lcacnn(lca_iters=args.lca_iters), x, y, args, device
         )
         print(
             f"\n3. training iteration at T1 {args.T1}, T2 {args.T2} (third phase), "
             f"{args.lca_iters} LCA iterations, batch {args.batch}, float32; seconds"
         )
         header = ["case", "phases", "train_s", "eval_s", "images/s", "epoch_min", "busy_%"]
-        print_table(header, rows)
+        bench.print_table(header, rows)
 
     if "loader" not in args.skip:
         print(f"\n4. CIFAR-10 --data-aug loader, batch {args.batch}, {args.loader_batches} batches")
-        print_table(["workers", "images/s", "first_batch_s"], loader_rows(args))
+        bench.print_table(["workers", "images/s", "first_batch_s"], loader_rows(args))
 
 
 if __name__ == "__main__":

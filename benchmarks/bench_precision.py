@@ -17,16 +17,8 @@ from __future__ import annotations
 
 import argparse
 
+import common as bench
 import torch
-from common import (
-    cifar_like_batch,
-    load_average,
-    median,
-    print_table,
-    seed_cnn,
-    seed_lcacnn,
-    set_threads,
-)
 
 import precision
 from utils_ep_fast import EPConfig
@@ -44,15 +36,18 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--models", nargs="+", default=["RCNN", "LCACNN"])
     args = parser.parse_args()
-    threads = set_threads(args.threads)
+    threads = bench.set_threads(args.threads)
     device = torch.device(args.device)
     precisions = ["bf16"] + (["tf32"] if device.type == "cuda" else [])
     print(
         f"# {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}),"
         f" torch {torch.__version__}, {threads} threads, batch {args.batch}, T1 {args.T1}, "
-        f"T2 {args.T2}, LCA {args.lca_iters} iterations, load {load_average()}"
+        f"T2 {args.T2}, LCA {args.lca_iters} iterations, load {bench.load_average()}"
     )
-    builders = {"RCNN": seed_cnn, "LCACNN": lambda: seed_lcacnn(lca_iters=args.lca_iters)}
+    builders = {
+        "RCNN": bench.seed_cnn,
+        "LCACNN": lambda: bench.seed_lcacnn(lca_iters=args.lca_iters),
+    }
     models = {name: builders[name]() for name in args.models}
     rows = []
     for name, model in models.items():
@@ -62,7 +57,7 @@ def main() -> None:
             for kind in precisions:
                 errors = []
                 for seed in range(args.batches):
-                    x, y = cifar_like_batch(args.batch, seed)
+                    x, y = bench.cifar_like_batch(args.batch, seed)
                     x, y = x.to(device), y.to(device)
                     errors.append(precision.ep_update_error(model, x, y, cfg, kind))
                 rows.append(
@@ -70,14 +65,14 @@ def main() -> None:
                         name,
                         kind,
                         f"{beta:g}",
-                        f"{100 * median(errors):.2f}",
+                        f"{100 * bench.median(errors):.2f}",
                         f"{100 * min(errors):.2f}",
                         f"{100 * max(errors):.2f}",
                     ]
                 )
                 print(" ".join(rows[-1]), flush=True)
     print()
-    print_table(["model", "precision", "beta2", "rel_err_%", "min_%", "max_%"], rows)
+    bench.print_table(["model", "precision", "beta2", "rel_err_%", "min_%", "max_%"], rows)
 
 
 if __name__ == "__main__":
