@@ -14,14 +14,34 @@ Written to ``--out-dir`` (default ``./dictionaries/<task>``):
                           total_energy (means over the epoch's training samples), seconds
     dictionary.png        the features as a grid
     dictlearning_curves.png  the four metrics against the epoch
+
+One process writes an output folder at a time. Exit status as ``main_fast.py``: 0 done, 2 bad
+input, 74 a file could not be written, 75 another process writes the folder, 130 Ctrl-C,
+143 SIGTERM (the dictionary of the last finished epoch is kept).
+
+Under ``torchrun --nproc_per_node N cifar_dictlearning.py ...`` every batch of ``--mbs`` images
+is split over the N processes, which sum the rule's batch terms before each update, so the
+dictionary is the one a single process learns (``distributed.py``); rank 0 writes the files.
 """
 
 from __future__ import annotations
 
+import signal
+import sys
+
+
+def _quit(signum, frame):  # until main() takes over
+    sys.exit(128 + signum)
+
+
+if __name__ == "__main__":  # Ctrl-C or SIGTERM while the libraries load: no traceback
+    signal.signal(signal.SIGINT, _quit)
+    signal.signal(signal.SIGTERM, _quit)
+
 import argparse
+import contextlib
 import math
 import os
-import sys
 import time
 from collections.abc import Sequence
 from itertools import islice
@@ -30,6 +50,7 @@ import torch
 from tqdm import tqdm
 
 import data_utils
+import distributed
 import runs
 from data_utils import UsageError, build_datasets, canonical_task, make_loader, task_info
 from lca import LCAConv2D, compute_frac_active, compute_l1_sparsity, compute_l2_error
@@ -40,6 +61,15 @@ GRID_FILE = "dictionary.png"
 CURVES_FILE = "dictlearning_curves.png"
 METRICS = ("recon_error", "l1_sparsity", "frac_active", "total_energy")
 CSV_COLUMNS = ("epoch", "lambda") + METRICS + ("seconds",)
+# Range of every float flag, by dest: (low, low excluded?, high, high excluded?); None: no bound.
+FLOAT_RANGES = {
+    "subset_fraction": (0, True, 1, False),
+    "lca_lambda": (0, False, None, False),
+    "lambda_increment": (None, False, None, False),
+    "lca_tau": (0, True, None, False),
+    "lca_eta": (0, False, None, False),
+}
+FLAGS = {"subset_fraction": "subset-fraction", "lambda_increment": "lambda-increment"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,61 +81,52 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
 
-    def add(*names: str, dest: str, **kwargs) -> None:
+    def add(*names: str, **kwargs) -> None:
+        dest = names[0][2:].replace("-", "_")
         parser.add_argument(*data_utils.flag_spellings(*names), dest=dest, **kwargs)
 
-    add("--task", dest="task", default="CIFAR10", help=f"dataset, one of "
-        f"{', '.join(data_utils.TASKS)}")  # fmt: skip
-    add("--data-dir", dest="data_dir", default="./data", help="where the datasets are (or go)")
-    add(
-        "--out-dir", dest="out_dir", default=None, help="output folder; None: ./dictionaries/<task>"
-    )
-    add("--no-download", dest="no_download", action="store_true", help="never download the data")
-    add("--seed", dest="seed", type=int, default=0, help="seed of the subset, order and init")
-    add("--device", dest="device", default="auto", help="GPU index, cuda[:N], auto or cpu")
-    add("--num-workers", "--workers", dest="workers", type=int, default=0,
-        help="data loader worker processes")  # fmt: skip
-    add("--epochs", dest="epochs", type=int, default=35, help="passes over the subset")
-    add("--mbs", "--batch-size", dest="batch_size", type=int, default=200,
-        help="images per dictionary update")  # fmt: skip
-    add("--subset-fraction", dest="subset_fraction", type=float, default=0.5,
-        help="fraction of the training set drawn at random to learn on")  # fmt: skip
-    add("--max-batches", dest="max_batches", type=int, default=None,
-        help="stop each epoch after N batches")  # fmt: skip
-    add("--lca_feats", "--features", dest="features", type=int, default=64,
-        help="dictionary features")  # fmt: skip
-    add("--lca_ksize", "--kernel-size", dest="kernel_size", type=int, default=9,
-        help="feature size (odd)")  # fmt: skip
-    add("--lca_stride", "--stride", dest="stride", type=int, default=2, help="feature stride")
-    add("--lca_lambda", "--lambda", dest="lambda_", type=float, default=0.2,
-        help="LCA threshold of the first epoch")  # fmt: skip
-    add("--lambda-increment", dest="lambda_increment", type=float, default=0.1,
-        help="added to lambda every --lambda-every epochs")  # fmt: skip
-    add("--lambda-every", dest="lambda_every", type=int, default=None,
-        help="epochs between lambda raises; None means epochs // 7, 0 never")  # fmt: skip
-    add("--lca_iters", dest="lca_iters", type=int, default=600, help="LCA iterations per batch")
-    add("--lca_tau", "--tau", dest="tau", type=float, default=100.0, help="LCA time constant")
-    add("--lca_eta", "--eta", dest="eta", type=float, default=1e-2,
-        help="dictionary learning rate")  # fmt: skip
-    add("--d-update-clip", dest="d_update_clip", type=float, default=math.inf,
-        help="clip each dictionary update entry to +-this")  # fmt: skip
+    tasks = ", ".join(data_utils.TASKS)
+    add("--task", default="CIFAR10", help=f"dataset, one of {tasks}")
+    add("--data-dir", default="./data", help="where the datasets are (or go)")
+    add("--out-dir", default=None, help="output folder; None means ./dictionaries/<task>")
+    add("--no-download", action="store_true", help="never download the dataset")
+    add("--seed", type=int, default=0, help="seed of the subset, the order and the init")
+    add("--device", default="auto", help="GPU index, cuda[:N], auto or cpu")
+    add("--num-workers", "--workers", type=int, default=0, help="data loader worker processes")
+    add("--epochs", type=int, default=35, help="passes over the subset")
+    add("--mbs", "--batch-size", type=int, default=200, help="images per dictionary update")
+    add("--subset-fraction", type=float, default=0.5, help="fraction of the training set "
+        "drawn at random to learn on")  # fmt: skip
+    add("--max-batches", type=int, default=None, help="stop each epoch after N batches")
+    add("--lca_feats", "--features", type=int, default=64, help="dictionary features")
+    add("--lca_ksize", "--kernel-size", type=int, default=9, help="feature size (odd)")
+    add("--lca_stride", "--stride", type=int, default=2, help="feature stride")
+    add("--lca_lambda", "--lambda", type=float, default=0.2, help="LCA threshold, first epoch")
+    add("--lambda-increment", type=float, default=0.1, help="added to lambda every "
+        "--lambda-every epochs")  # fmt: skip
+    add("--lambda-every", type=int, default=None, help="epochs between lambda raises; None "
+        "means epochs // 7, 0 never")  # fmt: skip
+    add("--lca_iters", type=int, default=600, help="LCA iterations per batch")
+    add("--lca_tau", "--tau", type=float, default=100.0, help="LCA time constant")
+    add("--lca_eta", "--eta", type=float, default=1e-2, help="dictionary learning rate")
+    add("--d-update-clip", type=float, default=math.inf, help="clip each dictionary update "
+        "entry to +-this")  # fmt: skip
+    add("--dist-timeout", type=float, default=600.0, help="torchrun: collective timeout (s)")
     return parser
 
 
 def check_args(args: argparse.Namespace) -> None:
     """UsageError for settings that cannot run."""
-    positive = ("epochs", "batch_size", "features", "kernel_size", "stride", "lca_iters")
+    positive = ("epochs", "mbs", "lca_feats", "lca_ksize", "lca_stride", "lca_iters")
     for name in positive:
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
     if args.max_batches is not None and args.max_batches < 1:
         raise UsageError("--max-batches must be at least 1")
-    if not 0.0 < args.subset_fraction <= 1.0:
-        raise UsageError("--subset-fraction must be in (0, 1]")
-    if args.kernel_size % 2 == 0:
-        raise UsageError("--kernel-size must be odd (LCA uses 'same' padding)")
-    if args.tau <= 0 or args.eta < 0 or args.lambda_ < 0:
-        raise UsageError("--tau must be > 0, --eta and --lambda >= 0")
+    data_utils.check_numbers(args, FLOAT_RANGES, FLAGS)
+    data_utils.check_number("d-update-clip", args.d_update_clip, 0, low_open=True, allow_inf=True)
+    if args.lca_ksize % 2 == 0:
+        raise UsageError("--lca_ksize must be odd (LCA uses 'same' padding)")
     if args.lambda_every is not None and args.lambda_every < 0:
         raise UsageError("--lambda-every must be >= 0")
 
@@ -133,16 +154,19 @@ def learn_one_epoch(
     desc: str,
 ) -> dict[str, float]:
     """Code every batch, update the dictionary after each; return per-sample means of the
-    metrics of the codes (computed before each update)."""
+    metrics of the codes (computed before each update). Data-parallel, ``loader`` gives this
+    process's part of each batch, and the update and the means are those of whole batches."""
     sums = dict.fromkeys(METRICS, 0.0)
     seen = 0
     total = len(loader) if max_batches is None else min(max_batches, len(loader))
     progress = tqdm(islice(loader, total), total=total, desc=desc, leave=False, dynamic_ncols=True)
     for images, _ in progress:
         inputs, acts, recons, errors = lca(images.to(device, non_blocking=True))
-        lca.update_weights(acts, errors)
+        lca.apply_weight_update(*distributed.sum_over_ranks(lca.weight_update_terms(acts, errors)))
 
         n = images.shape[0]
+        if n == 0:  # this process's part of a last batch smaller than the process count
+            continue
         recon_error = compute_l2_error(inputs, recons).item()
         l1 = compute_l1_sparsity(acts, lca.lambda_).item()
         sums["recon_error"] += recon_error * n
@@ -152,66 +176,80 @@ def learn_one_epoch(
         seen += n
         progress.set_postfix(recon=f"{recon_error:.3f}", l1=f"{l1:.3f}")
     progress.close()
-    return {name: value / seen for name, value in sums.items()}
+    totals = distributed.sum_totals({"seen": seen, **sums})
+    return {name: totals[name] / totals["seen"] for name in sums}
 
 
 def run(args: argparse.Namespace) -> LCAConv2D:
     """Learn the dictionary (writing the files listed at the top); returns the LCA layer."""
+    with contextlib.ExitStack() as held:
+        return learn(args, held)
+
+
+def learn(args: argparse.Namespace, held: contextlib.ExitStack) -> LCAConv2D:
+    """:func:`run`, holding the lock of the output folder in ``held``."""
     check_args(args)
     task = canonical_task(args.task)
     in_channels, height, width, _ = task_info(task)
     out_dir = args.out_dir or os.path.join("dictionaries", task)
-    device = data_utils.resolve_device(args.device)
+    device = distributed.device_for(args.device)
     every = args.epochs // 7 if args.lambda_every is None else args.lambda_every
-    if args.kernel_size > min(height, width):
+    if args.lca_ksize > min(height, width):
         print(
-            f"warning: {args.kernel_size}x{args.kernel_size} features are larger than the "
+            f"warning: {args.lca_ksize}x{args.lca_ksize} features are larger than the "
             f"{height}x{width} images of {task}",
             file=sys.stderr,
         )
 
+    runs.check_writable(out_dir, "out-dir")
     train_set, _ = build_datasets(
         task, args.data_dir, data_aug=False, download=not args.no_download
     )
     subset = draw_subset(len(train_set), args.subset_fraction, args.seed)
-    loader = make_loader(train_set, args.batch_size, shuffle=True, seed=args.seed,
-                         num_workers=args.workers, indices=subset)  # fmt: skip
+    loader = make_loader(train_set, args.mbs, shuffle=True, seed=args.seed,
+                         num_workers=args.num_workers, indices=subset)  # fmt: skip
+    batches = distributed.split_batches(loader)
 
     torch.manual_seed(args.seed)
     lca = LCAConv2D(
-        args.features,
+        args.lca_feats,
         in_channels,
-        kernel_size=args.kernel_size,
-        stride=args.stride,
-        lambda_=args.lambda_,
-        tau=args.tau,
-        eta=args.eta,
+        kernel_size=args.lca_ksize,
+        stride=args.lca_stride,
+        lambda_=args.lca_lambda,
+        tau=args.lca_tau,
+        eta=args.lca_eta,
         lca_iters=args.lca_iters,
         pad="same",
         return_vars=["inputs", "acts", "recons", "recon_errors"],
         d_update_clip=args.d_update_clip,
     ).to(device)
 
-    os.makedirs(out_dir, exist_ok=True)
+    writes = distributed.is_main_process()
+    if writes:
+        held.enter_context(runs.FolderLock(out_dir))
     dict_path = os.path.join(out_dir, DICTIONARY_FILE)
     csv_path = os.path.join(out_dir, CSV_FILE)
-    if os.path.exists(csv_path):  # the CSV holds this run's epochs only
-        os.remove(csv_path)
+    if writes:
+        os.makedirs(out_dir, exist_ok=True)
+        if os.path.exists(csv_path):  # the CSV holds this run's epochs only
+            os.remove(csv_path)
     print(
-        f"{task}: learning {args.features} features of {in_channels}x{args.kernel_size}x"
-        f"{args.kernel_size} (stride {args.stride}) on {len(subset)} of {len(train_set)} "
+        f"{task}: learning {args.lca_feats} features of {in_channels}x{args.lca_ksize}x"
+        f"{args.lca_ksize} (stride {args.lca_stride}) on {len(subset)} of {len(train_set)} "
         f"training images, device {device}; writing to {out_dir}"
     )
     rows: list[dict[str, float]] = []
     for epoch in range(args.epochs):
-        lca.lambda_ = lambda_at_epoch(epoch, args.lambda_, args.lambda_increment, every)
+        lca.lambda_ = lambda_at_epoch(epoch, args.lca_lambda, args.lambda_increment, every)
         start = time.perf_counter()
-        metrics = learn_one_epoch(lca, loader, device, args.max_batches,
+        metrics = learn_one_epoch(lca, batches, device, args.max_batches,
                                   desc=f"epoch {epoch + 1}/{args.epochs}")  # fmt: skip
         row = {"epoch": epoch + 1, "lambda": lca.lambda_, **metrics}
         row["seconds"] = time.perf_counter() - start
         rows.append(row)
-
+        if not writes:
+            continue
         runs.save_dictionary(dict_path, lca, subset_indices=subset)
         runs.append_csv_row(csv_path, {name: row[name] for name in CSV_COLUMNS})
         grid = data_utils.plot_dictionary(
@@ -229,13 +267,40 @@ def run(args: argparse.Namespace) -> LCAConv2D:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    distributed.quiet_unless_rank_zero()
     args = build_parser().parse_args(argv)
+    if distributed.launched():
+        typed = args.device != "auto"
+        return distributed.run(lambda: learn_reporting(args), args.device, typed, args.dist_timeout)
+    return learn_reporting(args)
+
+
+def learn_reporting(args: argparse.Namespace) -> int:
+    """:func:`run`, every failure reported as one line; returns the exit status."""
     try:
-        run(args)
+        with data_utils.signals_as_interrupts():
+            run(args)
     except UsageError as error:
-        print(f"cifar_dictlearning.py: error: {data_utils.one_line(str(error))}", file=sys.stderr)
-        return 2
+        return fail(str(error), data_utils.EXIT_USAGE)
+    except runs.FolderBusyError as error:
+        return fail(str(error), data_utils.EXIT_BUSY)
+    except data_utils.StorageError as error:
+        return fail(str(error), data_utils.EXIT_STORAGE)
+    except OSError as error:
+        fix = "free space or pass a writable --out-dir; the dictionary of the last epoch is kept"
+        return fail(data_utils.storage_message(error, fix), data_utils.EXIT_STORAGE)
+    except KeyboardInterrupt as interrupt:
+        terminated = isinstance(interrupt, data_utils.Terminated)
+        what = "terminated (SIGTERM)" if terminated else "interrupted"
+        print(f"\n{what}; the dictionary of the last finished epoch is kept", file=sys.stderr)
+        return data_utils.exit_status_of(interrupt)
     return 0
+
+
+def fail(message: str, status: int) -> int:
+    """One ``error:`` line on stderr; returns the exit ``status``."""
+    print(f"cifar_dictlearning.py: error: {data_utils.one_line(message)}", file=sys.stderr)
+    return status
 
 
 if __name__ == "__main__":

@@ -7,18 +7,26 @@
 - Plotting: every figure of the project is drawn here and returned as a matplotlib ``Figure``
   (``runs.save_figure`` writes it).
 - Logging: the vocabulary the command-line scripts share: ``UsageError`` for problems the user
-  can fix, one-line messages (``first_line``, ``one_line``, ``warn``), flag spellings
+  can fix, one-line messages (``first_line``, ``one_line``, ``warn``, ``storage_message``), the
+  exit statuses (``EXIT_*``), SIGTERM handled like Ctrl-C (``Terminated``,
+  ``signals_as_interrupts``), range checks of number flags (``check_number``), flag spellings
   (``flag_spellings``) and the ``--device`` parser (``resolve_device``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import math
+import os
 import pickle
+import signal
 import sys
+import tarfile
+import threading
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,12 +39,22 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import datasets as tv_datasets
 from torchvision import transforms
-from torchvision.datasets.utils import extract_archive
+from torchvision.datasets.utils import check_integrity, extract_archive
 from torchvision.utils import make_grid
 
 # --------------------------------------------------------------------------------------------
 # Logging: errors, warnings and the flags the scripts share
 # --------------------------------------------------------------------------------------------
+
+
+# Exit statuses of both command-line scripts.
+EXIT_OK = 0
+EXIT_DIVERGED = 1  # training diverged to NaN/inf; the last good checkpoint is kept
+EXIT_USAGE = 2  # bad input: a flag, a missing or corrupt file; nothing was written
+EXIT_STORAGE = 74  # a file could not be written or read (disk full, read-only, permissions)
+EXIT_BUSY = 75  # another live process writes the same run folder; try again later
+EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT): weights saved, resume command printed
+EXIT_TERMINATED = 143  # SIGTERM (preemption): the same as Ctrl-C
 
 
 class UsageError(Exception):
@@ -48,6 +66,93 @@ class UsageArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str):
         raise UsageError(message)
+
+
+class StorageError(Exception):
+    """A file could not be written or read (disk full, read-only folder, permissions); the
+    message says which, what was kept and what to do (exit status 74)."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, the signal a cluster scheduler sends before killing a job. A KeyboardInterrupt,
+    so that everything that saves and cleans up on Ctrl-C does the same on SIGTERM."""
+
+
+def exit_status_of(interrupt: KeyboardInterrupt) -> int:
+    """143 for SIGTERM, 130 for Ctrl-C."""
+    return EXIT_TERMINATED if isinstance(interrupt, Terminated) else EXIT_INTERRUPTED
+
+
+@contextlib.contextmanager
+def signals_as_interrupts() -> Iterator[None]:
+    """Within the block SIGINT raises ``KeyboardInterrupt`` and SIGTERM raises ``Terminated``.
+
+    Only the first SIGTERM raises: a second one (schedulers may repeat it) would cut short the
+    saving that the first one started. The previous handlers come back on exit. Outside the
+    main thread signals cannot be caught, and nothing changes.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    raised = []
+
+    def terminate(signum, frame):
+        if not raised:
+            raised.append(signum)
+            raise Terminated()
+
+    previous = {
+        signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler),
+        signal.SIGTERM: signal.signal(signal.SIGTERM, terminate),
+    }
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def storage_message(error: OSError, fix: str) -> str:
+    """One line for a failed read or write: what, which file, and ``fix``."""
+    name = errno.errorcode.get(error.errno or 0, "")
+    reason = error.strerror or str(error)
+    where = f" ({error.filename})" if error.filename else ""
+    return f"cannot write or read a file{where}: {reason}{f' [{name}]' if name else ''}; {fix}"
+
+
+def check_numbers(args: Any, ranges: dict[str, tuple], flags: dict[str, str] | None = None) -> None:
+    """:func:`check_number` on every value (a number, a list or None) of each float flag named
+    in ``ranges``, ``{dest: (low, low_open, high, high_open)}``; ``args`` holds them by dest,
+    and ``flags`` spells the flag of a dest in messages when it is not the dest itself."""
+    for name, (low, low_open, high, high_open) in ranges.items():
+        values = getattr(args, name)
+        flag = (flags or {}).get(name, name)
+        for value in values if isinstance(values, list) else [values]:
+            check_number(flag, value, low, high, low_open, high_open)
+
+
+def check_number(
+    flag: str,
+    value: float | None,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+    allow_inf: bool = False,
+) -> None:
+    """UsageError unless ``value`` (of ``--flag``) is a number in its range: finite (or +inf
+    when ``allow_inf``), >= ``low`` (> with ``low_open``), <= ``high`` (< with ``high_open``).
+    None (an unset optional flag) passes."""
+    if value is None:
+        return
+    bad = math.isnan(value) or (math.isinf(value) and not allow_inf)
+    bad |= low is not None and (value <= low if low_open else value < low)
+    bad |= high is not None and (value >= high if high_open else value > high)
+    if bad:
+        left = "(-inf" if low is None else f"{'(' if low_open else '['}{low:g}"
+        right = "inf)" if high is None else f"{high:g}{')' if high_open else ']'}"
+        kind = "a number" if allow_inf else "a finite number"
+        raise UsageError(f"--{flag} must be {kind} in {left}, {right}, got {value}")
 
 
 def first_line(error: BaseException) -> str:
@@ -311,20 +416,40 @@ def _open_split(cls: type, root: Path, train: bool, transform: Callable, downloa
 
 
 def _missing_message(task: str, root: Path, missing: Sequence[str], reason: str) -> str:
+    """One line: which files are missing where, and the three ways out."""
     src = _SOURCES[task]
     folder = (root / src.folder).resolve()
-    lines = [
-        f"{task} data not found in {root} ({reason}).",
-        f"Expected, as torchvision reads them: {folder}/{{{', '.join(src.files)}}}",
-        f"Missing: {', '.join(missing)}",
-    ]
-    if src.archives:
-        lines.append(
-            "Or place the downloaded archive(s), unpacked on first use: "
-            + ", ".join(str(root / a) for a in src.archives)
-        )
-    lines.append("To run without any download, use --task DIGITS (bundled with scikit-learn).")
-    return "\n".join(lines)
+    archives = ", ".join(str(root / a) for a in src.archives)
+    archives = f" or the archive {archives} (unpacked on first use)" if archives else ""
+    return (
+        f"{task} data not found in {root} ({reason}): put {', '.join(missing)} in {folder}"
+        f"{archives}, or run offline with --task DIGITS (bundled with scikit-learn)"
+    )
+
+
+# Errors of the disk or its permissions, as opposed to the network or the files' contents.
+_DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def _extract_tar(archive: Path, destination: Path) -> None:
+    """Unpack the tar ``archive`` into ``destination``, refusing it whole (before writing
+    anything) if a member would land outside, is absolute, is a link pointing outside or is
+    a device: tarfile's ``data`` filter, applied to every member first."""
+    if not hasattr(tarfile, "data_filter"):  # Python < 3.10.12 / 3.11.4
+        raise UsageError(f"this Python cannot unpack {archive} safely: unpack it yourself")
+    with tarfile.open(archive) as tar:
+        members = tar.getmembers()
+        for member in members:
+            try:
+                if os.path.isabs(member.name):  # the filter would only strip the leading /
+                    raise tarfile.AbsolutePathError(member)
+                tarfile.data_filter(member, str(destination))
+            except tarfile.FilterError as error:
+                raise UsageError(
+                    f"refusing to unpack {archive}: member {member.name!r} is unsafe "
+                    f"({first_line(error)}); download the archive again from its source"
+                ) from error
+        tar.extractall(destination, members=members, filter="data")
 
 
 def _unpack_local_archives(task: str, root: Path) -> None:
@@ -337,8 +462,15 @@ def _unpack_local_archives(task: str, root: Path) -> None:
         target = root / src.folder / Path(rel).name.removesuffix(".gz")
         if archive.is_file() and (rel.endswith(".tar.gz") or not target.is_file()):
             try:
-                extract_archive(str(archive), str(archive.parent))
+                if rel.endswith(".tar.gz"):
+                    _extract_tar(archive, archive.parent)
+                else:  # a single gzipped file, unpacked to its own name without .gz
+                    extract_archive(str(archive), str(archive.parent))
+            except UsageError:
+                raise
             except Exception as e:
+                if isinstance(e, OSError) and e.errno in _DISK_ERRORS:
+                    raise  # the disk failed (full, read-only), not the archive
                 raise UsageError(f"cannot unpack {archive}, it is corrupt: {first_line(e)}") from e
 
 
@@ -349,41 +481,52 @@ def _corrupt_message(task: str, folder: Path, error: BaseException) -> str:
     )
 
 
+def _official_md5(task: str) -> dict[str, str]:
+    """The md5 sum of every file of the official release of a task with an unchecked reader."""
+    cls = _CHECKED[task]
+    if task == "SVHN":
+        return {name: md5 for _, name, md5 in cls.split_list.values()}
+    return {name: md5 for name, md5 in cls.train_list + cls.test_list} | {
+        cls.meta["filename"]: cls.meta["md5"]
+    }
+
+
+def _is_pristine(task: str, folder: Path) -> bool:
+    """Whether every file of ``task`` in ``folder`` has its official checksum."""
+    return all(
+        check_integrity(str(folder / name), md5) for name, md5 in _official_md5(task).items()
+    )
+
+
 def _open_local(
     task: str, root: Path, train_tf: Callable, test_tf: Callable
 ) -> tuple[Dataset, Dataset]:
     """Open both splits from files that exist; UsageError if they are unreadable.
 
-    The official checksums are checked first. Copies whose checksums differ (e.g. rebuilt or
-    trimmed files) are read without them, after making sure pickled batches hold only arrays,
-    and a warning says so.
+    Files with the official checksums are read by torchvision as they are. Copies whose
+    checksums differ (e.g. rebuilt or trimmed files) are read without them, and only after
+    every pickled batch has been checked to hold nothing but arrays, lists and strings (before
+    torchvision's unrestricted ``pickle.load`` sees them); a warning says so.
     """
     folder = (root / _SOURCES[task].folder).resolve()
-    checked = _CHECKED[task]
+    pristine = task not in _UNCHECKED or _is_pristine(task, folder)
+    reader = _CHECKED[task] if pristine else _UNCHECKED[task]
     try:
-        return (
-            _open_split(checked, root, True, train_tf, False),
-            _open_split(checked, root, False, test_tf, False),
-        )
-    except Exception as e:
-        if task not in _UNCHECKED:
-            raise UsageError(_corrupt_message(task, folder, e)) from e
-    try:
-        if task.startswith("CIFAR"):
+        if not pristine and task.startswith("CIFAR"):
             for name in _SOURCES[task].files:
                 with open(folder / name, "rb") as f:
                     _DataOnlyUnpickler(f, encoding="latin1").load()
-        unchecked = _UNCHECKED[task]
         sets = (
-            _open_split(unchecked, root, True, train_tf, False),
-            _open_split(unchecked, root, False, test_tf, False),
+            _open_split(reader, root, True, train_tf, False),
+            _open_split(reader, root, False, test_tf, False),
         )
     except Exception as e:
         raise UsageError(_corrupt_message(task, folder, e)) from e
-    warnings.warn(
-        f"{task} files in {folder} do not match the official checksums; loaded them anyway",
-        stacklevel=3,
-    )
+    if not pristine:
+        warnings.warn(
+            f"{task} files in {folder} do not match the official checksums; loaded them anyway",
+            stacklevel=3,
+        )
     return sets
 
 
@@ -419,6 +562,8 @@ def build_datasets(
             cls, root, False, test_tf, True
         )
     except Exception as e:
+        if isinstance(e, OSError) and e.errno in _DISK_ERRORS:
+            raise  # the data folder cannot be written: a storage failure, not missing data
         reason = f"the download failed: {first_line(e)}"
         raise UsageError(_missing_message(name, root, missing, reason)) from e
 
@@ -436,6 +581,20 @@ def dataset_labels(dataset: Dataset) -> torch.LongTensor:
     return torch.tensor([int(dataset[i][1]) for i in range(len(dataset))], dtype=torch.int64)
 
 
+# Loader workers on CUDA when --num-workers is not given (at most the CPU count): the CPU
+# transforms (crop, flip, normalise) then run in parallel with the GPU's phases.
+CUDA_LOADER_WORKERS = 4
+
+
+def loader_workers(requested: int | None, device: torch.device) -> int:
+    """``--num-workers`` when given; else ``CUDA_LOADER_WORKERS`` on CUDA and 0 on the CPU."""
+    if requested is not None:
+        return requested
+    if device.type != "cuda":
+        return 0
+    return min(CUDA_LOADER_WORKERS, os.cpu_count() or 1)
+
+
 def make_loader(
     dataset: Dataset,
     batch_size: int,
@@ -448,7 +607,10 @@ def make_loader(
 
     With ``shuffle`` and a ``seed`` the order of every epoch comes from a ``torch.Generator``
     seeded with it (exposed as ``loader.generator``), so it is the same on every run; memory is
-    pinned when CUDA is available.
+    pinned when CUDA is available (so that ``.to(device, non_blocking=True)`` overlaps the copy
+    with the GPU's work). Workers are not persistent: each epoch's workers are seeded from the
+    loader's generator, whose state the checkpoint keeps, so a resumed run augments exactly as
+    an uninterrupted one would; a persistent worker's own RNG stream is in no checkpoint.
     """
     if indices is not None:
         idx = indices.tolist() if isinstance(indices, (Tensor, np.ndarray)) else list(indices)
@@ -484,6 +646,19 @@ _METRIC_PLOTS: tuple[tuple[str, str, str, Callable[[str], bool]], ...] = (
         lambda c: "recon_error" in c,
     ),
     ("dict_cosine.png", "Dictionary change", "cosine similarity", lambda c: "dict_cosine" in c),
+    (
+        "angles.png",
+        "Angle between forward and backward weights",
+        "angle (degrees)",
+        lambda c: c.startswith("angle_"),
+    ),
+    ("phase_steps.png", "Steps per phase (--tol)", "mean steps", lambda c: c.endswith("_steps")),
+    (
+        "phases_at_cap.png",
+        "Phases that hit their cap unsettled (--tol)",
+        "fraction of phases",
+        lambda c: c.endswith("_at_cap"),
+    ),
 )
 
 
@@ -495,8 +670,10 @@ def _series_label(column: str) -> str:
 def plot_metrics(rows: list[dict]) -> dict[str, Figure]:
     """Figures of a run's per-epoch ``rows`` (results.csv) against ``epoch`` (the row number
     without that column), by file name: ``accuracy.png`` (every ``*_acc`` column), and when such
-    columns exist ``sparsity.png`` (``*frac_active*``), ``recon_error.png`` (``*recon_error*``)
-    and ``dict_cosine.png`` (``*dict_cosine*``). None without rows."""
+    columns exist ``sparsity.png`` (``*frac_active*``), ``recon_error.png`` (``*recon_error*``),
+    ``dict_cosine.png`` (``*dict_cosine*``), ``angles.png`` (``angle_*``, the vector-field
+    models' forward/backward weight angles), and with ``--tol`` ``phase_steps.png``
+    (``*_steps``) and ``phases_at_cap.png`` (``*_at_cap``). None without rows."""
     if not rows:
         return {}
     columns = list(rows[0])
@@ -707,5 +884,45 @@ def plot_robustness(rows: list[dict]) -> Figure:
         ax.set(title="Corruptions", ylabel="accuracy", ylim=(-0.02, 1.02))
         ax.grid(True, alpha=0.4)
         ax.legend(fontsize=8)
+
+
+def plot_settling(traces: dict, title: str = "") -> Figure:
+    """``utils_ep_fast.settling_trace`` drawn: one column per dynamics (sync and
+    async side by side), the mean energy above its lowest value in the phase (top, log scale;
+    absent without an energy) and ``max |s_t - s_(t-1)|`` (bottom, log scale) against the
+    step, the free phase then the nudged phase after it (each phase with its own beta)."""
+    names = list(traces)
+    has_energy = traces[names[0]]["free_energy"] is not None
+    nrows = 2 if has_energy else 1
+    fig = Figure(figsize=(5.5 * len(names), 3.2 * nrows))
+    for col, name in enumerate(names):
+        trace = traces[name]
+        free_steps = len(trace["free_change"])
+        axes = [
+            fig.add_subplot(nrows, len(names), row * len(names) + col + 1) for row in range(nrows)
+        ]
+        if has_energy:
+            free, nudged = trace["free_energy"], trace["nudged_energy"]
+            above_min = [(phase - phase.min()).clamp_min(1e-12) for phase in (free, nudged)]
+            axes[0].semilogy(range(len(free)), above_min[0].numpy(), label="free phase")
+            nudged_steps = range(free_steps, free_steps + len(nudged))
+            axes[0].semilogy(nudged_steps, above_min[1].numpy(), label="nudged phase")
+            axes[0].set(
+                title=f"{name}: E - min E of the phase (mean E over images)", ylabel="energy gap"
+            )
+        change = axes[-1]
+        change.semilogy(range(1, free_steps + 1), trace["free_change"].numpy(), label="free phase")
+        nudged_change = trace["nudged_change"]
+        change.semilogy(
+            range(free_steps + 1, free_steps + 1 + len(nudged_change)),
+            nudged_change.numpy(),
+            label="nudged phase",
+        )
+        change.set(title=f"{name}: max |s_t - s_(t-1)|", xlabel="step t", ylabel="max change")
+        for ax in axes:
+            ax.grid(True, alpha=0.4)
+            ax.legend()
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     return fig

@@ -117,6 +117,71 @@ def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
     raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}.")
 
 
+InitFunc = Callable[..., Tensor | None]
+WeightInit = InitFunc | tuple[InitFunc, dict[str, Any]]
+
+
+def _split_weight_init(
+    weight_init: WeightInit, extra_kwargs: dict[str, Any] | None
+) -> tuple[InitFunc, dict[str, Any]]:
+    """``(init, kwargs)`` from a callable or lca-pytorch's ``(init, kwargs)`` pair."""
+    if extra_kwargs is not None and not isinstance(extra_kwargs, dict):
+        raise RuntimeError(f"weight_init_kwargs must be a dict, got {extra_kwargs!r}.")
+    if callable(weight_init):
+        init, kwargs = weight_init, {}
+    elif (
+        isinstance(weight_init, tuple | list)
+        and len(weight_init) == 2
+        and callable(weight_init[0])
+        and isinstance(weight_init[1], dict)
+    ):
+        init, kwargs = weight_init
+    else:
+        raise RuntimeError(
+            f"weight_init must be a callable such as torch.nn.init.normal_ or a pair "
+            f"(callable, kwargs dict), got {weight_init!r}."
+        )
+    return init, {**kwargs, **(extra_kwargs or {})}
+
+
+StepHook = Callable[[Tensor, Tensor], None]
+
+
+def _check_code_shaped(tensor: Tensor, drive: Tensor, name: str) -> None:
+    """RuntimeError unless ``tensor`` is a tensor shaped like the code (N, F, H_out, W_out)."""
+    if not isinstance(tensor, Tensor):
+        raise RuntimeError(
+            f"{name} must be a tensor of shape {tuple(drive.shape)}, got a {type(tensor).__name__}."
+        )
+    if tensor.shape != drive.shape:
+        raise RuntimeError(
+            f"Expected {name} of shape {tuple(drive.shape)} (N, F, H_out, W_out: the code's "
+            f"shape for these inputs), got {tuple(tensor.shape)}."
+        )
+
+
+class _Trajectory:
+    """Copies of the states and acts of every LCA iteration (only those asked for)."""
+
+    def __init__(self, return_vars: Sequence[str]) -> None:
+        self.keep_states = "states" in return_vars
+        self.keep_acts = bool({"acts", "recons", "recon_errors"} & set(return_vars))
+        self.states: list[Tensor] = []
+        self.acts: list[Tensor] = []
+
+    def record(self, states: Tensor, acts: Tensor) -> None:
+        if self.keep_states:
+            self.states.append(states.clone())
+        if self.keep_acts:
+            self.acts.append(acts.clone())
+
+    def stacked(self) -> tuple[Tensor | None, Tensor | None]:
+        """``(states, acts)``, each (N, F, H_out, W_out, lca_iters), None if not kept."""
+        states = torch.stack(self.states, dim=-1) if self.states else None
+        acts = torch.stack(self.acts, dim=-1) if self.acts else None
+        return states, acts
+
+
 class LCAConv2D(torch.nn.Module):
     """LCA with 2-D convolutional features on 4-D inputs (behaves like ``lcapt``'s).
 
@@ -135,18 +200,27 @@ class LCAConv2D(torch.nn.Module):
         pad: 'same' (padding k // 2, odd k only) or 'valid' (no padding).
         return_vars: names of the returned tensors, in this order, among 'inputs',
             'input_drives', 'states', 'acts', 'recons', 'recon_errors', 'conns'.
+        return_all_ts: return every variable at every LCA iteration, stacked along a new last
+            (time) axis of length lca_iters, instead of only after the last iteration.
         nonneg: keep activations non-negative (ignored by a callable transfer_func).
         transfer_func: 'soft_threshold', 'hard_threshold', or a callable u -> a.
         input_zero_mean: make each input sample zero-mean before coding.
         input_unit_var: make each input sample unit-variance before coding.
         d_update_clip: clip each entry of a dictionary update to [-clip, clip].
         req_grad: build an autograd graph through the LCA loop (and make ``weights`` require
-            gradients); otherwise nothing is tracked.
+            gradients), so gradients reach the inputs, the initial states and the dictionary;
+            otherwise nothing is tracked.
+        weight_init: how the dictionary starts: a callable ``init(tensor, **kwargs)`` that
+            fills (and returns) an empty (F, C, kh, kw) tensor, e.g. ``torch.nn.init.normal_``
+            or ``torch.nn.init.orthogonal_``, or lca-pytorch's pair ``(init, kwargs)``. The
+            result is scaled to unit-norm features.
+        weight_init_kwargs: keyword arguments for ``weight_init`` (added to those of a pair).
 
     Shapes:
         inputs, recons, recon_errors: (N, C, H, W)
         input_drives, states, acts: (N, F, H_out, W_out), H_out = floor((H + 2p - kh) / sh) + 1
         weights: (F, C, kh, kw); conns: (F, F, 2 * (kh - 1) // sh + 1, 2 * (kw - 1) // sw + 1)
+        with return_all_ts, each returned variable gains a last axis of length lca_iters
     """
 
     def __init__(
@@ -162,12 +236,15 @@ class LCAConv2D(torch.nn.Module):
         lca_iters: int = 1000,
         pad: str = "same",
         return_vars: Iterable[str] = ("acts",),
+        return_all_ts: bool = False,
         nonneg: bool = True,
         transfer_func: str | Callable[[Tensor], Tensor] = "soft_threshold",
         input_zero_mean: bool = True,
         input_unit_var: bool = True,
         d_update_clip: float = math.inf,
         req_grad: bool = False,
+        weight_init: WeightInit = (torch.nn.init.trunc_normal_, {}),
+        weight_init_kwargs: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         self.out_neurons = int(out_neurons)
@@ -181,12 +258,18 @@ class LCAConv2D(torch.nn.Module):
         self.lca_iters = int(lca_iters)
         self.pad = pad
         self.return_vars = list(return_vars)
+        self.return_all_ts = return_all_ts
         self.nonneg = nonneg
         self.transfer_func = transfer_func
         self.input_zero_mean = input_zero_mean
         self.input_unit_var = input_unit_var
         self.d_update_clip = d_update_clip
         self.req_grad = req_grad
+        self.weight_init, self.weight_init_kwargs = _split_weight_init(
+            weight_init, weight_init_kwargs
+        )
+        # replaces the no-graph loop when set (compiled.CapturedLCA): (drive) -> (states, acts)
+        self.settle_runner: Callable[[Tensor], tuple[Tensor, Tensor]] | None = None
 
         self.kh, self.kw = _pair(kernel_size, "kernel_size")
         self.sh, self.sw = _pair(stride, "stride")
@@ -201,11 +284,20 @@ class LCAConv2D(torch.nn.Module):
         # The same shift counted in code positions: the reach of lateral inhibition.
         self.surround = (self.lat_conn_pad[0] // self.sh, self.lat_conn_pad[1] // self.sw)
 
-        weights = torch.nn.init.trunc_normal_(
-            torch.empty(self.out_neurons, self.in_neurons, self.kh, self.kw)
-        )
-        self.weights = torch.nn.Parameter(weights, requires_grad=req_grad)
+        self.weights = torch.nn.Parameter(self._initial_weights(), requires_grad=req_grad)
         self.normalize_weights()
+
+    def _initial_weights(self) -> Tensor:
+        """``weight_init(empty (F, C, kh, kw), **weight_init_kwargs)``, before normalisation."""
+        blank = torch.empty(self.out_neurons, self.in_neurons, self.kh, self.kw)
+        filled = self.weight_init(blank, **self.weight_init_kwargs)
+        weights = blank if filled is None else filled
+        if not isinstance(weights, Tensor) or weights.shape != blank.shape:
+            raise RuntimeError(
+                f"weight_init must fill or return a tensor of shape {tuple(blank.shape)}, got "
+                f"{weights!r:.80}."
+            )
+        return weights
 
     def _check_settings(self) -> None:
         if self.pad not in ("same", "valid"):
@@ -216,17 +308,23 @@ class LCAConv2D(torch.nn.Module):
             raise ValueError(f"lca_iters must be >= 1, got {self.lca_iters}.")
         if self.sh < 1 or self.sw < 1 or self.kh < 1 or self.kw < 1:
             raise ValueError("kernel_size and stride must be positive.")
-        if isinstance(self.transfer_func, str):
-            if self.transfer_func not in TRANSFER_NAMES:
-                raise ValueError(
-                    f"transfer_func must be one of {TRANSFER_NAMES} or a callable, got "
-                    f"{self.transfer_func!r}."
-                )
-        elif not callable(self.transfer_func):
-            raise ValueError(
-                f"transfer_func must be a str or a callable, got {self.transfer_func!r}."
-            )
+        self._check_transfer_func()
         self._check_return_vars()
+
+    def _check_transfer_func(self) -> None:
+        """ValueError for an unknown name, RuntimeError for anything neither str nor callable
+        (a list, a tensor), as lca-pytorch raises."""
+        func = self.transfer_func
+        if isinstance(func, str):
+            if func not in TRANSFER_NAMES:
+                raise ValueError(
+                    f"transfer_func must be one of {TRANSFER_NAMES} or a callable, got {func!r}."
+                )
+        elif not callable(func):
+            raise RuntimeError(
+                f"transfer_func must be a str or a function, got a {type(func).__name__}; pass "
+                f"'soft_threshold', 'hard_threshold' or a callable u -> a."
+            )
 
     def _check_return_vars(self) -> None:
         bad = [name for name in self.return_vars if name not in RETURN_VAR_NAMES]
@@ -239,8 +337,12 @@ class LCAConv2D(torch.nn.Module):
     # ------------------------------------------------------------------ dictionary handling
 
     def get_weights(self) -> Tensor:
-        """A detached copy of the dictionary, shape (F, C, kh, kw)."""
-        return self.weights.detach().clone()
+        """A copy of the dictionary, shape (F, C, kh, kw).
+
+        With ``req_grad`` the copy stays in the autograd graph, so gradients through it reach
+        ``weights``; without, ``weights`` tracks nothing and the copy is a plain tensor.
+        """
+        return self.weights.clone()
 
     def normalize_weights(self, eps: float = 1e-12) -> None:
         """Scale every feature to unit L2 norm: ``D_f <- D_f / (||D_f|| + eps)``."""
@@ -289,10 +391,24 @@ class LCAConv2D(torch.nn.Module):
         with ``dD`` from ``compute_weight_update`` and ``times_active_f`` the number of
         non-zero entries of feature f in ``acts``.
         """
+        return self.apply_weight_update(*self.weight_update_terms(acts, recon_error), normalize)
+
+    @torch.no_grad()
+    def weight_update_terms(self, acts: Tensor, recon_error: Tensor) -> tuple[Tensor, Tensor]:
+        """The two batch sums of the rule: ``dD`` (F, C, kh, kw) and ``times_active`` (F, 1, 1, 1).
+
+        Both are sums over the batch, so the terms of the parts of a batch, added, are the
+        terms of the whole (how data-parallel processes share one update).
+        """
+        return self.compute_weight_update(acts, recon_error), compute_times_active_by_feature(acts)
+
+    def apply_weight_update(
+        self, correlation: Tensor, times_active: Tensor, normalize: bool = True
+    ) -> Tensor:
+        """The rule of ``update_weights`` from its terms ``dD`` and ``times_active``; returns the
+        applied update."""
         with torch.no_grad():
-            update = self.compute_weight_update(acts, recon_error)
-            times_active = compute_times_active_by_feature(acts).to(update.dtype) + 1
-            update.mul_(self.eta / times_active)
+            update = correlation * (self.eta / (times_active.to(correlation.dtype) + 1))
             update.clamp_(min=-self.d_update_clip, max=self.d_update_clip)
             self.weights.add_(update)
         if normalize:
@@ -303,6 +419,7 @@ class LCAConv2D(torch.nn.Module):
 
     def transfer(self, x: Tensor) -> Tensor:
         """Activations from membrane potentials, ``a = T_lambda(u)``, same shape as ``x``."""
+        self._check_transfer_func()
         if callable(self.transfer_func):
             return self.transfer_func(x)
         if self.transfer_func == "soft_threshold":
@@ -402,78 +519,202 @@ class LCAConv2D(torch.nn.Module):
 
     # ------------------------------------------------------------------ the dynamics
 
-    def _settle_in_place(self, drive: Tensor) -> tuple[Tensor, Tensor]:
+    def _settle_in_place(
+        self, drive: Tensor, states: Tensor | None = None, on_step: StepHook | None = None
+    ) -> tuple[Tensor, Tensor]:
         """Run the LCA loop without a graph, reusing preallocated buffers.
 
-        Returns ``(states, acts)``: states after the last update, acts = T(states) from
-        before it.
+        ``states`` (N, F, H_out, W_out) is the start ``u`` (zeros when None) and is updated in
+        place. ``on_step(states, acts)`` sees the live buffers after every update. Returns
+        ``(states, acts)``: states after the last update, acts = T(states) from before it. A
+        ``settle_runner`` (``compiled.CapturedLCA``, for ``--compile``) runs the loop in its
+        place when one is set and the run starts from zero without a step hook.
         """
-        weights = self.weights
-        self_overlap = weights.pow(2).sum(dim=(1, 2, 3)).view(1, -1, 1, 1)
-        rate = 1.0 / self.tau
-        states = torch.zeros_like(drive)
-        acts = torch.empty_like(drive)
-        target = torch.empty_like(drive)
+        if self.settle_runner is not None and states is None and on_step is None:
+            return self.settle_runner(drive)
+        return self.settle_loop(drive, self.iterate_in_place, states, on_step)
+
+    def self_overlap(self) -> Tensor:
+        """``||D_f||^2`` per feature, (1, F, 1, 1): the diagonal that ``G = D^T D - I`` drops."""
+        return self.weights.pow(2).sum(dim=(1, 2, 3)).view(1, -1, 1, 1)
+
+    def settle_buffers(
+        self, drive: Tensor, states: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """The states ``u`` (``states``, or zeros when None) and scratch for ``a``, the target
+        ``b - G a`` and the patches of ``_overlap``, all shaped for ``drive`` (N, F, H_out,
+        W_out)."""
         n, _, h, w = drive.shape
-        patches = drive.new_empty(n, weights[0].numel(), h * w)
+        patches = drive.new_empty(n, self.weights[0].numel(), h * w)
+        states = torch.zeros_like(drive) if states is None else states
+        return states, torch.empty_like(drive), torch.empty_like(drive), patches
+
+    def settle_loop(
+        self,
+        drive: Tensor,
+        iterate: Callable[..., None],
+        states: Tensor | None = None,
+        on_step: StepHook | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """``lca_iters`` calls of ``iterate`` (``iterate_in_place`` or a compiled copy of it)
+        from ``states`` (zeros when None, updated in place), ``on_step`` after each; returns
+        ``(states, acts)``."""
+        self_overlap = self.self_overlap()
+        states, acts, target, patches = self.settle_buffers(drive, states)
         for _ in range(self.lca_iters):
-            self._transfer_into(states, acts)
-            # target = b - G a, with G a = D^T D a - ||D_f||^2 a; then u += (target - u) / tau
-            torch.sub(drive, self._overlap(acts, weights, patches), out=target)
-            target.addcmul_(self_overlap, acts)
-            states.lerp_(target, rate)
+            iterate(drive, self.weights, self_overlap, states, acts, target, patches)
+            if on_step is not None:
+                on_step(states, acts)
         return states, acts
 
-    def _settle_with_graph(self, drive: Tensor) -> tuple[Tensor, Tensor]:
-        """The same loop, out of place, so autograd can differentiate through it."""
+    def iterate_in_place(
+        self,
+        drive: Tensor,
+        weights: Tensor,
+        self_overlap: Tensor,
+        states: Tensor,
+        acts: Tensor,
+        target: Tensor,
+        patches: Tensor,
+    ) -> None:
+        """One LCA iteration on the buffers: ``a = T(u)``; ``u <- u + (b - G a - u) / tau``.
+
+        ``drive`` is ``b`` (N, F, H_out, W_out), ``self_overlap`` ``||D_f||^2`` (1, F, 1, 1);
+        ``states``, ``acts``, ``target`` and ``patches`` are overwritten (``u`` updated).
+        """
+        self._transfer_into(states, acts)
+        # target = b - G a, with G a = D^T D a - ||D_f||^2 a; then u += (target - u) / tau
+        torch.sub(drive, self._overlap(acts, weights, patches), out=target)
+        target.addcmul_(self_overlap, acts)
+        states.lerp_(target, 1.0 / self.tau)
+
+    def _settle_with_graph(
+        self, drive: Tensor, states: Tensor | None = None, on_step: StepHook | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """The same loop, out of place, so autograd can differentiate through it (to the
+        drive, the start ``states`` and ``weights``)."""
         weights = self.weights
-        self_overlap = weights.pow(2).sum(dim=(1, 2, 3)).view(1, -1, 1, 1)
-        states = torch.zeros_like(drive)
+        self_overlap = self.self_overlap()
+        if states is None:
+            states = torch.zeros_like(drive)
         acts = states
         for _ in range(self.lca_iters):
             acts = self.transfer(states)
             inhibition = self._overlap(acts, weights) - self_overlap * acts
             states = states + (1.0 / self.tau) * (drive - states - inhibition)
+            if on_step is not None:
+                on_step(states, acts)
         return states, acts
 
-    def encode(self, inputs: Tensor) -> tuple[Tensor, ...]:
+    def encode(
+        self,
+        inputs: Tensor,
+        drive_scaling: Tensor | None = None,
+        initial_states: Tensor | None = None,
+    ) -> tuple[Tensor, ...]:
         """Sparse-code already normalised ``inputs`` (N, C, H, W).
 
-        Starting from ``u = 0`` it runs ``lca_iters`` times
+        Starting from ``u = initial_states`` (zeros when None) it runs ``lca_iters`` times
 
-            a = T_lambda(u);    u <- u + (b - u - G a) / tau
+            a = T_lambda(u);    u <- u + (b - u - G a) / tau,    b = D^T s + drive_scaling
 
         and returns the tensors named in ``return_vars``, in that order: ``acts`` is the
         ``a`` of the last iteration (computed before the last update of ``u``), ``states``
         the ``u`` after it, ``recons = D a``, ``recon_errors = inputs - recons``,
-        ``input_drives = b``, ``conns = G``.
+        ``input_drives = b``, ``conns = G``. With ``return_all_ts`` each of them gets a last
+        axis of length ``lca_iters`` whose entry t holds the values of iteration t + 1
+        (``inputs``, ``input_drives`` and ``conns`` repeat).
+
+        ``drive_scaling`` and ``initial_states`` must have the code's shape
+        (N, F, H_out, W_out); RuntimeError otherwise.
         """
+        self._check_transfer_func()
         self._check_return_vars()
         with torch.set_grad_enabled(self.req_grad):
             drive = self.compute_input_drive(inputs, self.weights)
+            if drive_scaling is not None:
+                _check_code_shaped(drive_scaling, drive, "drive_scaling")
+                drive = drive + drive_scaling
+            if initial_states is not None:
+                _check_code_shaped(initial_states, drive, "initial_states")
+            trajectory = _Trajectory(self.return_vars) if self.return_all_ts else None
+            on_step = None if trajectory is None else trajectory.record
             if self.req_grad:
-                states, acts = self._settle_with_graph(drive)
+                start = None if initial_states is None else initial_states.to(drive)
+                states, acts = self._settle_with_graph(drive, start, on_step)
             else:
-                states, acts = self._settle_in_place(drive)
-            recons = self.compute_recon(acts, self.weights, inputs.shape)
-            available: dict[str, Callable[[], Tensor]] = {
-                "inputs": lambda: inputs,
-                "input_drives": lambda: drive,
-                "states": lambda: states,
-                "acts": lambda: acts,
-                "recons": lambda: recons,
-                "recon_errors": lambda: self.compute_recon_error(inputs, recons),
-                "conns": lambda: self.compute_lateral_connectivity(self.weights),
-            }
-            return tuple(available[name]() for name in self.return_vars)
+                # the loop writes into its start: a copy, in the drive's dtype and layout
+                start = None
+                if initial_states is not None:
+                    start = torch.empty_like(drive).copy_(initial_states)
+                states, acts = self._settle_in_place(drive, start, on_step)
+            if trajectory is not None:
+                states, acts = trajectory.stacked()
+            return self._select_outputs(inputs, drive, states, acts)
 
-    def forward(self, inputs: Tensor) -> Tensor | tuple[Tensor, ...]:
+    def _select_outputs(
+        self, inputs: Tensor, drive: Tensor, states: Tensor | None, acts: Tensor | None
+    ) -> tuple[Tensor, ...]:
+        """The tensors named in ``return_vars``, in order (see ``encode``).
+
+        With ``return_all_ts``, ``states`` and ``acts`` arrive with the time axis last (None
+        when not asked for); reconstructions are made for every step, the constant
+        variables are repeated along that axis.
+        """
+        steps = self.lca_iters if self.return_all_ts else 0
+
+        def over_time(x: Tensor) -> Tensor:
+            return x.unsqueeze(-1).expand(*x.shape, steps).contiguous() if steps else x
+
+        recons = None
+        if {"recons", "recon_errors"} & set(self.return_vars):
+            recons = (
+                self._recon_over_time(acts, inputs.shape)
+                if steps
+                else self.compute_recon(acts, self.weights, inputs.shape)
+            )
+        available: dict[str, Callable[[], Tensor]] = {
+            "inputs": lambda: over_time(inputs),
+            "input_drives": lambda: over_time(drive),
+            "states": lambda: states,
+            "acts": lambda: acts,
+            "recons": lambda: recons,
+            "recon_errors": lambda: self.compute_recon_error(
+                inputs.unsqueeze(-1) if steps else inputs, recons
+            ),
+            "conns": lambda: over_time(self.compute_lateral_connectivity(self.weights)),
+        }
+        return tuple(available[name]() for name in self.return_vars)
+
+    def _recon_over_time(self, acts: Tensor, output_size: Sequence[int]) -> Tensor:
+        """``compute_recon`` of every step at once: (N, F, H_out, W_out, T) -> (N, C, H, W, T)."""
+        steps = acts.shape[-1]
+        recons = self.compute_recon(acts.movedim(-1, 0).flatten(0, 1), self.weights, output_size)
+        return recons.unflatten(0, (steps, -1)).movedim(0, -1)
+
+    def forward(
+        self,
+        inputs: Tensor,
+        drive_scaling: Tensor | None = None,
+        initial_states: Tensor | None = None,
+    ) -> Tensor | tuple[Tensor, ...]:
         """Normalise ``inputs`` (N, C, H, W) per sample as configured, then ``encode``.
 
+        Args (as lca-pytorch's ``forward``):
+            drive_scaling: (N, F, H_out, W_out), added to the input drive, ``b <- b +
+                drive_scaling`` (lca-pytorch adds it, whatever its name says); the returned
+                ``input_drives`` include it.
+            initial_states: (N, F, H_out, W_out), the membrane potentials to start from
+                instead of zeros, e.g. the ``states`` of an earlier call, which this call then
+                continues. With ``req_grad`` gradients flow back into it; pass
+                ``states.detach()`` to cut the graph of an earlier call.
+
         Returns one tensor if one return var is asked, else a tuple in the asked order.
+        Wrongly shaped inputs, drive_scaling or initial_states raise RuntimeError.
         """
-        if inputs.dim() != 4:
-            raise RuntimeError(f"Expected 4D inputs (N, C, H, W), got {inputs.dim()}D inputs.")
+        if not isinstance(inputs, Tensor) or inputs.dim() != 4:
+            got = f"{inputs.dim()}D inputs" if isinstance(inputs, Tensor) else type(inputs).__name__
+            raise RuntimeError(f"Expected 4D inputs (N, C, H, W), got {got}.")
         if inputs.shape[1] != self.in_neurons:
             raise RuntimeError(
                 f"Expected inputs with {self.in_neurons} channels, got {inputs.shape[1]}."
@@ -483,7 +724,9 @@ class LCAConv2D(torch.nn.Module):
                 inputs = make_zero_mean(inputs)
             if self.input_unit_var:
                 inputs = make_unit_var(inputs)
-        outputs = self.encode(inputs)
+        # Pass on only what was given, so that code wrapping encode(inputs) keeps working.
+        given = {"drive_scaling": drive_scaling, "initial_states": initial_states}
+        outputs = self.encode(inputs, **{k: v for k, v in given.items() if v is not None})
         return outputs[0] if len(outputs) == 1 else outputs
 
     def extra_repr(self) -> str:

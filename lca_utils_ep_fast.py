@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from distributed import sum_over_ranks
 from lca import LCAConv2D
 from utils_ep_fast import P_CNN, Encoding, conv_output_size
 
@@ -46,28 +47,16 @@ class LCA_CNN(P_CNN):
         dict_training: ``pretrained``, ``finetune`` or ``learn``.
     """
 
+    # fmt: off
     def __init__(
         self,
-        in_size: int,
-        in_channels: int,
-        lca_feats: int,
-        lca_ksize: int,
-        lca_stride: int,
-        lca_lambda: float,
-        lca_tau: float,
-        lca_eta: float,
-        lca_iters: int,
-        channels: list[int],
-        kernels: list[int],
-        strides: list[int],
-        paddings: list[int],
-        pools: str,
-        fc: list[int],
-        activation: str = "my_hard_sig",
-        softmax: bool = False,
-        loss: str = "mse",
-        scale: float | None = None,
-        scale_feedback: float = 1.0,
+        in_size: int, in_channels: int,
+        lca_feats: int, lca_ksize: int, lca_stride: int,
+        lca_lambda: float, lca_tau: float, lca_eta: float, lca_iters: int,
+        channels: list[int], kernels: list[int], strides: list[int], paddings: list[int],
+        pools: str, fc: list[int],
+        activation: str = "my_hard_sig", softmax: bool = False, loss: str = "mse",
+        scale: float | None = None, scale_feedback: float = 1.0,
         dict_training: str = "pretrained",
     ) -> None:
         if dict_training not in DICT_MODES:
@@ -83,34 +72,17 @@ class LCA_CNN(P_CNN):
             )
         code_size = conv_output_size(in_size, lca_ksize, lca_stride, lca_ksize // 2)
         super().__init__(
-            code_size,
-            lca_feats,
-            list(channels[1:]),
-            kernels,
-            strides,
-            paddings,
-            pools[1:],
-            fc,
-            activation=activation,
-            softmax=softmax,
-            loss=loss,
-            scale=scale,
-            input_copy=True,
-            scale_feedback=scale_feedback,
+            code_size, lca_feats, list(channels[1:]), kernels, strides, paddings, pools[1:], fc,
+            activation=activation, softmax=softmax, loss=loss, scale=scale,
+            input_copy=True, scale_feedback=scale_feedback,
         )
         self.dict_training = dict_training
         self.lca = LCAConv2D(
-            lca_feats,
-            in_channels,
-            kernel_size=lca_ksize,
-            stride=lca_stride,
-            lambda_=lca_lambda,
-            tau=lca_tau,
-            eta=lca_eta,
-            lca_iters=lca_iters,
-            pad="same",
-            return_vars=["inputs", "acts", "recon_errors"],
+            lca_feats, in_channels, kernel_size=lca_ksize, stride=lca_stride,
+            lambda_=lca_lambda, tau=lca_tau, eta=lca_eta, lca_iters=lca_iters,
+            pad="same", return_vars=["inputs", "acts", "recon_errors"],
         )
+        # fmt: on
         # where the dictionary started: its drift is a metric of finetune/learn
         self.register_buffer("initial_dictionary", self.lca.weights.detach().clone())
 
@@ -141,14 +113,21 @@ class LCA_CNN(P_CNN):
     def after_update(self, encoding: Encoding, nudged: list[Tensor]) -> None:
         """finetune / learn: the LCA update on ``(acts, recon error)`` and on
         ``(acts*, images - recon(acts*))`` with ``acts* = T_lambda(s_0)`` of the ``nudged``
-        states; both reconstruction errors are taken with the dictionary before either update."""
+        states; both reconstruction errors are taken with the dictionary before either update
+        (so both updates' batch sums are taken first, and summed over data-parallel ranks)."""
         if self.dict_training == "pretrained":
             return
         nudged_acts = self.lca.transfer(nudged[0])
         nudged_recons = self.lca.compute_recon(nudged_acts, self.lca.weights, encoding.images.shape)
         nudged_recon_errors = self.lca.compute_recon_error(encoding.images, nudged_recons)
-        self.lca.update_weights(encoding.code, encoding.recon_errors)
-        self.lca.update_weights(nudged_acts, nudged_recon_errors)
+        terms = [
+            *self.lca.weight_update_terms(encoding.code, encoding.recon_errors),
+            *self.lca.weight_update_terms(nudged_acts, nudged_recon_errors),
+        ]
+        # data-parallel: the batch sums of every process's part, i.e. those of the global batch
+        correlation, times_active, nudged_correlation, nudged_times_active = sum_over_ranks(terms)
+        self.lca.apply_weight_update(correlation, times_active)
+        self.lca.apply_weight_update(nudged_correlation, nudged_times_active)
 
     def batch_stats(self, encoding: Encoding) -> dict[str, float]:
         """Fraction of non-zero LCA activations and the reconstruction error

@@ -10,24 +10,30 @@ One run of ``main_fast.py --save`` lives in
     *.png                 the figures of ``data_utils``, redrawn after every epoch
     checkpoint.pt         rewritten atomically after every epoch, to resume from
     model.pt              the epoch with the best test accuracy; final_model.pt the last one;
-                          interrupted.pt the weights at a Ctrl-C
+                          interrupted.pt the weights at a Ctrl-C or SIGTERM
+    .lock                 the advisory lock of the process writing the folder (pid and host)
 
-Checkpoint: ``model_config`` ({"model": "CNN" | "LCACNN" | "MLP", "kwargs": constructor
+Checkpoint: ``model_config`` ({"model": a name of ``MODEL_CLASSES``, "kwargs": constructor
 arguments}), ``model_state``, ``optimizer_state``, ``scheduler_state`` (or None), ``epoch``
 (epochs done), ``rng_state`` ({"global": ``get_rng_state()``, "train_loader": the loader
 generator's state or None}), ``history`` (the results.csv rows), ``best_test_acc`` and ``args``
-(every argument, plain values). A model record (``model.pt``, ``final_model.pt``,
-``interrupted.pt``) holds ``model_config``, ``model_state``, ``epoch``, ``test_acc`` and ``args``.
+(every argument, plain values) and ``train_indices`` (the training images EP uses, int64, or
+None for all). A model record (``model.pt``, ``final_model.pt``, ``interrupted.pt``) holds
+``model_config``, ``model_state``, ``epoch``, ``test_acc``, ``args`` and ``train_indices``.
 All are plain tensors and containers, read back with ``torch.load(..., weights_only=True)``.
 
 A dictionary of ``cifar_dictlearning.py`` is ``{"weights": (F, C, k, k), "config": LCA
 settings}`` in ``dictionary.pt``, with ``subset_indices.pt`` (the training images it was learnt
 on) beside it. Every file is written atomically: a reader sees the old file or the new one.
+
+One process writes a folder at a time (:class:`FolderLock`); the next writer removes the
+temporary files a killed one left. Files get the modes of the process's umask, as ``open`` gives.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import datetime
 import math
@@ -35,11 +41,18 @@ import os
 import random
 import re
 import shlex
+import socket
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: FolderLock judges a lock by the process it names
+    fcntl = None
 
 import numpy as np
 import torch
@@ -50,7 +63,18 @@ import data_utils
 from data_utils import UsageError, first_line, warn
 from lca import LCAConv2D
 from lca_utils_ep_fast import LCA_CNN
-from utils_ep_fast import P_CNN, P_MLP, DivergenceError, EnergyNet, check_finite, settle
+from utils_ep_fast import (
+    P_CNN,
+    P_MLP,
+    DivergenceError,
+    EnergyNet,
+    EPConfig,
+    check_finite,
+    settle,
+    settling_trace,
+    train,
+)
+from vf_utils_ep_fast import VF_CNN, VF_LCA_CNN, VF_MLP
 
 CHECKPOINT = "checkpoint.pt"
 BEST_MODEL = "model.pt"
@@ -59,19 +83,52 @@ INTERRUPTED = "interrupted.pt"
 RESULTS_CSV = "results.csv"
 HYPERPARAMETERS_TXT = "hyperparameters.txt"
 SUBSET_FILENAME = "subset_indices.pt"
-MODEL_CLASSES: dict[str, type[EnergyNet]] = {"CNN": P_CNN, "LCACNN": LCA_CNN, "MLP": P_MLP}
-MODEL_KEYS = ("model_config", "model_state", "epoch", "test_acc", "args")
-CHECKPOINT_KEYS = ("model_config", "model_state", "optimizer_state", "epoch", "rng_state", "args")
+# The --model names, and VFLCACNN for --model LCACNN --vf (vector-field models: VF*)
+MODEL_CLASSES: dict[str, type[EnergyNet]] = {
+    "CNN": P_CNN,
+    "LCACNN": LCA_CNN,
+    "MLP": P_MLP,
+    "VFCNN": VF_CNN,
+    "VFMLP": VF_MLP,
+    "VFLCACNN": VF_LCA_CNN,
+}
+MODEL_KEYS = ("model_config", "model_state", "epoch", "args")  # test_acc: absent in checkpoints
+CHECKPOINT_KEYS = (*MODEL_KEYS, "optimizer_state", "rng_state", "history", "best_test_acc")
+LOCK_FILE = ".lock"
 RECON_IMAGES = 8
+SETTLING_IMAGES = 8
 
 
 class DictionaryError(UsageError):
     """A dictionary (or subset-indices) file is missing, unreadable or of the wrong shape."""
 
 
+class FolderBusyError(Exception):
+    """Another live process holds the lock of a run folder (exit status 75: try again later)."""
+
+
+# What each kind of failure exits with (the first match counts); its message is one line.
+ERROR_STATUSES: tuple[tuple[type[BaseException], int], ...] = (
+    (DivergenceError, data_utils.EXIT_DIVERGED),
+    (UsageError, data_utils.EXIT_USAGE),
+    (FolderBusyError, data_utils.EXIT_BUSY),
+    (data_utils.StorageError, data_utils.EXIT_STORAGE),
+)
+
+
 # --------------------------------------------------------------------------------------------
 # Safe file I/O
 # --------------------------------------------------------------------------------------------
+
+
+TEMP_SUFFIX = ".tmp"
+
+
+def current_umask() -> int:
+    """The process's umask (read by setting it and putting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
@@ -82,8 +139,10 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
     try:
+        if hasattr(os, "fchmod"):  # mkstemp's 0600 would hide the file from the group
+            os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
@@ -130,6 +189,121 @@ def safe_load(path: str | Path, what: str, error: type[UsageError] = UsageError)
         raise error(
             f"cannot read {path.resolve()}: it is corrupt or not a {what} ({first_line(e)})"
         ) from e
+
+
+# --------------------------------------------------------------------------------------------
+# One writer per folder
+# --------------------------------------------------------------------------------------------
+
+
+def remove_temp_files(folder: str | Path) -> list[Path]:
+    """Delete the temporary files :func:`atomic_write` leaves in ``folder`` when its process is
+    killed mid-write (``.<name>.<random>.tmp``); returns them. Only for a folder's lock holder."""
+    leftovers = [p for p in Path(folder).glob(f".*{TEMP_SUFFIX}") if p.is_file()]
+    for path in leftovers:
+        path.unlink(missing_ok=True)
+    return leftovers
+
+
+def is_unstarted(folder: str | Path) -> bool:
+    """Whether ``folder`` holds no run that finished an epoch (no checkpoint, no results.csv):
+    ``--save --load-path`` starts a new run there."""
+    return not (Path(folder) / CHECKPOINT).exists() and not (Path(folder) / RESULTS_CSV).exists()
+
+
+def check_writable(folder: str | Path, flag: str) -> None:
+    """Create ``folder`` (and its parents) and a probe file in it, before any long work, so
+    that an unwritable ``--flag`` folder fails at once (StorageError) rather than after it."""
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder, prefix=".probe."):
+            pass
+    except OSError as error:
+        raise data_utils.StorageError(
+            data_utils.storage_message(error, f"pass a writable --{flag} (here {folder})")
+        ) from error
+
+
+def _holder(fd: int) -> list[str]:
+    """``[pid, host]`` of the lock file open at ``fd``; empty when nobody holds it."""
+    os.lseek(fd, 0, os.SEEK_SET)
+    return os.read(fd, 256).decode(errors="replace").split()
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by someone else
+        return True
+    return True
+
+
+class FolderLock:
+    """Make this process the only writer of ``folder``: a context manager holding an advisory
+    lock on ``folder/.lock``.
+
+    The lock is ``flock`` (POSIX), which the kernel drops when its holder dies, even by
+    ``kill -9``; the file also names the holder (``pid host``) and is emptied on release, so a
+    non-empty file with a free lock is a stale lock, taken over with a notice. Where ``flock``
+    is missing or unsupported (some network filesystems) a lock on this host whose process is
+    gone is taken over too. Taking the lock removes the temporary files a killed writer left.
+
+    Raises:
+        FolderBusyError: another live process holds the lock.
+    """
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        self.path = self.folder / LOCK_FILE
+        self._fd: int | None = None
+
+    def __enter__(self) -> FolderLock:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            taken = self._lock(fd)
+            holder = " on ".join(_holder(fd)[:2])
+            if not taken:
+                raise FolderBusyError(
+                    f"{self.folder} is being written by process {holder or '(unknown)'}: one "
+                    f"writer per run folder; wait for it to end (or stop it), then run this again"
+                )
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+        if holder:  # a holder that did not release: killed
+            warn(f"took over the lock of {self.folder} left by process {holder}")
+        os.ftruncate(fd, 0)
+        os.lseek(fd, 0, os.SEEK_SET)
+        os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
+        for leftover in remove_temp_files(self.folder):
+            print(f"notice: removed {leftover.name}, left by an interrupted write")
+        return self
+
+    @staticmethod
+    def _lock(fd: int) -> bool:
+        """Whether the lock was taken (False: a live holder has it)."""
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+            except BlockingIOError:
+                return False
+            except OSError:  # flock unsupported here: judge by the recorded holder
+                pass
+        previous = _holder(fd)
+        if len(previous) < 2 or not previous[0].isdigit():
+            return True
+        pid, host = int(previous[0]), previous[1]
+        return host == socket.gethostname() and not _process_alive(pid)  # stale: take it
+
+    def __exit__(self, *exc) -> None:
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)  # a clean release leaves no holder behind
+            os.close(self._fd)  # closing drops the flock
+            self._fd = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -324,9 +498,12 @@ def seed_everything(seed: int | None) -> None:
 def restore_rng(checkpoint: dict, train_loader) -> None:
     """Put every RNG (and the data order) where the checkpointed run left them."""
     state = checkpoint["rng_state"]
-    set_rng_state(state["global"])
-    if state["train_loader"] is not None and train_loader.generator is not None:
-        train_loader.generator.set_state(state["train_loader"])
+    try:
+        set_rng_state(state["global"])
+        if state["train_loader"] is not None and train_loader.generator is not None:
+            train_loader.generator.set_state(state["train_loader"])
+    except (ValueError, RuntimeError, TypeError, KeyError) as error:
+        raise UsageError(f"the checkpoint's RNG state is damaged: {first_line(error)}") from error
 
 
 # --------------------------------------------------------------------------------------------
@@ -357,11 +534,16 @@ def save_dictionary(path: str | Path, lca: LCAConv2D, subset_indices: Tensor | N
     atomic_save(record, path)
 
 
+def dictionary_file(path: str | Path) -> str:
+    """``--dict-path``: a dictionary file, or the folder cifar_dictlearning.py wrote it in."""
+    return str(Path(path) / "dictionary.pt") if Path(path).is_dir() else str(path)
+
+
 def _load_dictionary_file(path: str | Path, what: str) -> Any:
     if not os.path.isfile(path):
         raise DictionaryError(
-            f"{what} file '{path}' not found: run cifar_dictlearning.py first (or pass the "
-            f"folder where it wrote its files)."
+            f"{what} file '{path}' not found: run cifar_dictlearning.py first, or pass "
+            f"--dict-path with the folder it wrote dictionary.pt and subset_indices.pt in."
         )
     try:
         return torch.load(path, weights_only=True, map_location="cpu")
@@ -423,9 +605,19 @@ def load_subset_indices(dict_path: str | Path) -> Tensor:
     return indices.to(torch.int64)
 
 
-def training_indices(args: argparse.Namespace, n_train: int) -> Tensor | None:
-    """Which training images EP uses: with a pretrained or finetuned dictionary, those it was
-    not learnt on; otherwise all of them (None)."""
+def training_indices(
+    args: argparse.Namespace, n_train: int, record: dict | None = None
+) -> Tensor | None:
+    """Which training images EP uses: those a saved ``record`` names; else, with a pretrained or
+    finetuned dictionary, those it was not learnt on; otherwise all of them (None)."""
+    if record is not None and "train_indices" in record:
+        indices = record["train_indices"]
+        if indices is not None and len(indices) and int(indices.max()) >= n_train:
+            raise UsageError(
+                f"the saved run trained on images up to {int(indices.max())}, but "
+                f"{args.task} in {args.data_dir} has {n_train}: is it the same dataset?"
+            )
+        return indices
     if args.model != "LCACNN":
         return None
     if args.dict_training == "learn":
@@ -471,6 +663,11 @@ def ep_training_indices(num_train: int, dict_path: str | Path) -> Tensor:
 # --------------------------------------------------------------------------------------------
 
 SESSION_FLAGS = {"todo", "load_path"}
+# The flags that LCA_CNN takes under their own names, on top of the CNN's.
+LCA_ARGUMENTS = (
+    *("lca_feats", "lca_ksize", "lca_stride", "lca_lambda", "lca_tau", "lca_eta", "lca_iters"),
+    *("scale_feedback", "dict_training"),
+)
 
 
 def model_config_from_args(args: argparse.Namespace) -> dict:
@@ -482,8 +679,11 @@ def model_config_from_args(args: argparse.Namespace) -> dict:
         "loss": args.loss,
         "scale": args.scale,
     }
-    if args.model == "MLP":
-        return {"model": "MLP", "kwargs": {"archi": list(args.archi), **common}}
+    model_name = "VFLCACNN" if args.model == "LCACNN" and args.vf else args.model
+    if model_name.startswith("VF"):
+        common["same_update"] = args.same_update
+    if args.model in ("MLP", "VFMLP"):
+        return {"model": model_name, "kwargs": {"archi": list(args.archi), **common}}
     kwargs = {
         "in_size": height,
         "in_channels": in_channels,
@@ -496,18 +696,8 @@ def model_config_from_args(args: argparse.Namespace) -> dict:
         **common,
     }
     if args.model == "LCACNN":
-        kwargs.update(
-            lca_feats=args.lca_feats,
-            lca_ksize=args.lca_ksize,
-            lca_stride=args.lca_stride,
-            lca_lambda=args.lca_lambda,
-            lca_tau=args.lca_tau,
-            lca_eta=args.lca_eta,
-            lca_iters=args.lca_iters,
-            scale_feedback=args.scale_feedback,
-            dict_training=args.dict_training,
-        )
-    return {"model": args.model, "kwargs": kwargs}
+        kwargs.update({name: getattr(args, name) for name in LCA_ARGUMENTS})
+    return {"model": model_name, "kwargs": kwargs}
 
 
 def saved_args(
@@ -523,8 +713,14 @@ def saved_args(
         elif getattr(typed, name) != saved.get(name):
             ignored.append(f"--{name}")
     if ignored:
-        warn(f"{', '.join(ignored)} ignored: the settings of {typed.load_path} are used")
+        allowed = ", ".join(f"--{name}" for name in sorted(overrides))
+        warn(
+            f"{', '.join(ignored)} ignored: the settings of {typed.load_path} are used "
+            f"(here only {allowed} can change)"
+        )
     args.todo, args.load_path = typed.todo, typed.load_path
+    if args.dict_path:
+        args.dict_path = dictionary_file(args.dict_path)
     return args
 
 
@@ -535,11 +731,15 @@ def new_run_dir(args: argparse.Namespace) -> Path:
 
 def build_model(model_config: dict) -> EnergyNet:
     """The network described by ``model_config`` ({"model": name, "kwargs": arguments})."""
-    return MODEL_CLASSES[model_config["model"]](**model_config["kwargs"])
+    try:
+        return MODEL_CLASSES[model_config["model"]](**model_config["kwargs"])
+    except TypeError as error:  # arguments the class does not take: a damaged record
+        raise UsageError(f"the saved model does not rebuild: {first_line(error)}") from error
 
 
 def model_record(model: EnergyNet, model_config: dict, epoch: int, test_acc, args) -> dict:
-    """What ``model.pt``, ``final_model.pt`` and ``interrupted.pt`` hold."""
+    """What ``model.pt``, ``final_model.pt`` and ``interrupted.pt`` hold (``train_indices``
+    is added by the recorder)."""
     return {
         "model_config": model_config,
         "model_state": model.state_dict(),
@@ -549,16 +749,85 @@ def model_record(model: EnergyNet, model_config: dict, epoch: int, test_acc, arg
     }
 
 
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _rng_state_problem(state: Any) -> str | None:
+    """What is wrong with a checkpoint's ``rng_state`` (None: it has get_rng_state's layout)."""
+    if not isinstance(state, dict) or not isinstance(state.get("global"), dict):
+        return "rng_state is not {'global': ..., 'train_loader': ...}"
+    common = state["global"]
+    python, numpy = common.get("python"), common.get("numpy")
+    if not (
+        isinstance(python, dict)
+        and isinstance(python.get("state"), Tensor)
+        and python["state"].numel() == 625
+        and isinstance(numpy, dict)
+        and isinstance(numpy.get("keys"), Tensor)
+        and numpy["keys"].numel() == 624
+        and isinstance(common.get("torch"), Tensor)
+        and common["torch"].dtype == torch.uint8
+        and common["torch"].numel() > 0
+    ):
+        return "rng_state lacks the Python, numpy or torch generator states"
+    loader = state.get("train_loader")
+    if loader is not None and not (isinstance(loader, Tensor) and loader.dtype == torch.uint8):
+        return "rng_state's train_loader state is not a byte tensor"
+    return None
+
+
+def record_problem(record: dict, checkpoint: bool) -> str | None:
+    """What is wrong with the contents of a loaded model record or (``checkpoint``) checkpoint,
+    or None: every entry of the module docstring has its type."""
+    config, state = record["model_config"], record["model_state"]
+    if not (
+        isinstance(config, dict)
+        and config.get("model") in MODEL_CLASSES
+        and isinstance(config.get("kwargs"), dict)
+    ):
+        return f"model_config does not name one of the models {', '.join(MODEL_CLASSES)}"
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        return "model_state is not a dict of tensors"
+    if not _is_count(record["epoch"]):
+        return f"epoch is {record['epoch']!r}, not a number of epochs"
+    if not isinstance(record["args"], dict) or not {"task", "model"} <= set(record["args"]):
+        return "args is not the dict of the run's arguments"
+    indices = record.get("train_indices")
+    if indices is not None and not (
+        isinstance(indices, Tensor) and indices.dim() == 1 and indices.dtype == torch.int64
+    ):
+        return "train_indices is not a 1-D int64 tensor"
+    if not checkpoint:
+        return None
+    optimizer_state = record["optimizer_state"]
+    if not isinstance(optimizer_state, dict) or "param_groups" not in optimizer_state:
+        return "optimizer_state is not an optimizer's state_dict"
+    history = record["history"]
+    if not isinstance(history, list) or len(history) != record["epoch"]:
+        return f"history does not hold one row per epoch ({record['epoch']})"
+    if not all(isinstance(row, dict) for row in history):
+        return "history rows are not dicts"
+    if not isinstance(record["best_test_acc"], (int, float)):
+        return "best_test_acc is not a number"
+    return _rng_state_problem(record["rng_state"])
+
+
 def load_record(path: str | Path, what: str, keys: Sequence[str]) -> dict:
-    """A dict saved by ``main_fast.py`` at ``path``, checked to hold ``keys``."""
+    """A dict saved by ``main_fast.py`` at ``path``, checked to hold ``keys`` of the right
+    types (a UsageError names the first problem)."""
     record = safe_load(path, what)
     if not isinstance(record, dict) or any(key not in record for key in keys):
         raise UsageError(f"{path} is not a {what} written by main_fast.py (keys missing)")
+    problem = record_problem(record, checkpoint="optimizer_state" in keys)
+    if problem:
+        raise UsageError(f"{path} is damaged or from another program: {problem}")
     return record
 
 
 def load_model_file(load_path: str | Path) -> tuple[dict, Path]:
-    """``model.pt`` of a run folder (else ``final_model.pt``), or the model file given."""
+    """``model.pt`` of a run folder (else ``final_model.pt``), or the model file given (a
+    checkpoint too: it holds the model)."""
     path = Path(load_path)
     if path.is_dir():
         path = path / BEST_MODEL if (path / BEST_MODEL).is_file() else path / FINAL_MODEL
@@ -576,7 +845,9 @@ def restore_model(record: dict, device: torch.device | str = "cpu") -> EnergyNet
         model = build_model(record["model_config"])
         model.load_state_dict(record["model_state"])
     except (ValueError, RuntimeError, KeyError, TypeError) as error:
-        raise UsageError(f"the saved model does not rebuild: {error}") from error
+        raise UsageError(f"the saved model does not rebuild: {first_line(error)}") from error
+    saved = record["args"]  # runs saved before --dynamics and --tol existed: the defaults
+    model.set_dynamics(saved.get("dynamics", "sync"), saved.get("tol"))
     return model.to(device)
 
 
@@ -587,8 +858,32 @@ def restore_training_state(checkpoint: dict, model, optimizer, scheduler) -> Non
         optimizer.load_state_dict(checkpoint["optimizer_state"])
         if scheduler is not None and checkpoint.get("scheduler_state") is not None:
             scheduler.load_state_dict(checkpoint["scheduler_state"])
-    except (ValueError, RuntimeError, KeyError) as error:
-        raise UsageError(f"the checkpoint does not fit its own model: {error}") from error
+    except (ValueError, RuntimeError, KeyError, TypeError) as error:
+        raise UsageError(
+            f"the checkpoint does not fit its own model: {first_line(error)}"
+        ) from error
+
+
+def override_rates(
+    optimizer: torch.optim.Optimizer, scheduler, lrs: Sequence[float], wds: Sequence[float] | None
+) -> None:
+    """Replace a resumed run's learning rates and weight decays (None: 0), one per synapse
+    (param group).
+
+    ``lrs`` become the initial rates; with cosine decay (``CosineAnnealingLR``, T_max, eta_min)
+    the rate at the epoch e reached is ``eta_min + (lr - eta_min) (1 + cos(pi e / T_max)) / 2``,
+    as if the run had started with ``lrs``.
+    """
+    decay = isinstance(scheduler, torch.optim.lr_scheduler.CosineAnnealingLR)
+    wds = wds or [0.0] * len(lrs)
+    for group, lr, wd in zip(optimizer.param_groups, lrs, wds, strict=True):
+        group["initial_lr"], group["weight_decay"] = lr, wd
+        group["lr"] = lr
+        if decay:
+            progress = (1 + math.cos(math.pi * scheduler.last_epoch / scheduler.T_max)) / 2
+            group["lr"] = scheduler.eta_min + (lr - scheduler.eta_min) * progress
+    if scheduler is not None:
+        scheduler.base_lrs = list(lrs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -630,6 +925,16 @@ def neural_activity_figure(model: EnergyNet, probe: tuple[Tensor, Tensor], T: in
     return data_utils.plot_neural_activity(neurons, names)
 
 
+def settling_figure(model: EnergyNet, probe: tuple[Tensor, Tensor], args) -> Figure:
+    """Energy and max|ds| per step of the free and nudged phases, sync and async, on a few
+    probe images (``SETTLING_IMAGES``)."""
+    device = next(model.parameters()).device
+    x, y = probe[0][:SETTLING_IMAGES].to(device), probe[1][:SETTLING_IMAGES].to(device)
+    traces = settling_trace(model, x, y, args.T1, args.T2, tuple(args.betas))
+    title = f"{len(y)} test images, T1 {args.T1}, T2 {args.T2}, betas {args.betas}"
+    return data_utils.plot_settling(traces, title)
+
+
 @torch.no_grad()
 def reconstructions_figure(model: LCA_CNN, images: Tensor) -> Figure:
     """Test images and their LCA reconstructions with the initial and the final dictionary."""
@@ -646,37 +951,40 @@ def reconstructions_figure(model: LCA_CNN, images: Tensor) -> Figure:
     return data_utils.plot_reconstructions(inputs, rows, n_images=RECON_IMAGES)
 
 
+@dataclass
 class RunRecorder:
     """Writes a run folder's per-epoch files; ``train`` calls it after every epoch.
 
-    Args:
-        run_dir: the run folder. model, model_config, optimizer, scheduler: what is trained.
-        train_loader: its generator's state goes into the checkpoint. probe: (images, labels)
-            of a fixed test batch for the figures. args: the run's arguments (a Namespace).
+    run_dir is the run folder; model, model_config, optimizer and scheduler what is trained;
+    the train_loader's generator state goes into the checkpoint; probe is (images, labels) of a
+    fixed test batch for the figures; args the run's arguments (a Namespace). history, the
+    best test accuracy and the epochs done carry over a resume.
     """
 
-    def __init__(
-        self, run_dir: Path, model, model_config, optimizer, scheduler, train_loader, probe, args
-    ):
-        self.run_dir = run_dir
-        self.model = model
-        self.model_config = model_config
-        self.optimizer = optimizer
-        self.scheduler = scheduler
-        self.train_loader = train_loader
-        self.probe = probe
-        self.args = args
-        self.history: list[dict] = []
-        self.best_test_acc = -1.0
-        self.epoch = 0
+    run_dir: Path
+    model: EnergyNet
+    model_config: dict
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    train_loader: torch.utils.data.DataLoader
+    probe: tuple[Tensor, Tensor]
+    args: argparse.Namespace
+    history: list[dict] = field(default_factory=list)
+    best_test_acc: float = -1.0
+    epoch: int = 0
 
-    def resume_from(self, checkpoint: dict, command: list[str]) -> None:
-        """Carry on the checkpointed run's records; note the resume in hyperparameters.txt."""
+    def resume_from(self, checkpoint: dict, command: list[str], changed: Sequence[str]) -> None:
+        """Carry on the checkpointed run's records; note the resume in hyperparameters.txt,
+        with the new values of the arguments ``changed`` on the resume (``--lrs``, ...)."""
         self.history = list(checkpoint["history"])
         self.best_test_acc = checkpoint["best_test_acc"]
         self.epoch = checkpoint["epoch"]
         sync_results_csv(self.run_dir, self.history)
-        append_text(self.run_dir, HYPERPARAMETERS_TXT, f"resumed: {shlex.join(command)}")
+        lines = [f"resumed: {shlex.join(command)}"]
+        lines += [
+            f"{name}: {getattr(self.args, name)} (from epoch {self.epoch})" for name in changed
+        ]
+        append_text(self.run_dir, HYPERPARAMETERS_TXT, "\n".join(lines))
 
     def start(self, command: list[str]) -> None:
         """The files of a new run: its command line and arguments, the starting dictionary."""
@@ -705,6 +1013,9 @@ class RunRecorder:
             save_figure(fig, self.run_dir / filename)
         activity = neural_activity_figure(self.model, self.probe, self.args.T1)
         save_figure(activity, self.run_dir / "neural_activity.png")
+        save_figure(
+            settling_figure(self.model, self.probe, self.args), self.run_dir / "settling.png"
+        )
         if isinstance(self.model, LCA_CNN) and self.args.dict_training != "pretrained":
             self.plot_dictionary(f"dictionary_epoch{epoch}.png", f"dictionary after epoch {epoch}")
 
@@ -724,11 +1035,20 @@ class RunRecorder:
             "history": self.history,
             "best_test_acc": self.best_test_acc,
             "args": vars(self.args),
+            "train_indices": self.train_indices(),
         }
+
+    def train_indices(self) -> Tensor | None:
+        """The training images EP uses (int64), or None when it uses them all."""
+        dataset = self.train_loader.dataset
+        if not isinstance(dataset, torch.utils.data.Subset):
+            return None
+        return torch.as_tensor(list(dataset.indices), dtype=torch.int64)
 
     def save_model(self, filename: str, epoch: int, test_acc) -> None:
         """The current weights and configuration, written atomically to ``filename``."""
         record = model_record(self.model, self.model_config, epoch, test_acc, self.args)
+        record["train_indices"] = self.train_indices()
         atomic_save(record, self.run_dir / filename)
 
     def finish(self) -> None:
@@ -740,26 +1060,120 @@ class RunRecorder:
             save_figure(fig, self.run_dir / "reconstructions.png")
 
 
-def divergence_message(error: DivergenceError, recorder: RunRecorder | None) -> str:
-    """The engine's diagnosis, where the last good checkpoint is, and what to change."""
+def _resume_command(run_dir: Path, args: argparse.Namespace, *extra: str) -> str:
+    argv = ["python", "main_fast.py", "--load-path", str(run_dir), "--epochs", str(args.epochs)]
+    return shlex.join([*argv, *extra])
+
+
+def _kept(recorder: RunRecorder | None) -> str:
     if recorder is None or recorder.epoch == 0:
-        kept = "no epoch finished, so there is no checkpoint"
+        return "no epoch finished, so there is no checkpoint"
+    return f"the last good checkpoint (epoch {recorder.epoch}) is in {recorder.run_dir}"
+
+
+def start_recording(
+    held: contextlib.ExitStack,
+    run_dir: Path | None,
+    parts: tuple,
+    args: argparse.Namespace,
+    command: list[str],
+    checkpoint: dict | None,
+    changed: Sequence[str],
+) -> RunRecorder:
+    """The recorder of a run with ``--save`` (``parts``: RunRecorder's arguments between the
+    folder and ``args``), in ``run_dir`` or, when None, in a new run folder locked in ``held``;
+    it carries on ``checkpoint`` (with the arguments ``changed`` on the resume) or starts."""
+    if run_dir is None:
+        run_dir = new_run_dir(args)
+        held.enter_context(FolderLock(run_dir))
+    recorder = RunRecorder(run_dir, *parts, args)
+    if checkpoint:
+        recorder.resume_from(checkpoint, command, changed)
     else:
-        kept = f"the last good checkpoint (epoch {recorder.epoch}) is in {recorder.run_dir}"
-    return f"training diverged: {error}; {kept}. Try lower --lrs or smaller --betas."
+        recorder.start(command)
+    print(f"run folder: {run_dir}")
+    return recorder
 
 
-def report_interrupt(recorder: RunRecorder | None, args: argparse.Namespace) -> None:
-    """Ctrl-C: save the current weights and say how to resume."""
+def train_run(
+    model: EnergyNet,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    loaders: tuple,
+    config: EPConfig,
+    device: torch.device,
+    start_epoch: int,
+    recorder: RunRecorder | None,
+    args: argparse.Namespace,
+    sum_totals: Callable[[dict[str, float]], dict[str, float]] | None = None,
+) -> int:
+    """Train from ``start_epoch`` to ``args.epochs`` on ``loaders`` (train, test), recording
+    each epoch (``sum_totals``: see ``utils_ep_fast.train_epoch``); returns the exit status. A
+    divergence (DivergenceError), a failed write
+    (StorageError), Ctrl-C or SIGTERM (status 130 or 143) keeps what was saved and says how to
+    carry on."""
+    try:
+        train(
+            model,
+            optimizer,
+            *loaders,
+            config,
+            args.epochs,
+            device,
+            scheduler,
+            start_epoch,
+            recorder,
+            **({} if sum_totals is None else {"sum_totals": sum_totals}),
+        )
+        if recorder is not None:
+            recorder.finish()
+    except DivergenceError as error:
+        raise DivergenceError(divergence_message(error, recorder)) from error
+    except KeyboardInterrupt as interrupt:
+        report_interrupt(recorder, args, interrupt)
+        return data_utils.exit_status_of(interrupt)
+    except OSError as error:
+        raise data_utils.StorageError(storage_failure_message(error, recorder)) from error
+    if recorder is not None:
+        print(f"best test accuracy {recorder.best_test_acc:.4f}; results in {recorder.run_dir}")
+    return 0
+
+
+def divergence_message(error: DivergenceError, recorder: RunRecorder | None) -> str:
+    """The engine's diagnosis, where the last good checkpoint is, and what to change: with a
+    checkpoint, the command that resumes it with half the learning rates."""
+    advice = "Try lower --lrs or smaller --betas."
+    if recorder is not None and recorder.epoch > 0:
+        halved = [f"{lr / 2:g}" for lr in recorder.args.lrs]
+        command = _resume_command(recorder.run_dir, recorder.args, "--lrs", *halved)
+        advice = f"Resume with lower rates, e.g.: {command}"
+    return f"training diverged: {error}; {_kept(recorder)}. {advice}"
+
+
+def storage_failure_message(error: OSError, recorder: RunRecorder | None) -> str:
+    """A failed write during training: which file and why, and what is kept."""
+    where = (
+        "--results-dir" if recorder is None else f"--results-dir (run folder {recorder.run_dir})"
+    )
+    return data_utils.storage_message(
+        error, f"{_kept(recorder)}; free space or make {where} writable, then resume"
+    )
+
+
+def report_interrupt(
+    recorder: RunRecorder | None, args: argparse.Namespace, interrupt: KeyboardInterrupt
+) -> None:
+    """Ctrl-C or SIGTERM: save the current weights and say how to resume."""
+    what = "terminated (SIGTERM)" if isinstance(interrupt, data_utils.Terminated) else "interrupted"
     if recorder is None:
-        print("\ninterrupted; nothing was saved (no --save)", file=sys.stderr)
+        print(f"\n{what}; nothing was saved (no --save)", file=sys.stderr)
         return
     recorder.save_model(INTERRUPTED, recorder.epoch, None)
     saved = recorder.run_dir / INTERRUPTED
     if recorder.epoch == 0:
         resume = "no epoch finished, so there is no checkpoint: run the command again"
     else:
-        resume_argv = ["--load-path", str(recorder.run_dir), "--epochs", str(args.epochs)]
-        command = shlex.join(["python", "main_fast.py", *resume_argv])
-        resume = f"resume from epoch {recorder.epoch} with:\n  {command}"
-    print(f"\ninterrupted; current weights saved to {saved}; {resume}", file=sys.stderr)
+        resume = (
+            f"resume from epoch {recorder.epoch} with:\n  {_resume_command(recorder.run_dir, args)}"
+        )
+    print(f"\n{what}; current weights saved to {saved}; {resume}", file=sys.stderr)

@@ -16,7 +16,7 @@ With ``softmax=True`` the last linear layer is a readout outside the system and
 ``L = CE(softmax(W_out s_L + b_out), y)``; otherwise ``L`` acts on the output units ``s_L``
 (``mse``: ``0.5 ||s_L - onehot(y)||^2``, ``cel``: ``CE(s_L, y)``).
 
-The dynamics are synchronous, ``s_k <- sigma(dPhi/ds_k)``, with the derivative written out::
+A step updates every layer ``s_k <- sigma(dPhi/ds_k)``, with the derivative written out::
 
     dPhi/ds_k = F_{k-1}(s_{k-1}) + F_k^T(s_{k+1})       (+ nudge on the last layer)
 
@@ -28,12 +28,46 @@ argmax positions of the current forward pass for ``m``, spread ``value / 4`` for
 
 written out explicitly as weight-gradient correlations. Tensor shapes: conv layers are
 ``(B, C, H, W)``, linear layers ``(B, N)``.
+
+Dynamics (``EnergyNet.dynamics``):
+
+* ``sync`` (default): every layer from the old states of both neighbours (Jacobi-like).
+* ``async``: two half-steps, first the odd layers ``s_1, s_3, ...`` from the current even ones
+  (``s_0 = x`` counts as even), then the even layers from the new odd ones (Scellier et al.,
+  NeurIPS 2023). ``dPhi/ds_k`` only involves ``s_{k-1}`` and ``s_{k+1}``, which have the other
+  parity, so a half-step updates a whole parity at once, each layer exactly as if it were
+  updated alone. For an activation that is a clamp with slope ``c`` on its linear range
+  (``hard_sigmoid`` and ``ctrd_hard_sig``: ``c = 1``; ``my_hard_sig``: ``c = 1/2``) take the
+  energy ``E(s) = sum_k ||s_k||^2 / (2c) - Phi(s)`` on the box of the clamp (``energy``).
+  ``E`` is quadratic in ``s_k`` for linear, copy, identity- and average-pooled links, and
+  ``s_k <- clamp(c dPhi/ds_k)`` is its exact minimiser over the box in ``s_k`` with the other
+  layers fixed: a half-step is exact block-coordinate descent of ``E``. Through a max-pool,
+  ``<P(conv(s_k)), s_{k+1}>`` is convex in ``s_k`` when ``s_{k+1} >= 0`` (as it is for
+  ``hard_sigmoid`` and ``my_hard_sig``), and the update minimises the majoriser of ``E`` that
+  linearises it at the current ``s_k``: ``E`` still never increases (majorise-minimise). Either
+  way the fixed points of ``async`` are those of ``sync``, which updates every layer from old
+  neighbours and can raise ``E`` and oscillate. The copy layer's scaled feedback
+  (``scale_feedback = g > 0``) is the exact minimiser of ``E`` with that layer's own terms
+  ``||s_0||^2 / (2c) - <x, s_0>`` divided by ``g``. The nudge (``beta != 0``) uses the output
+  layer's current state, so the nudged phase is not exact descent. Smooth activations (sigmoid,
+  tanh) follow the same scheme with their own energy, which ``energy`` does not provide.
+
+A phase runs ``T`` steps; with ``EnergyNet.tol`` it stops as soon as ``max |s_t - s_(t-1)|``
+over every layer and sample is below ``tol``, checked every ``tol_every`` steps and at the
+cap ``T`` (a reduction and one host sync per check, none per step). ``last_phase`` records
+the steps a phase took and whether it settled.
+
+Vector-field models (``vf_utils_ep_fast``) replace the feedback ``F_k^T`` by separate backward
+weights and the estimate by the reference's crossed layer-wise phis, through the link hooks
+``_link_forward``, ``_feedback_synapse`` and ``_write_link_estimate``; their equations are in
+that module's docstring.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -75,8 +109,12 @@ ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "my_hard_sig": my_hard_sig,
     "ctrd_hard_sig": ctrd_hard_sig,
 }
+# The slope c of every activation that is a clamp on its linear range (see EnergyNet.energy).
+CLAMP_SLOPES: dict[str, float] = {"hard_sigmoid": 1.0, "my_hard_sig": 0.5, "ctrd_hard_sig": 1.0}
 POOLS = ("m", "a", "i")
 LOSSES = ("mse", "cel")
+DYNAMICS = ("sync", "async")
+TOL_EVERY = 5  # with a tolerance, a phase checks whether it settled every this many steps
 
 
 class DivergenceError(RuntimeError):
@@ -96,6 +134,18 @@ class Encoding(NamedTuple):
     images: Tensor
     code: Tensor
     recon_errors: Tensor | None = None
+
+
+class PhaseRecord(NamedTuple):
+    """What the last phase (one call of ``EnergyNet.forward``) did.
+
+    steps: the steps it took (``T`` without a tolerance);
+    settled: whether ``max |s_t - s_(t-1)|`` fell below the tolerance (None without one; False
+        when the phase stopped at its cap ``T``).
+    """
+
+    steps: int
+    settled: bool | None
 
 
 # --------------------------------------------------------------------------------------------
@@ -176,6 +226,12 @@ def in_memory_format(state: Tensor) -> Tensor:
     return state.contiguous(memory_format=memory_format_for(state))
 
 
+def max_change(before: list[Tensor], after: list[Tensor]) -> float:
+    """``max |after - before|`` over every layer and sample (one host sync)."""
+    changes = [(new - old).abs().max() for old, new in zip(before, after, strict=True)]
+    return torch.stack(changes).max().item()
+
+
 # --------------------------------------------------------------------------------------------
 # The energy-based network
 # --------------------------------------------------------------------------------------------
@@ -218,6 +274,34 @@ class EnergyNet(nn.Module):
         self.layer_shapes: list[tuple[int, ...]] = []
         self.output_paddings: list[tuple[int, int] | None] = []
         self.num_classes = 0
+        self.set_dynamics()
+        self.last_phase = PhaseRecord(0, None)
+        # runs forward's phases in its loop's place when set (see forward)
+        self.phase_runner: Callable[..., list[Tensor] | None] | None = None
+
+    def set_dynamics(
+        self, dynamics: str = "sync", tol: float | None = None, tol_every: int = TOL_EVERY
+    ) -> None:
+        """How phases run (module docstring): ``sync`` or ``async`` steps; with ``tol`` a phase
+        stops once ``max |s_t - s_(t-1)| < tol`` (checked every ``tol_every`` steps and at its
+        cap), without it it runs its ``T`` steps."""
+        if dynamics not in DYNAMICS:
+            raise ValueError(f"unknown dynamics {dynamics!r}; choose from {DYNAMICS}")
+        if tol is not None and not 0.0 < tol < float("inf"):
+            raise ValueError(f"the tolerance must be a positive number, got {tol}")
+        if tol_every < 1:
+            raise ValueError(f"tol_every must be at least 1, got {tol_every}")
+        self.dynamics, self.tol, self.tol_every = dynamics, tol, tol_every
+
+    @contextmanager
+    def dynamics_set_to(self, dynamics: str, tol: float | None = None):
+        """Run the block with other dynamics and tolerance, then restore the model's own."""
+        saved = self.dynamics, self.tol, self.tol_every
+        self.set_dynamics(dynamics, tol, self.tol_every)
+        try:
+            yield self
+        finally:
+            self.set_dynamics(*saved)
 
     # ---- construction helpers -------------------------------------------------------------
 
@@ -256,6 +340,15 @@ class EnergyNet(nn.Module):
         """Extra per-batch metrics of ``encoding`` (e.g. LCA sparsity); none here."""
         return {}
 
+    def epoch_stats(self) -> dict[str, float]:
+        """Extra metrics of the weights after an epoch (e.g. forward/backward angles); none."""
+        return {}
+
+    def optimizer_groups(self) -> list[tuple[int, list[nn.Parameter]]]:
+        """The parameter sets the optimizer updates, each with the index of the ``lrs`` / ``wds``
+        entry it takes: synapse ``i`` takes entry ``i``."""
+        return [(i, list(synapse.parameters())) for i, synapse in enumerate(self.synapses)]
+
     def init_neurons(self, x: Tensor) -> list[Tensor]:
         """Zero states, one ``(B, *layer_shape)`` tensor per layer, on ``x``'s device and dtype."""
         batch = x.shape[0]
@@ -275,12 +368,17 @@ class EnergyNet(nn.Module):
         pooled, indices = pool_forward(z, self.pools[k])
         return pooled, (indices, z.shape)
 
+    def _feedback_synapse(self, k: int) -> nn.Module:
+        """The synapse whose transpose carries the feedback of link ``k``: its own one here."""
+        return self.synapses[self.link_synapse[k]]
+
     def _link_adjoint(self, k: int, above: Tensor, cache: tuple | None, below_shape) -> Tensor:
-        """``F_k^T(above)``: the feedback that layer ``k+1`` sends to the state below link ``k``."""
+        """``F_k^T(above)``: the feedback that layer ``k+1`` sends to the state below link ``k``,
+        through the weights of ``_feedback_synapse(k)`` and the pool indices of ``cache``."""
         kind = self.link_kinds[k]
         if kind == "copy":
             return above
-        synapse = self.synapses[self.link_synapse[k]]
+        synapse = self._feedback_synapse(k)
         if kind == "linear":
             return (above @ synapse.weight).view(below_shape)
         indices, z_size = cache
@@ -294,14 +392,18 @@ class EnergyNet(nn.Module):
             self.output_paddings[k],
         )
 
-    def _link_param_grads(self, k: int, below: Tensor, above: Tensor) -> tuple[Tensor, Tensor]:
+    def _link_param_grads(
+        self, k: int, below: Tensor, above: Tensor, synapse: nn.Module | None = None
+    ) -> tuple[Tensor, Tensor]:
         """``dPhi/dW_k`` and ``dPhi/db_k`` of ``<F_k(below), above>`` summed over the batch.
 
         conv: the correlation of ``below`` with ``P_k^T(above)`` (B, C_out, H, W), giving
         (C_out, C_in, k, k); linear: ``above^T flatten(below)``, giving (N_out, N_in).
-        Biases: ``P_k^T(above)`` (or ``above``) summed.
+        Biases: ``P_k^T(above)`` (or ``above``) summed. ``synapse`` (default: link ``k``'s own)
+        is the one ``F_k`` applies, whose pool indices ``P_k^T`` follows.
         """
-        synapse = self.synapses[self.link_synapse[k]]
+        if synapse is None:
+            synapse = self.synapses[self.link_synapse[k]]
         if self.link_kinds[k] == "linear":
             return above.t() @ below.flatten(1), above.sum(0)
         below = in_memory_format(below)  # the input x may come in NCHW
@@ -345,6 +447,38 @@ class EnergyNet(nn.Module):
             phi = phi - beta * self.loss(neurons, y)
         return phi
 
+    @property
+    def has_energy(self) -> bool:
+        """Whether ``energy`` is defined: for a clamp activation (``CLAMP_SLOPES``)."""
+        return self.activation in CLAMP_SLOPES
+
+    def energy(self, x: Tensor, y: Tensor, neurons: list[Tensor], beta: float = 0.0) -> Tensor:
+        """``E = sum_k ||s_k||^2 / (2c) - Phi(x, s, beta)`` per sample (B,), for an activation
+        that is a clamp with slope ``c`` (``CLAMP_SLOPES``); states must lie in its box.
+
+        Output units without an activation (``cel`` without ``softmax``) take ``c = 1``. With a
+        copy layer and ``scale_feedback = g != 1`` its own terms ``||s_0||^2 / (2c) - <x, s_0>``
+        are divided by ``g``: the dynamics descend that energy (module docstring). The
+        asynchronous free phase never raises ``E``.
+        """
+        if not self.has_energy:
+            raise ValueError(
+                f"energy is defined for clamp activations ({', '.join(CLAMP_SLOPES)}), "
+                f"not {self.activation!r}"
+            )
+        slopes = [CLAMP_SLOPES[self.activation]] * self.num_layers
+        if not self.softmax and self.loss_name == "cel":
+            slopes[-1] = 1.0
+        squares = [
+            state.pow(2).flatten(1).sum(1) / (2 * c)
+            for state, c in zip(neurons, slopes, strict=True)
+        ]
+        energy = sum(squares) - self.Phi(x, y, neurons, beta)
+        if self.link_kinds[0] == "copy" and self.scale_feedback != 1.0:
+            copy_terms = squares[0] - (x * neurons[0]).flatten(1).sum(1)
+            energy = energy + (1.0 / self.scale_feedback - 1.0) * copy_terms
+        return energy
+
     # ---- dynamics -------------------------------------------------------------------------
 
     def step(self, x: Tensor, y: Tensor, neurons: list[Tensor], beta: float = 0.0) -> list[Tensor]:
@@ -372,22 +506,114 @@ class EnergyNet(nn.Module):
         forwards = [(input_drive, None)]
         forwards += [self._link_forward(k, below[k]) for k in range(1, self.num_layers)]
         last = self.num_layers - 1
-        updated = []
-        for k, (drive, _) in enumerate(forwards):
-            grad = drive
-            if k < last:
-                feedback = self._link_adjoint(
-                    k + 1, neurons[k + 1], forwards[k + 1][1], drive.shape
-                )
-                if k == 0 and self.link_kinds[0] == "copy" and self.scale_feedback != 1.0:
-                    feedback = feedback * self.scale_feedback
-                grad = grad + feedback
-            if k == last:
-                new_state = self._output_update(grad, neurons[k], y, beta)
-            else:
-                new_state = self.sigma(grad)
-            updated.append(in_memory_format(new_state))
-        return updated
+        return [
+            self._layer_update(k, drive, neurons, forwards[k + 1][1] if k < last else None, y, beta)
+            for k, (drive, _) in enumerate(forwards)
+        ]
+
+    def _layer_update(
+        self,
+        k: int,
+        drive: Tensor,
+        neurons: list[Tensor],
+        above_cache: tuple | None,
+        y: Tensor,
+        beta: float,
+    ) -> Tensor:
+        """Layer ``k``'s new state ``sigma(F_{k-1}(s_{k-1}) + F_k^T(s_{k+1}))`` from its drive
+        from below and the current state above it, ``neurons[k + 1]``, through the adjoint of
+        the link above with ``above_cache`` (that link's forward pass on ``neurons[k]``). The
+        feedback into a copy layer is scaled by ``scale_feedback``; the last layer takes the
+        nudge (``_output_update``). Both dynamics build their steps from this."""
+        grad = drive
+        if k == self.num_layers - 1:
+            new_state = self._output_update(grad, neurons[k], y, beta)
+        else:
+            feedback = self._link_adjoint(k + 1, neurons[k + 1], above_cache, drive.shape)
+            if k == 0 and self.link_kinds[0] == "copy" and self.scale_feedback != 1.0:
+                feedback = feedback * self.scale_feedback
+            new_state = self.sigma(grad + feedback)
+        return in_memory_format(new_state)
+
+    def half_step(
+        self, x: Tensor, y: Tensor, neurons: list[Tensor], parity: int, beta: float = 0.0
+    ) -> list[Tensor]:
+        """One asynchronous half-step: every layer ``s_k`` (1-based, ``s_0 = x``) with
+        ``k % 2 == parity`` from the current states of its neighbours; the others are kept."""
+        neurons = [in_memory_format(state) for state in neurons]
+        input_drive = self._link_forward(0, in_memory_format(x))[0]
+        other_links = self._parity_links(neurons, 1 - parity, input_drive)
+        self._half_step(y, neurons, beta, parity, input_drive, other_links)
+        return neurons
+
+    def _parity_links(
+        self, neurons: list[Tensor], parity: int, input_drive: Tensor
+    ) -> dict[int, tuple[Tensor, tuple | None]]:
+        """``F_j`` and its adjoint's cache, on the current state below, for every link ``j``
+        that feeds a layer of 1-based ``parity`` (link ``j`` feeds ``s_{j+1}``, list index j)."""
+        links = {}
+        for j in range(1 - parity, self.num_layers, 2):
+            links[j] = (input_drive, None) if j == 0 else self._link_forward(j, neurons[j - 1])
+        return links
+
+    def _half_step(
+        self,
+        y: Tensor,
+        neurons: list[Tensor],
+        beta: float,
+        parity: int,
+        input_drive: Tensor,
+        other_links: dict[int, tuple[Tensor, tuple | None]],
+    ) -> dict[int, tuple[Tensor, tuple | None]]:
+        """Update the layers of 1-based ``parity`` in the list ``neurons`` (in place).
+
+        ``other_links`` are the links feeding the other parity, on the current states: their
+        caches route the feedback into this parity. Returns the links feeding this parity, on
+        the states below them, which the half-step leaves unchanged: the next half-step's
+        ``other_links``. So an asynchronous step runs every link's forward pass once, as a
+        synchronous one does.
+        """
+        links = self._parity_links(neurons, parity, input_drive)
+        for k, (drive, _) in links.items():
+            above_cache = other_links[k + 1][1] if k + 1 in other_links else None
+            neurons[k] = self._layer_update(k, drive, neurons, above_cache, y, beta)
+        return links
+
+    def _async_step(
+        self,
+        y: Tensor,
+        neurons: list[Tensor],
+        beta: float,
+        input_drive: Tensor,
+        even_links: dict[int, tuple[Tensor, tuple | None]],
+    ) -> tuple[list[Tensor], dict[int, tuple[Tensor, tuple | None]]]:
+        """One asynchronous step: the odd layers, then the even ones from the new odd ones.
+
+        ``even_links``: the links feeding the even layers, on the current odd states (the
+        previous step returns them). Returns the new states and those links on the new ones.
+        """
+        neurons = list(neurons)
+        odd_links = self._half_step(y, neurons, beta, 1, input_drive, even_links)
+        even_links = self._half_step(y, neurons, beta, 0, input_drive, odd_links)
+        return neurons, even_links
+
+    def _stepper(
+        self, x: Tensor, y: Tensor, beta: float, input_drive: Tensor | None
+    ) -> Callable[[list[Tensor]], list[Tensor]]:
+        """The step of the model's dynamics as a function ``states -> next states`` for one
+        phase; the asynchronous one carries its links from step to step."""
+        if self.dynamics == "sync":
+            return lambda neurons: self._step(x, y, neurons, beta, input_drive)
+        carried: dict[int, tuple[Tensor, tuple | None]] = {}
+
+        def async_step(neurons: list[Tensor]) -> list[Tensor]:
+            nonlocal carried
+            if not carried:
+                carried = self._parity_links(neurons, 0, input_drive)
+            neurons, carried = self._async_step(y, neurons, beta, input_drive, carried)
+            return neurons
+
+        return async_step
 
     def _output_update(self, grad: Tensor, state: Tensor, y: Tensor, beta: float) -> Tensor:
         """The last layer's new state from its drive ``grad`` and the nudge ``-beta dL/ds_L``."""
@@ -414,19 +640,47 @@ class EnergyNet(nn.Module):
         beta: float = 0.0,
         track_grad: bool = False,
     ) -> list[Tensor]:
-        """Run ``T`` explicit steps from ``neurons`` and return the settled states.
+        """Run ``T`` steps of the model's dynamics from ``neurons``; return the settled states.
 
-        No graph is built unless ``track_grad`` (BPTT). The input list is left untouched. The
-        input and the states are put once in the layout of ``memory_format_for`` (a copy only
-        where they are not in it yet), and the input's drive ``F_0(x)`` is computed once for
-        the T steps.
+        With a tolerance (``set_dynamics``) the phase stops once settled, ``T`` being its cap,
+        except with ``track_grad`` (BPTT backpropagates through exactly ``T`` steps). The
+        steps taken go to ``last_phase``. No graph is built unless ``track_grad``. The input
+        list is left untouched. The input and the states are put once in the layout of
+        ``memory_format_for`` (a copy only where they are not in it yet), and the input's
+        drive ``F_0(x)`` is computed once for the T steps. A ``phase_runner``
+        (``compiled.PhaseRunner``: ``--compile``, ``--precision bf16``) runs the T steps in
+        this loop's place unless it declines (None).
         """
         with torch.set_grad_enabled(track_grad):
             x = in_memory_format(x)
             neurons = [in_memory_format(state) for state in neurons]
+            if self.phase_runner is not None and T > 0:
+                settled = self.phase_runner(x, y, neurons, T, beta, track_grad)
+                if settled is not None:
+                    self.last_phase = PhaseRecord(T, None)
+                    return settled
             input_drive = self._link_forward(0, x)[0] if T > 0 else None
-            for _ in range(T):
-                neurons = self._step(x, y, neurons, beta, input_drive)
+            advance = self._stepper(x, y, beta, input_drive)
+            if self.tol is None or track_grad:
+                for _ in range(T):
+                    neurons = advance(neurons)
+                self.last_phase = PhaseRecord(T, None)
+                return neurons
+            return self._run_until_settled(advance, neurons, T)
+
+    def _run_until_settled(
+        self, advance: Callable[[list[Tensor]], list[Tensor]], neurons: list[Tensor], T: int
+    ) -> list[Tensor]:
+        """At most ``T`` steps; stop at the first check (every ``tol_every`` steps, and at
+        ``T``) where ``max |s_t - s_(t-1)|`` over every layer and sample is below ``tol``."""
+        steps, settled = 0, False
+        for steps in range(1, T + 1):
+            previous, neurons = neurons, advance(neurons)
+            if steps % self.tol_every == 0 or steps == T:
+                settled = max_change(previous, neurons) < self.tol
+                if settled:
+                    break
+        self.last_phase = PhaseRecord(steps, settled)
         return neurons
 
     # ---- EP estimate ----------------------------------------------------------------------
@@ -439,26 +693,24 @@ class EnergyNet(nn.Module):
         neurons_1: list[Tensor],
         neurons_2: list[Tensor],
         betas: tuple[float, float],
+        free: list[Tensor] | None = None,
     ) -> None:
         """Write ``d/dtheta [mean(Phi(s^2, b2) - Phi(s^1, b1)) / (b1 - b2)]`` into every ``.grad``.
 
         One-sided EP: ``s^1`` the free fixed point, ``betas = (0, beta)``; symmetric EP:
         ``s^1 = s^{-beta}``, ``betas = (-beta, beta)``. The readout (``softmax``) only appears in
         ``-beta L``: its estimate is ``(b2 dL(s^2) - b1 dL(s^1)) / (b2 - b1)`` with
-        ``dL/dW_out = (softmax - onehot)^T s_L``.
+        ``dL/dW_out = (softmax - onehot)^T s_L``. ``free`` (the free fixed point, default
+        ``s^1``) is not used here; the vector-field estimate crosses the nudged states with it.
         """
         beta_1, beta_2 = betas
-        scale = 1.0 / ((beta_1 - beta_2) * x.shape[0])
-        below_1 = [x, *neurons_1[:-1]]
-        below_2 = [x, *neurons_2[:-1]]
+        scale = 1.0 / ((beta_1 - beta_2) * max(x.shape[0], 1))  # an empty batch gives zeros
+        layers_1 = [x, *neurons_1]
+        layers_2 = [x, *neurons_2]
+        anchor = layers_1 if free is None else [x, *free]
         for k in range(self.num_layers):
-            if self.link_kinds[k] == "copy":
-                continue
-            weight_2, bias_2 = self._link_param_grads(k, below_2[k], neurons_2[k])
-            weight_1, bias_1 = self._link_param_grads(k, below_1[k], neurons_1[k])
-            synapse = self.synapses[self.link_synapse[k]]
-            synapse.weight.grad = (weight_2 - weight_1) * scale
-            synapse.bias.grad = (bias_2 - bias_1) * scale
+            if self.link_kinds[k] != "copy":
+                self._write_link_estimate(k, layers_1, layers_2, anchor, scale)
         if self.softmax:
             weight_2, bias_2 = self._readout_loss_grads(neurons_2, y)
             weight_1, bias_1 = self._readout_loss_grads(neurons_1, y)
@@ -486,6 +738,23 @@ class EnergyNet(nn.Module):
         _, cache = self._link_forward(0, x)
         difference = plus[0] - minus[0]
         return self._link_adjoint(0, difference, cache, x.shape) / (-2.0 * beta)
+
+    def _write_link_estimate(
+        self,
+        k: int,
+        layers_1: list[Tensor],
+        layers_2: list[Tensor],
+        anchor: list[Tensor],
+        scale: float,
+    ) -> None:
+        """Link ``k``'s share of ``compute_syn_grads``: ``scale (dPhi/dtheta_k(s^2) -
+        dPhi/dtheta_k(s^1))`` into its weight and bias ``.grad``; ``layers_i = [x, *s^i]``.
+        (``anchor``, ``[x, *free]``, is for the vector-field override.)"""
+        synapse = self.synapses[self.link_synapse[k]]
+        weight_2, bias_2 = self._link_param_grads(k, layers_2[k], layers_2[k + 1])
+        weight_1, bias_1 = self._link_param_grads(k, layers_1[k], layers_1[k + 1])
+        synapse.weight.grad = (weight_2 - weight_1) * scale
+        synapse.bias.grad = (bias_2 - bias_1) * scale
 
     def _readout_loss_grads(self, neurons: list[Tensor], y: Tensor) -> tuple[Tensor, Tensor]:
         """Batch sums of ``dCE/dW_out = (softmax - onehot)^T s_L`` and ``dCE/db_out``."""
@@ -621,7 +890,9 @@ def make_optimizer(
     wds: list[float] | None = None,
     mmt: float = 0.0,
 ) -> torch.optim.Optimizer:
-    """SGD (momentum ``mmt``) or Adam with one learning rate / weight decay per synapse."""
+    """SGD (momentum ``mmt``) or Adam with one learning rate / weight decay per synapse (the
+    groups of ``model.optimizer_groups``: a vector-field model's backward weights take the
+    rates of their forward synapse)."""
     synapses = list(model.synapses)
     if len(lrs) < len(synapses):
         raise ValueError(f"{len(synapses)} synapses need {len(synapses)} learning rates")
@@ -629,8 +900,8 @@ def make_optimizer(
     if len(wds) < len(synapses):
         raise ValueError(f"{len(synapses)} synapses need {len(synapses)} weight decays")
     groups = [
-        {"params": list(syn.parameters()), "lr": lrs[i], "weight_decay": wds[i]}
-        for i, syn in enumerate(synapses)
+        {"params": params, "lr": lrs[i], "weight_decay": wds[i]}
+        for i, params in model.optimizer_groups()
     ]
     if optim == "sgd":
         return torch.optim.SGD(groups, momentum=mmt)
@@ -677,7 +948,12 @@ def check_finite(model: EnergyNet, neurons: list[Tensor] | None = None) -> None:
 
 
 def train_batch(
-    model: EnergyNet, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor, cfg: EPConfig
+    model: EnergyNet,
+    optimizer: torch.optim.Optimizer,
+    x: Tensor,
+    y: Tensor,
+    cfg: EPConfig,
+    phases: list[tuple[str, PhaseRecord]] | None = None,
 ) -> tuple[list[Tensor], Encoding]:
     """Train on one batch; return the free-phase states (for accuracy) and the batch's encoding.
 
@@ -686,13 +962,21 @@ def train_batch(
     second nudged phase at -beta_2; then the EP estimate and the optimizer step.
     BPTT: T1 - T2 steps without a graph, T2 with one, backpropagate the final loss.
     Then ``after_update`` gets the encoding and the nudged states (BPTT: its final states).
+    ``phases``, when given, receives ``("free" | "nudged", model.last_phase)`` per phase run
+    without a graph.
     """
+
+    def record(name: str) -> None:
+        if phases is not None:
+            phases.append((name, model.last_phase))
+
     encoding = model.prepare_input(x)
     code = encoding.code
     neurons = model.init_neurons(code)
     optimizer.zero_grad(set_to_none=True)
     if cfg.alg == "BPTT":
         free = model(code, y, neurons, cfg.T1 - cfg.T2)
+        record("free")
         final = model(code, y, free, cfg.T2, track_grad=True)
         model.loss(final, y).mean().backward()
         optimizer.step()
@@ -701,17 +985,24 @@ def train_batch(
         return final, encoding
     beta_1, beta_2 = cfg.betas
     free = model(code, y, neurons, cfg.T1, beta=beta_1)
+    record("free")
     if cfg.random_sign:
         beta_2 = beta_2 * (1.0 if torch.rand(()) < 0.5 else -1.0)
     nudged = model(code, y, free, cfg.T2, beta=beta_2)
+    record("nudged")
     if cfg.thirdphase:
         nudged_negative = model(code, y, free, cfg.T2, beta=-beta_2)
-        model.compute_syn_grads(code, y, nudged_negative, nudged, (-beta_2, beta_2))
+        record("nudged")
+        model.compute_syn_grads(code, y, nudged_negative, nudged, (-beta_2, beta_2), free)
     else:
-        model.compute_syn_grads(code, y, free, nudged, (beta_1, beta_2))
+        model.compute_syn_grads(code, y, free, nudged, (beta_1, beta_2), free)
     optimizer.step()
     model.after_update(encoding, nudged)
     return free, encoding
+
+
+def _own_totals(totals: dict[str, float]) -> dict[str, float]:
+    return totals
 
 
 def train_epoch(
@@ -721,26 +1012,54 @@ def train_epoch(
     cfg: EPConfig,
     device: torch.device | str = "cpu",
     description: str = "train",
+    sum_totals: Callable[[dict[str, float]], dict[str, float]] = _own_totals,
 ) -> dict[str, float]:
     """One pass over ``loader``; returns ``train_acc`` and the model's batch stats, all averaged
-    over every sample of the epoch. Raises ``DivergenceError`` when states or weights blow up."""
+    over every sample of the epoch. With a tolerance (``model.tol``) also, per phase kind,
+    ``<phase>_steps`` (mean steps per phase) and ``<phase>_at_cap`` (fraction of phases that
+    hit their cap without settling), shown in the progress bar as well (this process's phases
+    only). Raises ``DivergenceError`` when states or weights blow up.
+
+    ``sum_totals`` turns this process's sums (correct, seen, stats) into sums over every
+    process of a data-parallel run (``distributed.sum_totals``); here they are all there is."""
     model.train()
     correct, seen = 0, 0
     stat_sums: dict[str, float] = {}
+    phases: list[tuple[str, PhaseRecord]] = []
     progress = tqdm(loader, desc=description, leave=False, dynamic_ncols=True)
     for x, y in progress:
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        free, encoding = train_batch(model, optimizer, x, y, cfg)
+        free, encoding = train_batch(model, optimizer, x, y, cfg, phases)
         check_finite(model, free)
         batch = y.shape[0]
         correct += (model.predict(free) == y).sum().item()
         seen += batch
-        for name, value in model.batch_stats(encoding).items():
+        for name, value in model.batch_stats(encoding).items() if batch else ():
             stat_sums[name] = stat_sums.get(name, 0.0) + value * batch
-        progress.set_postfix(acc=f"{correct / seen:.3f}")
-    metrics = {"train_acc": correct / max(seen, 1)}
-    metrics.update({name: total / max(seen, 1) for name, total in stat_sums.items()})
+        postfix = {"acc": f"{correct / max(seen, 1):.3f}"}
+        if model.tol is not None:
+            postfix["steps"] = "/".join(
+                f"{value:.0f}" for name, value in phase_stats(phases).items() if "steps" in name
+            )
+        progress.set_postfix(postfix)
+    totals = sum_totals({"correct": correct, "seen": seen, **stat_sums})
+    seen = totals.pop("seen")
+    metrics = {"train_acc": totals.pop("correct") / max(seen, 1)}
+    metrics.update({name: total / max(seen, 1) for name, total in totals.items()})
+    if model.tol is not None:
+        metrics.update(phase_stats(phases))
     return metrics
+
+
+def phase_stats(phases: list[tuple[str, PhaseRecord]]) -> dict[str, float]:
+    """``<phase>_steps``: mean steps of each phase kind, and ``<phase>_at_cap``: the fraction
+    of those phases that stopped at their cap without settling."""
+    stats = {}
+    for name in dict.fromkeys(name for name, _ in phases):
+        records = [record for kind, record in phases if kind == name]
+        stats[f"{name}_steps"] = sum(record.steps for record in records) / len(records)
+        stats[f"{name}_at_cap"] = sum(not record.settled for record in records) / len(records)
+    return stats
 
 
 @torch.no_grad()
@@ -757,8 +1076,10 @@ def evaluate(
     T: int,
     device: torch.device | str = "cpu",
     description: str = "eval",
+    sum_totals: Callable[[dict[str, float]], dict[str, float]] = _own_totals,
 ) -> float:
-    """Accuracy of the free fixed point after ``T`` steps over ``loader``."""
+    """Accuracy of the free fixed point after ``T`` steps over ``loader`` (its counts summed
+    over processes by ``sum_totals``, as in ``train_epoch``)."""
     model.eval()
     correct, seen = 0, 0
     for x, y in tqdm(loader, desc=description, leave=False, dynamic_ncols=True):
@@ -766,7 +1087,8 @@ def evaluate(
         free = settle(model, x, y, T)[1]
         correct += (model.predict(free) == y).sum().item()
         seen += y.shape[0]
-    return correct / max(seen, 1)
+    totals = sum_totals({"correct": correct, "seen": seen})
+    return totals["correct"] / max(totals["seen"], 1)
 
 
 def train(
@@ -780,29 +1102,72 @@ def train(
     scheduler=None,
     start_epoch: int = 0,
     on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
+    sum_totals: Callable[[dict[str, float]], dict[str, float]] = _own_totals,
 ) -> list[dict[str, float]]:
     """Train from ``start_epoch`` to ``epochs``; after each epoch evaluate on ``test_loader`` with
-    T1 steps, step the scheduler and hand the metrics (``epoch`` counted from 1) to
-    ``on_epoch_end`` (which saves checkpoints and logs)."""
+    T1 steps, add the model's ``epoch_stats``, step the scheduler and hand the metrics (``epoch``
+    counted from 1) to ``on_epoch_end`` (which saves checkpoints and logs). ``sum_totals``: see
+    ``train_epoch``."""
     history = []
     for epoch in range(start_epoch, epochs):
         started = time.time()
         lr = optimizer.param_groups[0]["lr"]
-        metrics = train_epoch(
-            model, optimizer, train_loader, cfg, device, f"epoch {epoch + 1}/{epochs}"
-        )
-        metrics["test_acc"] = evaluate(model, test_loader, cfg.T1, device, "test")
+        description = f"epoch {epoch + 1}/{epochs}"
+        metrics = train_epoch(model, optimizer, train_loader, cfg, device, description, sum_totals)
+        metrics["test_acc"] = evaluate(model, test_loader, cfg.T1, device, "test", sum_totals)
+        metrics.update(model.epoch_stats())
         if scheduler is not None:
             scheduler.step()
         metrics = {"epoch": epoch + 1, **metrics, "lr": lr, "seconds": time.time() - started}
+        settling = "".join(
+            f", {phase} {metrics[phase + '_steps']:.1f} steps "
+            f"({100 * metrics[phase + '_at_cap']:.0f}% at cap)"
+            for phase in ("free", "nudged")
+            if phase + "_steps" in metrics
+        )
         tqdm.write(
             f"epoch {epoch + 1}/{epochs}: train {metrics['train_acc']:.4f} "
-            f"test {metrics['test_acc']:.4f} ({metrics['seconds']:.1f}s)"
+            f"test {metrics['test_acc']:.4f} ({metrics['seconds']:.1f}s){settling}"
         )
         history.append(metrics)
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, metrics)
     return history
+
+
+@torch.no_grad()
+def settling_trace(
+    model: EnergyNet, x: Tensor, y: Tensor, T1: int, T2: int, betas: tuple[float, float]
+) -> dict[str, dict[str, Tensor | None]]:
+    """How each dynamics settles the batch ``x``: per ``sync`` and ``async``, a free phase of
+    ``T1`` steps from zero at ``betas[0]`` and a nudged phase of ``T2`` steps from its end at
+    ``betas[1]``, every step taken (no tolerance).
+
+    Returns per dynamics ``free_energy`` (T1 + 1,) and ``nudged_energy`` (T2 + 1,): the mean
+    energy (``EnergyNet.energy``, with each phase's beta) over the batch from the phase's start,
+    None when the model has none (``has_energy``); ``free_change`` (T1,), ``nudged_change`` (T2,):
+    ``max |s_t - s_(t-1)|`` over layers and samples at every step.
+    """
+    encoding = model.prepare_input(x)
+    code = encoding.code
+    has_energy = model.has_energy
+    traces = {}
+    for dynamics in DYNAMICS:
+        trace: dict[str, Tensor | None] = {}
+        neurons = model.init_neurons(code)
+        with model.dynamics_set_to(dynamics):
+            for phase, T, beta in (("free", T1, betas[0]), ("nudged", T2, betas[1])):
+                energies, changes = [], []
+                for step in range(T + 1):
+                    if has_energy:
+                        energies.append(model.energy(code, y, neurons, beta).mean())
+                    if step < T:
+                        previous, neurons = neurons, model(code, y, neurons, 1, beta)
+                        changes.append(torch.tensor(max_change(previous, neurons)))
+                trace[f"{phase}_energy"] = torch.stack(energies).cpu() if has_energy else None
+                trace[f"{phase}_change"] = torch.stack(changes) if changes else torch.zeros(0)
+        traces[dynamics] = trace
+    return traces
 
 
 # --------------------------------------------------------------------------------------------
@@ -841,9 +1206,9 @@ def gdu_check(
         nudged = model(code, y, nudged, 1, beta=beta)
         if cfg.thirdphase:
             nudged_negative = model(code, y, nudged_negative, 1, beta=-beta)
-            model.compute_syn_grads(code, y, nudged_negative, nudged, (-beta, beta))
+            model.compute_syn_grads(code, y, nudged_negative, nudged, (-beta, beta), free)
         else:
-            model.compute_syn_grads(code, y, free, nudged, (0.0, beta))
+            model.compute_syn_grads(code, y, free, nudged, (0.0, beta), free)
         ep_steps.append(_snapshot_grads(model))
     bptt_steps: list[dict[str, Tensor]] = []
     for t in range(1, cfg.T2 + 1):
@@ -870,17 +1235,21 @@ def gdu_check(
 __all__ = [
     "ACTIVATIONS",
     "DivergenceError",
+    "CLAMP_SLOPES",
+    "DYNAMICS",
     "EPConfig",
     "Encoding",
     "EnergyNet",
     "P_CNN",
     "P_MLP",
+    "PhaseRecord",
     "check_finite",
     "evaluate",
     "gdu_check",
     "make_optimizer",
     "make_scheduler",
     "settle",
+    "settling_trace",
     "train",
     "train_batch",
     "train_epoch",

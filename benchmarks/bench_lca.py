@@ -4,8 +4,11 @@ Each iteration computes ``G a = D^T (D a) - ||D_f||^2 a`` through the full recon
 one transposed convolution (F -> C, written as a matrix product and a fold) and one
 convolution (C -> F). The floor is those two convolutions alone, on the same tensors; the ratio
 shows what the rest of the loop (threshold, state update) costs on top. For reference the table
-also times torch's ``conv_transpose2d`` + ``conv2d`` for the same product, and lca-pytorch's
-formulation of it, one F -> F convolution with the lateral-connectivity kernel G.
+also times torch's ``conv_transpose2d`` + ``conv2d`` for the same product, lca-pytorch's
+formulation of it, one F -> F convolution with the lateral-connectivity kernel G, and a whole
+iteration in lca-pytorch's formulation (threshold, that convolution, out-of-place update; written
+here with conv2d, where lca-pytorch runs the same product as a conv3d of depth 1), with the
+speed-up of ``LCAConv2D`` over it.
 
     python benchmarks/bench_lca.py                    # 64 features, 9x9, stride 2, batch 32
     python benchmarks/bench_lca.py --threads 1 --device cuda
@@ -64,7 +67,10 @@ def main(argv: list[str] | None = None) -> None:
     x = torch.randn(args.batch, args.channels, args.size, args.size, device=device)
     weights = lca.weights.detach()
     stride = (lca.sh, lca.sw)
-    acts = lca(x)  # a realistic (sparse) code for the convolution timings
+    # a realistic (sparse) code, with its drive and states, for the timings of single pieces
+    lca.return_vars = ["input_drives", "states", "acts"]
+    drive, states, acts = lca(x)
+    lca.return_vars = ["acts"]
     conns = lca.compute_lateral_connectivity(weights)
 
     def lca_call(iters: int) -> Callable[[], object]:
@@ -91,7 +97,12 @@ def main(argv: list[str] | None = None) -> None:
     def lateral_call() -> None:
         lca.lateral_competition(acts, conns)
 
-    per_iter, floor, torch_convs, lateral = [], [], [], []
+    def lcapt_iteration_call() -> None:
+        code = lca.transfer(states)
+        inhibition = lca.lateral_competition(code, conns)
+        states + (1 / lca.tau) * (drive - states - inhibition)
+
+    per_iter, floor, torch_convs, lateral, lcapt_iter = [], [], [], [], []
     for _ in range(args.repeats):
         # Difference of a long and a 1-iteration call: the per-call setup cancels out.
         long = seconds_per_call(lca_call(args.iters), device, 1)
@@ -100,11 +111,13 @@ def main(argv: list[str] | None = None) -> None:
         floor.append(seconds_per_call(floor_call, device, args.iters // 4 or 1))
         torch_convs.append(seconds_per_call(torch_convs_call, device, args.iters // 4 or 1))
         lateral.append(seconds_per_call(lateral_call, device, args.iters // 4 or 1))
+        lcapt_iter.append(seconds_per_call(lcapt_iteration_call, device, args.iters // 4 or 1))
 
     ms_iter = 1e3 * statistics.median(per_iter)
     ms_floor = 1e3 * statistics.median(floor)
     ms_torch_convs = 1e3 * statistics.median(torch_convs)
     ms_lateral = 1e3 * statistics.median(lateral)
+    ms_lcapt_iter = 1e3 * statistics.median(lcapt_iter)
     threads = torch.get_num_threads() if device.type == "cpu" else "-"
     print(
         f"LCA {args.features} features {args.channels}x{args.kernel_size}x{args.kernel_size}, "
@@ -118,6 +131,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"| {'ratio LCA / floor':<52} | {ms_iter / ms_floor:>13.2f}x |")
     print(f"| {'reference: torch conv_transpose2d + conv2d':<52} | {ms_torch_convs:>14.3f} |")
     print(f"| {'reference: one F->F conv with G (lca-pytorch)':<52} | {ms_lateral:>14.3f} |")
+    print(
+        f"| {'reference: lca-pytorch iteration (T, G conv, update)':<52} | {ms_lcapt_iter:>14.3f} |"
+    )
+    print(f"| {'speed-up of LCAConv2D over it':<52} | {ms_lcapt_iter / ms_iter:>13.2f}x |")
 
 
 if __name__ == "__main__":

@@ -24,40 +24,20 @@ from lca_utils_ep_fast import LCA_CNN  # noqa: E402
 from utils_ep_fast import P_CNN  # noqa: E402
 
 # The seed README's commands (CIFAR-10, 32x32x3 images, 10 classes).
+# fmt: off
 SEED_CNN = dict(
-    in_size=32,
-    in_channels=3,
-    channels=[64, 128, 256, 512],
-    kernels=[3, 3, 3, 3],
-    strides=[1, 1, 1, 1],
-    paddings=[1, 1, 1, 1],
-    pools="mmmm",
-    fc=[10],
-    activation="my_hard_sig",
-    softmax=True,
-    loss="cel",
+    in_size=32, in_channels=3,
+    channels=[64, 128, 256, 512], kernels=[3] * 4, strides=[1] * 4, paddings=[1] * 4,
+    pools="mmmm", fc=[10], activation="my_hard_sig", softmax=True, loss="cel",
 )
 SEED_LCACNN = dict(
-    in_size=32,
-    in_channels=3,
-    lca_feats=64,
-    lca_ksize=9,
-    lca_stride=2,
-    lca_lambda=0.25,
-    lca_tau=100,
-    lca_eta=0.05,
+    in_size=32, in_channels=3,
+    lca_feats=64, lca_ksize=9, lca_stride=2, lca_lambda=0.25, lca_tau=100, lca_eta=0.05,
     lca_iters=600,
-    channels=[64, 256, 512],
-    kernels=[3, 3],
-    strides=[1, 1],
-    paddings=[1, 1],
-    pools="imm",
-    fc=[10],
-    activation="my_hard_sig",
-    softmax=True,
-    loss="cel",
-    scale=0.5,
+    channels=[64, 256, 512], kernels=[3, 3], strides=[1, 1], paddings=[1, 1], pools="imm",
+    fc=[10], activation="my_hard_sig", softmax=True, loss="cel", scale=0.5,
 )
+# fmt: on
 
 
 def seed_cnn(seed: int = 0) -> P_CNN:

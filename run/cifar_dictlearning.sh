@@ -13,16 +13,16 @@ python cifar_dictlearning.py \
     --data-dir ./data \
     --out-dir ./dictionaries/CIFAR10 \
     --seed 0 \
-    --features 64 \
-    --kernel-size 9 \
-    --stride 2 \
-    --lambda 0.2 \
+    --lca_feats 64 \
+    --lca_ksize 9 \
+    --lca_stride 2 \
+    --lca_lambda 0.2 \
     --lambda-increment 0.1 \
     --lambda-every 5 \
-    --lca-iters 600 \
-    --tau 100 \
-    --eta 1e-2 \
-    --batch-size 200 \
+    --lca_iters 600 \
+    --lca_tau 100 \
+    --lca_eta 1e-2 \
+    --mbs 200 \
     --epochs 35 \
     --subset-fraction 0.5 \
     "$@"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The digits figures of the README, offline on the CPU: EP vs BPTT on a small RCNN, a longer
-# augmented EP run, and the LCACNN with a pretrained, fine-tuned and learned dictionary.
+# The digits figures of the README, offline on the CPU: EP vs BPTT on a small RCNN, its
+# vector-field version with and without the same update, a longer augmented EP run, and the LCACNN with a pretrained, fine-tuned and learned dictionary.
 # Everything goes to results/digits_experiments (or $OUT); a summary table ends the run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,13 +23,16 @@ mkdir -p "$OUT"
 SMALL=(--channels 16 32 --lrs 0.05 0.03 0.02 --mbs 16 --epochs 15)
 run "RCNN 16-32, EP" "${RCNN[@]}" "${SMALL[@]}" --alg EP
 run "RCNN 16-32, BPTT" "${RCNN[@]}" "${SMALL[@]}" --alg BPTT
+VFCNN=(--model VFCNN "${RCNN[@]:2}")
+run "VFCNN 16-32, EP" "${VFCNN[@]}" "${SMALL[@]}" --alg EP
+run "VFCNN 16-32, EP, same update" "${VFCNN[@]}" "${SMALL[@]}" --alg EP --same-update
 run "RCNN 32-64, EP, augmented, 30 epochs" "${RCNN[@]}" --channels 32 64 --lrs 0.1 0.05 0.02 \
     --mbs 32 --epochs 30 --data-aug --lr-decay --alg EP
 
 echo "== dictionary (16 features of 3x3, stride 1, on 30% of the training images)"
 python cifar_dictlearning.py --task DIGITS --out-dir "$OUT/dictionary" --seed 0 \
-    --features 16 --kernel-size 3 --stride 1 --lambda 0.1 --lambda-every 0 \
-    --lca-iters 100 --eta 0.1 --epochs 10 --batch-size 32 --subset-fraction 0.3 | tail -n 1
+    --lca_feats 16 --lca_ksize 3 --lca_stride 1 --lca_lambda 0.1 --lambda-every 0 \
+    --lca_iters 100 --lca_eta 0.1 --epochs 10 --mbs 32 --subset-fraction 0.3 | tail -n 1
 LCACNN=(--model LCACNN --dict-path "$OUT/dictionary/dictionary.pt" --lca_feats 16 --lca_ksize 3
         --lca_stride 1 --lca_lambda 0.1 --lca_iters 100 --lca_eta 0.01 --channels 16 32
         --kernels 3 --strides 1 --paddings 1 --pools im --fc 10 --lrs 0.5 0.2 --mbs 32
@@ -44,10 +47,10 @@ python - "$OUT" <<'PY'
 import sys
 from pathlib import Path
 
-import data_utils
+import runs
 
-for run_dir in data_utils.find_runs(sys.argv[1]):
-    rows = data_utils.read_results(run_dir)
+for run_dir in runs.find_runs(sys.argv[1]):
+    rows = runs.read_results(run_dir)
     best = max(row["test_acc"] for row in rows)
     label = "/".join(run_dir.relative_to(sys.argv[1]).parts[1:4])
     print(f"{label:<32} epochs {len(rows):>3}  best {best:.4f}  final {rows[-1]['test_acc']:.4f}")

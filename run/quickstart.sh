@@ -12,8 +12,8 @@ DICT_DIR="$OUT/dictionary"
 
 echo "== 1/3: learning the LCA dictionary (DIGITS, 16 features of 3x3, stride 1)"
 python cifar_dictlearning.py --task DIGITS --out-dir "$DICT_DIR" --seed 0 \
-    --features 16 --kernel-size 3 --stride 1 --lambda 0.1 --lambda-every 0 \
-    --lca-iters 100 --eta 0.1 --epochs 10 --batch-size 32 --subset-fraction 0.3
+    --lca_feats 16 --lca_ksize 3 --lca_stride 1 --lca_lambda 0.1 --lambda-every 0 \
+    --lca_iters 100 --lca_eta 0.1 --epochs 10 --mbs 32 --subset-fraction 0.3
 
 echo "== 2/3: training the LCACNN (pretrained dictionary) with EP"
 python main_fast.py --model LCACNN --task DIGITS --dict_training pretrained \

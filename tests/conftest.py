@@ -1,5 +1,7 @@
-"""Shared test setup: the repository root importable, a headless matplotlib, two torch threads."""
+"""Shared test setup: the repository root importable, a headless matplotlib, and two torch
+threads unless OMP_NUM_THREADS says otherwise."""
 
+import os
 import sys
 from pathlib import Path
 
@@ -13,4 +15,5 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-torch.set_num_threads(2)
+if "OMP_NUM_THREADS" not in os.environ:
+    torch.set_num_threads(2)

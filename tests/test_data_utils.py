@@ -52,6 +52,17 @@ def is_one_of(image: np.ndarray, candidates: list[np.ndarray]) -> bool:
     return any(np.allclose(image, c, atol=1e-6) for c in candidates)
 
 
+def assert_random_shifts(train, index: int, plain: np.ndarray, pad: int, draws: int, seed: int):
+    """Drawing item ``index`` of an augmented ``train`` set ``draws`` times (from ``seed``) gives
+    only edge-padded shifts of ``plain`` (C, H, W) by up to ``pad`` pixels, not all unshifted."""
+    candidates = shifted_copies(plain, pad=pad, flips=False)
+    torch.manual_seed(seed)
+    images = [train[index][0].numpy() for _ in range(draws)]
+    assert all(image.shape == plain.shape for image in images)
+    assert any(not np.allclose(image, plain, atol=1e-6) for image in images)
+    assert all(is_one_of(image, candidates) for image in images)
+
+
 # ------------------------------------------------------------------------------------- tasks
 
 
@@ -183,12 +194,8 @@ def test_mnist_augmentation_shifts_train_images(tmp_path):
     fake = write_fake_mnist(tmp_path, n_train=3, n_test=2)
     train, _ = du.build_datasets("MNIST", tmp_path, data_aug=True, download=False)
     plain = (fake["train_images"][1] / 255.0).astype(np.float32)[None]
-    candidates = shifted_copies(plain, pad=2, flips=False)
-    torch.manual_seed(1)
-    draws = [train[1][0].numpy() for _ in range(8)]
-    assert all(d.shape == (1, 28, 28) for d in draws)
-    assert any(not np.allclose(d, plain) for d in draws)
-    assert all(is_one_of(d, candidates) for d in draws)
+    assert plain.shape == (1, 28, 28)
+    assert_random_shifts(train, 1, plain, pad=2, draws=8, seed=1)
 
 
 def test_mnist_gz_files_are_unpacked_without_network(tmp_path):
@@ -239,11 +246,7 @@ def test_svhn_labels_normalisation_and_shift_without_flip(tmp_path):
     mean = np.array([0.4914, 0.4822, 0.4465]).reshape(3, 1, 1)
     std = np.array([0.6069, 0.5982, 0.6030]).reshape(3, 1, 1)
     plain = ((fake["train_images"][1] / 255.0 - mean) / std).astype(np.float32)
-    candidates = shifted_copies(plain, pad=4, flips=False)
-    torch.manual_seed(3)
-    draws = [train[1][0].numpy() for _ in range(12)]
-    assert any(not np.allclose(d, plain, atol=1e-6) for d in draws)
-    assert all(is_one_of(d, candidates) for d in draws)
+    assert_random_shifts(train, 1, plain, pad=4, draws=12, seed=3)
 
 
 # ------------------------------------------------------------------------------------- DIGITS
@@ -279,12 +282,8 @@ def test_digits_fixed_stratified_split():
 def test_digits_augmentation_shifts_only_train():
     train, test = du.build_datasets("DIGITS", data_aug=True)
     plain = train.data[10].numpy()
-    candidates = shifted_copies(plain, pad=1, flips=False)
-    torch.manual_seed(2)
-    draws = [train[10][0].numpy() for _ in range(10)]
-    assert all(d.shape == (1, 8, 8) for d in draws)
-    assert any(not np.array_equal(d, plain) for d in draws)
-    assert all(is_one_of(d, candidates) for d in draws)
+    assert plain.shape == (1, 8, 8)
+    assert_random_shifts(train, 10, plain, pad=1, draws=10, seed=2)
     assert np.array_equal(test[3][0].numpy(), test.data[3].numpy())
 
 

@@ -73,8 +73,8 @@ def test_plots_are_written(small_run):
 def test_defaults_are_the_original_run():
     args = cifar_dictlearning.build_parser().parse_args([])
     got = (
-        args.task, args.features, args.kernel_size, args.stride, args.lambda_,
-        args.lambda_increment, args.lca_iters, args.tau, args.eta, args.batch_size,
+        args.task, args.lca_feats, args.lca_ksize, args.lca_stride, args.lca_lambda,
+        args.lambda_increment, args.lca_iters, args.lca_tau, args.lca_eta, args.mbs,
         args.epochs, args.subset_fraction,
     )  # fmt: skip
     assert got == ("CIFAR10", 64, 9, 2, 0.2, 0.1, 600, 100.0, 0.01, 200, 35, 0.5)

@@ -6,110 +6,34 @@ from math_checks import cosine
 
 from utils_ep_fast import P_CNN, P_MLP, EPConfig, gdu_check
 
+
+def cnn(in_size, in_channels, channels, kernels, strides, paddings, pools, fc, **options):
+    """P_CNN keyword arguments, one list per layer kind."""
+    layers = dict(channels=channels, kernels=kernels, strides=strides, paddings=paddings)
+    return dict(in_size=in_size, in_channels=in_channels, pools=pools, fc=fc, **layers, **options)
+
+
 # (description, constructor kwargs, input shape per sample)
+# fmt: off
 ARCHITECTURES = [
-    (
-        "1 conv max-pool, softmax readout",
-        dict(
-            in_size=8,
-            in_channels=1,
-            channels=[4],
-            kernels=[3],
-            strides=[1],
-            paddings=[1],
-            pools="m",
-            fc=[10],
-            softmax=True,
-            loss="cel",
-        ),
-        (1, 8, 8),
-    ),
-    (
-        "2 convs avg+max on odd 9x9, kernel 5 pad 2, extra fc, mse output units",
-        dict(
-            in_size=9,
-            in_channels=2,
-            channels=[3, 5],
-            kernels=[3, 5],
-            strides=[1, 1],
-            paddings=[1, 2],
-            pools="am",
-            fc=[7, 10],
-            softmax=False,
-            loss="mse",
-            activation="mysig",
-        ),
-        (2, 9, 9),
-    ),
-    (
-        "3 convs identity/avg/max, paddings 0/1/2, cel output units",
-        dict(
-            in_size=10,
-            in_channels=1,
-            channels=[3, 4, 5],
-            kernels=[3, 3, 3],
-            strides=[1, 1, 1],
-            paddings=[0, 1, 2],
-            pools="iam",
-            fc=[10],
-            softmax=False,
-            loss="cel",
-            activation="tanh",
-        ),
-        (1, 10, 10),
-    ),
-    (
-        "4 convs, 2 fc, softmax",
-        dict(
-            in_size=16,
-            in_channels=3,
-            channels=[2, 3, 4, 5],
-            kernels=[3, 3, 3, 3],
-            strides=[1, 1, 1, 1],
-            paddings=[1, 1, 1, 1],
-            pools="mmaa",
-            fc=[6, 10],
-            softmax=True,
-            loss="cel",
-            activation="hard_sigmoid",
-        ),
-        (3, 16, 16),
-    ),
-    (
-        "strided conv on an odd map",
-        dict(
-            in_size=9,
-            in_channels=2,
-            channels=[3],
-            kernels=[3],
-            strides=[2],
-            paddings=[1],
-            pools="i",
-            fc=[10],
-            softmax=True,
-            loss="cel",
-            activation="ctrd_hard_sig",
-        ),
-        (2, 9, 9),
-    ),
-    (
-        "kernel 5 without padding, mse with sigmoid",
-        dict(
-            in_size=11,
-            in_channels=1,
-            channels=[4],
-            kernels=[5],
-            strides=[1],
-            paddings=[0],
-            pools="m",
-            fc=[10],
-            softmax=False,
-            loss="mse",
-            activation="sigmoid",
-        ),
-        (1, 11, 11),
-    ),
+    ("1 conv max-pool, softmax readout",
+     cnn(8, 1, [4], [3], [1], [1], "m", [10], softmax=True, loss="cel"), (1, 8, 8)),
+    ("2 convs avg+max on odd 9x9, kernel 5 pad 2, extra fc, mse output units",
+     cnn(9, 2, [3, 5], [3, 5], [1, 1], [1, 2], "am", [7, 10], loss="mse", activation="mysig"),
+     (2, 9, 9)),
+    ("3 convs identity/avg/max, paddings 0/1/2, cel output units",
+     cnn(10, 1, [3, 4, 5], [3] * 3, [1] * 3, [0, 1, 2], "iam", [10], loss="cel",
+         activation="tanh"), (1, 10, 10)),
+    ("4 convs, 2 fc, softmax",
+     cnn(16, 3, [2, 3, 4, 5], [3] * 4, [1] * 4, [1] * 4, "mmaa", [6, 10], softmax=True,
+         loss="cel", activation="hard_sigmoid"), (3, 16, 16)),
+    ("strided conv on an odd map",
+     cnn(9, 2, [3], [3], [2], [1], "i", [10], softmax=True, loss="cel",
+         activation="ctrd_hard_sig"), (2, 9, 9)),
+    ("kernel 5 without padding, mse with sigmoid",
+     cnn(11, 1, [4], [5], [1], [0], "m", [10], loss="mse", activation="sigmoid"), (1, 11, 11)),
 ]
+# fmt: on
 MLPS = [
     ("MLP mse", dict(archi=[20, 15, 10], loss="mse", activation="my_hard_sig"), (20,)),
     ("MLP softmax", dict(archi=[20, 15, 12, 10], softmax=True, loss="cel"), (20,)),

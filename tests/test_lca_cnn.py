@@ -9,26 +9,14 @@ from lca_utils_ep_fast import LCA_CNN
 from runs import ep_training_indices, load_model_dictionary, save_dictionary
 from utils_ep_fast import EPConfig, make_optimizer, train_batch
 
+# fmt: off
 SMALL = dict(
-    in_size=8,
-    in_channels=1,
-    lca_feats=4,
-    lca_ksize=3,
-    lca_stride=1,
-    lca_lambda=0.1,
-    lca_tau=10,
-    lca_eta=0.05,
-    lca_iters=20,
-    channels=[4, 6, 8],
-    kernels=[3, 3],
-    strides=[1, 1],
-    paddings=[1, 1],
-    pools="imm",
-    fc=[10],
-    activation="my_hard_sig",
-    softmax=True,
-    loss="cel",
+    in_size=8, in_channels=1,
+    lca_feats=4, lca_ksize=3, lca_stride=1, lca_lambda=0.1, lca_tau=10, lca_eta=0.05, lca_iters=20,
+    channels=[4, 6, 8], kernels=[3, 3], strides=[1, 1], paddings=[1, 1], pools="imm", fc=[10],
+    activation="my_hard_sig", softmax=True, loss="cel",
 )
+# fmt: on
 
 
 def small_model(**overrides) -> LCA_CNN:

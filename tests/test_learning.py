@@ -1,11 +1,22 @@
 """EP learns real data: scikit-learn's bundled handwritten digits, offline, on the CPU."""
 
+import pytest
 import torch
 
 import data_utils
 from utils_ep_fast import P_CNN, EPConfig, make_optimizer, train
 
 EPOCHS = 10
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """On 8x8 images every operation is tiny, and one thread beats several (no hand-offs
+    between threads), which keeps each test well under a minute on two idle cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def digits_loaders(seed: int = 0):

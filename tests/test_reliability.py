@@ -1,0 +1,440 @@
+"""Running on a shared cluster: preemption by SIGTERM, one writer per run folder, failed writes,
+archives and pickles from elsewhere, bad numbers, damaged checkpoints, resumes that change the
+learning rates, file modes and leftovers, moved dictionaries. Signals are real signals sent to
+real child processes; every wait is bounded."""
+
+from __future__ import annotations
+
+import errno
+import io
+import math
+import os
+import pickle
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision.datasets.cifar as tv_cifar
+from fake_datasets import write_fake_cifar10
+from test_cli_errors import DIGITS_CNN, LCACNN, fail_in_epoch, run_dir_of, run_failing
+
+import cifar_dictlearning
+import data_utils
+import main_fast
+import runs
+
+ROOT = Path(__file__).resolve().parents[1]
+WAIT = 180  # seconds any child process may take (a slow, busy machine imports torch slowly)
+
+
+def start(argv: list[str], cwd: Path = ROOT) -> subprocess.Popen:
+    """A child ``python`` process running ``argv``, its output captured as text."""
+    return subprocess.Popen(
+        [sys.executable, *argv], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def wait_for(condition, what: str) -> None:
+    deadline = time.monotonic() + WAIT
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def saved_run(results: Path, capsys, *extra: str) -> Path:
+    """A finished one-epoch DIGITS run folder under ``results`` (its output read away)."""
+    assert main_fast.main(DIGITS_CNN + ["--save", "--results-dir", str(results), *extra]) == 0
+    capsys.readouterr()
+    return run_dir_of(results)
+
+
+def one_error_line(err: str) -> str:
+    """The error message that ends ``err`` (after any progress bars), asserting that it is
+    one ``error:`` line and the only one."""
+    lines = err.strip().splitlines()
+    assert lines[-1].startswith(("error: ", "cifar_dictlearning.py: error: ")), err
+    assert err.count("error: ") == 1, err
+    return lines[-1]
+
+
+# --------------------------------------------------------------- 1. archives from elsewhere
+
+
+@pytest.mark.parametrize("unsafe", ["../escaped.txt", "/tmp/absolute.txt", "link"])
+def test_archive_member_outside_the_data_folder_is_refused(tmp_path, unsafe):
+    data = tmp_path / "data"
+    data.mkdir()
+    with tarfile.open(data / "cifar-10-python.tar.gz", "w:gz") as tar:
+        ok = tarfile.TarInfo("cifar-10-batches-py/readme.txt")
+        ok.size = 2
+        tar.addfile(ok, io.BytesIO(b"ok"))
+        member = tarfile.TarInfo(unsafe)
+        if unsafe == "link":  # a symlink pointing outside, then a file written through it
+            member.type, member.linkname = tarfile.SYMTYPE, str(tmp_path)
+            tar.addfile(member)
+        else:
+            member.size = 4
+            tar.addfile(member, io.BytesIO(b"evil"))
+    with pytest.raises(data_utils.UsageError, match="refusing to unpack .* is unsafe"):
+        data_utils.build_datasets("CIFAR10", data, download=False)
+    assert not (tmp_path / "escaped.txt").exists() and not Path("/tmp/absolute.txt").exists()
+    assert not (data / "cifar-10-batches-py").exists(), "nothing is unpacked from such an archive"
+
+
+# --------------------------------------------------------------- 2. SIGTERM and early Ctrl-C
+
+
+def test_sigterm_saves_the_weights_and_prints_the_resume_command(tmp_path):
+    argv = DIGITS_CNN + ["--epochs", "100000", "--save", "--results-dir", str(tmp_path)]
+    child = start(["main_fast.py", *argv])
+    try:
+        wait_for(lambda: list(tmp_path.rglob("results.csv")), "the first epoch")
+        child.send_signal(signal.SIGTERM)
+        _, err = child.communicate(timeout=WAIT)
+    finally:
+        child.kill()
+    assert child.returncode == 143, err
+    assert "terminated (SIGTERM); current weights saved to" in err and "Traceback" not in err
+    run_dir = run_dir_of(tmp_path)
+    command = err.strip().splitlines()[-1].strip()
+    assert command == f"python main_fast.py --load-path {run_dir} --epochs 100000"
+    done = torch.load(run_dir / "checkpoint.pt", weights_only=True)["epoch"]
+    assert torch.load(run_dir / "interrupted.pt", weights_only=True)["epoch"] == done >= 1
+    assert main_fast.main(["--load-path", str(run_dir), "--epochs", str(done + 1)]) == 0
+
+
+def test_sigterm_stops_dictionary_learning_keeping_the_last_dictionary(tmp_path):
+    argv = ["--task", "DIGITS", "--lca_feats", "4", "--lca_ksize", "3", "--lca_stride", "1",
+            "--lca-iters", "5", "--epochs", "100000", "--out-dir", str(tmp_path)]  # fmt: skip
+    child = start(["cifar_dictlearning.py", *argv])
+    try:
+        wait_for(lambda: (tmp_path / "dictlearning.csv").is_file(), "the first epoch")
+        child.send_signal(signal.SIGTERM)
+        _, err = child.communicate(timeout=WAIT)
+    finally:
+        child.kill()
+    assert child.returncode == 143 and "Traceback" not in err, err
+    assert "terminated (SIGTERM); the dictionary of the last finished epoch is kept" in err
+    weights, _ = runs.load_dictionary(tmp_path / "dictionary.pt", expected_shape=(4, 1, 3, 3))
+    assert torch.isfinite(weights).all()
+
+
+def catches_sigterm(pid: int) -> bool:
+    """Whether process ``pid`` has a SIGTERM handler (Linux: the SigCgt mask of /proc)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    caught = next(line for line in status.splitlines() if line.startswith("SigCgt:"))
+    return bool(int(caught.split()[1], 16) & (1 << (signal.SIGTERM - 1)))
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux's /proc")
+def test_ctrl_c_while_the_libraries_load_exits_130_without_traceback():
+    child = start(["main_fast.py", *DIGITS_CNN])
+    try:
+        # main_fast.py's first lines catch SIGTERM, then it imports torch for seconds
+        wait_for(lambda: child.poll() is not None or catches_sigterm(child.pid), "the script")
+        child.send_signal(signal.SIGINT)
+        _, err = child.communicate(timeout=WAIT)
+    finally:
+        child.kill()
+    assert child.returncode == 130 and err == "", err  # quiet: it stopped while loading
+
+
+def test_one_command_line_starts_and_after_a_preemption_resumes(tmp_path, monkeypatch, capsys):
+    def preempt(model):
+        raise data_utils.Terminated
+
+    run_dir = tmp_path / "job"
+    argv = DIGITS_CNN + ["--mbs", "1437", "--epochs", "3", "--save", "--load-path", str(run_dir)]
+    fail_in_epoch(monkeypatch, 2, preempt)
+    assert main_fast.main(argv) == 143
+    assert torch.load(run_dir / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert main_fast.main(argv) == 0  # the requeued job: the same line
+    out, err = capsys.readouterr()
+    assert "ignored" not in err and "notice: --lrs" not in out
+    assert [row["epoch"] for row in runs.read_results(run_dir)] == [1, 2, 3]
+
+
+# --------------------------------------------------------------- 3. one writer per run folder
+
+HOLD_LOCK = (
+    "import sys, time, runs; runs.FolderLock(sys.argv[1]).__enter__(); "
+    "print('locked', flush=True); time.sleep(600)"
+)
+
+
+def test_second_writer_is_refused_and_a_stale_lock_is_taken_over(tmp_path, capsys):
+    run_dir = saved_run(tmp_path, capsys)
+    before = {
+        name: (run_dir / name).read_bytes() for name in ("results.csv", "hyperparameters.txt")
+    }
+    holder = start(["-c", HOLD_LOCK, str(run_dir)])
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        err = run_failing(["--load-path", str(run_dir), "--epochs", "2"], capsys, status=75)
+        line = one_error_line(err)
+        assert f"{run_dir} is being written by process {holder.pid} on " in line
+        assert {name: (run_dir / name).read_bytes() for name in before} == before
+        holder.send_signal(signal.SIGKILL)  # dies holding the lock
+        holder.wait(timeout=WAIT)
+    finally:
+        holder.kill()
+    assert main_fast.main(["--load-path", str(run_dir), "--epochs", "2"]) == 0
+    assert (
+        f"took over the lock of {run_dir} left by process {holder.pid}" in capsys.readouterr().err
+    )
+    epochs = [line.split(",")[0] for line in (run_dir / "results.csv").read_text().splitlines()]
+    assert epochs == ["epoch", "1", "2"]
+
+
+def test_without_flock_a_lock_is_judged_by_the_process_it_names(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(runs, "fcntl", None)  # as on a filesystem or system without flock
+    host, lock_file = socket.gethostname(), tmp_path / ".lock"
+    lock_file.write_text(f"{os.getppid()} {host}\n")  # alive: the process that started pytest
+    with pytest.raises(runs.FolderBusyError, match=f"process {os.getppid()} on {host}"):
+        runs.FolderLock(tmp_path).__enter__()
+    exited = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                            capture_output=True, text=True, timeout=WAIT)  # fmt: skip
+    lock_file.write_text(f"{int(exited.stdout)} {host}\n")
+    with runs.FolderLock(tmp_path):
+        assert lock_file.read_text() == f"{os.getpid()} {host}\n"
+    assert lock_file.read_text() == "" and "took over the lock" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------- 4. failed writes
+
+
+def read_only_folder(tmp_path: Path) -> Path:
+    """A real folder this process cannot write to: a read-only tmpfs for root, else chmod."""
+    folder = tmp_path / "read_only"
+    folder.mkdir()
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        return folder
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(folder)])
+    if mounted.returncode != 0:
+        pytest.skip("root ignores folder modes and this machine cannot mount a read-only tmpfs")
+    return folder
+
+
+def test_unwritable_results_dir_fails_at_once_with_status_74(tmp_path, monkeypatch, capsys):
+    folder = read_only_folder(tmp_path)
+    try:
+        monkeypatch.setattr(main_fast, "gdu_check", lambda *a: pytest.fail("work was done"))
+        argv = DIGITS_CNN + ["--todo", "gducheck", "--save", "--results-dir", str(folder / "r")]
+        line = one_error_line(run_failing(argv, capsys, status=74))
+        assert f"cannot write or read a file ({folder / 'r'})" in line
+        argv = DIGITS_CNN + ["--save", "--results-dir", str(folder)]
+        assert "pass a writable --results-dir" in one_error_line(run_failing(argv, capsys, 74))
+        assert cifar_dictlearning.main(["--task", "DIGITS", "--out-dir", str(folder)]) == 74
+        assert "pass a writable --out-dir" in one_error_line(capsys.readouterr().err)
+    finally:
+        subprocess.run(["umount", str(folder)], capture_output=True)
+
+
+def test_full_disk_keeps_the_last_checkpoint_and_exits_74(tmp_path, monkeypatch, capsys):
+    real_save = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        if isinstance(obj, dict) and obj.get("epoch") == 2 and "optimizer_state" in obj:
+            f.write(b"half a checkpoint")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    argv = DIGITS_CNN + ["--epochs", "3", "--save", "--results-dir", str(tmp_path)]
+    line = one_error_line(run_failing(argv, capsys, status=74))
+    run_dir = run_dir_of(tmp_path)
+    assert "No space left on device [ENOSPC]" in line
+    assert f"the last good checkpoint (epoch 1) is in {run_dir}" in line
+    assert torch.load(run_dir / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    assert not list(run_dir.glob(".*.tmp"))
+
+
+def test_download_into_an_unwritable_data_dir_is_a_storage_error(tmp_path, monkeypatch, capsys):
+    def denied(url, download_root, *args, **kwargs):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), download_root)
+
+    monkeypatch.setattr(tv_cifar, "download_and_extract_archive", denied)
+    argv = DIGITS_CNN + ["--task", "CIFAR10", "--data-dir", str(tmp_path), "--channels", "4"]
+    line = one_error_line(run_failing([*argv, "--kernels", "3"], capsys, status=74))
+    assert f"({tmp_path}): Permission denied [EACCES]" in line
+
+
+# ------------------------------------ 5. bad numbers (main_fast.py: test_cli_errors.py)
+
+
+@pytest.mark.parametrize("flag", ["--lambda", "--tau", "--eta", "--d-update-clip"])
+def test_dictionary_learning_refuses_nan(tmp_path, capsys, flag):
+    out = tmp_path / "out"
+    argv = ["--task", "DIGITS", "--epochs", "1", "--lca-iters", "2", "--out-dir", str(out)]
+    assert cifar_dictlearning.main([*argv, flag, "nan"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "must be a" in err and "got nan" in err
+    assert not (out / "dictionary.pt").exists()
+
+
+# --------------------------------------------------------------- 6. damaged checkpoints
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    results = tmp_path_factory.mktemp("finished")
+    assert main_fast.main(DIGITS_CNN + ["--save", "--results-dir", str(results)]) == 0
+    return run_dir_of(results)
+
+
+def rng_without_torch(checkpoint):
+    checkpoint["rng_state"]["global"]["torch"] = torch.empty(0, dtype=torch.uint8)
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda c: c["model_config"].update(model="RNN"), "model_config does not name one of"),
+        (lambda c: c["model_config"]["kwargs"].update(bogus=1), "the saved model does not rebuild"),
+        (lambda c: c.update(args=[1, 2]), "args is not the dict of the run's arguments"),
+        (lambda c: c.update(epoch="1"), "epoch is '1', not a number of epochs"),
+        (lambda c: c.update(epoch=0.5), "epoch is 0.5, not a number of epochs"),
+        (lambda c: c.update(rng_state={}), "rng_state is not"),
+        (rng_without_torch, "rng_state lacks the Python, numpy or torch generator states"),
+        (lambda c: c["rng_state"]["global"]["numpy"].update(kind="MT0"), "RNG state is damaged"),
+    ],
+)
+def test_damaged_checkpoint_is_refused_before_anything_is_written(
+    finished_run, tmp_path, capsys, damage, message
+):
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run, run_dir)
+    checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    damage(checkpoint)
+    torch.save(checkpoint, run_dir / "checkpoint.pt")
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.name != ".lock"}
+    line = one_error_line(run_failing(["--load-path", str(run_dir), "--epochs", "2"], capsys))
+    assert message in line
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.name != ".lock"} == before
+
+
+# --------------------------------------------------------------- 7. new rates on a resume
+
+
+def test_resume_applies_typed_learning_rates_and_weight_decays(tmp_path, capsys):
+    run_dir = saved_run(tmp_path, capsys, "--lr-decay")
+    argv = ["--load-path", str(run_dir), "--epochs", "2", "--lrs", "0.05", "0.02"]
+    assert main_fast.main([*argv, "--wds", "1e-3", "2e-3"]) == 0
+    out, err = capsys.readouterr()
+    assert "notice: --lrs 0.05 0.02 replaces the saved values from epoch 1 on" in out
+    assert "ignored" not in err
+
+    def cosine(lr: float, epoch: int) -> float:  # CosineAnnealingLR(T_max=100, eta_min=1e-5)
+        return 1e-5 + (lr - 1e-5) * (1 + math.cos(math.pi * epoch / 100)) / 2
+
+    checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    groups = checkpoint["optimizer_state"]["param_groups"]
+    assert [g["lr"] for g in groups] == pytest.approx([cosine(0.05, 2), cosine(0.02, 2)])
+    assert [g["weight_decay"] for g in groups] == [1e-3, 2e-3]
+    assert checkpoint["scheduler_state"]["base_lrs"] == [0.05, 0.02]
+    assert checkpoint["args"]["lrs"] == [0.05, 0.02]
+    rows = runs.read_results(run_dir)
+    assert rows[1]["lr"] == pytest.approx(cosine(0.05, 1))  # the rate epoch 2 trained with
+    text = (run_dir / "hyperparameters.txt").read_text()
+    assert "lrs: [0.05, 0.02] (from epoch 1)\nwds: [0.001, 0.002] (from epoch 1)" in text
+
+
+# --------------------------------------------------------------- 8. leftovers and file modes
+
+
+def test_files_follow_the_umask_and_leftover_temp_files_are_removed(tmp_path, capsys):
+    old_mask = os.umask(0o002)
+    try:
+        run_dir = saved_run(tmp_path, capsys)
+    finally:
+        os.umask(old_mask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in run_dir.iterdir()}
+    assert {"checkpoint.pt", "model.pt", "accuracy.png", "results.csv"} <= set(modes)
+    assert set(modes.values()) == {0o664}, modes
+    leftover = run_dir / ".checkpoint.pt.k2j4x9.tmp"
+    leftover.write_bytes(b"half a checkpoint")
+    assert main_fast.main(["--load-path", str(run_dir), "--epochs", "2"]) == 0
+    assert not leftover.exists()
+    assert f"removed {leftover.name}, left by an interrupted write" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------- 9. a moved dictionary folder
+
+
+def test_run_with_a_moved_dictionary_folder_evaluates_and_resumes(tmp_path, capsys):
+    dictionary = tmp_path / "dictionary"
+    learn = ["--task", "DIGITS", "--lca_feats", "4", "--lca_ksize", "3", "--lca_stride", "1",
+             "--epochs", "1", "--lca-iters", "5", "--subset-fraction", "0.3", "--max-batches", "1",
+             "--out-dir", str(dictionary)]  # fmt: skip
+    assert cifar_dictlearning.main(learn) == 0
+    results = tmp_path / "results"
+    argv = LCACNN + ["--dict_training", "pretrained", "--dict-path", str(dictionary), "--save"]
+    assert main_fast.main([*argv, "--results-dir", str(results)]) == 0
+    run_dir = run_dir_of(results)
+    dictionary.rename(tmp_path / "moved")
+    capsys.readouterr()
+    for load_path in (run_dir, run_dir / "checkpoint.pt"):
+        assert main_fast.main(["--todo", "evaluate", "--load-path", str(load_path)]) == 0
+    out = capsys.readouterr().out
+    assert "evaluate model.pt (epoch 1" in out and "evaluate checkpoint.pt (epoch 1" in out
+    assert main_fast.main(["--load-path", str(run_dir), "--epochs", "2"]) == 0
+
+
+# --------------------------------------------------------------- 10. missing data: one line
+
+
+def test_missing_dataset_is_one_line(tmp_path, capsys):
+    argv = with_cifar = DIGITS_CNN + ["--task", "CIFAR10", "--no-download"]
+    argv = [*with_cifar, "--data-dir", str(tmp_path), "--channels", "4", "--kernels", "3"]
+    line = one_error_line(run_failing(argv, capsys))
+    assert f"CIFAR10 data not found in {tmp_path} (downloading is off): put data_batch_1" in line
+    assert "--task DIGITS" in line
+
+
+# --------------------------------------------------------------- 11. foreign pickles
+
+
+def test_modified_cifar_files_are_checked_before_torchvision_unpickles_them(tmp_path, monkeypatch):
+    write_fake_cifar10(tmp_path, n_train_per_batch=2, n_test=2)
+    order = []
+    real_check = data_utils._DataOnlyUnpickler.load
+    real_load = pickle.load
+
+    def checked(self):
+        order.append("restricted")
+        return real_check(self)
+
+    def unrestricted(*args, **kwargs):
+        order.append("unrestricted")
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(data_utils._DataOnlyUnpickler, "load", checked)
+    monkeypatch.setattr(tv_cifar.pickle, "load", unrestricted)
+    with pytest.warns(UserWarning, match="official checksums"):
+        data_utils.build_datasets("CIFAR10", tmp_path, download=False)
+    assert order[:7] == ["restricted"] * 7 and "unrestricted" in order
+
+
+# --------------------------------------------------------------- test setup
+
+
+def test_conftest_keeps_a_given_omp_num_threads():
+    code = "import conftest, torch; print(torch.get_num_threads())"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT / "tests", env=env, capture_output=True, text=True,
+        timeout=WAIT,
+    )  # fmt: skip
+    assert result.stdout.strip() == "1", result.stderr
+    assert np.isfinite(float(result.stdout))
