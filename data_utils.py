@@ -884,6 +884,8 @@ def plot_robustness(rows: list[dict]) -> Figure:
         ax.set(title="Corruptions", ylabel="accuracy", ylim=(-0.02, 1.02))
         ax.grid(True, alpha=0.4)
         ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
 
 
 def plot_settling(traces: dict, title: str = "") -> Figure:
