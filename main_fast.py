@@ -98,16 +98,9 @@ FLOAT_RANGES = {
 # --------------------------------------------------------------------------------------------
 
 
-class _Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are UsageErrors, so ``main`` reports them like the rest."""
-
-    def error(self, message: str):
-        raise UsageError(message)
-
-
 def build_parser() -> argparse.ArgumentParser:
     """Every flag of the seed README, plus run-management flags."""
-    parser = _Parser(
+    parser = data_utils.UsageArgumentParser(
         prog="main_fast.py",
         description="Train energy-based RCNNs (optionally behind an LCA front end) with EP.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
