@@ -274,36 +274,20 @@ class PhaseRunner(Capturer):
             if self.autocast_dtype is not None:
                 x, input_drive = x.to(self.autocast_dtype), input_drive.to(self.autocast_dtype)
                 neurons = [state.to(self.autocast_dtype) for state in neurons]
-            settled = self._run(x, y, neurons, T, beta, input_drive)
-        return [state.to(dtype) for state in settled]
-
-    def _run(
-        self,
-        x: Tensor,
-        y: Tensor,
-        neurons: list[Tensor],
-        T: int,
-        beta: float,
-        input_drive: Tensor,
-    ) -> list[Tensor]:
-        if self._use_graphs(x.device):
-            graph = self._graph_for(x, y, neurons, beta, input_drive)
+            graph = None
+            if self._use_graphs(x.device):
+                graph = self._graph_for(x, y, neurons, beta, input_drive)
             if graph is not None:
-                return graph.run(x, y, neurons, input_drive, T)
-        for _ in range(T):
-            neurons = self.function(self.model, x, y, neurons, beta, input_drive)
-        return neurons
+                neurons = graph.run(x, y, neurons, input_drive, T)
+            else:
+                for _ in range(T):
+                    neurons = self.function(self.model, x, y, neurons, beta, input_drive)
+        return [state.to(dtype) for state in neurons]
 
-    def _graph_for(
-        self,
-        x: Tensor,
-        y: Tensor,
-        neurons: list[Tensor],
-        beta: float,
-        input_drive: Tensor,
-    ) -> StepGraph | None:
-        """The capture for these shapes and ``beta`` (made on first use), or ``None`` after a
-        failed capture (one notice; the step then runs compiled, without graphs)."""
+    def _graph_for(self, x, y, neurons, beta, input_drive) -> StepGraph | None:
+        """The capture of the step on ``x`` (B, ...), ``y`` (B,), ``neurons`` and ``input_drive``
+        for these shapes and ``beta`` (made on first use), or ``None`` after a failed capture
+        (one notice; the step then runs compiled, without graphs)."""
         addresses = tuple(p.data_ptr() for p in self.model.parameters())
         if addresses != self.parameter_addresses:  # moved parameters: old graphs read old ones
             self.captured.clear()

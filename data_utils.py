@@ -68,6 +68,16 @@ class UsageArgumentParser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
+def command_parser(prog: str, description: str) -> UsageArgumentParser:
+    """The parser every script starts from: defaults shown in ``--help``, no abbreviations."""
+    return UsageArgumentParser(
+        prog=prog,
+        description=description,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        allow_abbrev=False,
+    )
+
+
 class StorageError(Exception):
     """A file could not be written or read (disk full, read-only folder, permissions); the
     message says which, what was kept and what to do (exit status 74)."""

@@ -100,11 +100,8 @@ FLOAT_RANGES = {
 
 def build_parser() -> argparse.ArgumentParser:
     """Every flag of the seed README, plus run-management flags."""
-    parser = data_utils.UsageArgumentParser(
-        prog="main_fast.py",
-        description="Train energy-based RCNNs (optionally behind an LCA front end) with EP.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        allow_abbrev=False,
+    parser = data_utils.command_parser(
+        "main_fast.py", "Train energy-based RCNNs (optionally behind an LCA front end) with EP."
     )
 
     def add(name: str, **kwargs) -> None:

@@ -350,11 +350,8 @@ FLAGS: tuple[tuple[str, dict], ...] = (
 
 def build_parser() -> argparse.ArgumentParser:
     """The flags of ``FLAGS``; a bad one raises UsageError (one line) instead of exiting."""
-    parser = data_utils.UsageArgumentParser(
-        prog="robustness.py",
-        description="Accuracy of a saved run under corruptions and adversarial attacks.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        allow_abbrev=False,
+    parser = data_utils.command_parser(
+        "robustness.py", "Accuracy of a saved run under corruptions and adversarial attacks."
     )
     for name, keywords in FLAGS:
         dest = name[2:].replace("-", "_")
