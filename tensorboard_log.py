@@ -17,7 +17,8 @@ stream carries on without a duplicate point. Robustness settings have no step ax
 Failures. A log must never cost a checkpoint: an ``OSError`` while writing (full disk,
 folder removed, no permission) becomes one ``warning:`` line on stderr and the log stops;
 every later call does nothing. ``flush`` and ``close`` are safe at any time, twice, after a
-failure, or from the SIGTERM path.
+failure, or on the SIGTERM path once the handler's exception has unwound (not inside a signal
+handler itself: the interrupted write may hold the writer's lock).
 """
 
 from __future__ import annotations
@@ -38,8 +39,6 @@ TB_FOLDER = "tb"
 HPARAMS_RUN = "hparams"  # the sub-run TensorBoard's HParams tab reads
 BEST_TEST_ACC_TAG = "hparams/best_test_acc"
 HPARAM_TYPES = (bool, int, float, str)  # what TensorBoard's HParams tab can show
-
-_writer_thread_hook_installed = False
 
 
 def epoch_end_step(epoch: int, batches_per_epoch: int) -> int:
@@ -80,8 +79,8 @@ def robustness_tag(attack: str, gradient: str = "none", epsilon: float = 0.0) ->
 
 
 def hparam_value(value: Any) -> bool | int | float | str:
-    """``value`` as the HParams tab can show it: bools, ints, floats and strings as they are,
-    anything else (lists, None, paths) as its text."""
+    """``value`` as the HParams tab can show it: bools (shown as 1 or 0), ints, floats and
+    strings as they are, anything else (lists, None, paths) as its text."""
     return value if isinstance(value, HPARAM_TYPES) else str(value)
 
 
@@ -97,22 +96,21 @@ def feature_grid(weights: Tensor, padding: int = 1) -> Tensor:
 
 def _install_writer_thread_hook() -> None:
     """The event writer's thread dies on a write error and would print a traceback; the next
-    call in the foreground raises the same error and the log warns once instead. So from the
-    first live log on, the thread hook stays quiet about exactly that case."""
-    global _writer_thread_hook_installed
-    if _writer_thread_hook_installed:
+    call in the foreground raises the same error and the log warns once instead. So while a
+    live log is opened, the thread hook is made quiet about exactly that case (once: a hook
+    already quiet is kept)."""
+    previous = threading.excepthook
+    if getattr(previous, "quiets_event_writer", False):
         return
     from tensorboard.summary.writer.event_file_writer import _AsyncWriterThread
-
-    previous = threading.excepthook
 
     def quiet_writer_thread(args: threading.ExceptHookArgs) -> None:
         if isinstance(args.thread, _AsyncWriterThread) and isinstance(args.exc_value, OSError):
             return
         previous(args)
 
+    quiet_writer_thread.quiets_event_writer = True
     threading.excepthook = quiet_writer_thread
-    _writer_thread_hook_installed = True
 
 
 class TensorBoardLog:
