@@ -114,11 +114,14 @@ def _install_writer_thread_hook() -> None:
 
 
 class TensorBoardLog:
-    """The event stream of the run folder ``run_dir``, in ``run_dir/tb``.
+    """The event stream of the run folder ``run_dir``, in ``run_dir/tb``, or in the sub-run
+    ``run_dir/tb/<sub_run>`` (a run of its own in TensorBoard, with its own steps: e.g.
+    ``robustness``, whose purge must not touch training's events).
 
     ``enabled`` (the flag) and ``rank`` (this process's rank) decide whether it writes: only
     an enabled rank 0 does. ``purge_step`` (``resume_purge_step``) on a resume: the events of
-    earlier writers at or past it are discarded. Steps are integers >= 0 (module docstring).
+    earlier writers of the same folder at or past it are discarded. Steps are integers >= 0
+    (module docstring).
     """
 
     def __init__(
@@ -127,8 +130,11 @@ class TensorBoardLog:
         enabled: bool = True,
         rank: int = 0,
         purge_step: int | None = None,
+        sub_run: str = "",
     ) -> None:
-        self.folder = Path(run_dir) / TB_FOLDER
+        if sub_run in (HPARAMS_RUN, ".", "..") or "/" in sub_run:
+            raise ValueError(f"sub-run {sub_run!r}: give a plain folder name other than hparams")
+        self.folder = Path(run_dir) / TB_FOLDER / sub_run
         self.purge_step = None if purge_step is None else self._step(purge_step)
         self._writer = None
         self._hparams_writer = None

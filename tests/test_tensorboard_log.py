@@ -112,6 +112,21 @@ def test_resume_with_purge_step_keeps_one_point_per_step(tmp_path):
     assert (histogram.step, histogram.histogram_value.num) == (2, 6)
 
 
+def test_a_sub_run_purges_its_own_events_only(tmp_path):
+    with TensorBoardLog(tmp_path) as training:
+        training.scalars({"train/acc": 0.5, "test/acc": 0.25}, 100)
+    tag = tbl.robustness_tag("pgd-linf", "ep", 0.01)
+    for accuracy in (0.125, 0.375):  # robustness evaluated twice at T1 = 30
+        age_event_files(tmp_path / "tb" / "robustness")
+        with TensorBoardLog(tmp_path, purge_step=30, sub_run="robustness") as robustness:
+            robustness.scalar(tag, accuracy, 30)
+    assert points(read_events(tmp_path / "tb"), "train/acc") == [(100, 0.5)]
+    assert points(read_events(tmp_path / "tb" / "robustness"), tag) == [(30, 0.375)]
+    for bad in ("hparams", "a/b", ".."):
+        with pytest.raises(ValueError, match="plain folder name"):
+            TensorBoardLog(tmp_path, sub_run=bad)
+
+
 def test_images_come_back_with_their_shape_and_pixels(tmp_path):
     colour = torch.randint(
         0, 256, (3, 4, 6), dtype=torch.uint8, generator=torch.Generator().manual_seed(1)
