@@ -11,8 +11,11 @@ and a per-epoch value is written at the epoch's last batch, ``e B`` (``epoch_end
 tags then share one step axis, so a resume after epoch ``e`` opens the log with
 ``purge_step = e B + 1`` (``resume_purge_step``): TensorBoard drops every event of the earlier
 writers at or past that step, in every tag and in the hyperparameters' sub-run alike, and the
-stream carries on without a duplicate point. Robustness settings have no step axis: each
-(attack, gradient, epsilon) gets its own tag (``robustness_tag``) with T1 (or 0) as the step.
+stream carries on without a duplicate point. Every writer marks its start (a session START at
+its ``purge_step``, 0 for a new stream): TensorBoard's Python loader takes the first START of
+a folder for the start of the run and purges only at the later ones. Robustness settings have
+no step axis: each (attack, gradient, epsilon) gets its own tag (``robustness_tag``) with T1
+(or 0) as the step, in a sub-run of its own.
 
 Failures. A log must never cost a checkpoint: an ``OSError`` while writing (full disk,
 folder removed, no permission) becomes one ``warning:`` line on stderr and the log stops;
@@ -119,9 +122,9 @@ class TensorBoardLog:
     ``robustness``, whose purge must not touch training's events).
 
     ``enabled`` (the flag) and ``rank`` (this process's rank) decide whether it writes: only
-    an enabled rank 0 does. ``purge_step`` (``resume_purge_step``) on a resume: the events of
-    earlier writers of the same folder at or past it are discarded. Steps are integers >= 0
-    (module docstring).
+    an enabled rank 0 does. ``purge_step``: the first step this writer may write; TensorBoard
+    discards the events of earlier writers of the same folder at or past it (0: a new stream,
+    ``resume_purge_step`` on a resume). Steps are integers >= 0 (module docstring).
     """
 
     def __init__(
@@ -129,13 +132,13 @@ class TensorBoardLog:
         run_dir: str | Path,
         enabled: bool = True,
         rank: int = 0,
-        purge_step: int | None = None,
+        purge_step: int = 0,
         sub_run: str = "",
     ) -> None:
         if sub_run in (HPARAMS_RUN, ".", "..") or "/" in sub_run:
             raise ValueError(f"sub-run {sub_run!r}: give a plain folder name other than hparams")
         self.folder = Path(run_dir) / TB_FOLDER / sub_run
-        self.purge_step = None if purge_step is None else self._step(purge_step)
+        self.purge_step = self._step(purge_step)
         self._writer = None
         self._hparams_writer = None
         self._live = False

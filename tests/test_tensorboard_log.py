@@ -17,8 +17,10 @@ import pytest
 import torch
 from PIL import Image
 from tensorboard.backend.event_processing import event_accumulator as ea
+from tensorboard.backend.event_processing import plugin_event_accumulator as pea
 from tensorboard.plugins.hparams import plugin_data_pb2
 from tensorboard.summary.writer.record_writer import RecordWriter
+from tensorboard.util import tensor_util
 
 import tensorboard_log as tbl
 from tensorboard_log import TensorBoardLog
@@ -110,6 +112,13 @@ def test_resume_with_purge_step_keeps_one_point_per_step(tmp_path):
     assert points(events, "test/acc") == float32_points([(1, 0.05), (2, 0.01), (3, 0.015)])
     [histogram] = events.Histograms("free/layer1")
     assert (histogram.step, histogram.histogram_value.num) == (2, 6)
+    # the loader of ``tensorboard --load_fast=false`` purges only at a folder's second START
+    served = pea.EventAccumulator(str(folder), size_guidance=KEEP_ALL)
+    served.Reload()
+    train_acc = [
+        (e.step, tensor_util.make_ndarray(e.tensor_proto)) for e in served.Tensors("train/acc")
+    ]
+    assert train_acc == float32_points([(1, 0.1), (2, 0.02), (3, 0.03)])
 
 
 def test_a_sub_run_purges_its_own_events_only(tmp_path):
