@@ -42,6 +42,18 @@ TB_FOLDER = "tb"
 HPARAMS_RUN = "hparams"  # the sub-run TensorBoard's HParams tab reads
 BEST_TEST_ACC_TAG = "hparams/best_test_acc"
 HPARAM_TYPES = (bool, int, float, str)  # what TensorBoard's HParams tab can show
+# a results.csv column's tag: by whole name, else by the first matching prefix
+EPOCH_TAG_NAMES = {"lr": "lr/group0", "seconds": "time/epoch_seconds"}
+EPOCH_TAG_PREFIXES = {
+    "train_": "train/",
+    "test_": "test/",
+    "lr_": "lr/",
+    "free_": "phases/free_",
+    "nudged_": "phases/nudged_",
+    "lca_": "lca/",
+    "dict_": "lca/dict_",
+    "angle_": "vf/angle_",
+}
 
 
 def epoch_end_step(epoch: int, batches_per_epoch: int) -> int:
@@ -67,6 +79,27 @@ def resume_purge_step(epoch: int, batches_per_epoch: int) -> int:
     """The ``purge_step`` of a log resumed after epoch ``e``: the first step not in the
     checkpoint, ``e B + 1``; TensorBoard discards the earlier events from there on."""
     return epoch_end_step(epoch, batches_per_epoch) + 1
+
+
+def epoch_tag(name: str) -> str:
+    """The tag of the per-epoch metric ``name`` (a results.csv column), grouped for
+    TensorBoard's dashboard: ``train_acc`` -> ``train/acc``, ``lr_group1`` -> ``lr/group1``,
+    ``free_at_cap`` -> ``phases/free_at_cap``, ``lca_recon_error`` -> ``lca/recon_error``,
+    ``dict_cosine`` -> ``lca/dict_cosine``, ``angle_syn2`` -> ``vf/angle_syn2``, ``lr`` (the
+    first group's) -> ``lr/group0``, ``seconds`` -> ``time/epoch_seconds``; any other name
+    ``x`` -> ``epoch/x``."""
+    if name in EPOCH_TAG_NAMES:
+        return EPOCH_TAG_NAMES[name]
+    for prefix, group in EPOCH_TAG_PREFIXES.items():
+        if name.startswith(prefix):
+            return group + name[len(prefix) :]
+    return f"epoch/{name}"
+
+
+def epoch_scalars(metrics: Mapping[str, float]) -> dict[str, float]:
+    """``{epoch_tag(name): value}`` of an epoch's metrics, without the ``epoch`` count itself
+    (it is the step)."""
+    return {epoch_tag(name): float(value) for name, value in metrics.items() if name != "epoch"}
 
 
 def robustness_tag(attack: str, gradient: str = "none", epsilon: float = 0.0) -> str:

@@ -83,6 +83,44 @@ def test_robustness_tags_one_per_setting():
     assert len({tbl.robustness_tag(*setting) for setting in settings}) == len(settings)
 
 
+def test_epoch_tags_of_a_results_row_by_hand():
+    row = {
+        "epoch": 3,
+        "train_acc": 0.5,
+        "test_acc": 0.25,
+        "train_loss": 1.5,
+        "lca_frac_active": 0.125,
+        "lca_recon_error": 2.0,
+        "dict_cosine": 0.75,
+        "free_steps": 20.0,
+        "free_at_cap": 0.0,
+        "nudged_steps": 8.0,
+        "nudged_at_cap": 1.0,
+        "angle_syn1": 45.0,
+        "lr": 0.01,
+        "lr_group1": 0.02,
+        "seconds": 12,
+        "momentum": 0.9,
+    }
+    assert tbl.epoch_scalars(row) == {
+        "train/acc": 0.5,
+        "test/acc": 0.25,
+        "train/loss": 1.5,
+        "lca/frac_active": 0.125,
+        "lca/recon_error": 2.0,
+        "lca/dict_cosine": 0.75,
+        "phases/free_steps": 20.0,
+        "phases/free_at_cap": 0.0,
+        "phases/nudged_steps": 8.0,
+        "phases/nudged_at_cap": 1.0,
+        "vf/angle_syn1": 45.0,
+        "lr/group0": 0.01,
+        "lr/group1": 0.02,
+        "time/epoch_seconds": 12.0,
+        "epoch/momentum": 0.9,
+    }
+
+
 def test_scalars_read_back_to_float32(tmp_path):
     values = np.random.default_rng(0).normal(size=5)
     with TensorBoardLog(tmp_path) as log:
