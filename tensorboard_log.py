@@ -302,7 +302,7 @@ class TensorBoardLog:
         where = f"{error.filename}: " if error.filename else ""
         print(
             f"warning: TensorBoard log {self.folder} stopped ({where}{reason}); "
-            "training and its checkpoints go on",
+            "the run and its checkpoints go on without it",
             file=sys.stderr,
         )
 
