@@ -274,6 +274,7 @@ def test_a_failing_disk_warns_once_and_never_raises(tmp_path, capsys, monkeypatc
     assert len(lines) == 1 and lines[0].startswith("warning: TensorBoard log ")
     assert "No space left on device" in lines[0] and "checkpoints go on without it" in lines[0]
     assert "train/acc" not in read_events(tmp_path / "tb").Tags()[ea.SCALARS]
+    assert not (tmp_path / "tb" / tbl.HPARAMS_RUN).exists()  # nothing opened once stopped
 
 
 def test_a_failing_call_in_the_foreground_warns_once(tmp_path, capsys):
