@@ -12,6 +12,7 @@ import threading
 from pathlib import Path
 from unittest import mock
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 import torch
@@ -195,6 +196,15 @@ def test_images_come_back_with_their_shape_and_pixels(tmp_path):
     pixels = decode_png(grey_event.encoded_image_string)
     pixels = pixels if pixels.ndim == 2 else pixels[..., 0]
     np.testing.assert_array_equal(pixels, [[0, 255, 255], [0, 0, 255]])
+
+
+def test_a_figure_comes_back_at_its_pixel_size_and_is_closed(tmp_path):
+    figure = plt.figure(figsize=(2, 1), dpi=50)
+    with TensorBoardLog(tmp_path) as log:
+        log.figure("settling", figure, 3)
+    [image] = read_events(tmp_path / "tb").Images("settling")
+    assert (image.step, image.width, image.height) == (3, 100, 50)
+    assert figure.number not in plt.get_fignums()
 
 
 def test_feature_grid_tiles_each_feature_rescaled():
