@@ -478,8 +478,10 @@ def fab_available() -> bool:
 def batched_logits(net: nn.Module, pixels: Tensor, batch_size: int) -> Tensor:
     """``net``'s logits (N, K) of ``pixels``, evaluated from scratch without a graph."""
     with torch.no_grad():
-        parts = [net(pixels[start : start + batch_size])
-                 for start in range(0, pixels.shape[0], batch_size)]  # fmt: skip
+        parts = [
+            net(pixels[start : start + batch_size])
+            for start in range(0, pixels.shape[0], batch_size)
+        ]
     return torch.cat(parts)
 
 
@@ -500,11 +502,17 @@ def _apgd(setting: AttackSetting, cost_kind: str, pixels: Tensor, labels_art: np
 
     classifier = setting.classifier(cost_kind, pixels.shape[1:], pixels.device)
     attack = AutoProjectedGradientDescent(
-        classifier, norm=setting.art_norm, eps=setting.eps, eps_step=2.0 * setting.eps,
-        max_iter=setting.budget.iterations, targeted=False,
-        nb_random_init=setting.budget.restarts, batch_size=setting.budget.batch_size,
-        loss_type=None, verbose=False,
-    )  # fmt: skip
+        classifier,
+        norm=setting.art_norm,
+        eps=setting.eps,
+        eps_step=2.0 * setting.eps,
+        max_iter=setting.budget.iterations,
+        targeted=False,
+        nb_random_init=setting.budget.restarts,
+        batch_size=setting.budget.batch_size,
+        loss_type=None,
+        verbose=False,
+    )
     return _art_generate(attack, pixels, labels_art)
 
 
@@ -559,10 +567,16 @@ def _fab_attack(setting: AttackSetting, device: torch.device):
             return difference[:, None], setting.gradient(imgs, cost)[:, None]
 
     return GradientFAB(
-        logits, norm="Linf" if setting.norm == "linf" else "L2",
-        n_restarts=setting.budget.restarts, n_iter=setting.budget.iterations, eps=setting.eps,
-        targeted=True, n_target_classes=setting.target_count, device=device, seed=0,
-    )  # fmt: skip
+        logits,
+        norm="Linf" if setting.norm == "linf" else "L2",
+        n_restarts=setting.budget.restarts,
+        n_iter=setting.budget.iterations,
+        eps=setting.eps,
+        targeted=True,
+        n_target_classes=setting.target_count,
+        device=device,
+        seed=0,
+    )
 
 
 def square(setting: AttackSetting, pixels: Tensor, labels: Tensor) -> Tensor:
@@ -572,10 +586,15 @@ def square(setting: AttackSetting, pixels: Tensor, labels: Tensor) -> Tensor:
 
     classifier = setting.classifier("ce", pixels.shape[1:], pixels.device)
     attack = SquareAttack(
-        classifier, norm=setting.art_norm, max_iter=setting.budget.queries, eps=setting.eps,
-        p_init=0.8, nb_restarts=setting.budget.restarts, batch_size=setting.budget.batch_size,
+        classifier,
+        norm=setting.art_norm,
+        max_iter=setting.budget.queries,
+        eps=setting.eps,
+        p_init=0.8,
+        nb_restarts=setting.budget.restarts,
+        batch_size=setting.budget.batch_size,
         verbose=False,
-    )  # fmt: skip
+    )
     return _art_generate(attack, pixels, encode_labels(labels, None, setting.classes))
 
 
@@ -625,8 +644,12 @@ class ComponentResult:
 
     def state(self) -> dict:
         """Tensors and numbers only (``torch.load(..., weights_only=True)`` reads it)."""
-        return {"name": self.name, "robust": self.robust.cpu(),
-                "adversarial": self.adversarial.cpu(), "seconds": self.seconds}  # fmt: skip
+        return {
+            "name": self.name,
+            "robust": self.robust.cpu(),
+            "adversarial": self.adversarial.cpu(),
+            "seconds": self.seconds,
+        }
 
     @classmethod
     def from_state(cls, state: Mapping) -> ComponentResult:
@@ -660,21 +683,24 @@ class AutoAttackResult:
         chosen = None
         for result in reversed(self.components.values()):
             fooled = (~result.robust).view(-1, *([1] * (result.adversarial.dim() - 1)))
-            chosen = result.adversarial if chosen is None else torch.where(
-                fooled, result.adversarial, chosen)  # fmt: skip
+            chosen = (
+                result.adversarial
+                if chosen is None
+                else torch.where(fooled, result.adversarial, chosen)
+            )
         return chosen
 
     @property
     def clean_accuracy(self) -> float:
-        return self.clean.float().mean().item()
+        return _fraction(self.clean)
 
     @property
     def robust_accuracy(self) -> float:
-        return self.robust().float().mean().item()
+        return _fraction(self.robust())
 
     def component_accuracies(self) -> dict[str, float]:
         """Each component's own robust accuracy (each attacks every clean-correct image)."""
-        return {name: r.robust.float().mean().item() for name, r in self.components.items()}
+        return {name: _fraction(r.robust) for name, r in self.components.items()}
 
     def summary_line(self) -> str:
         """RobustBench's way: clean, robust, epsilon, norm, images; then each component and
@@ -687,6 +713,11 @@ class AutoAttackResult:
             f"{self.clean.numel()} images: clean accuracy {self.clean_accuracy:.2%}, robust "
             f"accuracy {self.robust_accuracy:.2%} ({parts}); missing components: {missing}"
         )
+
+
+def _fraction(mask: Tensor) -> float:
+    """The count of True over the count, as a Python float (no float32 rounding)."""
+    return int(mask.sum()) / mask.numel()
 
 
 def autoattack(
@@ -790,9 +821,15 @@ def pgd(
     classes = batched_logits(net, pixels[:1], 1).shape[1]
     classifier = attack_classifier(net, gradient, "ce", pixels.shape[1:], classes, pixels.device)
     attack = ProjectedGradientDescent(
-        classifier, norm=np.inf if norm == "linf" else 2, eps=eps, eps_step=2.5 * eps / steps,
-        max_iter=steps, num_random_init=restarts, batch_size=batch_size, verbose=False,
-    )  # fmt: skip
+        classifier,
+        norm=np.inf if norm == "linf" else 2,
+        eps=eps,
+        eps_step=2.5 * eps / steps,
+        max_iter=steps,
+        num_random_init=restarts,
+        batch_size=batch_size,
+        verbose=False,
+    )
     found = _art_generate(attack, pixels, encode_labels(labels, None, classes))
     return project(found, pixels, norm, eps)
 
@@ -814,8 +851,12 @@ class CheckResult:
 
 def convergence_runs(steps: int) -> dict[str, tuple[int, int]]:
     """The PGD runs of the convergence check, label -> (steps, restarts)."""
-    return {"base": (steps, 1), "2x steps": (2 * steps, 1), "4x steps": (4 * steps, 1),
-            "5 restarts": (steps, 5)}  # fmt: skip
+    return {
+        "base": (steps, 1),
+        "2x steps": (2 * steps, 1),
+        "4x steps": (4 * steps, 1),
+        "5 restarts": (steps, 5),
+    }
 
 
 def convergence_check(
@@ -825,8 +866,11 @@ def convergence_check(
     accuracy by more than ``tolerance``."""
     base = accuracies["base"]
     drops = {label: base - acc for label, acc in accuracies.items() if label != "base"}
-    failed = [f"{label} {accuracies[label]:.3f} < {base:.3f}"
-              for label, drop in drops.items() if drop > tolerance + SLACK]  # fmt: skip
+    failed = [
+        f"{label} {accuracies[label]:.3f} < {base:.3f}"
+        for label, drop in drops.items()
+        if drop > tolerance + SLACK
+    ]
     seen = ", ".join(f"{label} {acc:.3f}" for label, acc in accuracies.items())
     return CheckResult("convergence", not failed, "; ".join(failed) or seen)
 
@@ -840,8 +884,11 @@ def unbounded_check(accuracy: float, limit: float = UNBOUNDED_LIMIT) -> CheckRes
 def blackbox_check(pairs: Sequence[tuple[str, float, float]]) -> CheckResult:
     """Passed when every white-box attack does at least as well as Square at the same norm and
     epsilon; ``pairs`` holds (label, white-box accuracy, Square accuracy)."""
-    failed = [f"{label}: {white:.3f} > square {black:.3f}"
-              for label, white, black in pairs if white > black + SLACK]  # fmt: skip
+    failed = [
+        f"{label}: {white:.3f} > square {black:.3f}"
+        for label, white, black in pairs
+        if white > black + SLACK
+    ]
     detail = "; ".join(failed) or f"{len(pairs)} white-box results at most Square's"
     return CheckResult("white-box vs square", not failed, detail)
 
