@@ -415,7 +415,8 @@ def attack_classifier(
 
 COMPONENTS = ("apgd-ce", "apgd-t", "fab-t", "square")
 NORMS = ("linf", "l2")
-FAB_PACKAGE = "pyautoattack"
+# why a component can be missing, printed with it
+MISSING_REASONS = {"fab-t": "ART has no FAB and pyautoattack is not installed"}
 
 
 @dataclass(frozen=True)
@@ -451,6 +452,7 @@ class AttackSetting:
     eps: float
     budget: AutoAttackBudget
     classes: int
+    seed: int = 0
 
     def classifier(self, cost_kind: str, input_shape: Sequence[int], device: torch.device):
         return attack_classifier(
@@ -575,7 +577,7 @@ def _fab_attack(setting: AttackSetting, device: torch.device):
         targeted=True,
         n_target_classes=setting.target_count,
         device=device,
-        seed=0,
+        seed=setting.seed,
     )
 
 
@@ -707,7 +709,7 @@ class AutoAttackResult:
         the missing ones."""
         norm = "Linf" if self.norm == "linf" else "L2"
         parts = ", ".join(f"{name} {acc:.2%}" for name, acc in self.component_accuracies().items())
-        missing = ", ".join(self.missing) if self.missing else "none"
+        missing = ", ".join(f"{name} ({MISSING_REASONS[name]})" for name in self.missing) or "none"
         return (
             f"AutoAttack {norm} eps {self.eps:.4g} ({self.gradient} gradients), "
             f"{self.clean.numel()} images: clean accuracy {self.clean_accuracy:.2%}, robust "
@@ -750,7 +752,7 @@ def autoattack(
     done = done or {}
     missing = tuple(n for n in components if n == "fab-t" and n not in done and not fab_available())
     classes = batched_logits(net, pixels[:1], 1).shape[1]
-    setting = AttackSetting(net, gradient, norm, eps, budget, classes)
+    setting = AttackSetting(net, gradient, norm, eps, budget, classes, seed)
     clean = predicted(net, pixels, budget.batch_size) == labels
     results = {}
     for name in components:
@@ -759,20 +761,20 @@ def autoattack(
         if name in done:
             results[name] = _checked_resume(done[name], pixels)
             continue
-        results[name] = run_component(setting, name, pixels, labels, clean, seed)
+        results[name] = run_component(setting, name, pixels, labels, clean)
         if on_component is not None:
             on_component(results[name])
     return AutoAttackResult(norm, eps, gradient_name, clean, results, missing)
 
 
 def run_component(
-    setting: AttackSetting, name: str, pixels: Tensor, labels: Tensor, clean: Tensor, seed: int
+    setting: AttackSetting, name: str, pixels: Tensor, labels: Tensor, clean: Tensor
 ) -> ComponentResult:
     """Component ``name`` on the clean-correct images (at ``eps = 0``, where ART refuses to
     run, the candidates are the clean images), kept as ``project`` and re-evaluated."""
     started = time.perf_counter()
-    torch.manual_seed(seed)
-    np.random.seed(seed)
+    torch.manual_seed(setting.seed)
+    np.random.seed(setting.seed)
     candidates = pixels.clone()
     if setting.eps > 0.0 and clean.any():
         attack = COMPONENT_ATTACKS[name]
