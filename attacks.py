@@ -673,7 +673,8 @@ class AutoAttackResult:
 
     def table(self) -> Tensor:
         """(N, components) bool: image ``i`` survives component ``j`` (columns in run order)."""
-        return torch.stack([result.robust for result in self.components.values()], 1)
+        columns = [result.robust for result in self.components.values()]
+        return torch.stack(columns, 1) if columns else self.clean.new_ones((len(self.clean), 0))
 
     def robust(self) -> Tensor:
         """(N,) bool, the worst case: classified correctly and fooled by no component."""
@@ -683,7 +684,7 @@ class AutoAttackResult:
         """(N, C, H, W): per image, the adversarial of the first component that fooled it, else
         the clean image."""
         chosen = None
-        for result in reversed(self.components.values()):
+        for result in reversed(list(self.components.values())):
             fooled = (~result.robust).view(-1, *([1] * (result.adversarial.dim() - 1)))
             chosen = (
                 result.adversarial
