@@ -51,6 +51,14 @@ def autograd_gradient(model: nn.Module):
     return gradient
 
 
+def attack_digits(digits, norm: str, eps: float, gradient=None, **options):
+    """``attacks.autoattack`` on the digits fixture with the test budget (autograd gradients
+    unless ``gradient`` is given)."""
+    model, pixels, labels = digits
+    gradient = gradient or autograd_gradient(model)
+    return attacks.autoattack(model, gradient, pixels, labels, norm, eps, BUDGET, **options)
+
+
 class RecordingGradient:
     """The autograd gradient times ``sign``, recording the cost kind of every call."""
 
@@ -135,9 +143,7 @@ def test_at_epsilon_zero_every_component_leaves_the_clean_accuracy(digits):
     model, pixels, labels = digits
     clean = int((model(pixels).argmax(1) == labels).sum()) / N_IMAGES
     for norm in attacks.NORMS:
-        result = attacks.autoattack(
-            model, autograd_gradient(model), pixels, labels, norm, 0.0, BUDGET
-        )
+        result = attack_digits(digits, norm, 0.0)
         assert result.robust_accuracy == clean
         assert set(result.component_accuracies().values()) == {clean}
         assert torch.equal(result.adversarial(), pixels)
@@ -148,7 +154,7 @@ def test_at_epsilon_zero_every_component_leaves_the_clean_accuracy(digits):
 @pytest.mark.parametrize(("norm", "eps"), [("linf", 0.1), ("l2", 1.0)])
 def test_kept_adversarials_are_valid_and_the_worst_case_is_the_table_count(digits, norm, eps):
     model, pixels, labels = digits
-    result = attacks.autoattack(model, autograd_gradient(model), pixels, labels, norm, eps, BUDGET)
+    result = attack_digits(digits, norm, eps)
     expected = [name for name in attacks.COMPONENTS if name not in result.missing]
     assert list(result.components) == expected and len(expected) >= 3
     clean_correct = model(pixels).argmax(1) == labels
@@ -174,57 +180,27 @@ def test_kept_adversarials_are_valid_and_the_worst_case_is_the_table_count(digit
 
 
 def test_a_resumed_run_reuses_saved_components_and_gives_the_same_worst_case(digits, tmp_path):
-    model, pixels, labels = digits
+    model = digits[0]
     saved = []
-    first = attacks.autoattack(
-        model,
-        autograd_gradient(model),
-        pixels,
-        labels,
-        "linf",
-        0.1,
-        BUDGET,
-        components=("apgd-ce",),
-        on_component=saved.append,
-    )
+    first = attack_digits(digits, "linf", 0.1, components=("apgd-ce",), on_component=saved.append)
     torch.save(saved[0].state(), tmp_path / "apgd-ce.pt")
     loaded = attacks.ComponentResult.from_state(
         torch.load(tmp_path / "apgd-ce.pt", weights_only=True)
     )
     recording = RecordingGradient(model)
     components = ("apgd-ce", "apgd-t")
-    resumed = attacks.autoattack(
-        model,
-        recording,
-        pixels,
-        labels,
-        "linf",
-        0.1,
-        BUDGET,
-        components=components,
-        done={"apgd-ce": loaded},
+    resumed = attack_digits(
+        digits, "linf", 0.1, recording, components=components, done={"apgd-ce": loaded}
     )
-    assert "ce" not in recording.kinds  # APGD-CE was not run again
+    assert recording.kinds and "ce" not in recording.kinds  # only APGD-T ran
     assert torch.equal(resumed.components["apgd-ce"].robust, first.components["apgd-ce"].robust)
-    fresh = attacks.autoattack(
-        model, autograd_gradient(model), pixels, labels, "linf", 0.1, BUDGET, components=components
-    )
+    fresh = attack_digits(digits, "linf", 0.1, components=components)
     assert torch.equal(resumed.robust(), fresh.robust())
 
 
 def test_a_missing_component_is_named_in_the_result_and_the_summary(digits, monkeypatch):
-    model, pixels, labels = digits
     monkeypatch.setattr(attacks, "fab_available", lambda: False)
-    result = attacks.autoattack(
-        model,
-        autograd_gradient(model),
-        pixels,
-        labels,
-        "linf",
-        0.05,
-        BUDGET,
-        components=("fab-t", "square"),
-    )
+    result = attack_digits(digits, "linf", 0.05, components=("fab-t", "square"))
     assert result.missing == ("fab-t",) and list(result.components) == ["square"]
     line = result.summary_line()
     assert "missing components: fab-t" in line and f"{N_IMAGES} images" in line
@@ -240,22 +216,20 @@ NEEDS_FAB = pytest.mark.skipif(not attacks.fab_available(), reason="pyautoattack
      pytest.param("fab-t", "logit-difference", marks=NEEDS_FAB)],
 )  # fmt: skip
 def test_every_white_box_component_follows_the_given_gradient(digits, name, kind):
-    model, pixels, labels = digits
+    model = digits[0]
     followed, reversed_ = RecordingGradient(model), RecordingGradient(model, sign=-1.0)
     accuracies = [
-        attacks.autoattack(model, gradient, pixels, labels, "linf", 0.08, BUDGET,
-                           components=(name,)).robust_accuracy
+        attack_digits(digits, "linf", 0.08, gradient, components=(name,)).robust_accuracy
         for gradient in (followed, reversed_)
-    ]  # fmt: skip
+    ]
     assert followed.kinds and set(followed.kinds) == {kind}
     assert accuracies[0] < accuracies[1]  # ascending the attack's loss beats descending it
 
 
 def test_square_never_asks_for_a_gradient(digits):
-    model, pixels, labels = digits
+    model = digits[0]
     recording = RecordingGradient(model)
-    result = attacks.autoattack(model, recording, pixels, labels, "linf", 0.08, BUDGET,
-                                components=("square",))  # fmt: skip
+    result = attack_digits(digits, "linf", 0.08, recording, components=("square",))
     assert recording.kinds == [] and result.robust_accuracy < result.clean_accuracy
 
 
