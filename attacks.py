@@ -20,7 +20,9 @@ by ``LogitCost.logit_gradient``) is what every white-box component follows.
   per-image, per-component table and the adversarial images come back (``AutoAttackResult``),
   one ``ComponentResult`` per component so that an interrupted run resumes per component.
 * Adaptive-attack checks (Carlini et al. 2019) as pure functions of accuracies: convergence in
-  steps and restarts, the unbounded attack, white-box against Square (``adaptive_checks``).
+  steps and restarts (``convergence_runs``, ``convergence_check``), the unbounded attack
+  (``unbounded_check``), white-box against Square (``blackbox_check``), and the results line
+  (``checks_line``); ``pgd`` runs the attacks they compare.
 """
 
 from __future__ import annotations
@@ -815,8 +817,9 @@ def pgd(
     restarts: int = 1,
     batch_size: int = 100,
 ) -> Tensor:
-    """ART's PGD on the cross-entropy along ``gradient`` (step ``2.5 eps / steps``, random
-    starts, the best of ``restarts``): adversarial images (N, C, H, W), kept as ``project``."""
+    """ART's PGD on the cross-entropy along ``gradient`` (step ``2.5 eps / steps``, ``restarts``
+    random starts; per image ART keeps a start that fools the model): adversarial images
+    (N, C, H, W), kept as ``project``. The convergence and unbounded checks run it."""
     from art.attacks.evasion import ProjectedGradientDescent
 
     if eps == 0.0:
