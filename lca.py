@@ -18,6 +18,7 @@ rounding). Shapes throughout: inputs ``(N, C, H, W)``, dictionary ``(F, C, kh, k
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
@@ -218,8 +219,9 @@ class LCAConv2D(torch.nn.Module):
         input_zero_mean: make each input sample zero-mean before coding.
         input_unit_var: make each input sample unit-variance before coding.
         d_update_clip: clip each entry of a dictionary update to [-clip, clip].
-        req_grad: build an autograd graph through the LCA loop (and make ``weights`` require
-            gradients), so gradients reach the inputs, the initial states and the dictionary;
+        req_grad: make ``weights`` require gradients and, where grad mode is on, build an
+            autograd graph through the LCA loop, so gradients reach the inputs, the drive term
+            and the dictionary (the initial states only with ``detach_initial_states=False``);
             otherwise nothing is tracked.
         weight_init: how the dictionary starts: a callable ``init(tensor, **kwargs)`` that
             fills (and returns) an empty (F, C, kh, kw) tensor, e.g. ``torch.nn.init.normal_``
@@ -607,11 +609,22 @@ class LCAConv2D(torch.nn.Module):
         states = torch.zeros_like(drive) if states is None else states
         return self.settle_loop(states, self.step_from(drive, self.scratch_for(drive)), on_step)
 
+    def builds_graph(self) -> bool:
+        """Whether an encode now runs with an autograd graph: ``req_grad`` and the caller's
+        grad mode on (not under ``torch.no_grad()`` or ``torch.inference_mode()``)."""
+        return self.req_grad and torch.is_grad_enabled()
+
+    def _grad_mode(self) -> contextlib.AbstractContextManager:
+        """No graph at all without ``req_grad``; with it, the caller's grad mode."""
+        return contextlib.nullcontext() if self.req_grad else torch.no_grad()
+
     def encode(
         self,
         inputs: Tensor,
         drive_scaling: Tensor | None = None,
         initial_states: Tensor | None = None,
+        *,
+        detach_initial_states: bool = True,
     ) -> tuple[Tensor, ...]:
         """Sparse-code already normalised ``inputs`` (N, C, H, W).
 
@@ -627,10 +640,12 @@ class LCAConv2D(torch.nn.Module):
         (``inputs``, ``input_drives`` and ``conns`` repeat).
 
         ``drive_scaling`` and ``initial_states`` must have the code's shape
-        (N, F, H_out, W_out); RuntimeError otherwise.
+        (N, F, H_out, W_out); RuntimeError otherwise. The loop builds a graph when
+        ``builds_graph()``; ``initial_states`` then enter it detached, as in lca-pytorch, unless
+        ``detach_initial_states=False`` asks for gradients into them too.
         """
         self._check_settings()
-        with torch.set_grad_enabled(self.req_grad):
+        with self._grad_mode():
             drive = self.compute_input_drive(inputs, self.weights)
             if drive_scaling is not None:
                 _check_code_shaped(drive_scaling, drive, "drive_scaling")
@@ -639,8 +654,9 @@ class LCAConv2D(torch.nn.Module):
                 _check_code_shaped(initial_states, drive, "initial_states")
             trajectory = _Trajectory(self.return_vars) if self.return_all_ts else None
             on_step = None if trajectory is None else trajectory.record
-            if self.req_grad:
+            if self.builds_graph():
                 start = torch.zeros_like(drive) if initial_states is None else initial_states
+                start = start.detach() if detach_initial_states else start
                 states, acts = self.settle_loop(start.to(drive), self.step_from(drive), on_step)
             else:
                 # the loop writes into its start: a copy, in the drive's dtype and layout
@@ -697,6 +713,8 @@ class LCAConv2D(torch.nn.Module):
         inputs: Tensor,
         drive_scaling: Tensor | None = None,
         initial_states: Tensor | None = None,
+        *,
+        detach_initial_states: bool = True,
     ) -> Tensor | tuple[Tensor, ...]:
         """Normalise ``inputs`` (N, C, H, W) per sample as configured, then ``encode``.
 
@@ -706,10 +724,15 @@ class LCAConv2D(torch.nn.Module):
                 ``input_drives`` include it.
             initial_states: (N, F, H_out, W_out), the membrane potentials to start from
                 instead of zeros, e.g. the ``states`` of an earlier call, which this call then
-                continues. With ``req_grad`` gradients flow back into it; pass
-                ``states.detach()`` to cut the graph of an earlier call.
+                continues. It enters the loop detached, as in lca-pytorch: a warm start
+                from the ``states`` of a call already backpropagated through builds a graph
+                of its own.
+            detach_initial_states: False to let gradients flow back into ``initial_states``
+                as well (with ``req_grad``, where grad mode is on).
 
-        Returns one tensor if one return var is asked, else a tuple in the asked order.
+        With ``req_grad`` the normalisation and the loop build an autograd graph where grad mode
+        is on, and none under ``torch.no_grad()`` or ``torch.inference_mode()``; without it,
+        never. Returns one tensor if one return var is asked, else a tuple in the asked order.
         Wrongly shaped inputs, drive_scaling or initial_states raise RuntimeError.
         """
         if not isinstance(inputs, Tensor) or inputs.dim() != 4:
@@ -719,13 +742,18 @@ class LCAConv2D(torch.nn.Module):
             raise RuntimeError(
                 f"Expected inputs with {self.in_neurons} channels, got {inputs.shape[1]}."
             )
-        with torch.set_grad_enabled(self.req_grad):
+        with self._grad_mode():
             if self.input_zero_mean:
                 inputs = make_zero_mean(inputs)
             if self.input_unit_var:
                 inputs = make_unit_var(inputs)
-        # Pass on only what was given, so that code wrapping encode(inputs) keeps working.
-        given = {"drive_scaling": drive_scaling, "initial_states": initial_states}
+        # Pass on only what differs from the defaults, so that code wrapping encode(inputs)
+        # keeps working.
+        given = {
+            "drive_scaling": drive_scaling,
+            "initial_states": initial_states,
+            "detach_initial_states": None if detach_initial_states else False,
+        }
         outputs = self.encode(inputs, **{k: v for k, v in given.items() if v is not None})
         return outputs[0] if len(outputs) == 1 else outputs
 
