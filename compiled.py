@@ -308,24 +308,27 @@ class LCAGraph:
     def __init__(self, iterate: Callable, lca: LCAConv2D, drive: Tensor, pool) -> None:
         self.drive = drive.clone()
         self.self_overlap = lca.self_overlap()
-        self.states, self.acts, target, patches = lca.settle_buffers(drive)
+        self.states = torch.zeros_like(drive)
+        scratch = lca.scratch_for(drive)
+        self.acts = scratch.acts
         weights = lca.weights
 
         def one_iteration() -> None:
-            iterate(
-                lca, self.drive, weights, self.self_overlap, self.states, self.acts, target, patches
-            )
+            iterate(lca, self.drive, weights, self.self_overlap, self.states, scratch)
 
         self.replay = capture(one_iteration, drive.device, pool)
+
+    def step(self, states: Tensor) -> tuple[Tensor, Tensor]:
+        """``LCAConv2D.settle_loop``'s step: one replay on the buffers (``states`` is them)."""
+        self.replay()
+        return self.states, self.acts
 
     def run(self, lca: LCAConv2D, drive: Tensor) -> tuple[Tensor, Tensor]:
         """``lca_iters`` iterations from ``u = 0``; fresh ``(states, acts)`` come back."""
         self.drive.copy_(drive)
         self.self_overlap.copy_(lca.self_overlap())
-        self.states.zero_()
-        for _ in range(lca.lca_iters):
-            self.replay()
-        return self.states.clone(), self.acts.clone()
+        states, acts = lca.settle_loop(self.states.zero_(), self.step)
+        return states.clone(), acts.clone()
 
 
 class CapturedLCA(Capturer):
@@ -339,7 +342,7 @@ class CapturedLCA(Capturer):
         graphs: bool | None = None,
         notices: Notices | None = None,
     ) -> None:
-        super().__init__(type(lca).iterate_in_place, "the LCA iteration", compile, graphs, notices)
+        super().__init__(type(lca).iterate, "the LCA iteration", compile, graphs, notices)
         self.lca = lca
 
     def __call__(self, drive: Tensor) -> tuple[Tensor, Tensor]:
@@ -354,7 +357,8 @@ class CapturedLCA(Capturer):
             )
             if graph is not None:
                 return graph.run(lca, drive)
-        return lca.settle_loop(drive, lambda *buffers: self.function(lca, *buffers))
+        step = lca.step_from(drive, lca.scratch_for(drive), self.function)
+        return lca.settle_loop(torch.zeros_like(drive), step)
 
 
 def install(

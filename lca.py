@@ -18,9 +18,10 @@ rounding). Shapes throughout: inputs ``(N, C, H, W)``, dictionary ``(F, C, kh, k
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -145,6 +146,17 @@ def _split_weight_init(
 
 
 StepHook = Callable[[Tensor, Tensor], None]
+# one LCA iteration as a function of the states: u -> (u after the update, a = T(u) before it)
+Step = Callable[[Tensor], tuple[Tensor, Tensor]]
+
+
+class Scratch(NamedTuple):
+    """What the in-place iteration writes besides the states: the acts ``a`` and the target
+    ``b - G a`` (N, F, H_out, W_out), and the patches of ``D a`` (N, C*kh*kw, H_out*W_out)."""
+
+    acts: Tensor
+    target: Tensor
+    patches: Tensor
 
 
 def _check_code_shaped(tensor: Tensor, drive: Tensor, name: str) -> None:
@@ -207,8 +219,9 @@ class LCAConv2D(torch.nn.Module):
         input_zero_mean: make each input sample zero-mean before coding.
         input_unit_var: make each input sample unit-variance before coding.
         d_update_clip: clip each entry of a dictionary update to [-clip, clip].
-        req_grad: build an autograd graph through the LCA loop (and make ``weights`` require
-            gradients), so gradients reach the inputs, the initial states and the dictionary;
+        req_grad: make ``weights`` require gradients and, where grad mode is on, build an
+            autograd graph through the LCA loop, so gradients reach the inputs, the drive term
+            and the dictionary (the initial states only with ``detach_initial_states=False``);
             otherwise nothing is tracked.
         weight_init: how the dictionary starts: a callable ``init(tensor, **kwargs)`` that
             fills (and returns) an empty (F, C, kh, kw) tensor, e.g. ``torch.nn.init.normal_``
@@ -519,98 +532,99 @@ class LCAConv2D(torch.nn.Module):
 
     # ------------------------------------------------------------------ the dynamics
 
-    def _settle_in_place(
-        self, drive: Tensor, states: Tensor | None = None, on_step: StepHook | None = None
-    ) -> tuple[Tensor, Tensor]:
-        """Run the LCA loop without a graph, reusing preallocated buffers.
-
-        ``states`` (N, F, H_out, W_out) is the start ``u`` (zeros when None) and is updated in
-        place. ``on_step(states, acts)`` sees the live buffers after every update. Returns
-        ``(states, acts)``: states after the last update, acts = T(states) from before it. A
-        ``settle_runner`` (``compiled.CapturedLCA``, for ``--compile``) runs the loop in its
-        place when one is set and the run starts from zero without a step hook.
-        """
-        if self.settle_runner is not None and states is None and on_step is None:
-            return self.settle_runner(drive)
-        return self.settle_loop(drive, self.iterate_in_place, states, on_step)
-
     def self_overlap(self) -> Tensor:
         """``||D_f||^2`` per feature, (1, F, 1, 1): the diagonal that ``G = D^T D - I`` drops."""
         return self.weights.pow(2).sum(dim=(1, 2, 3)).view(1, -1, 1, 1)
 
-    def settle_buffers(
-        self, drive: Tensor, states: Tensor | None = None
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """The states ``u`` (``states``, or zeros when None) and scratch for ``a``, the target
-        ``b - G a`` and the patches of ``_overlap``, all shaped for ``drive`` (N, F, H_out,
-        W_out)."""
+    def scratch_for(self, drive: Tensor) -> Scratch:
+        """Empty buffers for the in-place ``iterate`` on codes shaped like ``drive``."""
         n, _, h, w = drive.shape
         patches = drive.new_empty(n, self.weights[0].numel(), h * w)
-        states = torch.zeros_like(drive) if states is None else states
-        return states, torch.empty_like(drive), torch.empty_like(drive), patches
+        return Scratch(torch.empty_like(drive), torch.empty_like(drive), patches)
 
-    def settle_loop(
-        self,
-        drive: Tensor,
-        iterate: Callable[..., None],
-        states: Tensor | None = None,
-        on_step: StepHook | None = None,
-    ) -> tuple[Tensor, Tensor]:
-        """``lca_iters`` calls of ``iterate`` (``iterate_in_place`` or a compiled copy of it)
-        from ``states`` (zeros when None, updated in place), ``on_step`` after each; returns
-        ``(states, acts)``."""
-        self_overlap = self.self_overlap()
-        states, acts, target, patches = self.settle_buffers(drive, states)
-        for _ in range(self.lca_iters):
-            iterate(drive, self.weights, self_overlap, states, acts, target, patches)
-            if on_step is not None:
-                on_step(states, acts)
-        return states, acts
-
-    def iterate_in_place(
+    def iterate(
         self,
         drive: Tensor,
         weights: Tensor,
         self_overlap: Tensor,
         states: Tensor,
-        acts: Tensor,
-        target: Tensor,
-        patches: Tensor,
-    ) -> None:
-        """One LCA iteration on the buffers: ``a = T(u)``; ``u <- u + (b - G a - u) / tau``.
-
-        ``drive`` is ``b`` (N, F, H_out, W_out), ``self_overlap`` ``||D_f||^2`` (1, F, 1, 1);
-        ``states``, ``acts``, ``target`` and ``patches`` are overwritten (``u`` updated).
-        """
-        self._transfer_into(states, acts)
-        # target = b - G a, with G a = D^T D a - ||D_f||^2 a; then u += (target - u) / tau
-        torch.sub(drive, self._overlap(acts, weights, patches), out=target)
-        target.addcmul_(self_overlap, acts)
-        states.lerp_(target, 1.0 / self.tau)
-
-    def _settle_with_graph(
-        self, drive: Tensor, states: Tensor | None = None, on_step: StepHook | None = None
+        scratch: Scratch | None = None,
     ) -> tuple[Tensor, Tensor]:
-        """The same loop, out of place, so autograd can differentiate through it (to the
-        drive, the start ``states`` and ``weights``)."""
-        weights = self.weights
-        self_overlap = self.self_overlap()
-        if states is None:
-            states = torch.zeros_like(drive)
-        acts = states
+        """One LCA iteration, the only place its update rule is written:
+
+            a = T(u);    u <- u + (b - G a - u) / tau,    G a = D^T D a - ||D_f||^2 a.
+
+        ``drive`` is ``b`` and ``states`` ``u`` (N, F, H_out, W_out), ``weights`` ``D``
+        (F, C, kh, kw), ``self_overlap`` ``||D_f||^2`` (1, F, 1, 1). Returns ``(u, a)``, ``u``
+        after the update and ``a`` from before it.
+
+        With ``scratch`` the iteration allocates nothing and builds no graph: ``u`` is updated
+        where it lies, ``a``, the target ``b - G a`` and the patches of ``_overlap`` are
+        written into ``scratch``, and the tensors returned are ``states`` and ``scratch.acts``.
+        Without, every result is a new tensor, so autograd differentiates the iteration.
+        """
+        if scratch is None:
+            acts, target, patches, updated = self.transfer(states), None, None, None
+        else:
+            acts, target, patches, updated = scratch.acts, scratch.target, scratch.patches, states
+            self._transfer_into(states, acts)
+        target = torch.sub(drive, self._overlap(acts, weights, patches), out=target)
+        target.addcmul_(self_overlap, acts)
+        # u + (target - u) / tau, as one kernel
+        return torch.lerp(states, target, 1.0 / self.tau, out=updated), acts
+
+    def step_from(
+        self, drive: Tensor, scratch: Scratch | None = None, iterate: Callable | None = None
+    ) -> Step:
+        """``u -> iterate(self, drive, D, ||D_f||^2, u, scratch)``, the dictionary's terms read
+        once; ``iterate`` is ``LCAConv2D.iterate`` (or a compiled copy of it) when None."""
+        iterate = type(self).iterate if iterate is None else iterate
+        weights, self_overlap = self.weights, self.self_overlap()
+        return lambda states: iterate(self, drive, weights, self_overlap, states, scratch)
+
+    def settle_loop(
+        self, states: Tensor, step: Step, on_step: StepHook | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """The LCA loop: ``lca_iters`` times ``states, acts = step(states)`` (``step_from``'s
+        iteration, or a replay of its capture), ``on_step(states, acts)`` after each. Returns
+        the last ``(states, acts)``."""
         for _ in range(self.lca_iters):
-            acts = self.transfer(states)
-            inhibition = self._overlap(acts, weights) - self_overlap * acts
-            states = states + (1.0 / self.tau) * (drive - states - inhibition)
+            states, acts = step(states)
             if on_step is not None:
                 on_step(states, acts)
         return states, acts
+
+    def _settle_in_place(
+        self, drive: Tensor, states: Tensor | None = None, on_step: StepHook | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """The loop without a graph, on preallocated buffers.
+
+        ``states`` (N, F, H_out, W_out) is the start ``u`` (zeros when None) and is updated in
+        place; ``on_step(states, acts)`` sees the live buffers. A ``settle_runner``
+        (``compiled.CapturedLCA``, for ``--compile``) runs the loop in its place when one is
+        set and the run starts from zero without a step hook.
+        """
+        if self.settle_runner is not None and states is None and on_step is None:
+            return self.settle_runner(drive)
+        states = torch.zeros_like(drive) if states is None else states
+        return self.settle_loop(states, self.step_from(drive, self.scratch_for(drive)), on_step)
+
+    def builds_graph(self) -> bool:
+        """Whether an encode now runs with an autograd graph: ``req_grad`` and the caller's
+        grad mode on (not under ``torch.no_grad()`` or ``torch.inference_mode()``)."""
+        return self.req_grad and torch.is_grad_enabled()
+
+    def _grad_mode(self) -> contextlib.AbstractContextManager:
+        """No graph at all without ``req_grad``; with it, the caller's grad mode."""
+        return contextlib.nullcontext() if self.req_grad else torch.no_grad()
 
     def encode(
         self,
         inputs: Tensor,
         drive_scaling: Tensor | None = None,
         initial_states: Tensor | None = None,
+        *,
+        detach_initial_states: bool = True,
     ) -> tuple[Tensor, ...]:
         """Sparse-code already normalised ``inputs`` (N, C, H, W).
 
@@ -626,11 +640,12 @@ class LCAConv2D(torch.nn.Module):
         (``inputs``, ``input_drives`` and ``conns`` repeat).
 
         ``drive_scaling`` and ``initial_states`` must have the code's shape
-        (N, F, H_out, W_out); RuntimeError otherwise.
+        (N, F, H_out, W_out); RuntimeError otherwise. The loop builds a graph when
+        ``builds_graph()``; ``initial_states`` then enter it detached, as in lca-pytorch, unless
+        ``detach_initial_states=False`` asks for gradients into them too.
         """
-        self._check_transfer_func()
-        self._check_return_vars()
-        with torch.set_grad_enabled(self.req_grad):
+        self._check_settings()
+        with self._grad_mode():
             drive = self.compute_input_drive(inputs, self.weights)
             if drive_scaling is not None:
                 _check_code_shaped(drive_scaling, drive, "drive_scaling")
@@ -639,9 +654,10 @@ class LCAConv2D(torch.nn.Module):
                 _check_code_shaped(initial_states, drive, "initial_states")
             trajectory = _Trajectory(self.return_vars) if self.return_all_ts else None
             on_step = None if trajectory is None else trajectory.record
-            if self.req_grad:
-                start = None if initial_states is None else initial_states.to(drive)
-                states, acts = self._settle_with_graph(drive, start, on_step)
+            if self.builds_graph():
+                start = torch.zeros_like(drive) if initial_states is None else initial_states
+                start = start.detach() if detach_initial_states else start
+                states, acts = self.settle_loop(start.to(drive), self.step_from(drive), on_step)
             else:
                 # the loop writes into its start: a copy, in the drive's dtype and layout
                 start = None
@@ -697,6 +713,8 @@ class LCAConv2D(torch.nn.Module):
         inputs: Tensor,
         drive_scaling: Tensor | None = None,
         initial_states: Tensor | None = None,
+        *,
+        detach_initial_states: bool = True,
     ) -> Tensor | tuple[Tensor, ...]:
         """Normalise ``inputs`` (N, C, H, W) per sample as configured, then ``encode``.
 
@@ -706,10 +724,15 @@ class LCAConv2D(torch.nn.Module):
                 ``input_drives`` include it.
             initial_states: (N, F, H_out, W_out), the membrane potentials to start from
                 instead of zeros, e.g. the ``states`` of an earlier call, which this call then
-                continues. With ``req_grad`` gradients flow back into it; pass
-                ``states.detach()`` to cut the graph of an earlier call.
+                continues. It enters the loop detached, as in lca-pytorch: a warm start
+                from the ``states`` of a call already backpropagated through builds a graph
+                of its own.
+            detach_initial_states: False to let gradients flow back into ``initial_states``
+                as well (with ``req_grad``, where grad mode is on).
 
-        Returns one tensor if one return var is asked, else a tuple in the asked order.
+        With ``req_grad`` the normalisation and the loop build an autograd graph where grad mode
+        is on, and none under ``torch.no_grad()`` or ``torch.inference_mode()``; without it,
+        never. Returns one tensor if one return var is asked, else a tuple in the asked order.
         Wrongly shaped inputs, drive_scaling or initial_states raise RuntimeError.
         """
         if not isinstance(inputs, Tensor) or inputs.dim() != 4:
@@ -719,13 +742,18 @@ class LCAConv2D(torch.nn.Module):
             raise RuntimeError(
                 f"Expected inputs with {self.in_neurons} channels, got {inputs.shape[1]}."
             )
-        with torch.set_grad_enabled(self.req_grad):
+        with self._grad_mode():
             if self.input_zero_mean:
                 inputs = make_zero_mean(inputs)
             if self.input_unit_var:
                 inputs = make_unit_var(inputs)
-        # Pass on only what was given, so that code wrapping encode(inputs) keeps working.
-        given = {"drive_scaling": drive_scaling, "initial_states": initial_states}
+        # Pass on only what differs from the defaults, so that code wrapping encode(inputs)
+        # keeps working.
+        given = {
+            "drive_scaling": drive_scaling,
+            "initial_states": initial_states,
+            "detach_initial_states": None if detach_initial_states else False,
+        }
         outputs = self.encode(inputs, **{k: v for k, v in given.items() if v is not None})
         return outputs[0] if len(outputs) == 1 else outputs
 

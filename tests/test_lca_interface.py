@@ -214,9 +214,10 @@ def test_weight_init_gets_an_empty_dictionary_shaped_tensor():
 # ---------------------------------------------------------------------------------------------
 
 
-def test_gradients_match_finite_differences():
+def test_gradients_into_initial_states_match_finite_differences_when_asked():
     # Through the whole forward pass ('same' padding, stride 2, input normalisation) to the
-    # inputs, the initial states, the drive term and the dictionary.
+    # inputs, the drive term, the dictionary and, asked for with detach_initial_states=False,
+    # the initial states.
     torch.manual_seed(15)
     lca = LCAConv2D(3, 2, kernel_size=3, stride=2, lambda_=0.1, tau=3, lca_iters=4,
                     req_grad=True, return_vars=["acts", "recon_errors"]).double()  # fmt: skip
@@ -224,30 +225,114 @@ def test_gradients_match_finite_differences():
     u0 = (0.3 * seeded(1, 3, 3, 3, seed=17)).requires_grad_()
     extra = (0.3 * seeded(1, 3, 3, 3, seed=18)).requires_grad_()
     weights = lca.weights.detach().clone().requires_grad_()
+    into_initial_states = {"detach_initial_states": False}
 
     def run(x, u0, extra, weights):
-        acts, errors = torch.func.functional_call(lca, {"weights": weights}, (x, extra, u0))
+        acts, errors = torch.func.functional_call(
+            lca, {"weights": weights}, (x, extra, u0), into_initial_states
+        )
         return acts.pow(2).sum() + errors.pow(2).sum()
 
     assert torch.autograd.gradcheck(run, (x, u0, extra, weights), eps=1e-6, atol=1e-6)
 
 
-def test_gradients_equal_autograd_through_the_reference_loop():
+@pytest.mark.parametrize(
+    "into_initial_states", [False, True], ids=["default-detached", "detach_initial_states=False"]
+)
+def test_gradients_equal_autograd_through_the_reference_loop(into_initial_states):
+    # By default the initial states enter the loop detached, as in lca-pytorch: no gradient
+    # reaches them, and the other gradients are those of a loop started from a constant.
     weights = unit_features(3, 2, 3, seed=19)
     x = seeded(2, 2, 7, 7, seed=20).requires_grad_()
     u0 = (0.3 * seeded(2, 3, 5, 5, seed=21)).requires_grad_()
     lca = valid_lca(weights, lca_iters=5, req_grad=True, return_vars=["states", "acts"])
-    states, acts = lca(x, initial_states=u0)
+    options = {"detach_initial_states": False} if into_initial_states else {}
+    states, acts = lca(x, initial_states=u0, **options)
     loss = states.pow(2).sum() + acts.sum()
-    got = torch.autograd.grad(loss, (x, u0, lca.weights))
+    got = torch.autograd.grad(loss, (x, u0, lca.weights), allow_unused=True)
 
     ref_weights = weights.clone().requires_grad_()
-    _, steps = reference_steps(x, ref_weights, u0, 0.0, stride=1, lam=0.1, tau=4, iters=5)
+    ref_start = u0 if into_initial_states else u0.detach()
+    _, steps = reference_steps(x, ref_weights, ref_start, 0.0, stride=1, lam=0.1, tau=4, iters=5)
     ref_loss = steps[-1][0].pow(2).sum() + steps[-1][1].sum()
-    expected = torch.autograd.grad(ref_loss, (x, u0, ref_weights))
+    expected = torch.autograd.grad(ref_loss, (x, u0, ref_weights), allow_unused=True)
     for name, g, e in zip(["inputs", "initial_states", "weights"], got, expected, strict=True):
+        if name == "initial_states" and not into_initial_states:
+            assert g is None and e is None  # u0 is not in either graph
+            continue
         assert e.abs().sum() > 0, name
         torch.testing.assert_close(g, e, atol=1e-10, rtol=0, msg=name)
+
+
+GRAD_OFF = {"no_grad": torch.no_grad, "inference_mode": torch.inference_mode}
+
+
+@pytest.mark.parametrize("with_drive_scaling", [False, True])
+@pytest.mark.parametrize("grad_off", list(GRAD_OFF))
+def test_req_grad_builds_a_graph_only_where_grad_mode_is_on(grad_off, with_drive_scaling):
+    # lca-pytorch's LCAConv2D gradient cases, with and without a drive term: under no_grad
+    # (and inference_mode) a req_grad layer builds no graph, so backward fails; in grad mode
+    # it does, with the gradients of the reference loop. Both runs give the same code.
+    weights = seeded(4, 2, 3, 5, seed=30)
+    weights = weights / weights.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+    x = seeded(1, 2, 9, 11, seed=31)
+    extra = (0.3 * seeded(1, 4, 7, 7, seed=32)).requires_grad_() if with_drive_scaling else None
+    lca = valid_lca(weights, kernel_size=(3, 5), lca_iters=3, req_grad=True)
+    with GRAD_OFF[grad_off]():
+        untracked = lca(x, extra)
+    assert not untracked.requires_grad
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        untracked.sum().backward()
+
+    code = lca(x, extra)
+    code.sum().backward()
+    torch.testing.assert_close(untracked, code.detach(), atol=1e-12, rtol=0)
+    ref_weights = weights.clone().requires_grad_()
+    drive_term = 0.0 if extra is None else extra
+    zeros = torch.zeros(1, 4, 7, 7, dtype=torch.float64)
+    _, steps = reference_steps(x, ref_weights, zeros, drive_term, 1, lam=0.1, tau=4, iters=3)
+    leaves = (ref_weights,) if extra is None else (ref_weights, extra)
+    expected = torch.autograd.grad(steps[-1][1].sum(), leaves)
+    got = (lca.weights.grad,) if extra is None else (lca.weights.grad, extra.grad)
+    for g, e in zip(got, expected, strict=True):
+        assert e.abs().sum() > 0
+        torch.testing.assert_close(g, e, atol=1e-10, rtol=0)
+
+
+def test_warm_start_from_states_already_backpropagated_through():
+    # lca-pytorch's initial-states gradient case: backward, warm-start from the returned
+    # states, backward again. The second backward adds the gradient of the reference loop
+    # started from those states as constants.
+    weights = unit_features(3, 2, 3, seed=22)
+    x = seeded(2, 2, 7, 7, seed=23)
+    lca = valid_lca(weights, lca_iters=4, req_grad=True, return_vars=["states"])
+    states = lca(x)
+    states.sum().backward()
+    first = lca.weights.grad.clone()
+    lca(x, initial_states=states).sum().backward()
+
+    ref_weights = weights.clone().requires_grad_()
+    _, steps = reference_steps(x, ref_weights, states.detach(), 0.0, 1, lam=0.1, tau=4, iters=4)
+    (expected,) = torch.autograd.grad(steps[-1][0].sum(), ref_weights)
+    assert expected.abs().sum() > 0
+    torch.testing.assert_close(lca.weights.grad - first, expected, atol=1e-10, rtol=0)
+
+
+def test_a_chain_of_warm_starts_backpropagates_as_one_run_when_asked():
+    # detach_initial_states=False: two calls of 3 iterations differentiate as one of 6.
+    weights = unit_features(3, 2, 3, seed=24)
+    x = seeded(2, 2, 7, 7, seed=25).requires_grad_()
+    lca = valid_lca(weights, lca_iters=3, req_grad=True, return_vars=["states"])
+    chained = lca(x, initial_states=lca(x), detach_initial_states=False)
+    got = torch.autograd.grad(chained.pow(2).sum(), (x, lca.weights))
+
+    ref_weights = weights.clone().requires_grad_()
+    zeros = torch.zeros(2, 3, 5, 5, dtype=torch.float64)
+    _, steps = reference_steps(x, ref_weights, zeros, 0.0, stride=1, lam=0.1, tau=4, iters=6)
+    expected = torch.autograd.grad(steps[-1][0].pow(2).sum(), (x, ref_weights))
+    for g, e in zip(got, expected, strict=True):
+        assert e.abs().sum() > 0
+        torch.testing.assert_close(g, e, atol=1e-10, rtol=0)
 
 
 def test_get_weights_keeps_the_graph_with_req_grad():
