@@ -2,7 +2,7 @@
 
 A phase is ``T`` calls of the engine's step ``s <- step(x, y, s, beta, F_0(x))``
 (``EnergyNet._step``), and an LCA encode is ``lca_iters`` calls of
-``LCAConv2D.iterate_in_place``. On a GPU each step of the seed RCNN is about twenty small kernel
+``LCAConv2D.iterate``. On a GPU each step of the seed RCNN is about twenty small kernel
 launches from Python, so launch overhead rather than arithmetic can set the cost. This module
 runs those loops from the outside, through two hooks: ``EnergyNet.phase_runner`` (a
 ``PhaseRunner``) and ``LCAConv2D.settle_runner`` (a ``CapturedLCA``); ``install`` sets both.
