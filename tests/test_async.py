@@ -11,6 +11,7 @@ from test_engine import ARCHITECTURES, converged_case
 from test_lca_cnn import SMALL as LCA_SMALL
 
 from lca_utils_ep_fast import LCA_CNN
+from links import CopyLink
 from utils_ep_fast import P_CNN, P_MLP, EPConfig, gdu_check, max_change, train_batch
 
 # the seed RCNN's layout (4 convs 3x3 pad 1, max-pools, softmax readout), small
@@ -55,7 +56,7 @@ def sigma_of_autograd_dphi(model, x, y, neurons, beta=0.0):
     leaves = [state.clone().requires_grad_(True) for state in neurons]
     grads = torch.autograd.grad(model.Phi(x, y, leaves, beta).sum(), leaves)
     grads = list(grads)
-    if model.link_kinds[0] == "copy":
+    if isinstance(model.links[0], CopyLink):
         grads[0] = x + model.scale_feedback * (grads[0] - x)
     return [model.sigma(grad) for grad in grads]
 
