@@ -44,7 +44,6 @@ from dynamics import (
     DYNAMICS,
     TOL_EVERY,
     PhaseRecord,
-    half_step,
     max_change,
     run_phase,
     settling_trace,
@@ -122,14 +121,9 @@ class Encoding(NamedTuple):
 
 
 class EnergyNet(nn.Module):
-    """Chain of links (see the module docstring); subclasses build ``synapses`` and ``links``.
-
-    Attributes set by subclasses:
-        synapses: ``nn.ModuleList`` of Conv2d then Linear (the readout last when ``softmax``);
-            they own the weights, which the links refer to.
-        links: ``nn.ModuleList`` of ``links.Link``, one per neuron layer, link ``k`` feeding
-            layer ``k`` (list index) of per-sample shape ``links[k].shape``.
-    """
+    """Chain of links (module docstring). Subclasses fill ``synapses`` (Conv2d then Linear, the
+    readout last with ``softmax``: they own the weights) and ``links`` (one ``links.Link`` per
+    neuron layer: ``links[k]`` feeds layer ``k``, of per-sample shape ``links[k].shape``)."""
 
     def __init__(
         self,
@@ -161,9 +155,8 @@ class EnergyNet(nn.Module):
     def set_dynamics(
         self, dynamics: str = "sync", tol: float | None = None, tol_every: int = TOL_EVERY
     ) -> None:
-        """How phases run (``dynamics``): ``sync`` or ``async`` steps; with ``tol`` a phase
-        stops once ``max |s_t - s_(t-1)| < tol`` (checked every ``tol_every`` steps and at its
-        cap), without it it runs its ``T`` steps."""
+        """How phases run (``dynamics``): ``sync`` or ``async`` steps; with ``tol`` a phase stops
+        once ``max |s_t - s_(t-1)| < tol`` (checked every ``tol_every`` steps and at its cap)."""
         if dynamics not in DYNAMICS:
             raise ValueError(f"unknown dynamics {dynamics!r}; choose from {DYNAMICS}")
         if tol is not None and not 0.0 < tol < float("inf"):
@@ -198,8 +191,8 @@ class EnergyNet(nn.Module):
         return Encoding(images=x, code=x)
 
     def after_update(self, encoding: Encoding, nudged: list[Tensor]) -> None:
-        """Hook run after every optimizer step with the batch's encoding and the states that
-        carried the learning signal (the LCA front end updates its dictionary)."""
+        """Run after every optimizer step with the batch's encoding and the states that carried
+        the learning signal (the LCA front end updates its dictionary)."""
 
     def batch_stats(self, encoding: Encoding) -> dict[str, float]:
         """Extra per-batch metrics of ``encoding`` (e.g. LCA sparsity); none here."""
@@ -210,8 +203,7 @@ class EnergyNet(nn.Module):
         return {}
 
     def optimizer_groups(self) -> list[tuple[int, list[nn.Parameter]]]:
-        """The parameter sets the optimizer updates, each with the index of the ``lrs`` / ``wds``
-        entry it takes: synapse ``i`` takes entry ``i``."""
+        """The optimizer's parameter sets, each with its ``lrs`` / ``wds`` entry (synapse i: i)."""
         return [(i, list(synapse.parameters())) for i, synapse in enumerate(self.synapses)]
 
     def init_neurons(self, x: Tensor) -> list[Tensor]:
@@ -261,16 +253,9 @@ class EnergyNet(nn.Module):
     # ---- dynamics -------------------------------------------------------------------------
 
     def step(self, x: Tensor, y: Tensor, neurons: list[Tensor], beta: float = 0.0) -> list[Tensor]:
-        """One synchronous step ``s_k <- sigma(dPhi/ds_k)`` for every layer, from the old states
-        (``layer_update``); the new states come back in the layout of ``memory_format_for``."""
+        """One synchronous step ``s_k <- sigma(dPhi/ds_k)`` for every layer, from the old states;
+        the new states come back in the layout of ``memory_format_for``."""
         return sync_step(self, y, neurons, beta, self.links[0].drive(x)[0])
-
-    def half_step(
-        self, x: Tensor, y: Tensor, neurons: list[Tensor], parity: int, beta: float = 0.0
-    ) -> list[Tensor]:
-        """One asynchronous half-step: every layer ``s_k`` (1-based, ``s_0 = x``) with
-        ``k % 2 == parity`` from the current states of its neighbours; the others are kept."""
-        return half_step(self, x, y, neurons, parity, beta)
 
     def layer_update(
         self,
@@ -281,13 +266,10 @@ class EnergyNet(nn.Module):
         y: Tensor,
         beta: float,
     ) -> Tensor:
-        """Layer ``k``'s new state ``sigma(F_{k-1}(s_{k-1}) + F_k^T(s_{k+1}))`` from its drive
-        from below and the current state above it, ``neurons[k + 1]``, through the adjoint of
-        the link above with ``above_cache`` (that link's forward pass on ``neurons[k]``); the
-        feedback is scaled by the layer's link's ``feedback_scale`` (the copy layer's ``g``).
-        The last layer takes the nudge: ``beta W_out^T (onehot - softmax)`` with the softmax
-        readout, ``beta (onehot - s_L)`` with ``mse``; with ``cel`` and no readout the output
-        units take ``dPhi/ds_L`` itself, without the activation."""
+        """Layer ``k``'s new state ``sigma(F_{k-1}(s_{k-1}) + g F_k^T(s_{k+1}))`` from its drive
+        and ``neurons[k + 1]``, through the adjoint of the link above with ``above_cache`` (its
+        forward pass on ``neurons[k]``); ``g``: the ``feedback_scale`` of layer k's link. The
+        last layer takes the nudge (``_output_update``)."""
         if k == self.num_layers - 1:
             return in_memory_format(self._output_update(drive, neurons[k], y, beta))
         links = self.links
@@ -298,7 +280,10 @@ class EnergyNet(nn.Module):
         return in_memory_format(self.sigma(drive + feedback))
 
     def _output_update(self, grad: Tensor, state: Tensor, y: Tensor, beta: float) -> Tensor:
-        """The last layer's new state from its drive ``grad`` and the nudge ``-beta dL/ds_L``."""
+        """The last layer's new state from its drive ``grad`` and the nudge ``-beta dL/ds_L``:
+        ``beta W_out^T (onehot - softmax)`` with the softmax readout, ``beta (onehot - s_L)``
+        with ``mse``; with ``cel`` and no readout the output units take ``dPhi/ds_L`` itself,
+        without the activation."""
         if self.softmax:
             if beta != 0.0:
                 readout = self.readout
@@ -322,15 +307,11 @@ class EnergyNet(nn.Module):
         beta: float = 0.0,
         track_grad: bool = False,
     ) -> list[Tensor]:
-        """Run ``T`` steps of the model's dynamics from ``neurons``; return the settled states.
-
-        With a tolerance (``set_dynamics``) the phase stops once settled, ``T`` being its cap,
-        except with ``track_grad`` (BPTT backpropagates through exactly ``T`` steps). The
-        steps taken go to ``last_phase``. No graph is built unless ``track_grad``. The input
-        list is left untouched. The input and the states are put once in the layout of
-        ``memory_format_for`` (a copy only where they are not in it yet). A ``phase_runner``
-        (``compiled.PhaseRunner``: ``--compile``, ``--precision bf16``) runs the T steps in
-        ``dynamics.run_phase``'s place unless it declines (None).
+        """Run ``T`` steps of the model's dynamics from ``neurons`` (``dynamics.run_phase``: to a
+        tolerance if set, unless ``track_grad``); return the settled states, the record in
+        ``last_phase``. No graph unless ``track_grad``; the input list is left untouched; the
+        input and states are put once in the layout of ``memory_format_for``. A
+        ``phase_runner`` (``compiled.PhaseRunner``) runs the T steps instead unless it declines.
         """
         with torch.set_grad_enabled(track_grad):
             x = in_memory_format(x)
@@ -358,11 +339,10 @@ class EnergyNet(nn.Module):
         """Write ``d/dtheta [mean(Phi(s^2, b2) - Phi(s^1, b1)) / (b1 - b2)]`` into every ``.grad``.
 
         One-sided EP: ``s^1`` the free fixed point, ``betas = (0, beta)``; symmetric EP:
-        ``s^1 = s^{-beta}``, ``betas = (-beta, beta)``. Each link writes its own share
-        (``Link.write_estimate``). The readout (``softmax``) only appears in ``-beta L``: its
-        estimate is ``(b2 dL(s^2) - b1 dL(s^1)) / (b2 - b1)`` with
-        ``dL/dW_out = (softmax - onehot)^T s_L``. ``free`` (the free fixed point, default
-        ``s^1``) is only read by the vector-field links, which cross the nudged states with it.
+        ``s^1 = s^{-beta}``, ``betas = (-beta, beta)``. Each link writes its own share. The
+        readout (``softmax``) only appears in ``-beta L``: ``(b2 dL(s^2) - b1 dL(s^1)) /
+        (b2 - b1)`` with ``dL/dW_out = (softmax - onehot)^T s_L``. ``free`` (default ``s^1``)
+        is read by the vector-field links, which cross the nudged states with it.
         """
         beta_1, beta_2 = betas
         scale = 1.0 / ((beta_1 - beta_2) * max(x.shape[0], 1))  # an empty batch gives zeros

@@ -5,11 +5,11 @@ import shlex
 import subprocess
 
 import torch
-from test_cli import DIGITS_CNN, ROOT, load, only_run_dir, read_csv, seed_argv
+from conftest import DIGITS_CNN, ROOT, load, only_run_dir, read_csv
 
 import main_fast
 import runs
-from dynamics import TOL_EVERY
+from dynamics import TOL_EVERY, half_step
 
 HARD = DIGITS_CNN + ["--act", "my_hard_sig", "--epochs", "1", "--save"]
 
@@ -42,7 +42,7 @@ def first_settled_async_step(model, x, y, T: int, tol: float, every: int) -> int
     the first t, a multiple of ``every`` or ``T``, where max|s_t - s_(t-1)| < tol."""
     neurons = model.init_neurons(x)
     for t in range(1, T + 1):
-        previous, neurons = neurons, model.half_step(x, y, model.half_step(x, y, neurons, 1), 0)
+        previous, neurons = neurons, half_step(model, x, y, half_step(model, x, y, neurons, 1), 0)
         change = max(
             (new - old).abs().max().item() for old, new in zip(previous, neurons, strict=True)
         )
@@ -106,28 +106,29 @@ def test_bad_tol_is_a_usage_error(tmp_path, capsys):
 
 
 def test_fast_script_runs_the_seed_command_with_async_and_tol(tmp_path):
-    """run/cifar10_fast.sh NAME: the seed command of run/<NAME script> plus the fast flags
-    (a stand-in ``python`` on PATH prints the command instead of training)."""
+    """run/cifar10_fast.sh NAME: the command of run/<NAME script> plus the fast flags (a
+    stand-in ``python`` on PATH prints each command instead of training)."""
     fake = tmp_path / "python"
     fake.write_text('#!/usr/bin/env bash\necho "python $*"\n')
     fake.chmod(0o755)
     env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}"}
-    script = ROOT / "run" / "cifar10_fast.sh"
-    result = subprocess.run(
-        ["bash", str(script), "rcnn", "--device", "1"], env=env, capture_output=True, text=True
-    )
-    assert result.returncode == 0, result.stderr
-    argv = shlex.split(result.stdout)[2:]
-    assert argv[: len(seed_argv("rcnn"))] == seed_argv("rcnn")
-    assert argv[len(seed_argv("rcnn")) :] == [
-        "--dynamics",
-        "async",
-        "--tol",
-        "1e-4",
-        "--device",
-        "1",
-    ]
+
+    def printed(*argv: str) -> list[str]:
+        result = subprocess.run(
+            ["bash", *argv], env=env, capture_output=True, text=True, timeout=60
+        )
+        assert result.returncode == 0, result.stderr
+        return shlex.split(result.stdout)[2:]
+
+    seed = printed(str(ROOT / "run" / "rcnn_cifar10.sh"))
+    argv = printed(str(ROOT / "run" / "cifar10_fast.sh"), "rcnn", "--device", "1")
+    assert argv == seed + ["--dynamics", "async", "--tol", "1e-4", "--device", "1"]
     args, _ = main_fast.parse_args(argv)
     assert (args.dynamics, args.tol, args.T1, args.T2) == ("async", 1e-4, 250, 50)
-    bad = subprocess.run(["bash", str(script), "mlp"], capture_output=True, text=True)
+    bad = subprocess.run(
+        ["bash", str(ROOT / "run" / "cifar10_fast.sh"), "mlp"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert bad.returncode == 2 and "usage: run/cifar10_fast.sh" in bad.stderr

@@ -3,30 +3,18 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from math_checks import LCA_SMALL as SMALL
+from math_checks import digit_like_batch as batch
 
 from lca import LCAConv2D
 from lca_utils_ep_fast import LCA_CNN
 from runs import ep_training_indices, load_model_dictionary, save_dictionary
 from utils_ep_fast import EPConfig, make_optimizer, train_batch
 
-# fmt: off
-SMALL = dict(
-    in_size=8, in_channels=1,
-    lca_feats=4, lca_ksize=3, lca_stride=1, lca_lambda=0.1, lca_tau=10, lca_eta=0.05, lca_iters=20,
-    channels=[4, 6, 8], kernels=[3, 3], strides=[1, 1], paddings=[1, 1], pools="imm", fc=[10],
-    activation="my_hard_sig", softmax=True, loss="cel",
-)
-# fmt: on
-
 
 def small_model(**overrides) -> LCA_CNN:
     torch.manual_seed(0)
     return LCA_CNN(**{**SMALL, **overrides})
-
-
-def batch(n=5, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    return torch.rand(n, 1, 8, 8, generator=generator), torch.arange(n) % 10
 
 
 def phi_by_hand(model, acts, y, s, beta):

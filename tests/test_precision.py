@@ -6,8 +6,7 @@ import copy
 
 import pytest
 import torch
-from test_compiled import RCNN
-from test_compiled import images as digit_like_images
+from math_checks import RCNN, digit_like_batch
 
 import compiled
 import main_fast
@@ -22,7 +21,7 @@ def tiny_model() -> P_CNN:
 
 
 def images(n: int = 8):
-    return digit_like_images(n, seed=3)
+    return digit_like_batch(n, seed=3)
 
 
 @pytest.mark.parametrize("vector_field", [False, True], ids=["CNN", "VFCNN"])

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from test_engine import ARCHITECTURES, MLPS, build, random_case
-from test_lca_cnn import SMALL, batch
-from test_learning import digits_loaders
+from math_checks import ARCHITECTURES, MLPS, build, digits_loaders, random_case
+from math_checks import LCA_SMALL as SMALL
+from math_checks import digit_like_batch as batch
 
 import main_fast
 import runs
@@ -346,6 +346,16 @@ def test_lca_vf_step_scales_only_the_feedback_into_the_copy_layer(feedback_scale
         updated = model.step(code, y, states, 0.5)
     for k, (got, want) in enumerate(zip(updated, expected, strict=True)):
         torch.testing.assert_close(got, want, atol=1e-10, rtol=0, msg=f"layer {k}")
+
+
+def test_saved_names_are_the_synapses_the_backward_synapses_and_the_lca_layer():
+    """Links refer to the weights without registering them: a state dict holds exactly the
+    names runs have always been saved with."""
+    model = VF_LCA_CNN(**SMALL, dict_training="learn")
+    forward = {f"synapses.{i}.{p}" for i in range(3) for p in ("weight", "bias")}
+    backward = {f"backward_synapses.{j}.weight" for j in range(2)}
+    assert set(model.state_dict()) == forward | backward | {"lca.weights", "initial_dictionary"}
+    assert [name for name, _ in model.named_parameters()][-2:] == sorted(backward)
 
 
 # ---- command line -----------------------------------------------------------------------------
