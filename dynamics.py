@@ -174,7 +174,7 @@ def run_phase(
     return neurons, PhaseRecord(steps, settled)
 
 
-def half_step(model, x: Tensor, y: Tensor, neurons: list[Tensor], parity: int, beta: float):
+def half_step(model, x: Tensor, y: Tensor, neurons: list[Tensor], parity: int, beta: float = 0.0):
     """One asynchronous half-step on its own: the layers of 1-based ``parity`` from the current
     states of their neighbours; the others are kept."""
     neurons = [in_memory_format(state) for state in neurons]

@@ -273,9 +273,8 @@ class ConvLink(Link):
         (C_out, C_in, k, k), and ``P^T(above)`` summed for the bias."""
         synapse = self.synapse if synapse is None else synapse
         below = in_memory_format(below)  # the input x may come in NCHW
-        z = F.conv2d(below, synapse.weight, synapse.bias, synapse.stride, synapse.padding)
-        _, indices = self.pool.forward(z)
-        grad_z = self.pool.adjoint(above, indices, z.shape)
+        _, (indices, z_size) = self.drive(below, synapse)
+        grad_z = self.pool.adjoint(above, indices, z_size)
         weight_grad = torch.nn.grad.conv2d_weight(
             below, synapse.weight.shape, grad_z, synapse.stride, synapse.padding
         )

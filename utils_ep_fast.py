@@ -123,7 +123,9 @@ class Encoding(NamedTuple):
 class EnergyNet(nn.Module):
     """Chain of links (module docstring). Subclasses fill ``synapses`` (Conv2d then Linear, the
     readout last with ``softmax``: they own the weights) and ``links`` (one ``links.Link`` per
-    neuron layer: ``links[k]`` feeds layer ``k``, of per-sample shape ``links[k].shape``)."""
+    neuron layer: ``links[k]`` feeds layer ``k``, of per-sample shape ``links[k].shape``).
+    ``safe_point``: a stop hook, called between the steps of every phase and before every
+    training batch when set (None: no call, no cost; not module state)."""
 
     def __init__(
         self,
@@ -149,7 +151,6 @@ class EnergyNet(nn.Module):
         self.last_phase = PhaseRecord(0, None)
         # runs forward's phases in its loop's place when set (see forward)
         self.phase_runner: Callable[..., list[Tensor] | None] | None = None
-        # when set, called between steps of every phase and between training batches
         self.safe_point: Callable[[], None] | None = None
 
     def set_dynamics(

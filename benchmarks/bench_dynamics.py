@@ -152,10 +152,7 @@ def bench_case(
     model.eval()
     generator = torch.Generator().manual_seed(1)
     batch = x.shape[0]
-    states = [
-        torch.rand((batch, *shape), generator=generator)
-        for shape in (link.shape for link in model.links)
-    ]
+    states = [torch.rand((batch, *link.shape), generator=generator) for link in model.links]
     x_fmt = in_memory_format(x)
     states_fmt = [in_memory_format(state) for state in states]
 

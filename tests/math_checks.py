@@ -57,8 +57,8 @@ def random_case(model, input_shape, batch=3, seed=1):
     x = torch.rand((batch, *input_shape), generator=generator, dtype=torch.float64)
     y = torch.randint(0, model.num_classes, (batch,), generator=generator)
     neurons = [
-        torch.rand((batch, *shape), generator=generator, dtype=torch.float64) * 1.5 - 0.25
-        for shape in (link.shape for link in model.links)
+        torch.rand((batch, *link.shape), generator=generator, dtype=torch.float64) * 1.5 - 0.25
+        for link in model.links
     ]
     return x, y, neurons
 

@@ -35,8 +35,8 @@ def test_step_with_unit_feedback_is_sigma_of_energy_gradient(beta):
     assert acts.shape == (5, 4, 8, 8) and (acts > 0).any()
     generator = torch.Generator().manual_seed(1)
     states = [
-        torch.rand((5, *shape), generator=generator, dtype=torch.float64)
-        for shape in (link.shape for link in model.links)
+        torch.rand((5, *link.shape), generator=generator, dtype=torch.float64)
+        for link in model.links
     ]
     leaves = [state.clone().requires_grad_(True) for state in states]
     grads = torch.autograd.grad(phi_by_hand(model, acts, y, leaves, beta).sum(), leaves)

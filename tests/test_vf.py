@@ -339,8 +339,8 @@ def test_lca_vf_step_scales_only_the_feedback_into_the_copy_layer(feedback_scale
     x, y = batch()
     code = model.prepare_input(x.double()).code
     generator = torch.Generator().manual_seed(1)
-    states = [torch.rand((5, *shape), generator=generator, dtype=torch.float64)
-              for shape in (link.shape for link in model.links)]  # fmt: skip
+    states = [torch.rand((5, *link.shape), generator=generator, dtype=torch.float64)
+              for link in model.links]  # fmt: skip
     expected = sigma_of_phi_gradients(model, code, y, states, 0.5, feedback_scale)
     with torch.no_grad():
         updated = model.step(code, y, states, 0.5)
