@@ -1,7 +1,7 @@
 """Captured phases: how a phase runs under ``--compile`` (and ``--precision bf16``).
 
-A phase is ``T`` calls of the engine's step ``s <- step(x, y, s, beta, F_0(x))``
-(``EnergyNet._step``), and an LCA encode is ``lca_iters`` calls of
+A phase is ``T`` calls of the engine's step ``s <- step(y, s, beta, F_0(x))``
+(``dynamics.sync_step``), and an LCA encode is ``lca_iters`` calls of
 ``LCAConv2D.iterate``. On a GPU each step of the seed RCNN is about twenty small kernel
 launches from Python, so launch overhead rather than arithmetic can set the cost. This module
 runs those loops from the outside, through two hooks: ``EnergyNet.phase_runner`` (a
@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 
 from data_utils import first_line
+from dynamics import sync_step
 from lca import LCAConv2D
 from utils_ep_fast import EnergyNet
 
@@ -144,39 +145,46 @@ def _layout(tensor: Tensor) -> tuple:
 
 
 class StepGraph:
-    """One engine step ``s <- step(x, y, s, beta, F_0(x))`` captured on static buffers."""
+    """One engine step ``s <- step(y, s, beta, F_0(x))`` captured on static buffers."""
 
     def __init__(
         self,
         step: Callable,
         model: EnergyNet,
-        x: Tensor,
         y: Tensor,
         neurons: list[Tensor],
         beta: float,
         input_drive: Tensor,
         pool,
     ) -> None:
-        self.inputs = [x.clone(), y.clone(), input_drive.clone()]
+        self.inputs = [y.clone(), input_drive.clone()]
         self.states = [state.clone() for state in neurons]
-        static_x, static_y, static_drive = self.inputs
+        static_y, static_drive = self.inputs
 
         def one_step() -> None:
-            updated = step(model, static_x, static_y, self.states, beta, static_drive)
+            updated = step(model, static_y, self.states, beta, static_drive)
             for state, value in zip(self.states, updated, strict=True):
                 state.copy_(value)
 
-        self.replay = capture(one_step, x.device, pool)
+        self.replay = capture(one_step, y.device, pool)
 
     def run(
-        self, x: Tensor, y: Tensor, neurons: list[Tensor], input_drive: Tensor, T: int
+        self,
+        y: Tensor,
+        neurons: list[Tensor],
+        input_drive: Tensor,
+        T: int,
+        safe_point: Callable[[], None] | None = None,
     ) -> list[Tensor]:
-        """``T`` steps from ``neurons``; fresh tensors come back (the buffers stay here)."""
-        for static, value in zip(self.inputs, (x, y, input_drive), strict=True):
+        """``T`` steps from ``neurons`` (``safe_point``, if any, between them); fresh tensors
+        come back (the buffers stay here)."""
+        for static, value in zip(self.inputs, (y, input_drive), strict=True):
             static.copy_(value)
         for state, value in zip(self.states, neurons, strict=True):
             state.copy_(value)
-        for _ in range(T):
+        for step in range(T):
+            if safe_point is not None and step > 0:
+                safe_point()
             self.replay()
         return [state.clone() for state in self.states]
 
@@ -220,7 +228,7 @@ class PhaseRunner(Capturer):
     """Runs ``EnergyNet.forward``'s phases (installed as ``model.phase_runner``).
 
     Args:
-        model: the network whose ``_step`` is run.
+        model: the network whose step (``dynamics.sync_step``) is run.
         compile: compile the step with torch.compile.
         graphs: capture the step in CUDA graphs; ``None``: on CUDA when ``compile``.
         autocast_dtype: run the phases in this dtype (``torch.bfloat16``), or ``None``.
@@ -235,8 +243,7 @@ class PhaseRunner(Capturer):
         autocast_dtype: torch.dtype | None = None,
         notices: Notices | None = None,
     ) -> None:
-        # unbound, called with the model: a subclass's own _step is the one compiled
-        super().__init__(type(model)._step, "the EP step", compile, graphs, notices)
+        super().__init__(sync_step, "the EP step", compile, graphs, notices)
         self.model = model
         self.autocast_dtype = autocast_dtype
         self.parameter_addresses: tuple[int, ...] = ()
@@ -258,7 +265,8 @@ class PhaseRunner(Capturer):
     ) -> list[Tensor] | None:
         """The states after ``T`` steps from ``neurons``, or ``None`` (with one notice) for a
         phase with an autograd graph, or asynchronous or stopped by a tolerance, which the
-        engine then runs itself, eagerly in float32."""
+        engine then runs itself, eagerly in float32. ``model.safe_point``, when set, runs
+        between steps."""
         if track_grad:
             self.notices.once(
                 "track_grad",
@@ -269,8 +277,9 @@ class PhaseRunner(Capturer):
         if self.model.dynamics != "sync" or self.model.tol is not None:
             return None  # said once by install; diagnostics switch dynamics for a moment
         dtype = neurons[0].dtype
+        safe_point = self.model.safe_point
         with self._autocast(x.device):
-            input_drive = self.model._link_forward(0, x)[0]
+            input_drive = self.model.links[0].drive(x)[0]
             if self.autocast_dtype is not None:
                 x, input_drive = x.to(self.autocast_dtype), input_drive.to(self.autocast_dtype)
                 neurons = [state.to(self.autocast_dtype) for state in neurons]
@@ -278,10 +287,12 @@ class PhaseRunner(Capturer):
             if self._use_graphs(x.device):
                 graph = self._graph_for(x, y, neurons, beta, input_drive)
             if graph is not None:
-                neurons = graph.run(x, y, neurons, input_drive, T)
+                neurons = graph.run(y, neurons, input_drive, T, safe_point)
             else:
-                for _ in range(T):
-                    neurons = self.function(self.model, x, y, neurons, beta, input_drive)
+                for step in range(T):
+                    if safe_point is not None and step > 0:
+                        safe_point()
+                    neurons = self.function(self.model, y, neurons, beta, input_drive)
         return [state.to(dtype) for state in neurons]
 
     def _graph_for(self, x, y, neurons, beta, input_drive) -> StepGraph | None:
@@ -296,9 +307,7 @@ class PhaseRunner(Capturer):
         return self._graph(
             key,
             x.device,
-            lambda pool: StepGraph(
-                self.function, self.model, x, y, neurons, beta, input_drive, pool
-            ),
+            lambda pool: StepGraph(self.function, self.model, y, neurons, beta, input_drive, pool),
         )
 
 

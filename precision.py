@@ -23,13 +23,14 @@ precision ``p`` against the same update in float32, on the same batch and weight
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 
 import torch
 from torch import Tensor
 
 from compiled import PhaseRunner
 from data_utils import UsageError, warn
-from utils_ep_fast import EnergyNet, EPConfig
+from utils_ep_fast import EnergyNet, EPConfig, ep_phases
 
 PRECISIONS = ("fp32", "tf32", "bf16")
 # Relative error of the EP update against float32 above which a run is warned / refused.
@@ -92,16 +93,10 @@ def running_in(model: EnergyNet, precision: str, device: torch.device):
 @torch.no_grad()
 def ep_update(model: EnergyNet, x: Tensor, y: Tensor, cfg: EPConfig) -> dict[str, Tensor]:
     """The EP update ``train_batch`` would apply for ``(x, y)`` (with ``beta_2`` as given, no
-    random sign), per parameter name; nothing is applied and the gradients are cleared."""
+    random sign): ``ep_phases``'s estimate per parameter name; nothing is applied and the
+    gradients are cleared."""
     code = model.prepare_input(x).code
-    beta_1, beta_2 = cfg.betas
-    free = model(code, y, model.init_neurons(code), cfg.T1, beta=beta_1)
-    nudged = model(code, y, free, cfg.T2, beta=beta_2)
-    if cfg.thirdphase:
-        first, betas = model(code, y, free, cfg.T2, beta=-beta_2), (-beta_2, beta_2)
-    else:
-        first, betas = free, (beta_1, beta_2)
-    model.compute_syn_grads(code, y, first, nudged, betas)
+    ep_phases(model, code, y, dataclasses.replace(cfg, random_sign=False))
     update = {
         name: param.grad.detach().clone()
         for name, param in model.named_parameters()

@@ -917,8 +917,8 @@ def neural_activity_figure(model: EnergyNet, probe: tuple[Tensor, Tensor], T: in
     x, y = probe[0].to(device), probe[1].to(device)
     encoding, neurons = settle(model, x, y, T)
     names = [
-        f"layer {k + 1} ({kind}, {'x'.join(map(str, shape))})"
-        for k, (kind, shape) in enumerate(zip(model.link_kinds, model.layer_shapes, strict=True))
+        f"layer {k + 1} ({link.name}, {'x'.join(map(str, link.shape))})"
+        for k, link in enumerate(model.links)
     ]
     if isinstance(model, LCA_CNN):
         neurons, names = [encoding.code, *neurons], ["LCA code", *names]

@@ -54,6 +54,10 @@ BPTT differentiates the dynamics above (``same_update`` only concerns the EP est
 reference). The angle ``acos(<W_k, B_k> / (|W_k| |B_k|))`` in degrees is the alignment
 diagnostic, logged per epoch as ``angle_syn<i>`` (``i`` the index of ``W_k`` in ``synapses``).
 
+Each of these links is a ``VectorFieldLink``: the engine's link with its backward weights,
+which owns the feedback through ``B_k`` and the crossed estimate; every step rule of the engine
+applies unchanged.
+
 The optimizer gives ``B_k`` the learning rate and weight decay of ``W_k`` (``--lrs`` / ``--wds``
 keep one entry per forward synapse), as the reference does. The reference's ``VF_MLP`` stores
 ``B_k`` transposed and has no ``same_update``; ``VF_MLP`` here is ``VF_CNN`` without convs, whose
@@ -65,11 +69,11 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lca_utils_ep_fast import LCA_CNN
-from utils_ep_fast import P_CNN, P_MLP, pool_forward
+from links import CopyLink, Link
+from utils_ep_fast import P_CNN, P_MLP
 
 
 def _backward_synapse(forward: nn.Module) -> nn.Module:
@@ -86,16 +90,67 @@ def _backward_synapse(forward: nn.Module) -> nn.Module:
     return nn.Linear(forward.in_features, forward.out_features, bias=False)
 
 
-class VectorField:
-    """Mixin that turns an engine model into its vector-field version (see the module docstring).
+class VectorFieldLink(Link):
+    """A conv or linear link ``base`` with backward weights ``B_k`` (None for link 0, whose
+    feedback is never taken), and the vector-field estimate (module docstring).
 
-    It only overrides link hooks of ``EnergyNet``: ``_link_forward`` (the feedback's max-pool
-    indices come from the backward pass), ``_feedback_synapse`` (``B_k``) and
-    ``_write_link_estimate`` (the crossed estimate), so every step rule of the engine applies.
+    ``drive`` takes the feedback's max-pool positions from ``P_k(conv(below, B_k))``, ``adjoint``
+    goes through ``B_k``; ``same_update`` averages the forward and backward updates.
+    """
+
+    def __init__(self, base: Link, backward: nn.Module | None, same_update: bool) -> None:
+        super().__init__(base.shape, base.synapse)
+        self.base = base
+        self.name = base.name
+        object.__setattr__(self, "backward", backward)  # the model's backward_synapses own it
+        self.same_update = same_update
+
+    def drive(self, below: Tensor, synapse: nn.Module | None = None) -> tuple[Tensor, tuple | None]:
+        drive, cache = self.base.drive(below, synapse)
+        if self.backward is not None and self.base.argmax_feedback:
+            with torch.no_grad():
+                cache = self.base.drive(below, self.backward)[1]
+        return drive, cache
+
+    def adjoint(self, above: Tensor, cache, below_shape, synapse=None) -> Tensor:
+        feedback = self.synapse if self.backward is None else self.backward
+        return self.base.adjoint(
+            above, cache, below_shape, feedback if synapse is None else synapse
+        )
+
+    def param_grads(self, below: Tensor, above: Tensor, synapse=None) -> tuple[Tensor, Tensor]:
+        return self.base.param_grads(below, above, synapse)
+
+    def write_estimate(self, first, second, free, scale: float) -> None:
+        """``W``: ``(s^2 - s^1)_above x s^0_below``; ``B``: ``s^0_above x (s^2 - s^1)_below``
+        (as differences of two correlations); with ``same_update`` both the uncrossed estimate,
+        then both their average."""
+        synapse = self.synapse
+        if self.same_update:
+            self.base.write_estimate(first, second, free, scale)
+        else:
+            weight, bias = self.param_grads(free[0], second[1] - first[1])
+            synapse.weight.grad = weight * scale
+            synapse.bias.grad = bias * scale
+        backward = self.backward
+        if backward is None:
+            return
+        above_1, above_2 = (first[1], second[1]) if self.same_update else (free[1], free[1])
+        grad_2, _ = self.param_grads(second[0], above_2, backward)
+        grad_1, _ = self.param_grads(first[0], above_1, backward)
+        backward.weight.grad = (grad_2 - grad_1) * scale
+        if self.same_update:
+            common = 0.5 * (synapse.weight.grad + backward.weight.grad)
+            synapse.weight.grad = common
+            backward.weight.grad = common.clone()
+
+
+class VectorField:
+    """Mixin that turns an engine model into its vector-field version (see the module docstring):
+    every link that is not a copy becomes a ``VectorFieldLink``.
 
     Attributes:
         backward_synapses: ``nn.ModuleList`` of the ``B_k``, in link order.
-        link_backward: index into ``backward_synapses`` per link (``-1``: none).
         same_update: average the forward and backward updates.
     """
 
@@ -109,17 +164,28 @@ class VectorField:
         default init by ``g`` like the forward weights'."""
         self.same_update = same_update
         self.backward_synapses = nn.ModuleList()
-        self.link_backward: list[int] = []
-        for k, kind in enumerate(self.link_kinds):
-            if k == 0 or kind == "copy":
-                self.link_backward.append(-1)
+        for k, link in enumerate(self.links):
+            if isinstance(link, CopyLink):
                 continue
-            self.backward_synapses.append(_backward_synapse(self.synapses[self.link_synapse[k]]))
-            self.link_backward.append(len(self.backward_synapses) - 1)
+            backward = None
+            if k > 0:
+                backward = _backward_synapse(link.synapse)
+                self.backward_synapses.append(backward)
+            self.links[k] = VectorFieldLink(link, backward, same_update)
         if scale is not None:
             with torch.no_grad():
                 for synapse in self.backward_synapses:
                     synapse.weight.mul_(scale)
+
+    def backward_pairs(self) -> list[tuple[int, nn.Module]]:
+        """``(i, B_k)`` for every link with backward weights, ``i`` the index of its ``W_k`` in
+        ``synapses``, in link order."""
+        index = {id(synapse): i for i, synapse in enumerate(self.synapses)}
+        return [
+            (index[id(link.synapse)], link.backward)
+            for link in self.links
+            if getattr(link, "backward", None) is not None
+        ]
 
     # ---- engine hooks ---------------------------------------------------------------------
 
@@ -137,56 +203,11 @@ class VectorField:
     def optimizer_groups(self) -> list[tuple[int, list[nn.Parameter]]]:
         """The forward synapses, then each ``B_k`` with the rate entry of its ``W_k``."""
         groups = super().optimizer_groups()
-        for k, index in enumerate(self.link_backward):
-            if index >= 0:
-                groups.append((self.link_synapse[k], [self.backward_synapses[index].weight]))
+        groups += [(i, [backward.weight]) for i, backward in self.backward_pairs()]
         return groups
 
     def epoch_stats(self) -> dict[str, float]:
         return {**super().epoch_stats(), **self.backward_angles()}
-
-    def _feedback_synapse(self, k: int) -> nn.Module:
-        """``B_k`` (link 0 has none: its adjoint is never taken)."""
-        index = self.link_backward[k]
-        return super()._feedback_synapse(k) if index < 0 else self.backward_synapses[index]
-
-    def _link_forward(self, k: int, below: Tensor) -> tuple[Tensor, tuple | None]:
-        """``F_k(below)``; the cache carries the argmax of ``P_k(conv(below, B_k))`` for the
-        feedback's unpooling (max pools only: the other pools need no indices)."""
-        drive, cache = super()._link_forward(k, below)
-        if self.pools[k] == "m" and self.link_backward[k] >= 0:
-            backward = self._feedback_synapse(k)
-            with torch.no_grad():
-                z = F.conv2d(below, backward.weight, None, backward.stride, backward.padding)
-                _, indices = pool_forward(z, "m")
-            cache = (indices, cache[1])
-        return drive, cache
-
-    def _write_link_estimate(self, k, layers_1, layers_2, anchor, scale) -> None:
-        """Link ``k``'s forward and backward estimates (module docstring), averaged with
-        ``same_update``; the arguments are the engine's."""
-        synapse = self.synapses[self.link_synapse[k]]
-        if self.same_update:
-            super()._write_link_estimate(k, layers_1, layers_2, anchor, scale)
-        else:
-            delta_above = layers_2[k + 1] - layers_1[k + 1]
-            weight, bias = self._link_param_grads(k, anchor[k], delta_above)
-            synapse.weight.grad = weight * scale
-            synapse.bias.grad = bias * scale
-        if self.link_backward[k] < 0:
-            return
-        backward = self._feedback_synapse(k)
-        if self.same_update:
-            above_1, above_2 = layers_1[k + 1], layers_2[k + 1]
-        else:
-            above_1 = above_2 = anchor[k + 1]
-        grad_2, _ = self._link_param_grads(k, layers_2[k], above_2, backward)
-        grad_1, _ = self._link_param_grads(k, layers_1[k], above_1, backward)
-        backward.weight.grad = (grad_2 - grad_1) * scale
-        if self.same_update:
-            common = 0.5 * (synapse.weight.grad + backward.weight.grad)
-            synapse.weight.grad = common
-            backward.weight.grad = common.clone()
 
     # ---- diagnostics ----------------------------------------------------------------------
 
@@ -195,14 +216,12 @@ class VectorField:
         """``angle_syn<i>``: the angle in degrees between ``W_k`` (``synapses[i]``) and ``B_k``,
         ``acos(<W, B> / (|W| |B|))``, computed in float64."""
         angles = {}
-        for k, index in enumerate(self.link_backward):
-            if index < 0:
-                continue
-            forward = self.synapses[self.link_synapse[k]].weight.double().flatten()
-            backward = self.backward_synapses[index].weight.double().flatten()
+        for i, backward in self.backward_pairs():
+            forward = self.synapses[i].weight.double().flatten()
+            backward = backward.weight.double().flatten()
             cosine = forward @ backward / (forward.norm() * backward.norm()).clamp_min(1e-300)
             angle = math.degrees(math.acos(cosine.clamp(-1.0, 1.0).item()))
-            angles[f"angle_syn{self.link_synapse[k]}"] = angle
+            angles[f"angle_syn{i}"] = angle
         return angles
 
 
@@ -220,4 +239,4 @@ class VF_LCA_CNN(VectorField, LCA_CNN):
     feedback into the copy layer that ``scale_feedback`` scales; see ``VF_CNN``."""
 
 
-__all__ = ["VF_CNN", "VF_LCA_CNN", "VF_MLP", "VectorField"]
+__all__ = ["VF_CNN", "VF_LCA_CNN", "VF_MLP", "VectorField", "VectorFieldLink"]

@@ -50,8 +50,9 @@ from common import (
     set_threads,
 )
 
-import utils_ep_fast
-from utils_ep_fast import EnergyNet, in_memory_format, pool_adjoint, pool_forward
+import links
+from links import AvgPool, MaxPool, in_memory_format
+from utils_ep_fast import EnergyNet
 
 
 def plain_phi(
@@ -61,20 +62,16 @@ def plain_phi(
     helper): the textbook way to write the primitive function."""
     below = [x, *neurons[:-1]]
     phi = x.new_zeros(x.shape[0])
-    for k, kind in enumerate(model.link_kinds):
-        drive = below[k]
-        if kind != "copy":
-            synapse = model.synapses[model.link_synapse[k]]
-            if kind == "linear":
-                drive = F.linear(drive.flatten(1), synapse.weight, synapse.bias)
-            else:
-                drive = F.conv2d(
-                    drive, synapse.weight, synapse.bias, synapse.stride, synapse.padding
-                )
-                if model.pools[k] == "m":
-                    drive = F.max_pool2d(drive, 2, 2)
-                elif model.pools[k] == "a":
-                    drive = F.avg_pool2d(drive, 2, 2)
+    for k, link in enumerate(model.links):
+        drive, synapse = below[k], link.synapse
+        if isinstance(synapse, torch.nn.Linear):
+            drive = F.linear(drive.flatten(1), synapse.weight, synapse.bias)
+        elif synapse is not None:
+            drive = F.conv2d(drive, synapse.weight, synapse.bias, synapse.stride, synapse.padding)
+            if isinstance(link.pool, MaxPool):
+                drive = F.max_pool2d(drive, 2, 2)
+            elif isinstance(link.pool, AvgPool):
+                drive = F.avg_pool2d(drive, 2, 2)
         phi = phi + (drive * neurons[k]).flatten(1).sum(1)
     if beta != 0.0:
         phi = phi - beta * model.loss(neurons, y)
@@ -110,26 +107,21 @@ def floor_calls(
     convolution (the feedback). Inputs are expected in the engine's layouts."""
     below = [x, *neurons[:-1]]
     for k in links:
-        kind = model.link_kinds[k]
-        if kind == "copy":
+        link = model.links[k]
+        synapse = link.synapse
+        if synapse is None:
             continue
-        synapse = model.synapses[model.link_synapse[k]]
-        if kind == "linear":
+        if isinstance(synapse, torch.nn.Linear):
             F.linear(below[k].flatten(1), synapse.weight, synapse.bias)
             if k > 0:
                 neurons[k] @ synapse.weight
             continue
         z = F.conv2d(below[k], synapse.weight, synapse.bias, synapse.stride, synapse.padding)
-        _, indices = pool_forward(z, model.pools[k])
+        _, indices = link.pool.forward(z)
         if k > 0:
-            unpooled = pool_adjoint(neurons[k], model.pools[k], indices, z.shape)
+            unpooled = link.pool.adjoint(neurons[k], indices, z.shape)
             F.conv_transpose2d(
-                unpooled,
-                synapse.weight,
-                None,
-                synapse.stride,
-                synapse.padding,
-                model.output_paddings[k],
+                unpooled, synapse.weight, None, synapse.stride, synapse.padding, link.output_padding
             )
 
 
@@ -138,12 +130,12 @@ def all_nchw(run):
     its max-pool still runs on channels_last internally)."""
 
     def wrapped():
-        saved = utils_ep_fast.CHANNELS_LAST_MIN_PIXELS
-        utils_ep_fast.CHANNELS_LAST_MIN_PIXELS = float("inf")
+        saved = links.CHANNELS_LAST_MIN_PIXELS
+        links.CHANNELS_LAST_MIN_PIXELS = float("inf")
         try:
             return run()
         finally:
-            utils_ep_fast.CHANNELS_LAST_MIN_PIXELS = saved
+            links.CHANNELS_LAST_MIN_PIXELS = saved
 
     return wrapped
 
@@ -160,7 +152,7 @@ def bench_case(
     model.eval()
     generator = torch.Generator().manual_seed(1)
     batch = x.shape[0]
-    states = [torch.rand((batch, *shape), generator=generator) for shape in model.layer_shapes]
+    states = [torch.rand((batch, *link.shape), generator=generator) for link in model.links]
     x_fmt = in_memory_format(x)
     states_fmt = [in_memory_format(state) for state in states]
 

@@ -108,7 +108,7 @@ def step_row(name, model, x, y, kind, args, device) -> list[str]:
     precision.apply(kind, device)
     model.eval()
     generator = torch.Generator().manual_seed(1)
-    states = [torch.rand((x.shape[0], *s), generator=generator) for s in model.layer_shapes]
+    states = [torch.rand((x.shape[0], *link.shape), generator=generator) for link in model.links]
     states = [in_memory_format(state.to(device)) for state in states]
     x_fmt = in_memory_format(x)
     steps, beta = args.steps, 0.0

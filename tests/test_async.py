@@ -6,11 +6,11 @@ worked by hand for the energy, and a step-by-step loop for the stopping rule.
 
 import pytest
 import torch
-from math_checks import cosine
-from test_engine import ARCHITECTURES, converged_case
-from test_lca_cnn import SMALL as LCA_SMALL
+from math_checks import ARCHITECTURES, LCA_SMALL, converged_case, cosine
 
+from dynamics import half_step
 from lca_utils_ep_fast import LCA_CNN
+from links import CopyLink
 from utils_ep_fast import P_CNN, P_MLP, EPConfig, gdu_check, max_change, train_batch
 
 # the seed RCNN's layout (4 convs 3x3 pad 1, max-pools, softmax readout), small
@@ -55,7 +55,7 @@ def sigma_of_autograd_dphi(model, x, y, neurons, beta=0.0):
     leaves = [state.clone().requires_grad_(True) for state in neurons]
     grads = torch.autograd.grad(model.Phi(x, y, leaves, beta).sum(), leaves)
     grads = list(grads)
-    if model.link_kinds[0] == "copy":
+    if isinstance(model.links[0], CopyLink):
         grads[0] = x + model.scale_feedback * (grads[0] - x)
     return [model.sigma(grad) for grad in grads]
 
@@ -99,11 +99,11 @@ def test_a_full_async_step_is_the_odd_then_the_even_half_step():
     model = make_model("lca", 1.0, scale_feedback=0.01)
     x, y = inputs(model, "lca")
     start = [torch.rand_like(state) for state in model.init_neurons(x)]
-    odd_first = model.half_step(x, y, model.half_step(x, y, start, 1, 0.3), 0, 0.3)
+    odd_first = half_step(model, x, y, half_step(model, x, y, start, 1, 0.3), 0, 0.3)
     step = settle_with(model, "async", x, y, 1, beta=0.3, start=start)
     assert max_change(odd_first, step) == 0.0
     # a half-step updates exactly its parity (1-based: list indices 0, 2 are layers 1, 3)
-    half = model.half_step(x, y, start, 1, 0.3)
+    half = half_step(model, x, y, start, 1, 0.3)
     assert torch.equal(half[1], start[1]) and not torch.equal(half[0], start[0])
     # and each updated layer is sigma(dPhi/ds) of the current states
     assert max_change(half[0::2], sigma_of_autograd_dphi(model, x, y, start, 0.3)[0::2]) < 1e-12
@@ -184,7 +184,7 @@ def test_async_half_steps_never_raise_the_energy(name, kind, overrides, activati
         energy = model.energy(x, y, neurons)
         for _ in range(8):
             for parity in (1, 0):
-                neurons = model.half_step(x, y, neurons, parity)
+                neurons = half_step(model, x, y, neurons, parity)
                 after = model.energy(x, y, neurons)
                 scale = 1e-12 * (1 + energy.abs())
                 assert (after - energy <= scale).all(), (seed, (after - energy).max().item())
@@ -260,7 +260,7 @@ def test_bptt_backpropagates_through_async_steps():
     model.zero_grad()
     states = start
     for _ in range(3):
-        states = model.half_step(x, y, model.half_step(x, y, states, 1), 0)
+        states = half_step(model, x, y, half_step(model, x, y, states, 1), 0)
     model.loss(states, y).mean().backward()
     for got, want in zip(engine, [p.grad for p in model.parameters()], strict=True):
         torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-10)

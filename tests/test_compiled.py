@@ -7,37 +7,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_lca_cnn import SMALL
+from math_checks import LCA_SMALL as SMALL
+from math_checks import RCNN
+from math_checks import digit_like_batch as images
 
 import compiled
 import main_fast
 from lca_utils_ep_fast import LCA_CNN
 from utils_ep_fast import P_CNN
 
-RCNN = dict(
-    in_size=8,
-    in_channels=1,
-    channels=[3, 4],
-    kernels=[3, 3],
-    strides=[1, 1],
-    paddings=[1, 1],
-    pools="ma",
-    fc=[10],
-    activation="mysig",
-    softmax=True,
-    loss="cel",
-)
 LCACNN = {**SMALL, "lca_iters": 6}
 
 
 def make(cls, config):
     torch.manual_seed(0)
     return cls(**config)
-
-
-def images(n: int, seed: int = 0):
-    generator = torch.Generator().manual_seed(seed)
-    return torch.rand(n, 1, 8, 8, generator=generator), torch.arange(n) % 10
 
 
 @torch.no_grad()

@@ -3,30 +3,18 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from math_checks import LCA_SMALL as SMALL
+from math_checks import digit_like_batch as batch
 
 from lca import LCAConv2D
 from lca_utils_ep_fast import LCA_CNN
 from runs import ep_training_indices, load_model_dictionary, save_dictionary
 from utils_ep_fast import EPConfig, make_optimizer, train_batch
 
-# fmt: off
-SMALL = dict(
-    in_size=8, in_channels=1,
-    lca_feats=4, lca_ksize=3, lca_stride=1, lca_lambda=0.1, lca_tau=10, lca_eta=0.05, lca_iters=20,
-    channels=[4, 6, 8], kernels=[3, 3], strides=[1, 1], paddings=[1, 1], pools="imm", fc=[10],
-    activation="my_hard_sig", softmax=True, loss="cel",
-)
-# fmt: on
-
 
 def small_model(**overrides) -> LCA_CNN:
     torch.manual_seed(0)
     return LCA_CNN(**{**SMALL, **overrides})
-
-
-def batch(n=5, seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    return torch.rand(n, 1, 8, 8, generator=generator), torch.arange(n) % 10
 
 
 def phi_by_hand(model, acts, y, s, beta):
@@ -47,15 +35,15 @@ def test_step_with_unit_feedback_is_sigma_of_energy_gradient(beta):
     assert acts.shape == (5, 4, 8, 8) and (acts > 0).any()
     generator = torch.Generator().manual_seed(1)
     states = [
-        torch.rand((5, *shape), generator=generator, dtype=torch.float64)
-        for shape in model.layer_shapes
+        torch.rand((5, *link.shape), generator=generator, dtype=torch.float64)
+        for link in model.links
     ]
     leaves = [state.clone().requires_grad_(True) for state in states]
     grads = torch.autograd.grad(phi_by_hand(model, acts, y, leaves, beta).sum(), leaves)
     with torch.no_grad():
         updated = model.step(acts, y, states, beta)
     for k, (got, grad) in enumerate(zip(updated, grads, strict=True)):
-        torch.testing.assert_close(got, model.sigma(grad), atol=1e-5, rtol=0, msg=f"s_{k}")
+        torch.testing.assert_close(got, model.sigma(grad), atol=1e-10, rtol=0, msg=f"s_{k}")
 
 
 def test_zero_feedback_keeps_copy_layer_at_sigma_of_code():
@@ -97,14 +85,30 @@ def test_pretrained_dictionary_is_loaded_and_stays_fixed(tmp_path):
     assert torch.equal(model.lca.weights.detach(), saved)
 
 
-def test_finetune_moves_dictionary_and_keeps_unit_norm(tmp_path):
+def test_finetune_updates_the_dictionary_from_the_nudged_phase(tmp_path):
+    """One EP batch (third phase) moves the dictionary by exactly the layer's own two updates:
+    on the encoding's (acts, recon error), then on ``T_lambda(s_0^{+beta})`` of the nudged
+    phase (not the free or the -beta one), both with the dictionary from before the batch; the
+    features stay unit-norm."""
     path, saved = write_dictionary(tmp_path)
     model = small_model(dict_training="finetune")
     load_model_dictionary(model, path)
-    encoding = train_steps(model)
+    expected = small_model(dict_training="finetune")
+    expected.load_state_dict(model.state_dict())
+    x, y = batch()
+    cfg = EPConfig(T1=5, T2=2, betas=(0.0, 0.5), thirdphase=True)
+    _, encoding = train_batch(model, make_optimizer(model, "sgd", [0.05] * 3), x, y, cfg)
+    with torch.no_grad():
+        images, acts, errors = expected.lca(x)
+        free = expected(acts, y, expected.init_neurons(acts), cfg.T1)
+        nudged_acts = expected.lca.transfer(expected(acts, y, free, cfg.T2, beta=0.5)[0])
+    nudged_errors = images - expected.lca.compute_recon(nudged_acts, saved, images.shape)
+    expected.lca.update_weights(acts, errors)
+    expected.lca.update_weights(nudged_acts, nudged_errors)
     weights = model.lca.weights.detach()
-    assert (weights - saved).abs().max() > 1e-4
-    torch.testing.assert_close(weights.flatten(1).norm(dim=1), torch.ones(4), atol=1e-5, rtol=0)
+    assert (weights - saved).abs().max() > 1e-5
+    torch.testing.assert_close(weights, expected.lca.weights.detach(), atol=1e-7, rtol=0)
+    torch.testing.assert_close(weights.flatten(1).norm(dim=1), torch.ones(4), atol=1e-6, rtol=0)
     assert model.batch_stats(encoding)["dict_cosine"] < 1.0
 
 

@@ -6,13 +6,13 @@ import copy
 
 import pytest
 import torch
-from test_compiled import RCNN
-from test_compiled import images as digit_like_images
+from math_checks import RCNN, digit_like_batch
 
 import compiled
 import main_fast
 import precision
 from utils_ep_fast import P_CNN, EPConfig, make_optimizer, train_batch
+from vf_utils_ep_fast import VF_CNN
 
 
 def tiny_model() -> P_CNN:
@@ -21,14 +21,17 @@ def tiny_model() -> P_CNN:
 
 
 def images(n: int = 8):
-    return digit_like_images(n, seed=3)
+    return digit_like_batch(n, seed=3)
 
 
+@pytest.mark.parametrize("vector_field", [False, True], ids=["CNN", "VFCNN"])
 @pytest.mark.parametrize("thirdphase", [False, True])
-def test_ep_update_is_what_train_batch_applies(thirdphase):
+def test_ep_update_is_what_train_batch_applies(thirdphase, vector_field):
     """With plain SGD at learning rate 1 a training step moves every weight by minus the
-    update, so ``ep_update`` must equal ``before - after``."""
-    model = tiny_model()
+    update, so ``ep_update`` must equal ``before - after``: also for the vector-field estimate,
+    which crosses the nudged states with the free one (with the third phase too)."""
+    torch.manual_seed(0)
+    model = VF_CNN(**RCNN) if vector_field else P_CNN(**RCNN)
     untouched = copy.deepcopy(model)
     x, y = images()
     cfg = EPConfig(T1=6, T2=3, betas=(0.0, 0.5), thirdphase=thirdphase)

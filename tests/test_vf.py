@@ -10,12 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from test_engine import ARCHITECTURES, MLPS, build, random_case
-from test_lca_cnn import SMALL, batch
-from test_learning import digits_loaders
+from math_checks import ARCHITECTURES, MLPS, build, digits_loaders, random_case
+from math_checks import LCA_SMALL as SMALL
+from math_checks import digit_like_batch as batch
 
 import main_fast
 import runs
+from links import AvgPool, CopyLink, MaxPool
 from utils_ep_fast import EPConfig, make_optimizer, train, train_batch
 from vf_utils_ep_fast import VF_CNN, VF_LCA_CNN, VF_MLP
 
@@ -34,14 +35,15 @@ def build_vf(kwargs: dict, same_update: bool = False):
 
 def plain_map(model, k: int, below, synapse):
     """``F_k`` (``synapse = W_k``) or ``G_k`` (``synapse = B_k``): pool(conv), linear or copy."""
-    kind = model.link_kinds[k]
-    if kind == "copy":
+    link = model.links[k]
+    if isinstance(link, CopyLink):
         return below
-    if kind == "linear":
+    if isinstance(link.synapse, torch.nn.Linear):
         return F.linear(below.flatten(1), synapse.weight, synapse.bias)
     z = F.conv2d(below, synapse.weight, synapse.bias, synapse.stride, synapse.padding)
-    pools = {"m": lambda t: F.max_pool2d(t, 2), "a": lambda t: F.avg_pool2d(t, 2)}
-    return pools.get(model.pools[k], lambda t: t)(z)
+    pool = type(link.base.pool)
+    pools = {MaxPool: lambda t: F.max_pool2d(t, 2), AvgPool: lambda t: F.avg_pool2d(t, 2)}
+    return pools.get(pool, lambda t: t)(z)
 
 
 def plain_loss(model, last, y):
@@ -60,10 +62,10 @@ def layer_phis(model, x, y, first, second, beta):
     layers_1, layers_2 = [x, *first], [x, *second]
     phis = []
     for k in range(model.num_layers):
-        forward = model.synapses[model.link_synapse[k]] if model.link_synapse[k] >= 0 else None
+        forward = model.links[k].synapse
         phi = (plain_map(model, k, layers_1[k], forward) * layers_2[k + 1]).flatten(1).sum(1)
         if k + 1 < model.num_layers:
-            backward = model.backward_synapses[model.link_backward[k + 1]]
+            backward = model.links[k + 1].backward
             feedback = plain_map(model, k + 1, layers_2[k + 1], backward) * layers_1[k + 2]
             phi = phi + feedback.flatten(1).sum(1)
         phis.append(phi)
@@ -78,7 +80,7 @@ def sigma_of_phi_gradients(model, x, y, states, beta, feedback_scale: float = 1.
     grads = [
         torch.autograd.grad(phi.sum(), leaf)[0] for phi, leaf in zip(phis, leaves, strict=True)
     ]
-    if model.link_kinds[0] == "copy":  # only the feedback part is scaled
+    if isinstance(model.links[0], CopyLink):  # only the feedback part is scaled
         grads[0] = x + feedback_scale * (grads[0] - x)
     expected = [model.sigma(grad) for grad in grads]
     if not model.softmax and model.loss_name == "cel":
@@ -88,10 +90,11 @@ def sigma_of_phi_gradients(model, x, y, states, beta, feedback_scale: float = 1.
 
 def weight_pairs(model):
     """(name of W_k, name of B_k) for every link with backward weights."""
+    names = {id(param): name for name, param in model.named_parameters()}
     return [
-        (f"synapses.{model.link_synapse[k]}.weight", f"backward_synapses.{index}.weight")
-        for k, index in enumerate(model.link_backward)
-        if index >= 0
+        (names[id(link.synapse.weight)], names[id(link.backward.weight)])
+        for link in model.links
+        if getattr(link, "backward", None) is not None
     ]
 
 
@@ -107,7 +110,7 @@ def test_vf_step_is_sigma_of_autograd_of_layer_phis(name, kwargs, input_shape, b
     with torch.no_grad():
         updated = model.step(x, y, neurons, beta)
     for k, (got, want) in enumerate(zip(updated, expected, strict=True)):
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=0, msg=f"layer {k + 1}")
+        torch.testing.assert_close(got, want, atol=1e-10, rtol=0, msg=f"layer {k + 1}")
 
 
 VARIANTS = [
@@ -145,7 +148,7 @@ def test_vf_syn_grads_equal_autograd_of_reference_phis(
 
     model.compute_syn_grads(x, y, first, nudged, betas, free)
     for param_name, param in model.named_parameters():
-        torch.testing.assert_close(param.grad, expected[param_name], atol=1e-5, rtol=0,
+        torch.testing.assert_close(param.grad, expected[param_name], atol=1e-10, rtol=0,
                                    msg=param_name)  # fmt: skip
 
 
@@ -223,11 +226,30 @@ def test_same_update_moves_both_weights_alike(cfg):
         assert angle == pytest.approx(twin_angles[key], abs=1e-5) and angle < 1e-5
 
 
-def test_without_same_update_the_updates_differ():
-    model = small_vf_cnn(same_update=False)
-    optimizer = make_optimizer(model, "sgd", [0.1] * 4)
-    x, y = torch.rand(6, 1, 8, 8), torch.arange(6)
-    train_batch(model, optimizer, x, y, EPConfig(T1=10, T2=4, betas=(0.0, 0.5)))
+@pytest.mark.parametrize("thirdphase", [False, True], ids=["one-sided", "third phase"])
+def test_seeded_vf_training_step_applies_the_reference_estimate(thirdphase):
+    """One seeded training step of the crossed VF_CNN (float64, plain SGD): every gradient is
+    autograd of the reference's crossed phis on the phases' own states (the nudged states
+    crossed with the free one, with the third phase too), every weight moves by ``-lr`` times
+    it, and each W_k and its B_k get different updates."""
+    model = small_vf_cnn(same_update=False).double()
+    untouched = copy.deepcopy(model)
+    generator = torch.Generator().manual_seed(7)
+    x, y = torch.rand(6, 1, 8, 8, generator=generator, dtype=torch.float64), torch.arange(6)
+    cfg = EPConfig(T1=10, T2=4, betas=(0.0, 0.5), thirdphase=thirdphase)
+    train_batch(model, make_optimizer(model, "sgd", [0.1] * 4), x, y, cfg)
+
+    free = untouched(x, y, untouched.init_neurons(x), cfg.T1)
+    nudged = untouched(x, y, free, cfg.T2, beta=0.5)
+    first, beta_1 = (untouched(x, y, free, cfg.T2, beta=-0.5), -0.5) if thirdphase else (free, 0.0)
+    phis_2 = layer_phis(untouched, x, y, free, nudged, 0.5)
+    phis_1 = layer_phis(untouched, x, y, free, first, beta_1)
+    objective = sum((p2 - p1).mean() for p2, p1 in zip(phis_2, phis_1, strict=True))
+    grads = torch.autograd.grad(objective / (beta_1 - 0.5), list(untouched.parameters()))
+    for (name, before), want in zip(untouched.named_parameters(), grads, strict=True):
+        after = model.get_parameter(name)
+        torch.testing.assert_close(after.grad, want, atol=1e-10, rtol=0, msg=name)
+        torch.testing.assert_close(after, before - 0.1 * want, atol=1e-12, rtol=0, msg=name)
     for forward, backward in weight_pairs(model):
         assert not torch.allclose(model.get_parameter(forward).grad,
                                   model.get_parameter(backward).grad)  # fmt: skip
@@ -239,11 +261,13 @@ def test_backward_weights_take_the_rates_of_their_forward_synapse():
     optimizer = make_optimizer(model, "sgd", lrs, wds)
     group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
     assert len(group_of) == len(list(model.parameters()))
-    for k, index in enumerate(model.link_backward):
-        if index >= 0:
-            group = group_of[id(model.backward_synapses[index].weight)]
-            synapse = model.link_synapse[k]
-            assert (group["lr"], group["weight_decay"]) == (lrs[synapse], wds[synapse])
+    synapse_of = {id(synapse.weight): i for i, synapse in enumerate(model.synapses)}
+    backward_links = [link for link in model.links if getattr(link, "backward", None) is not None]
+    assert len(backward_links) == len(model.backward_synapses) == 2
+    for link in backward_links:
+        group = group_of[id(link.backward.weight)]
+        synapse = synapse_of[id(link.synapse.weight)]
+        assert (group["lr"], group["weight_decay"]) == (lrs[synapse], wds[synapse])
 
 
 def test_bptt_gradient_of_backward_weights_matches_finite_differences():
@@ -310,17 +334,28 @@ def test_lca_vf_step_scales_only_the_feedback_into_the_copy_layer(feedback_scale
     torch.manual_seed(0)
     model = VF_LCA_CNN(**{**SMALL, "scale_feedback": feedback_scale}, dict_training="learn")
     model = model.double()
-    assert model.link_kinds[:2] == ["copy", "conv"] and len(model.backward_synapses) == 2
+    assert [link.name for link in model.links[:2]] == ["copy", "conv"]
+    assert len(model.backward_synapses) == 2
     x, y = batch()
     code = model.prepare_input(x.double()).code
     generator = torch.Generator().manual_seed(1)
-    states = [torch.rand((5, *shape), generator=generator, dtype=torch.float64)
-              for shape in model.layer_shapes]  # fmt: skip
+    states = [torch.rand((5, *link.shape), generator=generator, dtype=torch.float64)
+              for link in model.links]  # fmt: skip
     expected = sigma_of_phi_gradients(model, code, y, states, 0.5, feedback_scale)
     with torch.no_grad():
         updated = model.step(code, y, states, 0.5)
     for k, (got, want) in enumerate(zip(updated, expected, strict=True)):
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=0, msg=f"layer {k}")
+        torch.testing.assert_close(got, want, atol=1e-10, rtol=0, msg=f"layer {k}")
+
+
+def test_saved_names_are_the_synapses_the_backward_synapses_and_the_lca_layer():
+    """Links refer to the weights without registering them: a state dict holds exactly the
+    names runs have always been saved with."""
+    model = VF_LCA_CNN(**SMALL, dict_training="learn")
+    forward = {f"synapses.{i}.{p}" for i in range(3) for p in ("weight", "bias")}
+    backward = {f"backward_synapses.{j}.weight" for j in range(2)}
+    assert set(model.state_dict()) == forward | backward | {"lca.weights", "initial_dictionary"}
+    assert [name for name, _ in model.named_parameters()][-2:] == sorted(backward)
 
 
 # ---- command line -----------------------------------------------------------------------------

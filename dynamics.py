@@ -1,0 +1,247 @@
+"""The dynamics: how a phase moves an energy-based network's states, step by step.
+
+A step updates layers ``s_k <- sigma(dPhi/ds_k)`` (``EnergyNet.layer_update``), with
+``dPhi/ds_k = F_{k-1}(s_{k-1}) + F_k^T(s_{k+1})``. Both dynamics are the same two moves over
+groups of layers: *refresh* the links feeding the group (``F_k`` on the current state below,
+and the cache its adjoint needs), then *update* the group's layers from those drives and the
+caches of the links above them.
+
+* ``sync`` (default): one group, every layer, from the old states of both neighbours
+  (Jacobi-like).
+* ``async``: two half-steps, first the odd layers ``s_1, s_3, ...`` from the current even ones
+  (``s_0 = x`` counts as even), then the even layers from the new odd ones (Scellier et al.,
+  NeurIPS 2023). ``dPhi/ds_k`` only involves ``s_{k-1}`` and ``s_{k+1}``, which have the other
+  parity, so a half-step updates a whole parity at once, each layer exactly as if it were
+  updated alone. The links a half-step refreshes read states the next half-step leaves alone,
+  so their caches carry over to it: an asynchronous step runs every link's forward pass once,
+  as a synchronous one does.
+
+  For an activation that is a clamp with slope ``c`` on its linear range (``hard_sigmoid`` and
+  ``ctrd_hard_sig``: ``c = 1``; ``my_hard_sig``: ``c = 1/2``) take the energy
+  ``E(s) = sum_k ||s_k||^2 / (2c) - Phi(s)`` on the box of the clamp (``energy``).
+  ``E`` is quadratic in ``s_k`` for linear, copy, identity- and average-pooled links, and
+  ``s_k <- clamp(c dPhi/ds_k)`` is its exact minimiser over the box in ``s_k`` with the other
+  layers fixed: a half-step is exact block-coordinate descent of ``E``. Through a max-pool,
+  ``<P(conv(s_k)), s_{k+1}>`` is convex in ``s_k`` when ``s_{k+1} >= 0`` (as it is for
+  ``hard_sigmoid`` and ``my_hard_sig``), and the update minimises the majoriser of ``E`` that
+  linearises it at the current ``s_k``: ``E`` still never increases (majorise-minimise). Either
+  way the fixed points of ``async`` are those of ``sync``, which updates every layer from old
+  neighbours and can raise ``E`` and oscillate. The copy layer's scaled feedback
+  (``scale_feedback = g > 0``) is the exact minimiser of ``E`` with that layer's own terms
+  ``||s_0||^2 / (2c) - <x, s_0>`` divided by ``g``. The nudge (``beta != 0``) uses the output
+  layer's current state, so the nudged phase is not exact descent. Smooth activations (sigmoid,
+  tanh) follow the same scheme with their own energy, which ``energy`` does not provide.
+
+A phase (``run_phase``) runs ``T`` steps; with ``EnergyNet.tol`` it stops as soon as
+``max |s_t - s_(t-1)|`` over every layer and sample is below ``tol``, checked every
+``tol_every`` steps and at the cap ``T`` (a reduction and one host sync per check, none per
+step). Its ``PhaseRecord`` says how many steps it took and whether it settled.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from links import in_memory_format
+
+DYNAMICS = ("sync", "async")
+# The slope c of every activation that is a clamp on its linear range (see energy).
+CLAMP_SLOPES: dict[str, float] = {"hard_sigmoid": 1.0, "my_hard_sig": 0.5, "ctrd_hard_sig": 1.0}
+TOL_EVERY = 5  # with a tolerance, a phase checks whether it settled every this many steps
+
+# link k -> (F_k on the state below, its adjoint's cache), for the links refreshed so far
+Drives = dict[int, tuple[Tensor, tuple | None]]
+
+
+class PhaseRecord(NamedTuple):
+    """What a phase (one call of ``EnergyNet.forward``) did.
+
+    steps: the steps it took (``T`` without a tolerance);
+    settled: whether ``max |s_t - s_(t-1)|`` fell below the tolerance (None without one; False
+        when the phase stopped at its cap ``T``).
+    """
+
+    steps: int
+    settled: bool | None
+
+
+def max_change(before: list[Tensor], after: list[Tensor]) -> float:
+    """``max |after - before|`` over every layer and sample (one host sync)."""
+    changes = [(new - old).abs().max() for old, new in zip(before, after, strict=True)]
+    return torch.stack(changes).max().item()
+
+
+def parity_group(num_layers: int, parity: int) -> range:
+    """List indices of the layers ``s_k`` (1-based, ``s_0 = x``) with ``k % 2 == parity``."""
+    return range(1 - parity, num_layers, 2)
+
+
+def refresh(model, neurons: list[Tensor], input_drive: Tensor, layers, drives: Drives) -> None:
+    """Into ``drives``: the link feeding each layer of ``layers`` on the current state below it
+    (link 0's drive ``F_0(x)`` is ``input_drive``, computed once per phase)."""
+    links = model.links
+    for k in layers:
+        drives[k] = (input_drive, None) if k == 0 else links[k].drive(neurons[k - 1])
+
+
+def update(model, y: Tensor, neurons: list[Tensor], beta: float, layers, drives: Drives) -> None:
+    """The layers of ``layers`` in the list ``neurons`` (in place, in increasing order) from
+    their drives and the caches of the links above them. A layer reads only itself and the
+    layer above, so updating in increasing order reads the old states, as a step must."""
+    last = model.num_layers - 1
+    for k in layers:
+        above_cache = drives[k + 1][1] if k < last else None
+        neurons[k] = model.layer_update(k, drives[k][0], neurons, above_cache, y, beta)
+
+
+def sync_step(
+    model, y: Tensor, neurons: list[Tensor], beta: float, input_drive: Tensor
+) -> list[Tensor]:
+    """One synchronous step: every layer from the old states (the step ``--compile`` runs)."""
+    neurons, drives = list(neurons), {}
+    every = range(model.num_layers)
+    refresh(model, neurons, input_drive, every, drives)
+    update(model, y, neurons, beta, every, drives)
+    return neurons
+
+
+def half_steps(
+    model,
+    y: Tensor,
+    neurons: list[Tensor],
+    beta: float,
+    input_drive: Tensor,
+    drives: Drives,
+    parities=(1, 0),
+) -> list[Tensor]:
+    """Asynchronous half-steps, one per entry of ``parities`` (a step: odd, then even), on a
+    copy of ``neurons``. ``drives`` must hold the links feeding the other parity of the first;
+    it is left holding those of the last, for the next step."""
+    neurons = list(neurons)
+    for parity in parities:
+        group = parity_group(model.num_layers, parity)
+        refresh(model, neurons, input_drive, group, drives)
+        update(model, y, neurons, beta, group, drives)
+    return neurons
+
+
+def stepper(
+    model, y: Tensor, beta: float, input_drive: Tensor
+) -> Callable[[list[Tensor]], list[Tensor]]:
+    """The model's step for one phase, ``states -> next states``; the asynchronous one carries
+    its links' drives from step to step."""
+    if model.dynamics == "sync":
+        return lambda neurons: sync_step(model, y, neurons, beta, input_drive)
+    drives: Drives = {}
+
+    def async_step(neurons: list[Tensor]) -> list[Tensor]:
+        if not drives:
+            refresh(model, neurons, input_drive, parity_group(model.num_layers, 0), drives)
+        return half_steps(model, y, neurons, beta, input_drive, drives)
+
+    return async_step
+
+
+def run_phase(
+    model, x: Tensor, y: Tensor, neurons: list[Tensor], T: int, beta: float, track_grad: bool
+) -> tuple[list[Tensor], PhaseRecord]:
+    """At most ``T`` steps of the model's dynamics from ``neurons`` (in the engine's layouts).
+
+    With ``model.tol`` (and no ``track_grad``: BPTT backpropagates through exactly ``T``
+    steps) stop at the first check (every ``tol_every`` steps, and at ``T``) where
+    ``max |s_t - s_(t-1)|`` is below ``tol``. ``model.safe_point``, when set, runs between
+    steps. Returns the states and the phase's record.
+    """
+    if T == 0:
+        return neurons, PhaseRecord(0, None if model.tol is None or track_grad else False)
+    advance = stepper(model, y, beta, model.links[0].drive(x)[0])
+    checks = model.tol is not None and not track_grad
+    safe_point = model.safe_point
+    steps, settled = T, False if checks else None
+    for step in range(1, T + 1):
+        if safe_point is not None and step > 1:
+            safe_point()
+        previous, neurons = neurons, advance(neurons)
+        if checks and (step % model.tol_every == 0 or step == T):
+            settled = max_change(previous, neurons) < model.tol
+            if settled:
+                steps = step
+                break
+    return neurons, PhaseRecord(steps, settled)
+
+
+def half_step(model, x: Tensor, y: Tensor, neurons: list[Tensor], parity: int, beta: float = 0.0):
+    """One asynchronous half-step on its own: the layers of 1-based ``parity`` from the current
+    states of their neighbours; the others are kept."""
+    neurons = [in_memory_format(state) for state in neurons]
+    input_drive = model.links[0].drive(in_memory_format(x))[0]
+    drives: Drives = {}
+    refresh(model, neurons, input_drive, parity_group(model.num_layers, 1 - parity), drives)
+    return half_steps(model, y, neurons, beta, input_drive, drives, (parity,))
+
+
+def energy(model, x: Tensor, y: Tensor, neurons: list[Tensor], beta: float = 0.0) -> Tensor:
+    """``E = sum_k ||s_k||^2 / (2c) - Phi(x, s, beta)`` per sample (B,), for an activation
+    that is a clamp with slope ``c`` (``CLAMP_SLOPES``); states must lie in its box.
+
+    Output units without an activation (``cel`` without ``softmax``) take ``c = 1``. With a
+    copy layer whose feedback is scaled by ``g != 1`` its own terms
+    ``||s_0||^2 / (2c) - <x, s_0>`` are divided by ``g``: the dynamics descend that energy
+    (module docstring). The asynchronous free phase never raises ``E``.
+    """
+    if not model.has_energy:
+        raise ValueError(
+            f"energy is defined for clamp activations ({', '.join(CLAMP_SLOPES)}), "
+            f"not {model.activation!r}"
+        )
+    slopes = [CLAMP_SLOPES[model.activation]] * model.num_layers
+    if not model.softmax and model.loss_name == "cel":
+        slopes[-1] = 1.0
+    squares = [
+        state.pow(2).flatten(1).sum(1) / (2 * c) for state, c in zip(neurons, slopes, strict=True)
+    ]
+    energy = sum(squares) - model.Phi(x, y, neurons, beta)
+    g = model.links[0].feedback_scale
+    if g != 1.0:
+        copy_terms = squares[0] - (x * neurons[0]).flatten(1).sum(1)
+        energy = energy + (1.0 / g - 1.0) * copy_terms
+    return energy
+
+
+@torch.no_grad()
+def settling_trace(
+    model, x: Tensor, y: Tensor, T1: int, T2: int, betas: tuple[float, float]
+) -> dict[str, dict[str, Tensor | None]]:
+    """How each dynamics settles the batch ``x``: per ``sync`` and ``async``, a free phase of
+    ``T1`` steps from zero at ``betas[0]`` and a nudged phase of ``T2`` steps from its end at
+    ``betas[1]``, every step taken (no tolerance).
+
+    Returns per dynamics ``free_energy`` (T1 + 1,) and ``nudged_energy`` (T2 + 1,): the mean
+    energy (``EnergyNet.energy``, with each phase's beta) over the batch from the phase's start,
+    None when the model has none (``has_energy``); ``free_change`` (T1,), ``nudged_change`` (T2,):
+    ``max |s_t - s_(t-1)|`` over layers and samples at every step.
+    """
+    encoding = model.prepare_input(x)
+    code = encoding.code
+    has_energy = model.has_energy
+    traces = {}
+    for dynamics in DYNAMICS:
+        trace: dict[str, Tensor | None] = {}
+        neurons = model.init_neurons(code)
+        with model.dynamics_set_to(dynamics):
+            for phase, T, beta in (("free", T1, betas[0]), ("nudged", T2, betas[1])):
+                energies, changes = [], []
+                for step in range(T + 1):
+                    if has_energy:
+                        energies.append(model.energy(code, y, neurons, beta).mean())
+                    if step < T:
+                        previous, neurons = neurons, model(code, y, neurons, 1, beta)
+                        changes.append(torch.tensor(max_change(previous, neurons)))
+                trace[f"{phase}_energy"] = torch.stack(energies).cpu() if has_energy else None
+                trace[f"{phase}_change"] = torch.stack(changes) if changes else torch.zeros(0)
+        traces[dynamics] = trace
+    return traces
