@@ -5,7 +5,8 @@ import shlex
 import subprocess
 
 import torch
-from test_cli import DIGITS_CNN, ROOT, load, only_run_dir, read_csv, seed_argv
+from helpers import DIGITS_CNN_BATCHED as DIGITS_CNN
+from helpers import ROOT, load, only_run_dir, read_csv, seed_argv
 
 import main_fast
 

@@ -20,6 +20,7 @@ import cifar_dictlearning
 import main_fast
 import robustness
 import runs
+import storage
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "eval_lcanet.ipynb"
@@ -33,7 +34,7 @@ LCA_FIGURES = {
     "dictionaries.png",
     "reconstructions.png",
 }
-RUN_TABLES = {"runs.csv", "per_class_accuracy.csv"}
+RUN_TABLES = {"storage.csv", "per_class_accuracy.csv"}
 ROBUSTNESS_FILES = {"robustness_comparison.png", "robustness_comparison.csv"}
 LCA_TABLES = {"dictionary_drift.csv"}
 
@@ -177,7 +178,7 @@ def test_notebook_on_cnn_and_finetune_runs(tiny_runs, tmp_path):
     robust = read_csv(figures / "robustness_comparison.csv")
     assert len(robust) == 2
     for row, run_dir in zip(robust, (tiny_runs["cnn"], tiny_runs["lcacnn"]), strict=True):
-        saved = runs.read_csv_rows(run_dir / robustness.ROBUSTNESS_CSV)
+        saved = storage.read_csv_rows(run_dir / robustness.ROBUSTNESS_CSV)
         by_attack = {(r["attack"], r["epsilon"], r["gradient"]): r["accuracy"] for r in saved}
         assert float(row["clean"]) == pytest.approx(by_attack[("clean", 0.0, "none")])
         assert float(row["pgd-linf eps 0.1 ep"]) == pytest.approx(
@@ -190,7 +191,7 @@ def test_notebook_on_cnn_and_finetune_runs(tiny_runs, tmp_path):
             by_attack[("corruption_mean", 0.0, "none")]
         )
 
-    table = {row["model"]: row for row in read_csv(figures / "runs.csv")}
+    table = {row["model"]: row for row in read_csv(figures / "storage.csv")}
     assert set(table) == {"CNN", "LCACNN"}
     for model, run_dir in (("CNN", tiny_runs["cnn"]), ("LCACNN", tiny_runs["lcacnn"])):
         row, results = table[model], runs.read_results(run_dir)
@@ -228,7 +229,7 @@ def test_notebook_with_only_cnn_runs(tiny_runs, tmp_path):
 
     assert {p.name for p in figures.iterdir()} == RUN_FIGURES | RUN_TABLES | ROBUSTNESS_FILES
     assert inline_images(notebook) == len(RUN_FIGURES) + 1
-    (row,) = read_csv(figures / "runs.csv")
+    (row,) = read_csv(figures / "storage.csv")
     assert row["model"] == "CNN" and Path(row["folder"]) == tiny_runs["cnn"]
     assert printed(notebook).count("No LCA runs") == 3  # sections 3, 4 and 5
 
