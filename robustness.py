@@ -82,6 +82,7 @@ CORRUPTIONS = (
 SEVERITIES = (1, 2, 3, 4, 5)
 RELEASE_FOLDERS = {"CIFAR10": "CIFAR-10-C", "CIFAR100": "CIFAR-100-C"}
 STORAGE_FIX = "free space or make the run folder writable; robustness.csv keeps the rows so far"
+KEPT_NOTE = "; robustness.csv keeps the rows measured so far"
 
 
 @dataclass(frozen=True)
@@ -583,7 +584,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         run(args)
         return entry.EXIT_OK
 
-    return entry.run_script(work, storage.ERROR_STATUSES, STORAGE_FIX)
+    return entry.run_script(work, storage.ERROR_STATUSES, STORAGE_FIX, KEPT_NOTE)
 
 
 if __name__ == "__main__":

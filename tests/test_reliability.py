@@ -31,6 +31,7 @@ import data_loading
 import entry
 import main_fast
 import records
+import robustness
 import runs
 import storage
 
@@ -112,6 +113,49 @@ def test_sigterm_saves_the_weights_and_prints_the_resume_command(tmp_path):
     done = torch.load(run_dir / "checkpoint.pt", weights_only=True)["epoch"]
     assert torch.load(run_dir / "interrupted.pt", weights_only=True)["epoch"] == done >= 1
     assert main_fast.main(["--load-path", str(run_dir), "--epochs", str(done + 1)]) == 0
+
+
+def robustness_argv(run_dir: Path, *extra: str) -> list[str]:
+    return ["robustness.py", "--load-path", str(run_dir), "--device", "cpu", "--n-samples",
+            "20", "--attacks", "pgd-linf", "--gradients", "bptt", *extra]  # fmt: skip
+
+
+def test_sigterm_stops_robustness_keeping_the_rows_measured(tmp_path, capsys):
+    run_dir = saved_run(tmp_path, capsys)
+    epsilons = [f"{0.01 * i:g}" for i in range(100)]
+    child = start(robustness_argv(run_dir, "--steps", "50", "--eps", *epsilons))
+    csv_path = run_dir / "robustness.csv"
+
+    def attacked_or_ended() -> bool:  # the clean row and one attack's row, or an early exit
+        rows = csv_path.read_text().splitlines() if csv_path.is_file() else []
+        return len(rows) > 2 or child.poll() is not None
+
+    try:
+        wait_for(attacked_or_ended, "the first attack")
+        assert child.poll() is None, child.communicate()
+        child.send_signal(signal.SIGTERM)
+        _, err = child.communicate(timeout=WAIT)
+    finally:
+        child.kill()
+    assert child.returncode == 143 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == (
+        "terminated (SIGTERM); robustness.csv keeps the rows measured so far"
+    )
+    rows = storage.read_csv_rows(csv_path)
+    assert rows[0]["attack"] == "clean" and rows[1]["attack"] == "pgd-linf"
+
+
+def test_robustness_reports_a_failed_write_in_one_line(tmp_path, capsys, monkeypatch):
+    run_dir = saved_run(tmp_path, capsys)
+
+    def disk_full(path, row):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(storage, "append_csv_row", disk_full)
+    assert robustness.main(robustness_argv(run_dir, "--steps", "1", "--eps", "0")[1:]) == 74
+    line = one_error_line(capsys.readouterr().err)
+    assert line.startswith(f"error: cannot write or read a file ({run_dir / 'robustness.csv'})")
+    assert "No space left on device [ENOSPC]" in line
 
 
 def test_sigterm_stops_dictionary_learning_keeping_the_last_dictionary(tmp_path):
@@ -353,9 +397,7 @@ def test_resume_applies_typed_learning_rates_and_weight_decays(tmp_path, capsys)
     assert "lrs: [0.05, 0.02] (from epoch 1)\nwds: [0.001, 0.002] (from epoch 1)" in text
 
 
-def test_resume_of_a_vector_field_run_gives_backward_weights_their_synapse_rates(
-    tmp_path, capsys
-):
+def test_resume_of_a_vector_field_run_gives_backward_weights_their_synapse_rates(tmp_path, capsys):
     """VFCNN here: conv W_0, readout W_1 and the readout's backward weights B_1, three param
     groups for two synapses. ``--lrs`` / ``--wds`` on a resume take one value per synapse, and
     B_1 takes W_1's (as a new run gives it)."""
