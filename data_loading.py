@@ -5,8 +5,9 @@
 ``DIGITS`` is scikit-learn's bundled 8x8 digits and needs no files. ``build_datasets`` gives a
 task's train and test splits (files already there are used without the network; local
 archives are unpacked; copies without the official checksums are read only after their
-pickles are checked to hold data), ``make_loader`` their seeded loaders, ``task_info`` the
-image shape and classes of a task, ``input_normalization`` its pixel normalisation.
+pickles are checked to hold data), ``make_loader`` their seeded loaders (``run_loaders``
+those of a run, with its probe batch), ``task_info`` the image shape and classes of a task,
+``input_normalization`` its pixel normalisation.
 """
 
 from __future__ import annotations

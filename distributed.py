@@ -36,7 +36,6 @@ import contextlib
 import datetime
 import os
 import random
-import signal
 import sys
 import threading
 import time
@@ -340,14 +339,12 @@ class FailureBoard:
         )  # fmt: skip
         cls.store = dist.PrefixStore(f"data_parallel_failures/{restart}", client)
         threading.Thread(target=cls._watch, name="failure-watcher", daemon=True).start()
-        previous = signal.getsignal(signal.SIGINT)
-        if previous is signal.default_int_handler:
-            signal.signal(signal.SIGINT, cls._on_interrupt)
+        entry.note_interrupts(cls.stop)
 
     @classmethod
-    def _on_interrupt(cls, signum, frame) -> None:
+    def stop(cls) -> None:
+        """This rank is on its way out (Ctrl-C): the watcher lets it finish."""
         cls.stopping = True
-        raise KeyboardInterrupt
 
     @classmethod
     def read(cls) -> tuple[int, int] | None:

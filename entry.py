@@ -11,7 +11,7 @@ table of exit statuses holds for each of them:
 A failure the user can act on is one ``error:`` line on stderr, naming the problem and the fix.
 This module imports the standard library only: a script calls :func:`quit_while_importing`
 before it imports torch, and then :func:`run_script` around its work. Every signal handler of
-the scripts is installed here.
+the scripts is installed here (``distributed.py`` hooks ``note_interrupts``).
 
 Also here: the parser every script starts from (``command_parser``, errors as UsageErrors),
 the dash and underscore spellings of a flag, and the range check of a number flag.
@@ -93,6 +93,18 @@ def signals_as_interrupts() -> Iterator[None]:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+def note_interrupts(note: Callable[[], None]) -> None:
+    """Where Ctrl-C raises ``KeyboardInterrupt`` (Python's default handler), call ``note()``
+    first; other handlers are left as they are."""
+
+    def interrupt(signum, frame):
+        note()
+        raise KeyboardInterrupt
+
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, interrupt)
 
 
 def exit_status_of(interrupt: KeyboardInterrupt) -> int:

@@ -16,6 +16,9 @@ and ``best_test_acc``. All are plain tensors and containers, read back with
 A dictionary of ``cifar_dictlearning.py`` is ``{"weights": (F, C, k, k), "config": LCA
 settings}`` in ``dictionary.pt``, with ``subset_indices.pt`` (the training images it was learnt
 on) beside it; EP trains on the other images (``training_indices``).
+
+Also here: the RNG state a checkpoint carries (``get_rng_state`` / ``set_rng_state``,
+``restore_rng``) and ``seed_everything``, which starts a run's generators.
 """
 
 from __future__ import annotations
@@ -162,11 +165,6 @@ def save_dictionary(path: str | Path, lca: LCAConv2D, subset_indices: Tensor | N
         atomic_save(indices, subset_indices_path(path))
     record = {"weights": lca.get_weights().cpu(), "config": lca.settings()}
     atomic_save(record, path)
-
-
-def dictionary_file(path: str | Path) -> str:
-    """``--dict-path``: a dictionary file, or the folder cifar_dictlearning.py wrote it in."""
-    return str(Path(path) / "dictionary.pt") if Path(path).is_dir() else str(path)
 
 
 def _load_dictionary_file(path: str | Path, what: str) -> Any:

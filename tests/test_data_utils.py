@@ -1,4 +1,4 @@
-"""Tests of data_utils: datasets from real on-disk formats and loaders. Nothing here touches
+"""Tests of data_loading: datasets from real on-disk formats and loaders. Nothing here touches
 the network (run folders and figures: test_runs.py)."""
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
-"""Tests of runs: run folders, text and CSV logs, atomic saves, safe loading, RNG state and
-dictionary files; and of the figures of data_utils, written the way runs writes them."""
+"""Tests of run folders (runs), text and CSV logs, atomic saves and safe loading (storage), RNG
+state and dictionary files (records); and of the figures of data_utils, written the way a run
+writes them."""
 
 from __future__ import annotations
 
