@@ -33,6 +33,7 @@ if __name__ == "__main__":  # Ctrl-C or SIGTERM while the libraries load: no tra
 
 import argparse
 import contextlib
+import functools
 import math
 import os
 import sys
@@ -281,11 +282,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def learn_reporting(args: argparse.Namespace) -> int:
     """:func:`run`, every failure reported as one line (``entry``); returns the exit status."""
-
-    def work() -> int:
-        run(args)
-        return entry.EXIT_OK
-
+    work = functools.partial(run, args)
     return entry.run_script(work, storage.ERROR_STATUSES, STORAGE_FIX, KEPT_NOTE)
 
 

@@ -175,14 +175,15 @@ def fail(message: str, status: int) -> int:
 
 
 def run_script(
-    work: Callable[[], int], statuses: Statuses, storage_fix: str, kept_note: str = ""
+    work: Callable[[], Any], statuses: Statuses, storage_fix: str, kept_note: str = ""
 ) -> int:
-    """Run ``work`` (returns the exit status) with SIGINT and SIGTERM raised as interrupts,
-    and turn the failures :func:`failure` knows into their exit status and one line on stderr
-    (an interrupt: what stopped the process, then ``kept_note``). Others propagate."""
+    """Run ``work`` with SIGINT and SIGTERM raised as interrupts; returns the exit status:
+    what ``work`` returns when it is an int, else 0 (done). The failures :func:`failure` knows
+    become their exit status and one line on stderr (an interrupt: what stopped the process,
+    then ``kept_note``); others propagate."""
     try:
         with signals_as_interrupts():
-            return work()
+            result = work()
     except BaseException as error:
         known = failure(error, statuses, storage_fix)
         if known is None:
@@ -192,6 +193,8 @@ def run_script(
             print(f"\n{message}{kept_note}", file=sys.stderr)
             return status
         return fail(message, status)
+    is_status = isinstance(result, int) and not isinstance(result, bool)
+    return result if is_status else EXIT_OK
 
 
 # --------------------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ if __name__ == "__main__":  # Ctrl-C or SIGTERM while the libraries load: no tra
     entry.quit_while_importing()
 
 import argparse
+import functools
 import sys
 import time
 import warnings
@@ -579,11 +580,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except UsageError as error:
         return entry.fail(str(error), entry.EXIT_USAGE)
-
-    def work() -> int:
-        run(args)
-        return entry.EXIT_OK
-
+    work = functools.partial(run, args)
     return entry.run_script(work, storage.ERROR_STATUSES, STORAGE_FIX, KEPT_NOTE)
 
 

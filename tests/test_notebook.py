@@ -34,7 +34,7 @@ LCA_FIGURES = {
     "dictionaries.png",
     "reconstructions.png",
 }
-RUN_TABLES = {"storage.csv", "per_class_accuracy.csv"}
+RUN_TABLES = {"runs.csv", "per_class_accuracy.csv"}
 ROBUSTNESS_FILES = {"robustness_comparison.png", "robustness_comparison.csv"}
 LCA_TABLES = {"dictionary_drift.csv"}
 
@@ -191,7 +191,7 @@ def test_notebook_on_cnn_and_finetune_runs(tiny_runs, tmp_path):
             by_attack[("corruption_mean", 0.0, "none")]
         )
 
-    table = {row["model"]: row for row in read_csv(figures / "storage.csv")}
+    table = {row["model"]: row for row in read_csv(figures / "runs.csv")}
     assert set(table) == {"CNN", "LCACNN"}
     for model, run_dir in (("CNN", tiny_runs["cnn"]), ("LCACNN", tiny_runs["lcacnn"])):
         row, results = table[model], runs.read_results(run_dir)
@@ -229,7 +229,7 @@ def test_notebook_with_only_cnn_runs(tiny_runs, tmp_path):
 
     assert {p.name for p in figures.iterdir()} == RUN_FIGURES | RUN_TABLES | ROBUSTNESS_FILES
     assert inline_images(notebook) == len(RUN_FIGURES) + 1
-    (row,) = read_csv(figures / "storage.csv")
+    (row,) = read_csv(figures / "runs.csv")
     assert row["model"] == "CNN" and Path(row["folder"]) == tiny_runs["cnn"]
     assert printed(notebook).count("No LCA runs") == 3  # sections 3, 4 and 5
 

@@ -214,7 +214,7 @@ def test_one_command_line_starts_and_after_a_preemption_resumes(tmp_path, monkey
 # --------------------------------------------------------------- 3. one writer per run folder
 
 HOLD_LOCK = (
-    "import sys, time, runs; storage.FolderLock(sys.argv[1]).__enter__(); "
+    "import sys, time, storage; storage.FolderLock(sys.argv[1]).__enter__(); "
     "print('locked', flush=True); time.sleep(600)"
 )
 
@@ -244,7 +244,7 @@ def test_second_writer_is_refused_and_a_stale_lock_is_taken_over(tmp_path, capsy
 
 
 def test_without_flock_a_lock_is_judged_by_the_process_it_names(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(runs, "fcntl", None)  # as on a filesystem or system without flock
+    monkeypatch.setattr(storage, "fcntl", None)  # as on a filesystem or system without flock
     host, lock_file = socket.gethostname(), tmp_path / ".lock"
     lock_file.write_text(f"{os.getppid()} {host}\n")  # alive: the process that started pytest
     with pytest.raises(storage.FolderBusyError, match=f"process {os.getppid()} on {host}"):
