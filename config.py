@@ -431,3 +431,30 @@ def saved_flags(
     if flags["dict_path"]:
         flags["dict_path"] = dictionary_file(flags["dict_path"])
     return flags
+
+
+def resume_flags(
+    checkpoint: dict, typed: Mapping[str, Any], explicit: set[str], n_synapses: int
+) -> tuple[dict, list[str]]:
+    """The flags to resume ``checkpoint`` with (``saved_flags`` with ``RESUME_OVERRIDES``), and
+    which of ``--lrs`` / ``--wds`` the command line changes: one value per synapse of the saved
+    model (``n_synapses``; a vector-field model's backward weights take their forward
+    synapse's). UsageError when the run has its epochs already."""
+    flags = saved_flags(checkpoint["args"], typed, explicit, RESUME_OVERRIDES)
+    check_positive(flags, ("epochs",))
+    done = checkpoint["epoch"]
+    if done >= flags["epochs"]:
+        raise UsageError(
+            f"{typed['load_path']} already has {done} epochs; pass --epochs N with N > {done} "
+            f"to train further"
+        )
+    changed = []
+    for name in sorted({"lrs", "wds"} & explicit):
+        why = f"one per synapse, {n_synapses}"
+        flags[name] = values = fit_list(name, flags[name], n_synapses, why)
+        if values != checkpoint["args"].get(name):  # a requeued command line changes nothing
+            changed.append(name)
+            print(f"notice: --{name} {' '.join(map(str, values))} replaces the saved values "
+                  f"from epoch {done} on")  # fmt: skip
+    check_numbers(flags, {name: FLOAT_RANGES[name] for name in changed})
+    return flags, changed

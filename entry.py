@@ -95,6 +95,12 @@ def signals_as_interrupts() -> Iterator[None]:
             signal.signal(signum, handler)
 
 
+def with_signals(work: Callable[[], Any]) -> Any:
+    """``work()`` with SIGINT and SIGTERM raised as interrupts (:func:`signals_as_interrupts`)."""
+    with signals_as_interrupts():
+        return work()
+
+
 def note_interrupts(note: Callable[[], None]) -> None:
     """Where Ctrl-C raises ``KeyboardInterrupt`` (Python's default handler), call ``note()``
     first; other handlers are left as they are."""
@@ -182,8 +188,7 @@ def run_script(
     become their exit status and one line on stderr (an interrupt: what stopped the process,
     then ``kept_note``); others propagate."""
     try:
-        with signals_as_interrupts():
-            result = work()
+        result = with_signals(work)
     except BaseException as error:
         known = failure(error, statuses, storage_fix)
         if known is None:

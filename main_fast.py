@@ -233,25 +233,7 @@ def run_train(args: argparse.Namespace, explicit: set[str], argv: list[str]) -> 
     """
     main_process = distributed.is_main_process()
     with contextlib.ExitStack() as held:
-        checkpoint, changed, run_dir, given = None, [], None, vars(args)
-        if args.load_path:
-            run_dir = Path(args.load_path)
-            run_dir = run_dir.parent if run_dir.is_file() else run_dir
-            given = {**given, "load_path": str(run_dir)}
-            fresh = args.save and run_dir.suffix != ".pt" and runs.is_unstarted(run_dir)
-            if fresh:
-                print(f"notice: {run_dir} holds no checkpoint yet, so a new run starts there")
-                settings = check_args(given)
-                if main_process:
-                    storage.check_writable(run_dir, "load-path")
-            if run_dir.is_dir() and main_process:
-                held.enter_context(storage.FolderLock(run_dir))
-            if not fresh:
-                settings, checkpoint, changed = load_checkpoint(given, explicit)
-        else:
-            settings = check_args(given)
-            if args.save and main_process:
-                storage.check_writable(args.results_dir, "results-dir")
+        settings, checkpoint, changed, run_dir = train_settings(args, explicit, held)
         note_unsaved(settings)
         device = distributed.device_for(settings.run.device)
         records.seed_everything(settings.run.seed)
@@ -292,30 +274,42 @@ def run_train(args: argparse.Namespace, explicit: set[str], argv: list[str]) -> 
         )
 
 
+def train_settings(
+    args: argparse.Namespace, explicit: set[str], held: contextlib.ExitStack
+) -> tuple[Settings, dict | None, list[str], Path | None]:
+    """The settings of the run to train, the checkpoint it resumes (None: a new run), the flags
+    the resume changes, and the run folder given (None: a new one under --results-dir), which
+    is locked in ``held``; unwritable folders fail here, before any work."""
+    main_process = distributed.is_main_process()
+    if not args.load_path:
+        settings = check_args(vars(args))
+        if args.save and main_process:
+            storage.check_writable(args.results_dir, "results-dir")
+        return settings, None, [], None
+    run_dir = Path(args.load_path)
+    run_dir = run_dir.parent if run_dir.is_file() else run_dir
+    given = {**vars(args), "load_path": str(run_dir)}
+    fresh = args.save and run_dir.suffix != ".pt" and runs.is_unstarted(run_dir)
+    if fresh:
+        print(f"notice: {run_dir} holds no checkpoint yet, so a new run starts there")
+        settings = check_args(given)
+        if main_process:
+            storage.check_writable(run_dir, "load-path")
+    if run_dir.is_dir() and main_process:
+        held.enter_context(storage.FolderLock(run_dir))
+    if fresh:
+        return settings, None, [], run_dir
+    return (*load_checkpoint(given, explicit), run_dir)
+
+
 def load_checkpoint(
     typed: Mapping[str, Any], explicit: set[str]
 ) -> tuple[Settings, dict, list[str]]:
     """The checkpoint of the run folder ``--load-path``, the settings to resume it with, and
-    which of ``--lrs`` / ``--wds`` the command line changes (one value per synapse: a
-    vector-field model's backward weights take their forward synapse's)."""
+    which of ``--lrs`` / ``--wds`` the command line changes (``config.resume_flags``)."""
     checkpoint = records.load_checkpoint(typed["load_path"])
-    flags = config.saved_flags(checkpoint["args"], typed, explicit, config.RESUME_OVERRIDES)
-    config.check_positive(flags, ("epochs",))
-    if checkpoint["epoch"] >= flags["epochs"]:
-        raise UsageError(
-            f"{typed['load_path']} already has {checkpoint['epoch']} epochs; pass --epochs N "
-            f"with N > {checkpoint['epoch']} to train further"
-        )
-    changed = []
     n_synapses = records.synapse_count(checkpoint)
-    for name in sorted({"lrs", "wds"} & explicit):
-        why = f"one per synapse, {n_synapses}"
-        flags[name] = values = config.fit_list(name, flags[name], n_synapses, why)
-        if values != checkpoint["args"].get(name):  # a requeued command line changes nothing
-            changed.append(name)
-            print(f"notice: --{name} {' '.join(map(str, values))} replaces the saved values "
-                  f"from epoch {checkpoint['epoch']} on")  # fmt: skip
-    entry.check_numbers(flags, {name: config.FLOAT_RANGES[name] for name in changed})
+    flags, changed = config.resume_flags(checkpoint, typed, explicit, n_synapses)
     return config.settings(flags), checkpoint, changed
 
 
@@ -414,14 +408,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not distributed.launched():
         return entry.run_script(todo, ERROR_STATUSES, STORAGE_FIX)
     typed = "device" in explicit
-    with_signals = functools.partial(run_with_signals, todo)
+    with_signals = functools.partial(entry.with_signals, todo)
     return distributed.run(with_signals, args.device, typed, args.dist_timeout, ERROR_STATUSES)
-
-
-def run_with_signals(todo: Callable[[], int]) -> int:
-    """``todo`` with SIGINT and SIGTERM raised as interrupts (``entry``)."""
-    with entry.signals_as_interrupts():
-        return todo()
 
 
 if __name__ == "__main__":
