@@ -3,6 +3,7 @@ results folder they leave, exact resume, evaluation, MNIST / DIGITS runs and the
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import shlex
@@ -177,6 +178,39 @@ def test_resume_ignores_retyped_architecture(tmp_path, capsys):
     config = load(run_dir / "final_model.pt")["model_config"]
     assert config["kwargs"]["channels"] == [4]
     assert len(read_csv(run_dir)) == 2
+
+
+def test_flags_become_frozen_configurations_and_the_namespace_is_left_alone():
+    argv = [*DIGITS_CNN_BATCHED, "--lrs", "0.1", "0.05", "0.02", "--task", "digits"]
+    args, _ = main_fast.parse_args(argv)
+    typed = dict(vars(args))
+    settings = main_fast.check_args(vars(args))
+    assert vars(args) == typed  # the extra rate and the spelling of the task stay as typed
+    assert settings.optim.lrs == (0.1, 0.05) and settings.flags["lrs"] == [0.1, 0.05]
+    assert (settings.model.task, settings.data.task) == ("DIGITS", "DIGITS")
+    assert (settings.dynamics.T1, settings.dynamics.T2, settings.data.mbs) == (3, 2, 256)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.optim.lrs = (1.0, 1.0)
+    with pytest.raises(TypeError):
+        settings.flags["lrs"] = [1.0, 1.0]
+    assert settings.model.model_config() == {
+        "model": "CNN",
+        "kwargs": {"in_size": 8, "in_channels": 1, "channels": [4], "kernels": [3],
+                   "strides": [1], "paddings": [1], "pools": "m", "fc": [10],
+                   "activation": "mysig", "softmax": False, "loss": "mse", "scale": None},
+    }  # fmt: skip
+
+
+def test_records_hold_the_configurations_as_plain_dicts(tmp_path, capsys):
+    assert main_fast.main(DIGITS_CNN_BATCHED + ["--save", "--results-dir", str(tmp_path)]) == 0
+    run_dir = only_run_dir(tmp_path)
+    args, _ = main_fast.parse_args([*DIGITS_CNN_BATCHED, "--save", "--results-dir", str(tmp_path)])
+    settings = main_fast.check_args(vars(args))
+    for name in ("checkpoint.pt", "model.pt", "final_model.pt"):
+        record = load(run_dir / name)  # weights_only=True: plain containers only
+        assert record["config"] == settings.plain() and record["args"] == settings.args()
+        assert record["config"]["optim"]["lrs"] == [0.1, 0.1]
+        assert record["config"]["dynamics"]["betas"] == [0.0, 0.01]
 
 
 def test_digits_pretrained_then_evaluate_reproduces_test_accuracy(tmp_path, capsys):
