@@ -53,7 +53,7 @@ DEFAULT_EPSILONS: dict[str, tuple[float, float]] = {
 
 
 def default_epsilons(task: str) -> tuple[float, float]:
-    """``(L-inf eps, L2 eps)`` of ``task`` (its spelling in ``data_utils.TASKS``): CIFAR10,
+    """``(L-inf eps, L2 eps)`` of ``task`` (its spelling in ``data_loading.TASKS``): CIFAR10,
     CIFAR100, SVHN 8/255 and 0.5; MNIST, DIGITS 0.3 and 2.0; FashionMNIST 0.1 and 1.5."""
     if task not in DEFAULT_EPSILONS:
         raise ValueError(f"no default epsilons for task {task!r}; give --eps and --eps-l2")

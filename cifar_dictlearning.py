@@ -15,9 +15,9 @@ Written to ``--out-dir`` (default ``./dictionaries/<task>``):
     dictionary.png        the features as a grid
     dictlearning_curves.png  the four metrics against the epoch
 
-One process writes an output folder at a time. Exit status as ``main_fast.py``: 0 done, 2 bad
-input, 74 a file could not be written, 75 another process writes the folder, 130 Ctrl-C,
-143 SIGTERM (the dictionary of the last finished epoch is kept).
+One process writes an output folder at a time. Exit statuses and one-line errors are those of
+``entry.py``: 0 done, 2 bad input, 74 a file could not be written, 75 another process writes
+the folder, 130 Ctrl-C, 143 SIGTERM (the dictionary of the last finished epoch is kept).
 
 Under ``torchrun --nproc_per_node N cifar_dictlearning.py ...`` every batch of ``--mbs`` images
 is split over the N processes, which sum the rule's batch terms before each update, so the
@@ -26,22 +26,17 @@ dictionary is the one a single process learns (``distributed.py``); rank 0 write
 
 from __future__ import annotations
 
-import signal
-import sys
-
-
-def _quit(signum, frame):  # until main() takes over
-    sys.exit(128 + signum)
-
+import entry
 
 if __name__ == "__main__":  # Ctrl-C or SIGTERM while the libraries load: no traceback
-    signal.signal(signal.SIGINT, _quit)
-    signal.signal(signal.SIGTERM, _quit)
+    entry.quit_while_importing()
 
 import argparse
 import contextlib
+import functools
 import math
 import os
+import sys
 import time
 from collections.abc import Sequence
 from itertools import islice
@@ -51,8 +46,10 @@ from tqdm import tqdm
 
 import data_utils
 import distributed
-import runs
-from data_utils import UsageError, build_datasets, canonical_task, make_loader, task_info
+import records
+import storage
+from data_loading import TASKS, build_datasets, canonical_task, make_loader, task_info
+from entry import UsageError
 from lca import LCAConv2D, compute_frac_active, compute_l1_sparsity, compute_l2_error
 
 DICTIONARY_FILE = "dictionary.pt"
@@ -76,16 +73,16 @@ def build_parser() -> argparse.ArgumentParser:
     """The flags, spelled as ``main_fast.py`` spells the same things (``--lca_feats``,
     ``--mbs``, ``--num-workers``, ...); the older names (``--features``, ``--batch-size``,
     ``--workers``, ...) are kept as aliases. Every flag has dash and underscore spellings."""
-    parser = argparse.ArgumentParser(
-        description="Learn an LCA sparse-coding dictionary (defaults: the original CIFAR-10 run).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    parser = entry.command_parser(
+        "cifar_dictlearning.py",
+        "Learn an LCA sparse-coding dictionary (defaults: the original CIFAR-10 run).",
     )
 
     def add(*names: str, **kwargs) -> None:
         dest = names[0][2:].replace("-", "_")
-        parser.add_argument(*data_utils.flag_spellings(*names), dest=dest, **kwargs)
+        parser.add_argument(*entry.flag_spellings(*names), dest=dest, **kwargs)
 
-    tasks = ", ".join(data_utils.TASKS)
+    tasks = ", ".join(TASKS)
     add("--task", default="CIFAR10", help=f"dataset, one of {tasks}")
     add("--data-dir", default="./data", help="where the datasets are (or go)")
     add("--out-dir", default=None, help="output folder; None means ./dictionaries/<task>")
@@ -123,8 +120,8 @@ def check_args(args: argparse.Namespace) -> None:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
     if args.max_batches is not None and args.max_batches < 1:
         raise UsageError("--max-batches must be at least 1")
-    data_utils.check_numbers(args, FLOAT_RANGES, FLAGS)
-    data_utils.check_number("d-update-clip", args.d_update_clip, 0, low_open=True, allow_inf=True)
+    entry.check_numbers(args, FLOAT_RANGES, FLAGS)
+    entry.check_number("d-update-clip", args.d_update_clip, 0, low_open=True, allow_inf=True)
     if args.lca_ksize % 2 == 0:
         raise UsageError("--lca_ksize must be odd (LCA uses 'same' padding)")
     if args.lambda_every is not None and args.lambda_every < 0:
@@ -201,7 +198,7 @@ def learn(args: argparse.Namespace, held: contextlib.ExitStack) -> LCAConv2D:
             file=sys.stderr,
         )
 
-    runs.check_writable(out_dir, "out-dir")
+    storage.check_writable(out_dir, "out-dir")
     train_set, _ = build_datasets(
         task, args.data_dir, data_aug=False, download=not args.no_download
     )
@@ -227,7 +224,7 @@ def learn(args: argparse.Namespace, held: contextlib.ExitStack) -> LCAConv2D:
 
     writes = distributed.is_main_process()
     if writes:
-        held.enter_context(runs.FolderLock(out_dir))
+        held.enter_context(storage.FolderLock(out_dir))
     dict_path = os.path.join(out_dir, DICTIONARY_FILE)
     csv_path = os.path.join(out_dir, CSV_FILE)
     if writes:
@@ -250,14 +247,14 @@ def learn(args: argparse.Namespace, held: contextlib.ExitStack) -> LCAConv2D:
         rows.append(row)
         if not writes:
             continue
-        runs.save_dictionary(dict_path, lca, subset_indices=subset)
-        runs.append_csv_row(csv_path, {name: row[name] for name in CSV_COLUMNS})
+        records.save_dictionary(dict_path, lca, subset_indices=subset)
+        storage.append_csv_row(csv_path, {name: row[name] for name in CSV_COLUMNS})
         grid = data_utils.plot_dictionary(
             lca.get_weights(), f"{task} dictionary after epoch {epoch + 1}"
         )
-        runs.save_figure(grid, os.path.join(out_dir, GRID_FILE))
+        storage.save_figure(grid, os.path.join(out_dir, GRID_FILE))
         curves = data_utils.plot_dictlearning_curves(rows, METRICS)
-        runs.save_figure(curves, os.path.join(out_dir, CURVES_FILE))
+        storage.save_figure(curves, os.path.join(out_dir, CURVES_FILE))
         print(
             f"epoch {epoch + 1}/{args.epochs}  lambda {lca.lambda_:.2f}  "
             + "  ".join(f"{name} {metrics[name]:.4f}" for name in METRICS)
@@ -266,9 +263,17 @@ def learn(args: argparse.Namespace, held: contextlib.ExitStack) -> LCAConv2D:
     return lca
 
 
+STORAGE_FIX = "free space or pass a writable --out-dir; the dictionary of the last epoch is kept"
+KEPT_NOTE = "; the dictionary of the last finished epoch is kept"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
     distributed.quiet_unless_rank_zero()
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except UsageError as error:
+        return entry.fail(str(error), entry.EXIT_USAGE)
     if distributed.launched():
         typed = args.device != "auto"
         return distributed.run(lambda: learn_reporting(args), args.device, typed, args.dist_timeout)
@@ -276,31 +281,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def learn_reporting(args: argparse.Namespace) -> int:
-    """:func:`run`, every failure reported as one line; returns the exit status."""
-    try:
-        with data_utils.signals_as_interrupts():
-            run(args)
-    except UsageError as error:
-        return fail(str(error), data_utils.EXIT_USAGE)
-    except runs.FolderBusyError as error:
-        return fail(str(error), data_utils.EXIT_BUSY)
-    except data_utils.StorageError as error:
-        return fail(str(error), data_utils.EXIT_STORAGE)
-    except OSError as error:
-        fix = "free space or pass a writable --out-dir; the dictionary of the last epoch is kept"
-        return fail(data_utils.storage_message(error, fix), data_utils.EXIT_STORAGE)
-    except KeyboardInterrupt as interrupt:
-        terminated = isinstance(interrupt, data_utils.Terminated)
-        what = "terminated (SIGTERM)" if terminated else "interrupted"
-        print(f"\n{what}; the dictionary of the last finished epoch is kept", file=sys.stderr)
-        return data_utils.exit_status_of(interrupt)
-    return 0
-
-
-def fail(message: str, status: int) -> int:
-    """One ``error:`` line on stderr; returns the exit ``status``."""
-    print(f"cifar_dictlearning.py: error: {data_utils.one_line(message)}", file=sys.stderr)
-    return status
+    """:func:`run`, every failure reported as one line (``entry``); returns the exit status."""
+    work = functools.partial(run, args)
+    return entry.run_script(work, storage.ERROR_STATUSES, STORAGE_FIX, KEPT_NOTE)
 
 
 if __name__ == "__main__":

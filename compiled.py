@@ -39,8 +39,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from data_utils import first_line
 from dynamics import sync_step
+from entry import first_line
 from lca import LCAConv2D
 from utils_ep_fast import EnergyNet
 

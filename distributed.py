@@ -36,7 +36,6 @@ import contextlib
 import datetime
 import os
 import random
-import signal
 import sys
 import threading
 import time
@@ -49,11 +48,9 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.utils.data import DataLoader, SequentialSampler
 
-import data_utils
-from data_utils import UsageError, first_line, resolve_device
+import entry
+from entry import UsageError, first_line
 
-# (kind of error, exit status) pairs, the first match counting
-Statuses = Sequence[tuple[type[BaseException], int]]
 FAILURE_KEY = "failure"
 STOPPED_KEY = "stopped"  # how many other ranks have seen the failure and are exiting
 WATCH_SECONDS = 0.5  # how often every rank looks for another rank's failure
@@ -90,8 +87,28 @@ def is_main_process() -> bool:
 # --------------------------------------------------------------------------------------------
 
 
+def resolve_device(spec: str) -> torch.device:
+    """``--device``: ``cpu``; a GPU index ``N``, ``cuda`` or ``cuda:N``; or ``auto`` (the first
+    GPU). A GPU asked for where CUDA is absent falls back to the CPU with a notice."""
+    spec = str(spec).strip().lower()
+    if spec == "cpu":
+        return torch.device("cpu")
+    index = {"auto": "0", "cuda": "0"}.get(spec, spec.removeprefix("cuda:"))
+    if not index.isdigit():
+        raise UsageError(
+            f"--device takes a GPU index or 'cpu' (or cuda, cuda:N, auto), got {spec!r}"
+        )
+    if not torch.cuda.is_available():
+        print("notice: CUDA is not available, running on the CPU")
+        return torch.device("cpu")
+    if int(index) >= torch.cuda.device_count():
+        raise UsageError(f"--device {spec}: only {torch.cuda.device_count()} GPU(s) here")
+    torch.backends.cudnn.benchmark = True
+    return torch.device(f"cuda:{index}")
+
+
 def device_for(spec: str) -> torch.device:
-    """``--device`` for this process: ``data_utils.resolve_device`` for one process; under
+    """``--device`` for this process: :func:`resolve_device` for one process; under
     torchrun the GPU ``LOCAL_RANK`` (NCCL), or the CPU (gloo) with ``--device cpu`` or without
     CUDA."""
     if not active():
@@ -322,14 +339,12 @@ class FailureBoard:
         )  # fmt: skip
         cls.store = dist.PrefixStore(f"data_parallel_failures/{restart}", client)
         threading.Thread(target=cls._watch, name="failure-watcher", daemon=True).start()
-        previous = signal.getsignal(signal.SIGINT)
-        if previous is signal.default_int_handler:
-            signal.signal(signal.SIGINT, cls._on_interrupt)
+        entry.note_interrupts(cls.stop)
 
     @classmethod
-    def _on_interrupt(cls, signum, frame) -> None:
+    def stop(cls) -> None:
+        """This rank is on its way out (Ctrl-C): the watcher lets it finish."""
         cls.stopping = True
-        raise KeyboardInterrupt
 
     @classmethod
     def read(cls) -> tuple[int, int] | None:
@@ -389,19 +404,14 @@ def _exit_now(status: int) -> None:
     os._exit(status)
 
 
-def status_and_message(error: BaseException, statuses: Statuses) -> tuple[int, str, bool]:
+def status_and_message(error: BaseException, statuses: entry.Statuses) -> tuple[int, str, bool]:
     """Exit status, one-line message, and whether a traceback helps (an unforeseen error):
-    SIGTERM and Ctrl-C, the first kind of ``statuses`` that ``error`` is, or an I/O error."""
-    if isinstance(error, KeyboardInterrupt):
-        status = data_utils.exit_status_of(error)
-        return status, "terminated (SIGTERM)" if status == 143 else "interrupted", False
-    for kind, status in statuses:
-        if isinstance(error, kind):
-            return status, data_utils.one_line(str(error)), False
-    if isinstance(error, OSError):
-        fix = "check the free space and permissions there (--results-dir, --data-dir)"
-        return data_utils.EXIT_STORAGE, data_utils.storage_message(error, fix), False
-    return 1, first_line(error), True
+    ``entry.failure``'s, else 1 and the error's first line."""
+    fix = "check the free space and permissions there (--results-dir, --data-dir)"
+    known = entry.failure(error, statuses, fix)
+    if known is None:
+        return 1, first_line(error), True
+    return (*known, False)
 
 
 def fail(status: int, message: str, error: BaseException | None = None) -> None:
@@ -426,14 +436,16 @@ def run(
     device_spec: str,
     device_typed: bool,
     timeout_s: float,
-    statuses: Statuses = (),
+    statuses: entry.Statuses = (),
 ) -> int:
     """Run ``todo`` (returns an exit status) as one rank of a torchrun job; see the module
     docstring for the failure protocol. ``statuses``: (kind of error, exit status) pairs, the
-    script's own (``runs.ERROR_STATUSES``). Returns 0 after leaving the group cleanly."""
+    script's own (``storage.ERROR_STATUSES`` and more). Returns 0 after leaving the group
+    cleanly."""
     if not timeout_s > 0:  # every rank finds this; rank 0 says it
-        print(f"error: --dist-timeout must be positive seconds, got {timeout_s}", file=sys.stderr)
-        return 2
+        return entry.fail(
+            f"--dist-timeout must be positive seconds, got {timeout_s}", entry.EXIT_USAGE
+        )
     try:
         setup(device_spec, device_typed, timeout_s)
         status = todo()
@@ -444,7 +456,10 @@ def run(
             return status
         fail(status, message, error if unforeseen and FailureBoard.read() is None else None)
     if status != 0:  # the todo has said why, but only rank 0's output is shown
-        stopped = {130: "interrupted", 143: "terminated (SIGTERM)"}.get(status, "stopped")
+        stopped = {
+            entry.EXIT_INTERRUPTED: "interrupted",
+            entry.EXIT_TERMINATED: "terminated (SIGTERM)",
+        }.get(status, "stopped")
         fail(status, "" if rank() == 0 else stopped)
     dist.destroy_process_group()
     return 0

@@ -765,7 +765,7 @@ class LCAConv2D(torch.nn.Module):
         )
 
     def settings(self) -> dict[str, Any]:
-        """The LCA settings as plain Python values (what ``runs.save_dictionary`` stores)."""
+        """The LCA settings as plain Python values (what ``records.save_dictionary`` stores)."""
         transfer = self.transfer_func
         return {
             "out_neurons": self.out_neurons,

@@ -14,7 +14,7 @@ and hands back to ``after_update`` for the dictionary update and to ``batch_stat
 metrics).
 
 Dictionary modes:
-    pretrained: loaded from ``cifar_dictlearning.py``'s file (``runs.load_model_dictionary``)
+    pretrained: loaded from ``cifar_dictlearning.py``'s file (``records.load_model_dictionary``)
                 and frozen;
     finetune:   loaded, then after every batch updated with the LCA rule on (acts, recon error)
                 plus the same rule on ``acts* = T_lambda(s_0 at the nudged fixed point)``;
@@ -90,7 +90,7 @@ class LCA_CNN(P_CNN):
 
     def load_dictionary(self, weights: Tensor) -> None:
         """Start from the pretrained dictionary ``weights`` (F, C, k, k), as it is (no
-        renormalisation); ``runs.load_model_dictionary`` reads it from its file."""
+        renormalisation); ``records.load_model_dictionary`` reads it from its file."""
         self.lca.assign_weight_values(weights.to(self.lca.weights), normalize=False)
         self.initial_dictionary.copy_(self.lca.weights.detach())
 

@@ -5,62 +5,53 @@
     python main_fast.py --todo evaluate --load-path RUN_DIR           # train/test accuracy
     python main_fast.py --todo gducheck ...                           # EP updates vs BPTT
 
-This file parses and checks the flags, then dispatches: it builds the datasets, the model
-(``P_CNN``, ``LCA_CNN`` or ``P_MLP``), the optimizer and the scheduler, and hands them to the
-engine (``utils_ep_fast``) and to ``runs`` (the run folder). Every flag accepts its dash and
-underscore spellings. ``VFCNN``, ``VFMLP`` and ``LCACNN --vf`` are the vector-field versions
-(``vf_utils_ep_fast``).
+This file parses the flags, has them checked once into typed configurations (``config``),
+then dispatches: it builds the datasets (``data_loading``), the model (``records``), the
+optimizer and the scheduler, and hands them to the engine (``utils_ep_fast``) and to ``runs``
+(the run folder: one writer at a time, per-epoch records, resume). Every flag accepts its dash
+and underscore spellings. ``VFCNN``, ``VFMLP`` and ``LCACNN --vf`` are the vector-field models.
 
-With ``--save`` a run writes a run folder (``runs.py`` describes its files and owns its
-lifecycle: records, checkpoints, per-epoch files, resume), one process at a time.
-
-Under ``torchrun`` the same command runs data-parallel (``distributed.py``). Exit status: 0
-done; 1 training diverged; 2 bad input; 74 a file could not be written or read (disk full,
-read-only folder); 75 another process is writing the run folder; 130 Ctrl-C; 143 SIGTERM.
-Errors are one line on stderr. Ctrl-C and SIGTERM save the weights and print the command that
-resumes. On a cluster, one command line both starts and, requeued after a preemption, resumes a
-run: ``--save --load-path DIR`` starts a new run in DIR while it holds no checkpoint, and
-resumes it once it does.
+Under ``torchrun`` the same command runs data-parallel (``distributed.py``). Exit statuses and
+the one-line errors are those of ``entry.py``; Ctrl-C and SIGTERM save the weights and print
+the command that resumes. On a cluster, one command line both starts and, requeued after a
+preemption, resumes a run: ``--save --load-path DIR`` starts a new run in DIR while it holds
+no checkpoint, and resumes it once it does.
 """
 
 from __future__ import annotations
 
-import signal
-import sys
-
-
-def _quit(signum, frame):  # until main() takes over
-    sys.exit(128 + signum)
-
+import entry
 
 if __name__ == "__main__":  # Ctrl-C or SIGTERM while the libraries load: no traceback
-    signal.signal(signal.SIGINT, _quit)
-    signal.signal(signal.SIGTERM, _quit)
+    entry.quit_while_importing()
 
 import argparse
 import contextlib
 import functools
-import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+import sys
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
-from torch import Tensor
 
 import compiled
+import config
+import data_loading
 import data_utils
 import distributed
 import precision
+import records
 import runs
-from data_utils import UsageError, warn
+import storage
+from config import DynamicsConfig, Settings
+from entry import UsageError
 from lca_utils_ep_fast import DICT_MODES
 from utils_ep_fast import (
     ACTIVATIONS,
     DYNAMICS,
-    POOLS,
+    DivergenceError,
     EnergyNet,
-    EPConfig,
     evaluate,
     gdu_check,
     make_optimizer,
@@ -68,29 +59,13 @@ from utils_ep_fast import (
 )
 
 # --model choices; --model LCACNN --vf builds the model_config name VFLCACNN
-MODELS = tuple(name for name in runs.MODEL_CLASSES if name != "VFLCACNN")
-VF_MODELS = ("VFCNN", "VFMLP")
+MODELS = tuple(name for name in records.MODEL_CLASSES if name != "VFLCACNN")
 TODOS = ("train", "evaluate", "gducheck")
 PROBE_IMAGES = 32
 
-# Flags a resumed or evaluated run takes from the command line; the rest come from the saved run.
-# --compile runs the same numbers, only faster.
-READ_OVERRIDES = {"epochs", "device", "data_dir", "num_workers", "no_download", "dict_path"}
-READ_OVERRIDES |= {"compile", "dist_timeout"}
-RESUME_OVERRIDES = READ_OVERRIDES | {"lrs", "wds"}
-EVALUATE_OVERRIDES = READ_OVERRIDES | {"T1", "mbs", "dynamics", "tol", "precision"}
-GDUCHECK_OVERRIDES = EVALUATE_OVERRIDES | {"T2", "betas", "thirdphase", "save", "results_dir"}
-# Range of every float flag but --betas: (lowest, excluded?, highest, excluded?); None: no bound.
-FLOAT_RANGES = {
-    "scale": (0, True, None, False),
-    "lrs": (0, False, torch.finfo(torch.float32).max, False),
-    "wds": (0, False, torch.finfo(torch.float32).max, False),
-    "mmt": (0, False, 1, True),
-    "lca_lambda": (0, False, None, False),
-    "lca_tau": (0, True, None, False),
-    "lca_eta": (0, False, None, False),
-    "scale_feedback": (None, False, None, False),
-}
+# What each kind of failure exits with (the first match counts), and the advice for I/O errors
+ERROR_STATUSES = ((DivergenceError, entry.EXIT_DIVERGED), *storage.ERROR_STATUSES)
+STORAGE_FIX = "check the free space and permissions there (--results-dir, --data-dir)"
 
 
 # --------------------------------------------------------------------------------------------
@@ -100,16 +75,16 @@ FLOAT_RANGES = {
 
 def build_parser() -> argparse.ArgumentParser:
     """Every flag of the seed README, plus run-management flags."""
-    parser = data_utils.command_parser(
+    parser = entry.command_parser(
         "main_fast.py", "Train energy-based RCNNs (optionally behind an LCA front end) with EP."
     )
 
     def add(name: str, **kwargs) -> None:
         dest = name[2:].replace("-", "_")
-        parser.add_argument(*data_utils.flag_spellings(name), dest=dest, **kwargs)
+        parser.add_argument(*entry.flag_spellings(name), dest=dest, **kwargs)
 
     add("--model", choices=MODELS, default="MLP", help="network")
-    add("--task", default="DIGITS", help=f"dataset, one of {', '.join(data_utils.TASKS)}")
+    add("--task", default="DIGITS", help=f"dataset, one of {', '.join(data_loading.TASKS)}")
     add("--data-aug", action="store_true", help="augment the training images")
     add("--lr-decay", action="store_true", help="cosine learning-rate decay")
     add("--scale", type=float, default=None, help="multiplier of the default weight init")
@@ -164,161 +139,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_UNSET = object()
-
-
 def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, set[str]]:
     """The parsed arguments and the names of those typed on the command line."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    # argparse only fills in defaults for names missing from the namespace it is given
-    marked = parser.parse_args(argv, argparse.Namespace(**dict.fromkeys(vars(args), _UNSET)))
-    explicit = {name for name, value in vars(marked).items() if value is not _UNSET}
-    return args, explicit
+    return entry.parse_explicit(build_parser(), argv)
 
 
-def note_unsaved(args: argparse.Namespace) -> None:
+def check_args(flags: Mapping[str, Any]) -> Settings:
+    """A new run's flag values (``vars`` of the parsed Namespace, left unchanged), checked
+    once, as typed configurations (``config.check_new_run``)."""
+    return config.settings(config.check_new_run(flags))
+
+
+def note_unsaved(settings: Settings) -> None:
     """Say, once at the start, that a run without --save leaves no files."""
-    if not args.save:
+    if not settings.run.save:
         print("note: no --save, so nothing is written to disk (results are only printed)")
-
-
-# --------------------------------------------------------------------------------------------
-# Checking the arguments
-# --------------------------------------------------------------------------------------------
-
-
-def fit_list(flag: str, values, needed: int, why: str):
-    """The first ``needed`` of ``values`` (a list or a string of letters).
-
-    Fewer is a UsageError; extra trailing values (as in the seed's commands) are dropped with
-    a one-line warning.
-    """
-    if len(values) < needed:
-        raise UsageError(f"--{flag} needs {needed} values ({why}), got {len(values)}: {values}")
-    if len(values) > needed:
-        extra = values[needed:]
-        shown = extra if isinstance(extra, str) else " ".join(str(v) for v in extra)
-        warn(f"--{flag}: {why}, so the first {needed} values are used; ignoring {shown}")
-    return values[:needed]
-
-
-def check_positive(args: argparse.Namespace, names: Sequence[str], minimum: int = 1) -> None:
-    """UsageError unless every value of the flags ``names`` (numbers or lists) is >= minimum."""
-    for name in names:
-        values = getattr(args, name)
-        values = values if isinstance(values, list) else [values]
-        if any(v < minimum for v in values):
-            raise UsageError(f"--{name} must be at least {minimum}, got {getattr(args, name)}")
-
-
-def check_args(args: argparse.Namespace) -> None:
-    """Validate a new run's arguments; trims list flags to what the architecture uses."""
-    args.task = data_utils.canonical_task(args.task)
-    in_channels, height, width, classes = data_utils.task_info(args.task)
-    check_positive(args, ("T1", "T2", "epochs", "mbs"))
-    if args.num_workers is not None:
-        check_positive(args, ("num_workers",), minimum=0)
-    data_utils.check_numbers(args, FLOAT_RANGES)
-    check_betas(args)
-    check_tol(args)
-    if args.model == "LCACNN" and not args.dict_training:
-        raise UsageError("LCACNN needs --dict_training pretrained, finetune or learn")
-    if args.model != "LCACNN" and args.dict_training:
-        warn(f"--dict_training {args.dict_training} ignored: only LCACNN has a dictionary")
-        args.dict_training = ""
-    check_vector_field(args)
-    if args.model in ("MLP", "VFMLP"):
-        if args.archi is None:
-            args.archi = [in_channels * height * width, 512, classes]
-        check_positive(args, ("archi",))
-        if args.archi[0] != in_channels * height * width or args.archi[-1] != classes:
-            raise UsageError(
-                f"--archi must start with the {in_channels * height * width} input pixels of "
-                f"{args.task} and end with its {classes} classes, got {args.archi}"
-            )
-        n_synapses = len(args.archi) - 1
-    else:
-        n_synapses = check_conv_args(args, classes)
-    if args.lrs is None:
-        raise UsageError(f"--lrs is required: one learning rate per synapse ({n_synapses} here)")
-    why = f"one per synapse, {n_synapses} here"
-    args.lrs = fit_list("lrs", args.lrs, n_synapses, why)
-    if args.wds is not None:
-        args.wds = fit_list("wds", args.wds, n_synapses, why)
-    if args.dict_path is None:
-        args.dict_path = str(Path("dictionaries") / args.task / "dictionary.pt")
-    args.dict_path = runs.dictionary_file(args.dict_path)
-
-
-def check_vector_field(args: argparse.Namespace) -> None:
-    """``--vf`` only with LCACNN; ``--same-update`` only with a vector-field model."""
-    if args.vf and args.model != "LCACNN":
-        raise UsageError(
-            f"--vf makes LCACNN a vector-field model; for {args.model} use --model VFCNN or VFMLP"
-        )
-    if args.same_update and not (args.vf or args.model in VF_MODELS):
-        warn("--same-update ignored: only vector-field models (VFCNN, VFMLP, --vf) have it")
-        args.same_update = False
-
-
-def check_betas(args: argparse.Namespace) -> None:
-    """``--betas`` is two finite numbers with a usable nudge; BPTT's T2 fits in T1."""
-    if len(args.betas) != 2 or not all(math.isfinite(beta) for beta in args.betas):
-        raise UsageError(f"--betas takes exactly two numbers (beta1 beta2), got {args.betas}")
-    beta_1, beta_2 = args.betas
-    if args.alg == "EP" and (beta_2 == 0 or beta_1 == beta_2):
-        raise UsageError(
-            f"EP needs a nudging beta2 that is non-zero and differs from beta1, got --betas "
-            f"{beta_1} {beta_2} (e.g. --betas 0.0 0.5)"
-        )
-    if args.alg == "BPTT" and args.T2 > args.T1:
-        raise UsageError(f"BPTT backpropagates the last T2 of T1 steps: T2 ({args.T2}) > T1")
-
-
-def check_tol(args: argparse.Namespace) -> None:
-    """``--tol`` is a positive finite number when given."""
-    if args.tol is not None and not 0 < args.tol < math.inf:
-        raise UsageError(f"--tol must be a positive number (e.g. --tol 1e-4), got {args.tol}")
-
-
-def set_dynamics(model: EnergyNet, args: argparse.Namespace) -> None:
-    """``--dynamics`` and ``--tol`` into the engine (runs saved without them get the defaults,
-    sync steps and fixed T1/T2, through ``saved_args``)."""
-    check_tol(args)
-    model.set_dynamics(args.dynamics, args.tol)
-
-
-def check_conv_args(args: argparse.Namespace, classes: int) -> int:
-    """Validate the CNN / LCACNN layer lists; returns the number of synapses."""
-    lca = args.model == "LCACNN"
-    check_positive(args, ("channels", "kernels", "strides", "fc"))
-    check_positive(args, ("paddings",), minimum=0)
-    bad = sorted(set(args.pools) - set(POOLS))
-    if bad:
-        raise UsageError(f"--pools letters must be m, a or i; got {''.join(bad)} in {args.pools}")
-    n_conv = len(args.channels) - 1 if lca else len(args.channels)
-    copy_note = ", after the LCA copy layer" if lca else ""
-    why = f"one per conv layer: {n_conv} for --channels {' '.join(map(str, args.channels))}"
-    for flag in ("kernels", "strides", "paddings"):
-        setattr(args, flag, fit_list(flag, getattr(args, flag), n_conv, why + copy_note))
-    args.pools = fit_list("pools", args.pools, len(args.channels), "one per entry of --channels")
-    if args.fc[-1] != classes:
-        raise UsageError(f"the last --fc size must be the {classes} classes of {args.task}")
-    if lca:
-        check_positive(args, ("lca_feats", "lca_ksize", "lca_stride", "lca_iters"))
-        if args.channels[0] != args.lca_feats:
-            raise UsageError(
-                f"with LCACNN the first --channels entry is the LCA copy layer and must equal "
-                f"--lca_feats ({args.lca_feats}), got {args.channels[0]}"
-            )
-        if args.pools[0] != "i":
-            raise UsageError(
-                f"with LCACNN --pools must start with i (the copy layer): {args.pools}"
-            )
-        if args.lca_ksize % 2 == 0:
-            raise UsageError(f"--lca_ksize must be odd (LCA pads 'same'), got {args.lca_ksize}")
-    return n_conv + len(args.fc)
 
 
 # --------------------------------------------------------------------------------------------
@@ -326,73 +161,62 @@ def check_conv_args(args: argparse.Namespace, classes: int) -> int:
 # --------------------------------------------------------------------------------------------
 
 
-def build_training(
-    args: argparse.Namespace, model_config: dict, device: torch.device
-) -> tuple[EnergyNet, torch.optim.Optimizer, object]:
+def build_training(settings: Settings, model_config: dict, device: torch.device) -> runs.Training:
     """Model (on ``device``), optimizer and scheduler; architecture errors become UsageErrors."""
+    optim = settings.optim
     try:
-        model = runs.build_model(model_config).to(device)
-        optimizer = make_optimizer(model, args.optim, args.lrs, args.wds, args.mmt)
+        model = records.build_model(model_config).to(device)
+        optimizer = make_optimizer(model, optim.optim, optim.lrs, optim.wds, optim.mmt)
     except ValueError as error:
         raise UsageError(str(error)) from error
-    return model, optimizer, make_scheduler(optimizer, args.lr_decay)
+    return runs.Training(model, model_config, optimizer, make_scheduler(optimizer, optim.lr_decay))
 
 
-def load_pretrained_dictionary(model: EnergyNet, args: argparse.Namespace) -> None:
+def load_pretrained_dictionary(model: EnergyNet, settings: Settings) -> None:
     """``pretrained`` and ``finetune`` start from the dictionary file; ``learn`` from random."""
-    if args.model == "LCACNN" and args.dict_training != "learn":
-        runs.load_model_dictionary(model, args.dict_path)
+    if settings.model.model == "LCACNN" and settings.model.dict_training != "learn":
+        records.load_model_dictionary(model, settings.model.dict_path)
 
 
-def ep_config(args: argparse.Namespace) -> EPConfig:
-    """How the engine trains a batch, from the flags."""
-    return EPConfig(
-        alg=args.alg,
-        T1=args.T1,
-        T2=args.T2,
-        betas=tuple(args.betas),
-        random_sign=args.random_sign,
-        thirdphase=args.thirdphase,
-    )
+def set_dynamics(model: EnergyNet, dynamics: DynamicsConfig) -> None:
+    """``--dynamics`` and ``--tol`` into the engine (runs saved without them get the defaults,
+    sync steps and fixed T1/T2, through ``config.saved_flags``)."""
+    config.check_tol(dynamics.tol)
+    model.set_dynamics(dynamics.dynamics, dynamics.tol)
+
+
+def install_phases(model: EnergyNet, settings: Settings, device: torch.device) -> None:
+    """The dynamics, and the compiled phases and their precision (``--compile``, ...)."""
+    set_dynamics(model, settings.dynamics)
+    precision_mode = precision.apply(settings.dynamics.precision, device)
+    compiled.install(model, settings.run.compile, precision_mode)
 
 
 # --------------------------------------------------------------------------------------------
-# Device, seeds, data
+# Data
 # --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Data:
-    """What a run reads: the training and test loaders and a fixed batch for the plots."""
-
-    train_loader: torch.utils.data.DataLoader
-    test_loader: torch.utils.data.DataLoader
-    probe: tuple[Tensor, Tensor]  # first test images and labels, for the plots
 
 
 def build_data(
-    args: argparse.Namespace,
+    settings: Settings,
     device: torch.device,
     train_aug: bool,
     shuffle: bool,
     record: dict | None = None,
-) -> Data:
+) -> data_loading.RunData:
     """Loaders of the EP training images (those the saved ``record`` names, if given) and of
     the test set, plus a fixed probe batch."""
+    data = settings.data
     with distributed.local_main_first():  # one download per node
-        train_set, test_set = data_utils.build_datasets(
-            args.task, args.data_dir, data_aug=train_aug, download=not args.no_download
+        train_set, test_set = data_loading.build_datasets(
+            data.task, data.data_dir, data_aug=train_aug, download=not data.no_download
         )
-    indices = runs.training_indices(args, len(train_set), record)
-    workers = data_utils.loader_workers(args.num_workers, device)
-    train_loader = data_utils.make_loader(
-        train_set, args.mbs, shuffle, seed=args.seed, num_workers=workers, indices=indices
+    where = f"{data.task} in {data.data_dir}"
+    indices = records.training_indices(len(train_set), settings.model, where, record)
+    workers = data_loading.loader_workers(data.num_workers, device)
+    return data_loading.run_loaders(
+        train_set, test_set, data.mbs, shuffle, data.seed, workers, indices, PROBE_IMAGES
     )
-    test_loader = data_utils.make_loader(test_set, args.mbs, False, num_workers=workers)
-    # indexing the set (not iterating a loader) draws nothing from the RNGs
-    items = [test_set[i] for i in range(min(PROBE_IMAGES, len(test_set)))]
-    probe = torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])
-    return Data(train_loader, test_loader, probe)
 
 
 # --------------------------------------------------------------------------------------------
@@ -407,94 +231,86 @@ def run_train(args: argparse.Namespace, explicit: set[str], argv: list[str]) -> 
     Everything that can be refused is checked before the run folder is written to; the folder
     is locked (one writer) from before its checkpoint is read until the process ends.
     """
+    main_process = distributed.is_main_process()
     with contextlib.ExitStack() as held:
-        checkpoint, changed, run_dir = None, [], None
-        if args.load_path:
-            run_dir = Path(args.load_path)
-            run_dir = run_dir.parent if run_dir.is_file() else run_dir
-            args.load_path = str(run_dir)
-            fresh = args.save and run_dir.suffix != ".pt" and runs.is_unstarted(run_dir)
-            if fresh:
-                print(f"notice: {run_dir} holds no checkpoint yet, so a new run starts there")
-                check_args(args)
-                if distributed.is_main_process():
-                    runs.check_writable(run_dir, "load-path")
-            if run_dir.is_dir() and distributed.is_main_process():
-                held.enter_context(runs.FolderLock(run_dir))
-            if not fresh:
-                args, checkpoint, changed = load_checkpoint(args, explicit)
-        else:
-            check_args(args)
-            if args.save and distributed.is_main_process():
-                runs.check_writable(args.results_dir, "results-dir")
-        note_unsaved(args)
-        device = distributed.device_for(args.device)
-        runs.seed_everything(args.seed)
-        model_config = (
-            checkpoint["model_config"] if checkpoint else runs.model_config_from_args(args)
-        )
-        model, optimizer, scheduler = build_training(args, model_config, device)
-        set_dynamics(model, args)
+        settings, checkpoint, changed, run_dir = train_settings(args, explicit, held)
+        note_unsaved(settings)
+        device = distributed.device_for(settings.run.device)
+        records.seed_everything(settings.run.seed)
+        model_config = checkpoint["model_config"] if checkpoint else settings.model.model_config()
+        training = build_training(settings, model_config, device)
+        model, optim = training.model, settings.optim
         if checkpoint:
-            runs.restore_training_state(checkpoint, model, optimizer, scheduler)
+            records.restore_training_state(
+                checkpoint, model, training.optimizer, training.scheduler
+            )
             if changed:
-                runs.override_rates(optimizer, scheduler, args.lrs, args.wds)
+                groups = [synapse for synapse, _ in model.optimizer_groups()]
+                records.override_rates(
+                    training.optimizer, training.scheduler, optim.lrs, optim.wds, groups
+                )
         else:
-            load_pretrained_dictionary(model, args)
-        compiled.install(model, args.compile, precision.apply(args.precision, device))
-        data = build_data(args, device, args.data_aug, shuffle=True, record=checkpoint)
+            load_pretrained_dictionary(model, settings)
+        install_phases(model, settings, device)
+        data = build_data(settings, device, settings.data.data_aug, shuffle=True, record=checkpoint)
         probe = [tensor.to(device) for tensor in data.probe]
-        precision.check_ep_update(model, *probe, ep_config(args), args.precision)
+        ep = settings.dynamics.ep_config()
+        precision.check_ep_update(model, *probe, ep, settings.dynamics.precision)
         start_epoch = checkpoint["epoch"] if checkpoint else 0
         if checkpoint:
-            runs.restore_rng(checkpoint, data.train_loader)
+            records.restore_rng(checkpoint, data.train_loader)
         recorder = None
-        if args.save and distributed.is_main_process():  # nothing was written before this
-            parts = model, model_config, optimizer, scheduler, data.train_loader, data.probe
+        if settings.run.save and main_process:  # nothing was written before this
             command = ["python", "main_fast.py", *argv]
             recorder = runs.start_recording(
-                held, run_dir, parts, args, command, checkpoint, changed
-            )
-        train_batches = distributed.split_batches(data.train_loader, optimizer)
+                held, run_dir, training, data.train_loader, data.probe, settings, command,
+                checkpoint, changed,
+            )  # fmt: skip
+        train_batches = distributed.split_batches(data.train_loader, training.optimizer)
         loaders = train_batches, distributed.shard_evaluation(data.test_loader)
+        epochs = start_epoch, settings.run.epochs
         return runs.train_run(
-            model,
-            optimizer,
-            scheduler,
-            loaders,
-            ep_config(args),
-            device,
-            start_epoch,
-            recorder,
-            args,
-            distributed.sum_totals,
+            training, loaders, ep, device, epochs, recorder, distributed.sum_totals
         )
+
+
+def train_settings(
+    args: argparse.Namespace, explicit: set[str], held: contextlib.ExitStack
+) -> tuple[Settings, dict | None, list[str], Path | None]:
+    """The settings of the run to train, the checkpoint it resumes (None: a new run), the flags
+    the resume changes, and the run folder given (None: a new one under --results-dir), which
+    is locked in ``held``; unwritable folders fail here, before any work."""
+    main_process = distributed.is_main_process()
+    if not args.load_path:
+        settings = check_args(vars(args))
+        if args.save and main_process:
+            storage.check_writable(args.results_dir, "results-dir")
+        return settings, None, [], None
+    run_dir = Path(args.load_path)
+    run_dir = run_dir.parent if run_dir.is_file() else run_dir
+    given = {**vars(args), "load_path": str(run_dir)}
+    fresh = args.save and run_dir.suffix != ".pt" and runs.is_unstarted(run_dir)
+    if fresh:
+        print(f"notice: {run_dir} holds no checkpoint yet, so a new run starts there")
+        settings = check_args(given)
+        if main_process:
+            storage.check_writable(run_dir, "load-path")
+    if run_dir.is_dir() and main_process:
+        held.enter_context(storage.FolderLock(run_dir))
+    if fresh:
+        return settings, None, [], run_dir
+    return (*load_checkpoint(given, explicit), run_dir)
 
 
 def load_checkpoint(
-    typed: argparse.Namespace, explicit: set[str]
-) -> tuple[argparse.Namespace, dict, list[str]]:
-    """The checkpoint of the run folder ``--load-path``, the arguments to resume it with, and
-    which of ``--lrs`` / ``--wds`` the command line changes."""
-    checkpoint = runs.load_checkpoint(typed.load_path)
-    args = runs.saved_args(checkpoint["args"], typed, explicit, RESUME_OVERRIDES)
-    check_positive(args, ("epochs",))
-    if checkpoint["epoch"] >= args.epochs:
-        raise UsageError(
-            f"{typed.load_path} already has {checkpoint['epoch']} epochs; pass --epochs N "
-            f"with N > {checkpoint['epoch']} to train further"
-        )
-    changed = []
-    n_synapses = len(checkpoint["optimizer_state"]["param_groups"])
-    for name in sorted({"lrs", "wds"} & explicit):
-        values = fit_list(name, getattr(args, name), n_synapses, f"one per synapse, {n_synapses}")
-        setattr(args, name, values)
-        if values != checkpoint["args"].get(name):  # a requeued command line changes nothing
-            changed.append(name)
-            print(f"notice: --{name} {' '.join(map(str, values))} replaces the saved values "
-                  f"from epoch {checkpoint['epoch']} on")  # fmt: skip
-    data_utils.check_numbers(args, {name: FLOAT_RANGES[name] for name in changed})
-    return args, checkpoint, changed
+    typed: Mapping[str, Any], explicit: set[str]
+) -> tuple[Settings, dict, list[str]]:
+    """The checkpoint of the run folder ``--load-path``, the settings to resume it with, and
+    which of ``--lrs`` / ``--wds`` the command line changes (``config.resume_flags``)."""
+    checkpoint = records.load_checkpoint(typed["load_path"])
+    n_synapses = records.synapse_count(checkpoint)
+    flags, changed = config.resume_flags(checkpoint, typed, explicit, n_synapses)
+    return config.settings(flags), checkpoint, changed
 
 
 # --------------------------------------------------------------------------------------------
@@ -507,25 +323,26 @@ def run_evaluate(args: argparse.Namespace, explicit: set[str], argv: list[str]) 
     hyperparameters.txt."""
     if not args.load_path:
         raise UsageError("--todo evaluate needs --load-path RUN_DIR (a folder of a saved run)")
-    record, path = runs.load_model_file(args.load_path)
-    args = runs.saved_args(record["args"], args, explicit, EVALUATE_OVERRIDES)
-    check_positive(args, ("T1", "mbs"))
-    device = distributed.device_for(args.device)
-    model = runs.restore_model(record, device)
-    set_dynamics(model, args)
-    compiled.install(model, args.compile, precision.apply(args.precision, device))
-    data = build_data(args, device, train_aug=False, shuffle=False, record=record)
+    record, path = records.load_model_file(args.load_path)
+    flags = config.saved_flags(record["args"], vars(args), explicit, config.EVALUATE_OVERRIDES)
+    config.check_positive(flags, ("T1", "mbs"))
+    settings = config.settings(flags)
+    dynamics = settings.dynamics
+    device = distributed.device_for(settings.run.device)
+    model = records.restore_model(record, device)
+    install_phases(model, settings, device)
+    data = build_data(settings, device, train_aug=False, shuffle=False, record=record)
     shard, total = distributed.shard_evaluation, distributed.sum_totals
-    train_acc = evaluate(model, shard(data.train_loader), args.T1, device, "train set", total)
-    test_acc = evaluate(model, shard(data.test_loader), args.T1, device, "test set", total)
+    train_acc = evaluate(model, shard(data.train_loader), dynamics.T1, device, "train set", total)
+    test_acc = evaluate(model, shard(data.test_loader), dynamics.T1, device, "test set", total)
     line = (
-        f"evaluate {path.name} (epoch {record['epoch']}, T1 {args.T1}, {args.dynamics}"
-        f"{'' if args.tol is None else f', tol {args.tol}'}): "
+        f"evaluate {path.name} (epoch {record['epoch']}, T1 {dynamics.T1}, {dynamics.dynamics}"
+        f"{'' if dynamics.tol is None else f', tol {dynamics.tol}'}): "
         f"train_acc {train_acc:.4f} test_acc {test_acc:.4f}"
     )
     print(line)
     if distributed.is_main_process():
-        runs.append_text(path.parent, runs.HYPERPARAMETERS_TXT, line)
+        storage.append_text(path.parent, runs.HYPERPARAMETERS_TXT, line)
     return 0
 
 
@@ -534,34 +351,36 @@ def run_gducheck(args: argparse.Namespace, explicit: set[str], argv: list[str]) 
     model or the saved one at ``--load-path``."""
     record = None
     if args.load_path:
-        record, _ = runs.load_model_file(args.load_path)
-        args = runs.saved_args(record["args"], args, explicit, GDUCHECK_OVERRIDES)
-        check_betas(args)
-        device = distributed.device_for(args.device)
-        model = runs.restore_model(record, device)
+        record, _ = records.load_model_file(args.load_path)
+        flags = config.saved_flags(record["args"], vars(args), explicit, config.GDUCHECK_OVERRIDES)
+        config.check_betas(flags)
+        settings = config.settings(flags)
+        device = distributed.device_for(settings.run.device)
+        model = records.restore_model(record, device)
     else:
-        check_args(args)
-        note_unsaved(args)
-        device = distributed.device_for(args.device)
-        runs.seed_everything(args.seed)
-        model, _, _ = build_training(args, runs.model_config_from_args(args), device)
-        load_pretrained_dictionary(model, args)
-    if args.save:
-        runs.check_writable(args.results_dir, "results-dir")
-    set_dynamics(model, args)
-    compiled.install(model, args.compile, precision.apply(args.precision, device))
-    data = build_data(args, device, train_aug=False, shuffle=False, record=record)
+        settings = check_args(vars(args))
+        note_unsaved(settings)
+        device = distributed.device_for(settings.run.device)
+        records.seed_everything(settings.run.seed)
+        model = build_training(settings, settings.model.model_config(), device).model
+        load_pretrained_dictionary(model, settings)
+    if settings.run.save:
+        storage.check_writable(settings.run.results_dir, "results-dir")
+    install_phases(model, settings, device)
+    data = build_data(settings, device, train_aug=False, shuffle=False, record=record)
     x, y = next(iter(data.train_loader))
     x, y = x.to(device), y.to(device)
-    report = gdu_check(model, x, y, ep_config(args))
+    ep = settings.dynamics.ep_config()
+    report = gdu_check(model, x, y, ep)
     print(f"{'parameter':<28} {'relative RMSE':>14} {'sign errors':>12}")
-    for name, entry in report.items():
-        print(f"{name:<28} {entry['rel_rmse']:>14.4f} {entry['sign_error']:>12.3f}")
-    precision.check_ep_update(model, x, y, ep_config(args), args.precision, refuse=False)
-    if args.save and distributed.is_main_process():
-        run_dir = runs.new_run_dir(args)
-        runs.write_hyperparameters(run_dir, ["python", "main_fast.py", *argv], vars(args))
-        runs.save_figure(data_utils.plot_gdu(report), run_dir / "gdu.png")
+    for name, entry_ in report.items():
+        print(f"{name:<28} {entry_['rel_rmse']:>14.4f} {entry_['sign_error']:>12.3f}")
+    precision.check_ep_update(model, x, y, ep, settings.dynamics.precision, refuse=False)
+    if settings.run.save and distributed.is_main_process():
+        run_dir = runs.new_run_dir(settings)
+        command = ["python", "main_fast.py", *argv]
+        runs.write_hyperparameters(run_dir, command, settings.args())
+        storage.save_figure(data_utils.plot_gdu(report), run_dir / "gdu.png")
         print(f"GDU plot: {run_dir / 'gdu.png'}")
     return 0
 
@@ -574,8 +393,9 @@ TODO_RUNNERS: dict[str, Callable[[argparse.Namespace, set[str], list[str]], int]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line ``argv`` (default ``sys.argv[1:]``); returns the exit status. Under
-    torchrun every rank runs it, and a failure on any rank stops them all (``distributed``)."""
+    """Run the command line ``argv`` (default ``sys.argv[1:]``); returns the exit status
+    (``entry``). Under torchrun every rank runs it, and a failure on any rank stops them all
+    (``distributed``)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     distributed.quiet_unless_rank_zero()
     try:
@@ -583,32 +403,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as done:  # --help
         return int(done.code or 0)
     except UsageError as error:
-        print(f"error: {data_utils.one_line(str(error))}", file=sys.stderr)
-        return data_utils.EXIT_USAGE
-    todo = functools.partial(run_todo, args, explicit, argv)
-    if distributed.launched():
-        typed = "device" in explicit
-        return distributed.run(todo, args.device, typed, args.dist_timeout, runs.ERROR_STATUSES)
-    try:
-        return todo()
-    except tuple(kind for kind, _ in runs.ERROR_STATUSES) as error:
-        status = next(status for kind, status in runs.ERROR_STATUSES if isinstance(error, kind))
-        print(f"error: {data_utils.one_line(str(error))}", file=sys.stderr)
-        return status
-    except OSError as error:
-        fix = "check the free space and permissions there (--results-dir, --data-dir)"
-        print(f"error: {data_utils.storage_message(error, fix)}", file=sys.stderr)
-        return data_utils.EXIT_STORAGE
-    except KeyboardInterrupt as interrupt:
-        terminated = isinstance(interrupt, data_utils.Terminated)
-        print(f"\n{'terminated (SIGTERM)' if terminated else 'interrupted'}", file=sys.stderr)
-        return data_utils.exit_status_of(interrupt)
-
-
-def run_todo(args: argparse.Namespace, explicit: set[str], argv: list[str]) -> int:
-    """``--todo``'s runner, with SIGINT and SIGTERM raised as interrupts."""
-    with data_utils.signals_as_interrupts():
-        return TODO_RUNNERS[args.todo](args, explicit, argv)
+        return entry.fail(str(error), entry.EXIT_USAGE)
+    todo = functools.partial(TODO_RUNNERS[args.todo], args, explicit, argv)
+    if not distributed.launched():
+        return entry.run_script(todo, ERROR_STATUSES, STORAGE_FIX)
+    typed = "device" in explicit
+    with_signals = functools.partial(entry.with_signals, todo)
+    return distributed.run(with_signals, args.device, typed, args.dist_timeout, ERROR_STATUSES)
 
 
 if __name__ == "__main__":

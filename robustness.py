@@ -24,16 +24,25 @@ images drawn with ``--seed`` it measures:
 A white-box attack that leaves a higher accuracy than the Square attack at the same norm and
 epsilon points to gradient masking: those cases are flagged. Written to the run folder:
 ``robustness.csv`` (attack, norm, epsilon, severity, gradient, accuracy, samples, seconds),
-``robustness.png`` and a summary appended to ``hyperparameters.txt``.
+``robustness.png`` and a summary appended to ``hyperparameters.txt``. Exit statuses and
+one-line errors are those of ``entry.py`` (2 bad input, 74 a file could not be written or
+read, 130 / 143 Ctrl-C / SIGTERM: the rows measured so far stay in ``robustness.csv``).
 """
 
 from __future__ import annotations
 
+import entry
+
+if __name__ == "__main__":  # Ctrl-C or SIGTERM while the libraries load: no traceback
+    entry.quit_while_importing()
+
 import argparse
+import functools
 import sys
 import time
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -41,9 +50,13 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+import data_loading
 import data_utils
+import records
 import runs
-from data_utils import UsageError
+import storage
+from distributed import resolve_device
+from entry import UsageError
 from lca_utils_ep_fast import LCA_CNN
 from utils_ep_fast import EnergyNet, settle
 
@@ -69,6 +82,18 @@ CORRUPTIONS = (
 )  # fmt: skip
 SEVERITIES = (1, 2, 3, 4, 5)
 RELEASE_FOLDERS = {"CIFAR10": "CIFAR-10-C", "CIFAR100": "CIFAR-100-C"}
+STORAGE_FIX = "free space or make the run folder writable; robustness.csv keeps the rows so far"
+KEPT_NOTE = "; robustness.csv keeps the rows measured so far"
+
+
+@dataclass(frozen=True)
+class AttackBudget:
+    """What an attack may spend: ``batch_size`` images at a time, ``steps`` iterations of PGD
+    and APGD, ``queries`` iterations of the Square attack."""
+
+    batch_size: int
+    steps: int
+    queries: int
 
 
 # --------------------------------------------------------------------------------------------
@@ -96,7 +121,7 @@ class PixelClassifier(nn.Module):
         super().__init__()
         self.model = model
         self.T1, self.T2, self.beta, self.chunk = T1, T2, beta, chunk
-        mean, std = data_utils.input_normalization(task)
+        mean, std = data_loading.input_normalization(task)
         self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
 
@@ -205,10 +230,10 @@ def art_classifier(net: PixelClassifier, gradient: str, input_shape, classes: in
     )
 
 
-def make_attack(name: str, classifier, eps: float, args: argparse.Namespace):
+def make_attack(name: str, classifier, eps: float, budget: AttackBudget):
     """The ART attack ``name`` (``pgd-linf`` ... ``square-l2``) at ``eps``: PGD with step
-    ``2.5 eps / steps`` and a random start, APGD-CE (the model's loss) with ``--steps``
-    iterations, Square with ``--queries`` iterations."""
+    ``2.5 eps / steps`` and a random start, APGD-CE (the model's loss) with ``budget.steps``
+    iterations, Square with ``budget.queries`` iterations."""
     from art.attacks.evasion import (
         AutoProjectedGradientDescent,
         ProjectedGradientDescent,
@@ -217,31 +242,31 @@ def make_attack(name: str, classifier, eps: float, args: argparse.Namespace):
 
     kind, norm_name = name.split("-")
     norm = np.inf if norm_name == "linf" else 2
-    common = {"norm": norm, "eps": eps, "batch_size": args.mbs, "verbose": False}
+    common = {"norm": norm, "eps": eps, "batch_size": budget.batch_size, "verbose": False}
     # ART wants a positive step even at eps = 0, where the projection undoes any step
     tiny = 1e-12
     if kind == "pgd":
         return ProjectedGradientDescent(
-            classifier, eps_step=max(2.5 * eps / args.steps, tiny), max_iter=args.steps,
+            classifier, eps_step=max(2.5 * eps / budget.steps, tiny), max_iter=budget.steps,
             num_random_init=1, **common,
         )  # fmt: skip
     if kind == "apgd":
         return AutoProjectedGradientDescent(
-            classifier, eps_step=max(2.0 * eps, tiny), max_iter=args.steps, nb_random_init=1,
+            classifier, eps_step=max(2.0 * eps, tiny), max_iter=budget.steps, nb_random_init=1,
             loss_type=None, **common,
         )  # fmt: skip
-    return SquareAttack(classifier, max_iter=args.queries, nb_restarts=1, **common)
+    return SquareAttack(classifier, max_iter=budget.queries, nb_restarts=1, **common)
 
 
 def attack_images(
-    name: str, classifier, eps: float, args: argparse.Namespace, pixels: Tensor, labels: Tensor
+    name: str, classifier, eps: float, budget: AttackBudget, pixels: Tensor, labels: Tensor
 ) -> Tensor:
     """Adversarial versions of ``pixels`` (N, C, H, W) by the attack ``name`` at ``eps``. ART's
     APGD and Square refuse a zero radius: there the images come back unchanged."""
     if eps == 0.0 and not name.startswith("pgd"):
         return pixels
     with np.errstate(divide="ignore", invalid="ignore"):  # ART's Square L2 on tiny windows
-        adversarial = make_attack(name, classifier, eps, args).generate(
+        adversarial = make_attack(name, classifier, eps, budget).generate(
             x=pixels.cpu().numpy(), y=labels.cpu().numpy()
         )
     return torch.as_tensor(adversarial, dtype=torch.float32, device=pixels.device)
@@ -287,7 +312,7 @@ def _load_npy(path: Path, shape: tuple[int, ...], dtype) -> np.ndarray:
     try:
         array = np.load(path, mmap_mode="r", allow_pickle=False)
     except (ValueError, OSError) as error:
-        raise UsageError(f"cannot read {path}: {data_utils.first_line(error)}") from error
+        raise UsageError(f"cannot read {path}: {entry.first_line(error)}") from error
     if array.shape != shape or (dtype is not None and array.dtype != dtype):
         wanted = f"{np.dtype(dtype).name} " if dtype is not None else ""
         raise UsageError(
@@ -350,12 +375,12 @@ FLAGS: tuple[tuple[str, dict], ...] = (
 
 def build_parser() -> argparse.ArgumentParser:
     """The flags of ``FLAGS``; a bad one raises UsageError (one line) instead of exiting."""
-    parser = data_utils.command_parser(
+    parser = entry.command_parser(
         "robustness.py", "Accuracy of a saved run under corruptions and adversarial attacks."
     )
     for name, keywords in FLAGS:
         dest = name[2:].replace("-", "_")
-        parser.add_argument(*data_utils.flag_spellings(name), dest=dest, **keywords)
+        parser.add_argument(*entry.flag_spellings(name), dest=dest, **keywords)
     return parser
 
 
@@ -394,18 +419,18 @@ def _check_names(flag: str, given: Sequence, known: Sequence) -> None:
 
 
 def sample_test_pixels(
-    task: str, args, n_samples: int, seed: int
+    task: str, data_dir: str, download: bool, n_samples: int, seed: int
 ) -> tuple[Tensor, Tensor, Tensor, int]:
-    """``n_samples`` test images drawn with ``seed`` (all if fewer): their indices (sorted),
-    pixels (N, C, H, W) in [0, 1] (the normalisation undone), labels (N,), and the test-set
-    size."""
-    _, test_set = data_utils.build_datasets(task, args.data_dir, download=not args.no_download)
+    """``n_samples`` test images of ``task`` (in ``data_dir``, downloaded there when missing
+    and ``download``) drawn with ``seed`` (all if fewer): their indices (sorted), pixels
+    (N, C, H, W) in [0, 1] (the normalisation undone), labels (N,), and the test-set size."""
+    _, test_set = data_loading.build_datasets(task, data_dir, download=download)
     n_test = len(test_set)
     generator = torch.Generator().manual_seed(seed)
     indices = torch.randperm(n_test, generator=generator)[: min(n_samples, n_test)].sort().values
     images = torch.stack([test_set[int(i)][0] for i in indices])
     labels = torch.tensor([int(test_set[int(i)][1]) for i in indices])
-    mean, std = data_utils.input_normalization(task)
+    mean, std = data_loading.input_normalization(task)
     pixels = images * torch.tensor(std).view(1, -1, 1, 1) + torch.tensor(mean).view(1, -1, 1, 1)
     return indices, pixels.clamp(0.0, 1.0), labels, n_test
 
@@ -466,19 +491,22 @@ def summary_lines(rows: list[dict], flags: list[str], header: str) -> list[str]:
 def run(args: argparse.Namespace) -> list[dict]:
     """Evaluate the run of ``--load-path``; write its files; return the CSV rows."""
     check_args(args)
-    record, model_path = runs.load_model_file(args.load_path)
+    record, model_path = records.load_model_file(args.load_path)
     saved = record["args"]
-    task = data_utils.canonical_task(saved["task"])
-    args.data_dir = args.data_dir or saved.get("data_dir", "./data")
+    task = data_loading.canonical_task(saved["task"])
+    data_dir = args.data_dir or saved.get("data_dir", "./data")
     T1 = args.T1 or int(saved["T1"])
     T2 = args.T2 or int(saved["T2"])
-    device = data_utils.resolve_device(args.device)
+    budget = AttackBudget(args.mbs, args.steps, args.queries)
+    device = resolve_device(args.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)  # ART puts its tensors on the current CUDA device
-    model = runs.restore_model(record, device).eval()
-    channels, height, width, classes = data_utils.task_info(task)
-    indices, pixels, labels, n_test = sample_test_pixels(task, args, args.n_samples, args.seed)
-    release = release_folder(task, args.data_dir) if "corruptions" in args.attacks else None
+    model = records.restore_model(record, device).eval()
+    channels, height, width, classes = data_loading.task_info(task)
+    indices, pixels, labels, n_test = sample_test_pixels(
+        task, data_dir, not args.no_download, args.n_samples, args.seed
+    )
+    release = release_folder(task, data_dir) if "corruptions" in args.attacks else None
     released = {}
     if release is not None:  # read (and check) every file before anything is written
         for name in args.corruptions:
@@ -493,9 +521,9 @@ def run(args: argparse.Namespace) -> list[dict]:
         row = dict(zip(CSV_COLUMNS, (attack, norm, eps, severity, gradient, accuracy, n,
                                      seconds), strict=True))  # fmt: skip
         rows.append(row)
-        runs.append_csv_row(csv_path, row)
+        storage.append_csv_row(csv_path, row)
 
-    runs.seed_everything(args.seed)
+    records.seed_everything(args.seed)
     started = time.perf_counter()
     clean = net.accuracy(pixels, labels, args.mbs)
     record_row("clean", "none", 0.0, 0, "none", clean, len(labels), time.perf_counter() - started)
@@ -523,8 +551,8 @@ def run(args: argparse.Namespace) -> list[dict]:
                 net, "bptt" if gradient == "none" else gradient,
                 (channels, height, width), classes, device,
             )  # fmt: skip
-        runs.seed_everything(args.seed)
-        adversarial = attack_images(attack, classifiers[gradient], eps, args, pixels, labels)
+        records.seed_everything(args.seed)
+        adversarial = attack_images(attack, classifiers[gradient], eps, budget, pixels, labels)
         accuracy = net.accuracy(adversarial, labels, args.mbs)
         record_row(attack, norm, eps, 0, gradient, accuracy, len(labels),
                    time.perf_counter() - started)  # fmt: skip
@@ -533,7 +561,7 @@ def run(args: argparse.Namespace) -> list[dict]:
         record_row("corruption_mean", "none", 0.0, 0, "none", mean, len(labels), 0.0)
         print(f"corruptions ({source}): mean accuracy {mean:.4f}")
     flags = masking_flags(rows)
-    runs.save_figure(data_utils.plot_robustness(rows), model_path.parent / ROBUSTNESS_PNG)
+    storage.save_figure(data_utils.plot_robustness(rows), model_path.parent / ROBUSTNESS_PNG)
     header = (
         f"robustness {model_path.name} (epoch {record['epoch']}, T1 {T1}, {len(labels)} test "
         f"images, seed {args.seed}, T2 {T2}, beta {args.beta}, {args.steps} steps, "
@@ -541,22 +569,19 @@ def run(args: argparse.Namespace) -> list[dict]:
     )
     lines = summary_lines(rows, flags, header)
     print("\n".join(lines))
-    runs.append_text(model_path.parent, runs.HYPERPARAMETERS_TXT, "\n".join(lines))
+    storage.append_text(model_path.parent, runs.HYPERPARAMETERS_TXT, "\n".join(lines))
     print(f"written: {csv_path}, {model_path.parent / ROBUSTNESS_PNG}")
     return rows
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
     try:
         args = build_parser().parse_args(argv)
-        run(args)
     except UsageError as error:
-        print(f"robustness.py: error: {data_utils.one_line(str(error))}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return 130
-    return 0
+        return entry.fail(str(error), entry.EXIT_USAGE)
+    work = functools.partial(run, args)
+    return entry.run_script(work, storage.ERROR_STATUSES, STORAGE_FIX, KEPT_NOTE)
 
 
 if __name__ == "__main__":

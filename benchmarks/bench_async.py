@@ -38,7 +38,7 @@ from functools import partial
 import common as bench
 import torch
 
-import data_utils
+import data_loading
 from lca_utils_ep_fast import LCA_CNN
 from utils_ep_fast import P_CNN, EPConfig, make_optimizer, max_change, train, train_epoch
 
@@ -72,9 +72,9 @@ def steps_to_tolerances(model, code, y, dynamics: str, cap: int):
 
 
 def digits_loaders(batch: int, seed: int = 0):
-    train_set, test_set = data_utils.build_datasets("DIGITS", download=False)
-    train_loader = data_utils.make_loader(train_set, batch, shuffle=True, seed=seed)
-    return train_loader, data_utils.make_loader(test_set, 360, shuffle=False)
+    train_set, test_set = data_loading.build_datasets("DIGITS", download=False)
+    train_loader = data_loading.make_loader(train_set, batch, shuffle=True, seed=seed)
+    return train_loader, data_loading.make_loader(test_set, 360, shuffle=False)
 
 
 def train_digits(model, lrs, epochs, batch, T1, T2, dynamics="sync", tol=None):

@@ -29,7 +29,7 @@ import time
 
 from common import ROOT, load_average, print_table
 
-import data_utils  # noqa: E402
+import data_loading
 import distributed  # noqa: E402
 from utils_ep_fast import P_CNN, EPConfig, make_optimizer, train_epoch  # noqa: E402
 
@@ -47,8 +47,8 @@ def worker(epochs: int, mbs: int) -> int:
     torch.manual_seed(0)
     model = P_CNN(**MODEL)
     optimizer = make_optimizer(model, "sgd", [0.05, 0.03, 0.02], mmt=0.9)
-    train_set, _ = data_utils.build_datasets("DIGITS", "./data", data_aug=False, download=False)
-    loader = data_utils.make_loader(train_set, mbs, shuffle=True, seed=0)
+    train_set, _ = data_loading.build_datasets("DIGITS", "./data", data_aug=False, download=False)
+    loader = data_loading.make_loader(train_set, mbs, shuffle=True, seed=0)
     wait_seconds, reduce_seconds = [], []
     average = distributed.average_gradients
 

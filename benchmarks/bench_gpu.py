@@ -49,7 +49,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 import compiled
-import data_utils
+import data_loading
 import precision
 from utils_ep_fast import EnergyNet, EPConfig, in_memory_format, make_optimizer, settle, train_batch
 
@@ -245,7 +245,7 @@ class RandomCifar(Dataset):
 
     def __init__(self, n: int) -> None:
         self.images = np.random.default_rng(0).integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
-        self.transform = data_utils._transforms("CIFAR10", data_aug=True)[0]
+        self.transform = data_loading._transforms("CIFAR10", data_aug=True)[0]
 
     def __len__(self) -> int:
         return len(self.images)

@@ -4,7 +4,7 @@ and the tensor comparisons (test files import from here, never from each other).
 import torch
 from torch import Tensor
 
-import data_utils
+import data_loading
 from utils_ep_fast import P_CNN, P_MLP
 
 
@@ -118,8 +118,8 @@ def digit_like_batch(n: int = 5, seed: int = 0):
 
 def digits_loaders(seed: int = 0):
     """The digits training loader (batch 16, shuffled with ``seed``) and test loader (200)."""
-    train_set, test_set = data_utils.build_datasets("DIGITS", download=False)
+    train_set, test_set = data_loading.build_datasets("DIGITS", download=False)
     return (
-        data_utils.make_loader(train_set, 16, shuffle=True, seed=seed),
-        data_utils.make_loader(test_set, 200, shuffle=False),
+        data_loading.make_loader(train_set, 16, shuffle=True, seed=seed),
+        data_loading.make_loader(test_set, 200, shuffle=False),
     )

@@ -339,7 +339,7 @@ def test_settling_trace_and_its_figure(activation, tmp_path):
     """The diagnostic behind settling.png: per step of each dynamics, the mean energy (async:
     never up in the free phase) and max|ds| (async: 0 once settled); tanh has no energy."""
     import data_utils
-    import runs
+    import storage
     from utils_ep_fast import settling_trace
 
     model = make_model("cnn", 2.0, activation=activation)
@@ -355,5 +355,5 @@ def test_settling_trace_and_its_figure(activation, tmp_path):
         assert energy.shape == (31,) and (energy.diff() <= 1e-12 * energy.abs()[1:]).all()
         mean_energy = model.energy(x, y, settle_with(model, "async", x, y, 30)).mean()
         torch.testing.assert_close(energy[-1], mean_energy)
-    runs.save_figure(data_utils.plot_settling(traces, "title"), tmp_path / "settling.png")
+    storage.save_figure(data_utils.plot_settling(traces, "title"), tmp_path / "settling.png")
     assert (tmp_path / "settling.png").stat().st_size > 0

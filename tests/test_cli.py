@@ -3,7 +3,7 @@ results folder they leave, exact resume, evaluation, MNIST / DIGITS runs and the
 
 from __future__ import annotations
 
-import csv
+import dataclasses
 import os
 import re
 import shlex
@@ -13,35 +13,15 @@ from pathlib import Path
 import pytest
 import torch
 from fake_datasets import write_fake_cifar10, write_fake_mnist
+from helpers import DIGITS_CNN_BATCHED, ROOT, SEED_COMMANDS, load, only_run_dir, read_csv, seed_argv
 
 import cifar_dictlearning
 import main_fast
-import runs
+import records
 from lca import LCAConv2D
-from runs import save_dictionary
+from records import save_dictionary
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*official checksums")
-ROOT = Path(__file__).resolve().parents[1]
-
-# The seed README's four training commands, verbatim.
-SEED_COMMANDS = {
-    "rcnn": "python main_fast.py --model 'CNN' --task 'CIFAR10' --data-aug --channels 64 128 256 "
-    "512 --kernels 3 3 3 3 --pools 'mmmm' --strides 1 1 1 1 --paddings 1 1 1 1 --fc 10 --optim "
-    "'sgd' --lrs 0.25 0.15 0.1 0.08 0.05 --wds 3e-4 3e-4 3e-4 3e-4 3e-4  --mmt 0.9 --lr-decay "
-    "--epochs 35 --act 'my_hard_sig' --todo 'train' --T1 250 --T2 50 --mbs 128 --alg 'EP' "
-    "--betas 0.0 1.0 --thirdphase --loss 'cel' --softmax --save",
-}
-_LCA_SEED = (
-    "python main_fast.py --model LCACNN --task CIFAR10 --data-aug --channels 64 256 512 "
-    "--kernels 3 3 3 --pools immmm --strides 1 1 1 1 --paddings 1 1 1 1 --fc 10 --optim sgd "
-    "--lrs 0.25 0.15 0.1 0.08 --wds 3e-4 3e-4 3e-4 3e-4 3e-4 --mmt 0.9 --lr-decay --epochs 120 "
-    "--act my_hard_sig --todo train --T1 250 --T2 50 --mbs 128 --alg EP --betas 0.0 0.5 "
-    "--scale 0.5 --thirdphase --loss cel --softmax --save --seed 2 --lca_feats 64 --lca_lambda "
-    "0.25 --lca_tau 100 --lca_eta 0.05 --lca_iters 600 --lca_stride 2 --lca_ksize 9 "
-    "--dict_training {mode}"
-)
-for _mode in ("pretrained", "finetune", "learn"):
-    SEED_COMMANDS[_mode] = _LCA_SEED.format(mode=_mode)
 
 # Appended to a seed command: argparse keeps the last value of a repeated flag.
 TINY = [
@@ -71,10 +51,6 @@ ITEM3_FILES = {
 LCA_FILES = {"sparsity.png", "recon_error.png", "reconstructions.png"}
 
 
-def seed_argv(name: str) -> list[str]:
-    return shlex.split(SEED_COMMANDS[name])[2:]
-
-
 @pytest.fixture(scope="module")
 def cifar(tmp_path_factory) -> dict:
     """Fake CIFAR-10 files (10 train, 4 test images) and a 64x3x9x9 dictionary learnt on the
@@ -92,24 +68,9 @@ def paths(cifar: dict, results: Path) -> list[str]:
             "--dict-path", str(cifar["dict"])]  # fmt: skip
 
 
-def only_run_dir(results: Path) -> Path:
-    runs = sorted(results.glob("*/*/*/*/*/run_*"))
-    assert len(runs) == 1, runs
-    return runs[0]
-
-
-def read_csv(run_dir: Path) -> list[dict]:
-    with open(run_dir / "results.csv", newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def load(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
 def rebuilt(record: dict) -> torch.nn.Module:
     """The model of a saved file, rebuilt from its configuration (strict state-dict load)."""
-    model = runs.build_model(record["model_config"])
+    model = records.build_model(record["model_config"])
     model.load_state_dict(record["model_state"])
     return model
 
@@ -207,13 +168,8 @@ DIGITS_LCACNN = [
 ]  # fmt: skip
 
 
-DIGITS_CNN = ["--model", "CNN", "--task", "DIGITS", "--channels", "4", "--kernels", "3",
-              "--strides", "1", "--paddings", "1", "--pools", "m", "--fc", "10", "--lrs", "0.1",
-              "0.1", "--T1", "3", "--T2", "2", "--mbs", "256", "--seed", "0"]  # fmt: skip
-
-
 def test_resume_ignores_retyped_architecture(tmp_path, capsys):
-    assert main_fast.main(DIGITS_CNN + ["--save", "--results-dir", str(tmp_path)]) == 0
+    assert main_fast.main(DIGITS_CNN_BATCHED + ["--save", "--results-dir", str(tmp_path)]) == 0
     run_dir = only_run_dir(tmp_path)
     resume = ["--load-path", str(run_dir), "--epochs", "2", "--channels", "8", "--T1", "3"]
     assert main_fast.main(resume) == 0
@@ -222,6 +178,39 @@ def test_resume_ignores_retyped_architecture(tmp_path, capsys):
     config = load(run_dir / "final_model.pt")["model_config"]
     assert config["kwargs"]["channels"] == [4]
     assert len(read_csv(run_dir)) == 2
+
+
+def test_flags_become_frozen_configurations_and_the_namespace_is_left_alone():
+    argv = [*DIGITS_CNN_BATCHED, "--lrs", "0.1", "0.05", "0.02", "--task", "digits"]
+    args, _ = main_fast.parse_args(argv)
+    typed = dict(vars(args))
+    settings = main_fast.check_args(vars(args))
+    assert vars(args) == typed  # the extra rate and the spelling of the task stay as typed
+    assert settings.optim.lrs == (0.1, 0.05) and settings.flags["lrs"] == [0.1, 0.05]
+    assert (settings.model.task, settings.data.task) == ("DIGITS", "DIGITS")
+    assert (settings.dynamics.T1, settings.dynamics.T2, settings.data.mbs) == (3, 2, 256)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        settings.optim.lrs = (1.0, 1.0)
+    with pytest.raises(TypeError):
+        settings.flags["lrs"] = [1.0, 1.0]
+    assert settings.model.model_config() == {
+        "model": "CNN",
+        "kwargs": {"in_size": 8, "in_channels": 1, "channels": [4], "kernels": [3],
+                   "strides": [1], "paddings": [1], "pools": "m", "fc": [10],
+                   "activation": "mysig", "softmax": False, "loss": "mse", "scale": None},
+    }  # fmt: skip
+
+
+def test_records_hold_the_configurations_as_plain_dicts(tmp_path, capsys):
+    assert main_fast.main(DIGITS_CNN_BATCHED + ["--save", "--results-dir", str(tmp_path)]) == 0
+    run_dir = only_run_dir(tmp_path)
+    args, _ = main_fast.parse_args([*DIGITS_CNN_BATCHED, "--save", "--results-dir", str(tmp_path)])
+    settings = main_fast.check_args(vars(args))
+    for name in ("checkpoint.pt", "model.pt", "final_model.pt"):
+        record = load(run_dir / name)  # weights_only=True: plain containers only
+        assert record["config"] == settings.plain() and record["args"] == settings.args()
+        assert record["config"]["optim"]["lrs"] == [0.1, 0.1]
+        assert record["config"]["dynamics"]["betas"] == [0.0, 0.01]
 
 
 def test_digits_pretrained_then_evaluate_reproduces_test_accuracy(tmp_path, capsys):

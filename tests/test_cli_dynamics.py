@@ -5,10 +5,11 @@ import shlex
 import subprocess
 
 import torch
-from conftest import DIGITS_CNN, ROOT, load, only_run_dir, read_csv
+from helpers import DIGITS_CNN_BATCHED as DIGITS_CNN
+from helpers import ROOT, load, only_run_dir, read_csv
 
 import main_fast
-import runs
+import records
 from dynamics import TOL_EVERY, half_step
 
 HARD = DIGITS_CNN + ["--act", "my_hard_sig", "--epochs", "1", "--save"]
@@ -68,7 +69,7 @@ def test_tol_run_stops_each_phase_at_its_first_settled_check(tmp_path, capsys):
     for figure in ("phase_steps.png", "phases_at_cap.png", "settling.png"):
         assert (run_dir / figure).is_file(), figure
     record = load(run_dir / "final_model.pt")
-    model = runs.build_model(record["model_config"])
+    model = records.build_model(record["model_config"])
     model.load_state_dict(record["model_state"])
     model.set_dynamics(record["args"]["dynamics"], record["args"]["tol"])
     generator = torch.Generator().manual_seed(0)

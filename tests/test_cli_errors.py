@@ -7,26 +7,14 @@ import re
 import shlex
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import DIGITS_CNN, LCACNN, ROOT, fail_in_epoch, run_dir_of, run_failing
 
 import main_fast
-import utils_ep_fast
 from lca import LCAConv2D
-from runs import save_dictionary
-
-ROOT = Path(__file__).resolve().parents[1]
-
-# A tiny CNN on the bundled DIGITS data: 8x8 -> 4 maps of 4x4 -> 10 classes, one batch per epoch.
-DIGITS_CNN = ["--model", "CNN", "--task", "DIGITS", "--channels", "4", "--kernels", "3",
-              "--strides", "1", "--paddings", "1", "--pools", "m", "--fc", "10", "--lrs", "0.1",
-              "0.1", "--T1", "3", "--T2", "2", "--mbs", "720", "--seed", "0"]  # fmt: skip
-LCACNN = ["--model", "LCACNN", "--task", "DIGITS", "--channels", "4", "8", "--kernels", "3",
-          "--strides", "1", "--paddings", "1", "--pools", "im", "--fc", "10", "--lrs", "0.1",
-          "0.1", "--lca_feats", "4", "--lca_ksize", "3", "--lca_stride", "1", "--lca_iters", "5",
-          "--T1", "3", "--T2", "2", "--mbs", "720"]  # fmt: skip
+from records import save_dictionary
 
 
 def with_flag(argv: list[str], flag: str, *values: str) -> list[str]:
@@ -38,19 +26,6 @@ def with_flag(argv: list[str], flag: str, *values: str) -> list[str]:
     while end < len(argv) and not argv[end].startswith("--"):
         end += 1
     return [*argv[:start], flag, *values, *argv[end:]]
-
-
-def run_failing(argv: list[str], capsys, status: int = 2) -> str:
-    """Run ``argv``, check the exit status and that stderr holds no traceback; return stderr."""
-    assert main_fast.main(argv) == status
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    return err
-
-
-def run_dir_of(results: Path) -> Path:
-    (run_dir,) = results.glob("*/*/*/*/*/run_*")
-    return run_dir
 
 
 @pytest.mark.parametrize(
@@ -160,21 +135,6 @@ def test_resume_of_a_finished_run_asks_for_more_epochs(tmp_path, capsys):
     run_dir = run_dir_of(tmp_path)
     err = run_failing(["--load-path", str(run_dir)], capsys)
     assert "already has 1 epochs; pass --epochs N with N > 1" in err
-
-
-def fail_in_epoch(monkeypatch, epoch: int, failure) -> None:
-    """Make ``failure(model)`` happen right after the first batch of ``epoch`` (1 batch/epoch)."""
-    real_train_batch = utils_ep_fast.train_batch
-    calls = []
-
-    def train_batch(model, *args, **kwargs):
-        free = real_train_batch(model, *args, **kwargs)
-        calls.append(1)
-        if len(calls) == epoch:
-            failure(model)
-        return free
-
-    monkeypatch.setattr(utils_ep_fast, "train_batch", train_batch)
 
 
 def test_divergence_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):

@@ -1,4 +1,4 @@
-"""Tests of data_utils: datasets from real on-disk formats and loaders. Nothing here touches
+"""Tests of data_loading: datasets from real on-disk formats and loaders. Nothing here touches
 the network (run folders and figures: test_runs.py)."""
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ import torchvision.datasets.mnist as tv_mnist
 from fake_datasets import CodeRunningPickle, write_fake_cifar10, write_fake_mnist, write_fake_svhn
 from torch.utils.data import Subset, TensorDataset
 
-import data_utils as du
+import data_loading
+from entry import UsageError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 CIFAR_FILES = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]
@@ -32,7 +33,7 @@ MNIST_FILES = [
 def load_cifar(root: Path, **kwargs):
     """build_datasets('CIFAR10') on fake files, which always differ from the official checksums."""
     with pytest.warns(UserWarning, match="official checksums"):
-        return du.build_datasets("CIFAR10", root, **kwargs)
+        return data_loading.build_datasets("CIFAR10", root, **kwargs)
 
 
 def shifted_copies(image: np.ndarray, pad: int, flips: bool) -> list[np.ndarray]:
@@ -67,15 +68,15 @@ def assert_random_shifts(train, index: int, plain: np.ndarray, pad: int, draws: 
 
 
 def test_task_info_shapes_and_case_insensitive_names():
-    assert du.task_info("CIFAR10") == (3, 32, 32, 10)
-    assert du.task_info("cifar100") == (3, 32, 32, 100)
-    assert du.task_info("mnist") == (1, 28, 28, 10)
-    assert du.task_info("fashionMNIST") == (1, 28, 28, 10)
-    assert du.task_info("svhn") == (3, 32, 32, 10)
-    assert du.task_info("Digits") == (1, 8, 8, 10)
-    assert du.canonical_task("fashionmnist") == "FashionMNIST"
-    with pytest.raises(du.UsageError) as err:
-        du.task_info("ImageNet")
+    assert data_loading.task_info("CIFAR10") == (3, 32, 32, 10)
+    assert data_loading.task_info("cifar100") == (3, 32, 32, 100)
+    assert data_loading.task_info("mnist") == (1, 28, 28, 10)
+    assert data_loading.task_info("fashionMNIST") == (1, 28, 28, 10)
+    assert data_loading.task_info("svhn") == (3, 32, 32, 10)
+    assert data_loading.task_info("Digits") == (1, 8, 8, 10)
+    assert data_loading.canonical_task("fashionmnist") == "FashionMNIST"
+    with pytest.raises(UsageError) as err:
+        data_loading.task_info("ImageNet")
     for name in ("ImageNet", "MNIST", "CIFAR10", "DIGITS"):
         assert name in str(err.value)
 
@@ -87,8 +88,8 @@ def test_cifar10_shapes_labels_and_normalisation(tmp_path):
     fake = write_fake_cifar10(tmp_path, n_train_per_batch=3, n_test=5)
     train, test = load_cifar(tmp_path)
     assert (len(train), len(test)) == (15, 5)
-    assert du.dataset_labels(train).tolist() == fake["train_labels"].tolist()
-    assert du.dataset_labels(test).tolist() == fake["test_labels"].tolist()
+    assert data_loading.dataset_labels(train).tolist() == fake["train_labels"].tolist()
+    assert data_loading.dataset_labels(test).tolist() == fake["test_labels"].tolist()
 
     # Item 7 is the second image of data_batch_3; pixel (row 5, column 11) in R, G and B.
     image, label = train[7]
@@ -129,13 +130,13 @@ def test_cifar10_archive_is_unpacked_without_network(tmp_path, monkeypatch):
     monkeypatch.setattr(tv_cifar, "download_and_extract_archive", _no_network)
     train, test = load_cifar(data, download=True)
     assert (len(train), len(test)) == (10, 3)
-    assert du.dataset_labels(test).tolist() == fake["test_labels"].tolist()
+    assert data_loading.dataset_labels(test).tolist() == fake["test_labels"].tolist()
 
 
 def test_missing_cifar10_names_folder_files_and_digits(tmp_path, monkeypatch):
     monkeypatch.setattr(tv_cifar, "download_and_extract_archive", _no_network)
-    with pytest.raises(du.UsageError) as err:
-        du.build_datasets("CIFAR10", tmp_path / "nowhere", download=False)
+    with pytest.raises(UsageError) as err:
+        data_loading.build_datasets("CIFAR10", tmp_path / "nowhere", download=False)
     msg = str(err.value)
     assert "downloading is off" in msg
     folder = (tmp_path / "nowhere").resolve()
@@ -149,8 +150,8 @@ def test_missing_cifar10_names_folder_files_and_digits(tmp_path, monkeypatch):
 def test_corrupt_cifar10_batch_is_a_usage_error(tmp_path):
     write_fake_cifar10(tmp_path)
     (tmp_path / "cifar-10-batches-py" / "test_batch").write_bytes(b"not a pickle at all")
-    with pytest.raises(du.UsageError, match="corrupt") as err:
-        du.build_datasets("CIFAR10", tmp_path, download=False)
+    with pytest.raises(UsageError, match="corrupt") as err:
+        data_loading.build_datasets("CIFAR10", tmp_path, download=False)
     assert "cifar-10-batches-py" in str(err.value)
 
 
@@ -164,8 +165,8 @@ def test_unverified_cifar10_pickle_with_code_is_refused(tmp_path):
         "x": CodeRunningPickle(str(marker)),
     }
     batch.write_bytes(pickle.dumps(entry, protocol=2))
-    with pytest.raises(du.UsageError, match="corrupt"):
-        du.build_datasets("CIFAR10", tmp_path, download=False)
+    with pytest.raises(UsageError, match="corrupt"):
+        data_loading.build_datasets("CIFAR10", tmp_path, download=False)
     assert not marker.exists()
 
 
@@ -180,19 +181,19 @@ def _no_network(*args, **kwargs):
 def test_existing_mnist_files_load_without_download(tmp_path, monkeypatch, name):
     fake = write_fake_mnist(tmp_path, n_train=7, n_test=4, name=name)
     monkeypatch.setattr(tv_mnist, "download_and_extract_archive", _no_network)
-    train, test = du.build_datasets(name, tmp_path, download=True)
+    train, test = data_loading.build_datasets(name, tmp_path, download=True)
     assert (len(train), len(test)) == (7, 4)
     image, label = train[5]
     assert image.shape == (1, 28, 28) and image.dtype == torch.float32
     assert label == fake["train_labels"][5]
     # Normalize(0, 1) leaves ToTensor's value/255.
     assert image[0, 13, 2].item() == pytest.approx(fake["train_images"][5, 13, 2] / 255, abs=1e-7)
-    assert du.dataset_labels(test).tolist() == fake["test_labels"].tolist()
+    assert data_loading.dataset_labels(test).tolist() == fake["test_labels"].tolist()
 
 
 def test_mnist_augmentation_shifts_train_images(tmp_path):
     fake = write_fake_mnist(tmp_path, n_train=3, n_test=2)
-    train, _ = du.build_datasets("MNIST", tmp_path, data_aug=True, download=False)
+    train, _ = data_loading.build_datasets("MNIST", tmp_path, data_aug=True, download=False)
     plain = (fake["train_images"][1] / 255.0).astype(np.float32)[None]
     assert plain.shape == (1, 28, 28)
     assert_random_shifts(train, 1, plain, pad=2, draws=8, seed=1)
@@ -204,7 +205,7 @@ def test_mnist_gz_files_are_unpacked_without_network(tmp_path):
     for name in MNIST_FILES:
         (raw / f"{name}.gz").write_bytes(gzip.compress((raw / name).read_bytes()))
         (raw / name).unlink()
-    train, test = du.build_datasets("MNIST", tmp_path, download=False)
+    train, test = data_loading.build_datasets("MNIST", tmp_path, download=False)
     assert (len(train), len(test)) == (5, 3)
     assert train[2][0][0, 20, 7].item() == pytest.approx(fake["train_images"][2, 20, 7] / 255)
 
@@ -217,8 +218,8 @@ def test_offline_mnist_download_failure_names_folder_and_files(tmp_path, monkeyp
         raise URLError("no route to host")
 
     monkeypatch.setattr(tv_mnist, "download_and_extract_archive", offline)
-    with pytest.raises(du.UsageError) as err:
-        du.build_datasets("mnist", tmp_path / "data", download=True)
+    with pytest.raises(UsageError) as err:
+        data_loading.build_datasets("mnist", tmp_path / "data", download=True)
     assert calls, "a download is attempted when the files are missing and download=True"
     msg = str(err.value)
     assert str((tmp_path / "data" / "MNIST" / "raw").resolve()) in msg
@@ -233,9 +234,9 @@ def test_offline_mnist_download_failure_names_folder_and_files(tmp_path, monkeyp
 def test_svhn_labels_normalisation_and_shift_without_flip(tmp_path):
     fake = write_fake_svhn(tmp_path, n_train=5, n_test=3)
     with pytest.warns(UserWarning, match="official checksums"):
-        train, test = du.build_datasets("SVHN", tmp_path, data_aug=True)
+        train, test = data_loading.build_datasets("SVHN", tmp_path, data_aug=True)
     assert (len(train), len(test)) == (5, 3)
-    assert du.dataset_labels(train).tolist() == [0, 1, 2, 3, 4]
+    assert data_loading.dataset_labels(train).tolist() == [0, 1, 2, 3, 4]
     assert test[0][1] == 0  # stored as 10 in the file
     image = test[2][0]
     r, g, b = (int(v) for v in fake["test_images"][2, :, 30, 1])
@@ -255,7 +256,7 @@ def test_svhn_labels_normalisation_and_shift_without_flip(tmp_path):
 def test_digits_fixed_stratified_split():
     from sklearn.datasets import load_digits
 
-    train, test = du.build_datasets("DIGITS")
+    train, test = data_loading.build_datasets("DIGITS")
     assert (len(train), len(test)) == (1437, 360)
     train_idx, test_idx = set(train.indices.tolist()), set(test.indices.tolist())
     assert not train_idx & test_idx and len(train_idx | test_idx) == 1797
@@ -263,7 +264,7 @@ def test_digits_fixed_stratified_split():
     # Class sizes of the 1797 digits: 178 182 177 183 181 182 181 179 174 180; a stratified 20%
     # test split holds round(0.2 * size) of each, give or take one.
     sizes = [178, 182, 177, 183, 181, 182, 181, 179, 174, 180]
-    test_counts = np.bincount(du.dataset_labels(test).numpy(), minlength=10)
+    test_counts = np.bincount(data_loading.dataset_labels(test).numpy(), minlength=10)
     assert all(abs(c - 0.2 * s) <= 1 for c, s in zip(test_counts, sizes, strict=True))
 
     image, label = test[4]
@@ -274,13 +275,13 @@ def test_digits_fixed_stratified_split():
     k = int(test.indices[4])
     assert label == digits.target[k]
     assert np.allclose(image[0].numpy(), digits.images[k] / 16.0)
-    assert du.build_datasets("digits")[1].indices.tolist() == test.indices.tolist()
+    assert data_loading.build_datasets("digits")[1].indices.tolist() == test.indices.tolist()
     # The split is pinned: results of runs made at different times must use the same test set.
     assert sorted(test.indices.tolist())[:8] == [21, 24, 28, 34, 35, 37, 39, 42]
 
 
 def test_digits_augmentation_shifts_only_train():
-    train, test = du.build_datasets("DIGITS", data_aug=True)
+    train, test = data_loading.build_datasets("DIGITS", data_aug=True)
     plain = train.data[10].numpy()
     assert plain.shape == (1, 8, 8)
     assert_random_shifts(train, 10, plain, pad=1, draws=10, seed=2)
@@ -289,11 +290,11 @@ def test_digits_augmentation_shifts_only_train():
 
 def test_dataset_labels_through_subsets_and_without_targets():
     base = TensorDataset(torch.zeros(6, 1), torch.tensor([5, 4, 3, 2, 1, 0]))
-    assert du.dataset_labels(base).tolist() == [5, 4, 3, 2, 1, 0]
+    assert data_loading.dataset_labels(base).tolist() == [5, 4, 3, 2, 1, 0]
     nested = Subset(Subset(base, [1, 3, 5]), [2, 0])
-    assert du.dataset_labels(nested).tolist() == [0, 4]
-    train, _ = du.build_datasets("DIGITS")
-    assert du.dataset_labels(Subset(train, [0, 1])).tolist() == [train[0][1], train[1][1]]
+    assert data_loading.dataset_labels(nested).tolist() == [0, 4]
+    train, _ = data_loading.build_datasets("DIGITS")
+    assert data_loading.dataset_labels(Subset(train, [0, 1])).tolist() == [train[0][1], train[1][1]]
 
 
 # ------------------------------------------------------------------------------------- loaders
@@ -305,17 +306,17 @@ def _order(loader) -> list[int]:
 
 def test_make_loader_seeded_order_and_subsets():
     data = TensorDataset(torch.arange(20))
-    a = du.make_loader(data, batch_size=8, shuffle=True, seed=5)
-    b = du.make_loader(data, batch_size=8, shuffle=True, seed=5)
+    a = data_loading.make_loader(data, batch_size=8, shuffle=True, seed=5)
+    b = data_loading.make_loader(data, batch_size=8, shuffle=True, seed=5)
     first_a, first_b = _order(a), _order(b)
     assert first_a == first_b and sorted(first_a) == list(range(20))
     assert first_a != list(range(20))
     assert _order(a) == _order(b) != first_a  # next epoch: new order, still reproducible
-    assert _order(du.make_loader(data, 8, True, seed=6)) != first_a
+    assert _order(data_loading.make_loader(data, 8, True, seed=6)) != first_a
     assert [len(x) for (x,) in a] == [8, 8, 4]
 
-    plain = du.make_loader(data, batch_size=3, shuffle=False)
+    plain = data_loading.make_loader(data, batch_size=3, shuffle=False)
     assert _order(plain) == list(range(20))
-    sub = du.make_loader(data, 2, shuffle=True, seed=0, indices=torch.tensor([3, 9, 11]))
+    sub = data_loading.make_loader(data, 2, shuffle=True, seed=0, indices=torch.tensor([3, 9, 11]))
     assert sorted(_order(sub)) == [3, 9, 11]
     assert plain.pin_memory == torch.cuda.is_available()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import cifar_dictlearning
-from runs import load_dictionary, load_subset_indices
+from records import load_dictionary, load_subset_indices
 
 SMALL_RUN = [
     "--task", "DIGITS", "--features", "16", "--kernel-size", "3", "--stride", "1",

@@ -8,7 +8,7 @@ from math_checks import digit_like_batch as batch
 
 from lca import LCAConv2D
 from lca_utils_ep_fast import LCA_CNN
-from runs import ep_training_indices, load_model_dictionary, save_dictionary
+from records import ep_training_indices, load_model_dictionary, save_dictionary
 from utils_ep_fast import EPConfig, make_optimizer, train_batch
 
 

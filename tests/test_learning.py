@@ -2,8 +2,9 @@
 
 import pytest
 import torch
+from math_checks import digits_loaders
 
-import data_utils
+import data_loading
 from utils_ep_fast import P_CNN, EPConfig, make_optimizer, train
 
 EPOCHS = 10
@@ -17,14 +18,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def digits_loaders(seed: int = 0):
-    train_set, test_set = data_utils.build_datasets("DIGITS", download=False)
-    return (
-        data_utils.make_loader(train_set, 16, shuffle=True, seed=seed),
-        data_utils.make_loader(test_set, 200, shuffle=False),
-    )
 
 
 def test_symmetric_ep_with_softmax_readout_learns_digits():
@@ -59,7 +52,7 @@ def test_lca_front_end_with_pretrained_dictionary_learns_digits(tmp_path):
     readout; feedback scale 0.01; EP on the other 70% as in the seed's pretrained runs."""
     import cifar_dictlearning
     from lca_utils_ep_fast import LCA_CNN
-    from runs import ep_training_indices, load_model_dictionary
+    from records import ep_training_indices, load_model_dictionary
 
     cifar_dictlearning.main(
         ["--task", "DIGITS", "--features", "16", "--kernel-size", "3", "--stride", "1",
@@ -68,11 +61,11 @@ def test_lca_front_end_with_pretrained_dictionary_learns_digits(tmp_path):
          "--out-dir", str(tmp_path)]
     )  # fmt: skip
     dict_path = tmp_path / "dictionary.pt"
-    train_set, test_set = data_utils.build_datasets("DIGITS", download=False)
+    train_set, test_set = data_loading.build_datasets("DIGITS", download=False)
     ep_indices = ep_training_indices(len(train_set), dict_path)
     assert len(ep_indices) == len(train_set) - round(0.3 * len(train_set))
-    train_loader = data_utils.make_loader(train_set, 32, shuffle=True, seed=0, indices=ep_indices)
-    test_loader = data_utils.make_loader(test_set, 200, shuffle=False)
+    train_loader = data_loading.make_loader(train_set, 32, shuffle=True, seed=0, indices=ep_indices)
+    test_loader = data_loading.make_loader(test_set, 200, shuffle=False)
 
     torch.manual_seed(0)
     model = LCA_CNN(

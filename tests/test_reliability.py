@@ -24,12 +24,16 @@ import pytest
 import torch
 import torchvision.datasets.cifar as tv_cifar
 from fake_datasets import write_fake_cifar10
-from test_cli_errors import DIGITS_CNN, LCACNN, fail_in_epoch, run_dir_of, run_failing
+from helpers import DIGITS_CNN, LCACNN, fail_in_epoch, run_dir_of, run_failing
 
 import cifar_dictlearning
-import data_utils
+import data_loading
+import entry
 import main_fast
+import records
+import robustness
 import runs
+import storage
 
 ROOT = Path(__file__).resolve().parents[1]
 WAIT = 180  # seconds any child process may take (a slow, busy machine imports torch slowly)
@@ -83,8 +87,8 @@ def test_archive_member_outside_the_data_folder_is_refused(tmp_path, unsafe):
         else:
             member.size = 4
             tar.addfile(member, io.BytesIO(b"evil"))
-    with pytest.raises(data_utils.UsageError, match="refusing to unpack .* is unsafe"):
-        data_utils.build_datasets("CIFAR10", data, download=False)
+    with pytest.raises(entry.UsageError, match="refusing to unpack .* is unsafe"):
+        data_loading.build_datasets("CIFAR10", data, download=False)
     assert not (tmp_path / "escaped.txt").exists() and not Path("/tmp/absolute.txt").exists()
     assert not (data / "cifar-10-batches-py").exists(), "nothing is unpacked from such an archive"
 
@@ -111,6 +115,49 @@ def test_sigterm_saves_the_weights_and_prints_the_resume_command(tmp_path):
     assert main_fast.main(["--load-path", str(run_dir), "--epochs", str(done + 1)]) == 0
 
 
+def robustness_argv(run_dir: Path, *extra: str) -> list[str]:
+    return ["robustness.py", "--load-path", str(run_dir), "--device", "cpu", "--n-samples",
+            "20", "--attacks", "pgd-linf", "--gradients", "bptt", *extra]  # fmt: skip
+
+
+def test_sigterm_stops_robustness_keeping_the_rows_measured(tmp_path, capsys):
+    run_dir = saved_run(tmp_path, capsys)
+    epsilons = [f"{0.01 * i:g}" for i in range(100)]
+    child = start(robustness_argv(run_dir, "--steps", "50", "--eps", *epsilons))
+    csv_path = run_dir / "robustness.csv"
+
+    def attacked_or_ended() -> bool:  # the clean row and one attack's row, or an early exit
+        rows = csv_path.read_text().splitlines() if csv_path.is_file() else []
+        return len(rows) > 2 or child.poll() is not None
+
+    try:
+        wait_for(attacked_or_ended, "the first attack")
+        assert child.poll() is None, child.communicate()
+        child.send_signal(signal.SIGTERM)
+        _, err = child.communicate(timeout=WAIT)
+    finally:
+        child.kill()
+    assert child.returncode == 143 and "Traceback" not in err, err
+    assert err.strip().splitlines()[-1] == (
+        "terminated (SIGTERM); robustness.csv keeps the rows measured so far"
+    )
+    rows = storage.read_csv_rows(csv_path)
+    assert rows[0]["attack"] == "clean" and rows[1]["attack"] == "pgd-linf"
+
+
+def test_robustness_reports_a_failed_write_in_one_line(tmp_path, capsys, monkeypatch):
+    run_dir = saved_run(tmp_path, capsys)
+
+    def disk_full(path, row):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(storage, "append_csv_row", disk_full)
+    assert robustness.main(robustness_argv(run_dir, "--steps", "1", "--eps", "0")[1:]) == 74
+    line = one_error_line(capsys.readouterr().err)
+    assert line.startswith(f"error: cannot write or read a file ({run_dir / 'robustness.csv'})")
+    assert "No space left on device [ENOSPC]" in line
+
+
 def test_sigterm_stops_dictionary_learning_keeping_the_last_dictionary(tmp_path):
     argv = ["--task", "DIGITS", "--lca_feats", "4", "--lca_ksize", "3", "--lca_stride", "1",
             "--lca-iters", "5", "--epochs", "100000", "--out-dir", str(tmp_path)]  # fmt: skip
@@ -123,7 +170,7 @@ def test_sigterm_stops_dictionary_learning_keeping_the_last_dictionary(tmp_path)
         child.kill()
     assert child.returncode == 143 and "Traceback" not in err, err
     assert "terminated (SIGTERM); the dictionary of the last finished epoch is kept" in err
-    weights, _ = runs.load_dictionary(tmp_path / "dictionary.pt", expected_shape=(4, 1, 3, 3))
+    weights, _ = records.load_dictionary(tmp_path / "dictionary.pt", expected_shape=(4, 1, 3, 3))
     assert torch.isfinite(weights).all()
 
 
@@ -149,7 +196,7 @@ def test_ctrl_c_while_the_libraries_load_exits_130_without_traceback():
 
 def test_one_command_line_starts_and_after_a_preemption_resumes(tmp_path, monkeypatch, capsys):
     def preempt(model):
-        raise data_utils.Terminated
+        raise entry.Terminated
 
     run_dir = tmp_path / "job"
     argv = DIGITS_CNN + ["--mbs", "1437", "--epochs", "3", "--save", "--load-path", str(run_dir)]
@@ -167,7 +214,7 @@ def test_one_command_line_starts_and_after_a_preemption_resumes(tmp_path, monkey
 # --------------------------------------------------------------- 3. one writer per run folder
 
 HOLD_LOCK = (
-    "import sys, time, runs; runs.FolderLock(sys.argv[1]).__enter__(); "
+    "import sys, time, storage; storage.FolderLock(sys.argv[1]).__enter__(); "
     "print('locked', flush=True); time.sleep(600)"
 )
 
@@ -197,15 +244,15 @@ def test_second_writer_is_refused_and_a_stale_lock_is_taken_over(tmp_path, capsy
 
 
 def test_without_flock_a_lock_is_judged_by_the_process_it_names(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(runs, "fcntl", None)  # as on a filesystem or system without flock
+    monkeypatch.setattr(storage, "fcntl", None)  # as on a filesystem or system without flock
     host, lock_file = socket.gethostname(), tmp_path / ".lock"
     lock_file.write_text(f"{os.getppid()} {host}\n")  # alive: the process that started pytest
-    with pytest.raises(runs.FolderBusyError, match=f"process {os.getppid()} on {host}"):
-        runs.FolderLock(tmp_path).__enter__()
+    with pytest.raises(storage.FolderBusyError, match=f"process {os.getppid()} on {host}"):
+        storage.FolderLock(tmp_path).__enter__()
     exited = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                             capture_output=True, text=True, timeout=WAIT)  # fmt: skip
     lock_file.write_text(f"{int(exited.stdout)} {host}\n")
-    with runs.FolderLock(tmp_path):
+    with storage.FolderLock(tmp_path):
         assert lock_file.read_text() == f"{os.getpid()} {host}\n"
     assert lock_file.read_text() == "" and "took over the lock" in capsys.readouterr().err
 
@@ -350,6 +397,25 @@ def test_resume_applies_typed_learning_rates_and_weight_decays(tmp_path, capsys)
     assert "lrs: [0.05, 0.02] (from epoch 1)\nwds: [0.001, 0.002] (from epoch 1)" in text
 
 
+def test_resume_of_a_vector_field_run_gives_backward_weights_their_synapse_rates(tmp_path, capsys):
+    """VFCNN here: conv W_0, readout W_1 and the readout's backward weights B_1, three param
+    groups for two synapses. ``--lrs`` / ``--wds`` on a resume take one value per synapse, and
+    B_1 takes W_1's (as a new run gives it)."""
+    run_dir = saved_run(tmp_path, capsys, "--model", "VFCNN", "--lr-decay")
+    saved = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    assert len(saved["optimizer_state"]["param_groups"]) == 3
+    assert "backward_synapses.0.weight" in saved["model_state"]
+    argv = ["--load-path", str(run_dir), "--epochs", "2", "--lrs", "0.05", "0.02"]
+    assert main_fast.main([*argv, "--wds", "1e-3", "2e-3"]) == 0
+    checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    groups = checkpoint["optimizer_state"]["param_groups"]
+    decayed = (1 + math.cos(math.pi * 2 / 100)) / 2  # CosineAnnealingLR(T_max=100) at epoch 2
+    expected = [1e-5 + (lr - 1e-5) * decayed for lr in (0.05, 0.02, 0.02)]
+    assert [g["lr"] for g in groups] == pytest.approx(expected, abs=1e-15)
+    assert [g["weight_decay"] for g in groups] == [1e-3, 2e-3, 2e-3]
+    assert checkpoint["scheduler_state"]["base_lrs"] == [0.05, 0.02, 0.02]
+
+
 # --------------------------------------------------------------- 8. leftovers and file modes
 
 
@@ -408,7 +474,7 @@ def test_missing_dataset_is_one_line(tmp_path, capsys):
 def test_modified_cifar_files_are_checked_before_torchvision_unpickles_them(tmp_path, monkeypatch):
     write_fake_cifar10(tmp_path, n_train_per_batch=2, n_test=2)
     order = []
-    real_check = data_utils._DataOnlyUnpickler.load
+    real_check = data_loading._DataOnlyUnpickler.load
     real_load = pickle.load
 
     def checked(self):
@@ -419,10 +485,10 @@ def test_modified_cifar_files_are_checked_before_torchvision_unpickles_them(tmp_
         order.append("unrestricted")
         return real_load(*args, **kwargs)
 
-    monkeypatch.setattr(data_utils._DataOnlyUnpickler, "load", checked)
+    monkeypatch.setattr(data_loading._DataOnlyUnpickler, "load", checked)
     monkeypatch.setattr(tv_cifar.pickle, "load", unrestricted)
     with pytest.warns(UserWarning, match="official checksums"):
-        data_utils.build_datasets("CIFAR10", tmp_path, download=False)
+        data_loading.build_datasets("CIFAR10", tmp_path, download=False)
     assert order[:7] == ["restricted"] * 7 and "unrestricted" in order
 
 

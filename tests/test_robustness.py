@@ -5,7 +5,6 @@ one line."""
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +14,10 @@ import torch.nn.functional as F
 from fake_datasets import write_fake_cifar10
 
 import main_fast
+import records
 import robustness
 import runs
+import storage
 from lca_utils_ep_fast import LCA_CNN
 from utils_ep_fast import P_CNN, P_MLP
 
@@ -46,7 +47,7 @@ def evaluated(digits_run) -> dict:
             "--queries", "5", "--corruptions", "gaussian_noise", "contrast",
             "--severities", "1", "5"]  # fmt: skip
     assert robustness.main(argv) == 0
-    rows = runs.read_csv_rows(digits_run / robustness.ROBUSTNESS_CSV)
+    rows = storage.read_csv_rows(digits_run / robustness.ROBUSTNESS_CSV)
     return {"dir": digits_run, "rows": rows}
 
 
@@ -96,7 +97,7 @@ def test_output_files(evaluated):
     assert mean == pytest.approx(np.mean([row["accuracy"] for row in corruptions]))
     assert (run_dir / robustness.ROBUSTNESS_PNG).read_bytes().startswith(PNG_MAGIC)
     summary = (run_dir / runs.HYPERPARAMETERS_TXT).read_text()
-    assert f"robustness model.pt (epoch {runs.load_model_file(run_dir)[0]['epoch']}" in summary
+    assert f"robustness model.pt (epoch {records.load_model_file(run_dir)[0]['epoch']}" in summary
     assert f"clean: {clean_accuracy(rows):.4f}" in summary
 
 
@@ -142,8 +143,8 @@ def test_ep_input_gradient_matches_backpropagation(build):
 
 
 def test_ep_pixel_gradient_of_trained_cnn_and_lcacnn(digits_run):
-    record, _ = runs.load_model_file(digits_run)
-    trained = runs.restore_model(record).double().eval()
+    record, _ = records.load_model_file(digits_run)
+    trained = records.restore_model(record).double().eval()
     torch.manual_seed(0)
     lca_model = LCA_CNN(8, 1, 4, 3, 1, 0.1, 5.0, 0.01, 10, [4, 8], [3], [1], [1], "im", [10],
                         softmax=True, loss="cel", scale_feedback=1.0).double()  # fmt: skip
@@ -193,11 +194,11 @@ def cifar_run(tmp_path: Path) -> Path:
     kwargs = {"in_size": 32, "in_channels": 3, "channels": [4], "kernels": [5], "strides": [2],
               "paddings": [0], "pools": "m", "fc": [10]}  # fmt: skip
     config = {"model": "CNN", "kwargs": kwargs}
-    args = argparse.Namespace(
-        task="CIFAR10", model="CNN", T1=3, T2=2, data_dir=str(tmp_path / "data")
+    args = {"task": "CIFAR10", "model": "CNN", "T1": 3, "T2": 2, "data_dir": str(tmp_path / "data")}
+    model = records.build_model(config)
+    storage.atomic_save(
+        records.model_record(model, config, 1, 0.1, args), run_dir / records.BEST_MODEL
     )
-    model = runs.build_model(config)
-    runs.atomic_save(runs.model_record(model, config, 1, 0.1, args), run_dir / runs.BEST_MODEL)
     write_fake_cifar10(tmp_path / "data", n_test=6)
     return run_dir
 
@@ -209,12 +210,12 @@ def test_cli_reads_the_release_and_rejects_a_wrong_shape(tmp_path, capsys):
     argv = ["--load-path", str(run_dir), "--device", "cpu", "--attacks", "corruptions",
             "--corruptions", "fog"]  # fmt: skip
     assert robustness.main(argv) == 0
-    rows = runs.read_csv_rows(run_dir / robustness.ROBUSTNESS_CSV)
+    rows = storage.read_csv_rows(run_dir / robustness.ROBUSTNESS_CSV)
     assert [row["severity"] for row in rows if row["attack"] == "fog"] == [1, 2, 3, 4, 5]
     assert "read from" in capsys.readouterr().out
     # each block scored against its own labels: severity 1's images, checked by hand
-    record, _ = runs.load_model_file(run_dir)
-    net = robustness.PixelClassifier(runs.restore_model(record), "CIFAR10", 3, 2, 0.01, 4)
+    record, _ = records.load_model_file(run_dir)
+    net = robustness.PixelClassifier(records.restore_model(record), "CIFAR10", 3, 2, 0.01, 4)
     block = torch.from_numpy(np.load(release / "fog.npy")[:6]).permute(0, 3, 1, 2) / 255.0
     expected = net.accuracy(block.float(), torch.from_numpy(labels[:6]), 6)
     (severity_1,) = [row for row in rows if row["attack"] == "fog" and row["severity"] == 1]

@@ -1,5 +1,6 @@
-"""Tests of runs: run folders, text and CSV logs, atomic saves, safe loading, RNG state and
-dictionary files; and of the figures of data_utils, written the way runs writes them."""
+"""Tests of run folders (runs), text and CSV logs, atomic saves and safe loading (storage), RNG
+state and dictionary files (records); and of the figures of data_utils, written the way a run
+writes them."""
 
 from __future__ import annotations
 
@@ -15,10 +16,12 @@ import torch
 from fake_datasets import CodeRunningPickle
 
 import data_utils as du
+import records
 import runs
-from data_utils import UsageError
+import storage
+from entry import UsageError
 from lca import LCAConv2D
-from runs import DictionaryError, load_dictionary, load_subset_indices, save_dictionary
+from records import DictionaryError, load_dictionary, load_subset_indices, save_dictionary
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -50,8 +53,8 @@ def test_write_hyperparameters_and_append_text(tmp_path):
     assert shlex.split(lines[0]) == argv
     assert lines[1:] == ["model: CNN", "note: two words", "lrs: [0.1, 0.05]"]
 
-    runs.append_text(tmp_path, "log.txt", "epoch 1")
-    runs.append_text(tmp_path, "log.txt", "epoch 2\n")
+    storage.append_text(tmp_path, "log.txt", "epoch 1")
+    storage.append_text(tmp_path, "log.txt", "epoch 2\n")
     assert (tmp_path / "log.txt").read_text() == "epoch 1\nepoch 2\n"
 
 
@@ -90,38 +93,38 @@ class _FailsToPickle:
 
 def test_atomic_save_round_trip_and_failure_keeps_old_file(tmp_path):
     path = tmp_path / "ckpt" / "model.pt"
-    runs.atomic_save({"w": torch.arange(4.0), "epoch": 3}, path)
+    storage.atomic_save({"w": torch.arange(4.0), "epoch": 3}, path)
     assert os.listdir(path.parent) == ["model.pt"]
-    loaded = runs.safe_load(path, "checkpoint")
+    loaded = storage.safe_load(path, "checkpoint")
     assert loaded["epoch"] == 3 and torch.equal(loaded["w"], torch.arange(4.0))
 
     with pytest.raises(RuntimeError, match="cannot pickle"):
-        runs.atomic_save({"w": torch.ones(2), "bad": _FailsToPickle()}, path)
+        storage.atomic_save({"w": torch.ones(2), "bad": _FailsToPickle()}, path)
     assert os.listdir(path.parent) == ["model.pt"]
-    assert torch.equal(runs.safe_load(path, "checkpoint")["w"], torch.arange(4.0))
+    assert torch.equal(storage.safe_load(path, "checkpoint")["w"], torch.arange(4.0))
 
 
 def test_safe_load_errors_name_the_file(tmp_path):
     missing = tmp_path / "absent.pt"
     with pytest.raises(UsageError, match="checkpoint not found") as err:
-        runs.safe_load(missing, "checkpoint")
+        storage.safe_load(missing, "checkpoint")
     assert str(missing) in str(err.value)
 
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes(b"\x00\x01garbage")
     with pytest.raises(UsageError, match="corrupt or not a dictionary") as err:
-        runs.safe_load(corrupt, "dictionary")
+        storage.safe_load(corrupt, "dictionary")
     assert str(corrupt) in str(err.value)
 
     # A pickled object of an arbitrary class is refused rather than executed.
     with_object = tmp_path / "object.pt"
     torch.save({"obj": CodeRunningPickle(str(tmp_path / "code_ran"))}, with_object)
     with pytest.raises(UsageError, match="not a checkpoint"):
-        runs.safe_load(with_object, "checkpoint")
+        storage.safe_load(with_object, "checkpoint")
     assert not (tmp_path / "code_ran").exists()
 
     with pytest.raises(UsageError, match="folder"):
-        runs.safe_load(tmp_path, "checkpoint")
+        storage.safe_load(tmp_path, "checkpoint")
 
 
 def _draws() -> tuple:
@@ -138,11 +141,11 @@ def test_rng_state_round_trips_through_weights_only_load(tmp_path):
     torch.manual_seed(3)
     random.gauss(0, 1)  # leaves a cached second normal in Python's generator
     np.random.standard_normal(1)  # and in numpy's
-    runs.atomic_save(runs.get_rng_state(), tmp_path / "rng.pt")
+    storage.atomic_save(records.get_rng_state(), tmp_path / "rng.pt")
     expected = _draws()
     _draws()
     state = torch.load(tmp_path / "rng.pt", map_location="cpu", weights_only=True)
-    runs.set_rng_state(state)
+    records.set_rng_state(state)
     assert _draws() == expected
     assert _draws() != expected
 
@@ -224,7 +227,7 @@ def test_plot_metrics_writes_the_plots_for_present_columns(tmp_path):
     figures = du.plot_metrics(runs.read_results(lca_run))
     assert list(figures) == ["accuracy.png", "sparsity.png", "recon_error.png"]
     for name, fig in figures.items():
-        runs.save_figure(fig, lca_run / name)
+        storage.save_figure(fig, lca_run / name)
         _assert_png(lca_run / name)
     assert list(du.plot_metrics(runs.read_results(plain_run))) == ["accuracy.png"]
     assert du.plot_metrics([]) == {}
@@ -252,13 +255,13 @@ def test_dictionary_grid_layout():
 def test_activity_dictionary_and_reconstruction_plots(tmp_path):
     torch.manual_seed(0)
     neurons = [torch.rand(4, 8, 6, 6), torch.rand(4, 10)]
-    runs.save_figure(du.plot_neural_activity(neurons, names=["conv", "fc"]), tmp_path / "a.png")
+    storage.save_figure(du.plot_neural_activity(neurons, names=["conv", "fc"]), tmp_path / "a.png")
     _assert_png(tmp_path / "a.png")
-    runs.save_figure(du.plot_neural_activity(neurons), tmp_path / "activity_default.png")
+    storage.save_figure(du.plot_neural_activity(neurons), tmp_path / "activity_default.png")
     _assert_png(tmp_path / "activity_default.png")
 
-    runs.save_figure(du.plot_dictionary(torch.randn(16, 3, 9, 9), "D"), tmp_path / "rgb.png")
-    runs.save_figure(du.plot_dictionary(torch.randn(10, 1, 5, 5)), tmp_path / "gray.png")
+    storage.save_figure(du.plot_dictionary(torch.randn(16, 3, 9, 9), "D"), tmp_path / "rgb.png")
+    storage.save_figure(du.plot_dictionary(torch.randn(10, 1, 5, 5)), tmp_path / "gray.png")
     _assert_png(tmp_path / "rgb.png")
     _assert_png(tmp_path / "gray.png")
     with pytest.raises(ValueError):
@@ -266,7 +269,7 @@ def test_activity_dictionary_and_reconstruction_plots(tmp_path):
 
     x = torch.rand(5, 3, 32, 32)
     recon = du.plot_reconstructions(x, {"before": x * 0.5, "after": x + 0.1})
-    runs.save_figure(recon, tmp_path / "recon.png")
+    storage.save_figure(recon, tmp_path / "recon.png")
     _assert_png(tmp_path / "recon.png")
     with pytest.raises(ValueError, match="before"):
         du.plot_reconstructions(x, {"before": torch.rand(5, 1, 32, 32)})

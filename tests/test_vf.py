@@ -15,7 +15,7 @@ from math_checks import LCA_SMALL as SMALL
 from math_checks import digit_like_batch as batch
 
 import main_fast
-import runs
+import records
 from links import AvgPool, CopyLink, MaxPool
 from utils_ep_fast import EPConfig, make_optimizer, train, train_batch
 from vf_utils_ep_fast import VF_CNN, VF_LCA_CNN, VF_MLP
@@ -390,10 +390,9 @@ def test_cli_vf_flag_checks(capsys):
             "--channels", "64", "8", "--kernels", "3", "--pools", "im",
             "--lrs", "1", "1"]  # fmt: skip
     args, _ = main_fast.parse_args(argv)
-    main_fast.check_args(args)
-    config = runs.model_config_from_args(args)
+    config = main_fast.check_args(vars(args)).model.model_config()
     assert config["model"] == "VFLCACNN" and config["kwargs"]["same_update"] is True
-    assert isinstance(runs.build_model(config), VF_LCA_CNN)
+    assert isinstance(records.build_model(config), VF_LCA_CNN)
 
 
 @pytest.mark.parametrize(
@@ -406,10 +405,9 @@ def test_run_scripts_build_laborieux_vfcnn(script, same_update):
     text = (Path(__file__).resolve().parents[1] / "run" / script).read_text()
     (command,) = [line for line in text.splitlines() if line.startswith("python main_fast.py")]
     args, _ = main_fast.parse_args(shlex.split(command)[2:-1])
-    main_fast.check_args(args)
-    config = runs.model_config_from_args(args)
+    config = main_fast.check_args(vars(args)).model.model_config()
     assert (config["model"], config["kwargs"]["same_update"]) == ("VFCNN", same_update)
-    model = runs.build_model(config)
+    model = records.build_model(config)
     assert [b.weight.shape for b in model.backward_synapses] == [
         model.synapses[i].weight.shape for i in (1, 2, 3)
     ]

@@ -1,0 +1,287 @@
+"""The entry of every command-line script: exit statuses, one-line failures, signals, usage.
+
+``main_fast.py``, ``cifar_dictlearning.py`` and ``robustness.py`` all start here, so that one
+table of exit statuses holds for each of them:
+
+    0 done                     1 training diverged        2 bad input (``UsageError``)
+    74 a file could not be written or read (``OSError``, ``storage.StorageError``)
+    75 another process writes the folder (``storage.FolderBusyError``)
+    130 Ctrl-C                 143 SIGTERM, handled like Ctrl-C (``Terminated``)
+
+A failure the user can act on is one ``error:`` line on stderr, naming the problem and the fix.
+This module imports the standard library only: a script calls :func:`quit_while_importing`
+before it imports torch, and then :func:`run_script` around its work. Every signal handler of
+the scripts is installed here (``distributed.py`` hooks ``note_interrupts``).
+
+Also here: the parser every script starts from (``command_parser``, errors as UsageErrors),
+the dash and underscore spellings of a flag, and the range check of a number flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import math
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+EXIT_OK = 0
+EXIT_DIVERGED = 1  # training diverged to NaN/inf; the last good checkpoint is kept
+EXIT_USAGE = 2  # bad input: a flag, a missing or corrupt file; nothing was written
+EXIT_STORAGE = 74  # a file could not be written or read (disk full, read-only, permissions)
+EXIT_BUSY = 75  # another live process writes the same folder; try again later
+EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT): what was saved is kept
+EXIT_TERMINATED = 143  # SIGTERM (preemption): the same as Ctrl-C
+
+# (kind of error, exit status) pairs; the first kind an error is counts
+Statuses = Sequence[tuple[type[BaseException], int]]
+
+
+class UsageError(Exception):
+    """A problem the user can fix (bad flag, missing or corrupt file); the message says how."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, the signal a cluster scheduler sends before killing a job. A KeyboardInterrupt,
+    so that everything that saves and cleans up on Ctrl-C does the same on SIGTERM."""
+
+
+# --------------------------------------------------------------------------------------------
+# Signals
+# --------------------------------------------------------------------------------------------
+
+
+def _quit(signum, frame) -> None:
+    sys.exit(128 + signum)
+
+
+def quit_while_importing() -> None:
+    """Ctrl-C or SIGTERM before :func:`run_script` takes over (while the libraries load): exit
+    at once with 130 or 143, without a traceback."""
+    signal.signal(signal.SIGINT, _quit)
+    signal.signal(signal.SIGTERM, _quit)
+
+
+@contextlib.contextmanager
+def signals_as_interrupts() -> Iterator[None]:
+    """Within the block SIGINT raises ``KeyboardInterrupt`` and SIGTERM raises ``Terminated``.
+
+    Only the first SIGTERM raises: a second one (schedulers may repeat it) would cut short the
+    saving that the first one started. The previous handlers come back on exit. Outside the
+    main thread signals cannot be caught, and nothing changes.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    raised = []
+
+    def terminate(signum, frame):
+        if not raised:
+            raised.append(signum)
+            raise Terminated()
+
+    previous = {
+        signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler),
+        signal.SIGTERM: signal.signal(signal.SIGTERM, terminate),
+    }
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def with_signals(work: Callable[[], Any]) -> Any:
+    """``work()`` with SIGINT and SIGTERM raised as interrupts (:func:`signals_as_interrupts`)."""
+    with signals_as_interrupts():
+        return work()
+
+
+def note_interrupts(note: Callable[[], None]) -> None:
+    """Where Ctrl-C raises ``KeyboardInterrupt`` (Python's default handler), call ``note()``
+    first; other handlers are left as they are."""
+
+    def interrupt(signum, frame):
+        note()
+        raise KeyboardInterrupt
+
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, interrupt)
+
+
+def exit_status_of(interrupt: KeyboardInterrupt) -> int:
+    """143 for SIGTERM, 130 for Ctrl-C."""
+    return EXIT_TERMINATED if isinstance(interrupt, Terminated) else EXIT_INTERRUPTED
+
+
+def interruption(interrupt: KeyboardInterrupt) -> str:
+    """What stopped the process, in words."""
+    return "terminated (SIGTERM)" if isinstance(interrupt, Terminated) else "interrupted"
+
+
+# --------------------------------------------------------------------------------------------
+# One-line messages
+# --------------------------------------------------------------------------------------------
+
+
+def first_line(error: BaseException) -> str:
+    """``"<ErrorType>: <first line of its message>"``, for one-line user messages."""
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
+
+
+def one_line(text: str) -> str:
+    """A multi-line message joined into one line, its lines separated by '; ' unless they end
+    in punctuation already."""
+    parts = [line.strip() for line in text.splitlines() if line.strip()]
+    ended = [p if p.endswith((".", ";", ":")) else p + ";" for p in parts[:-1]]
+    return " ".join(ended + parts[-1:])
+
+
+def warn(message: str) -> None:
+    """One ``warning:`` line on stderr."""
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def storage_message(error: OSError, fix: str) -> str:
+    """One line for a failed read or write: what, which file, and ``fix``."""
+    name = errno.errorcode.get(error.errno or 0, "")
+    reason = error.strerror or str(error)
+    where = f" ({error.filename})" if error.filename else ""
+    return f"cannot write or read a file{where}: {reason}{f' [{name}]' if name else ''}; {fix}"
+
+
+# --------------------------------------------------------------------------------------------
+# Failures and exit statuses
+# --------------------------------------------------------------------------------------------
+
+
+def failure(error: BaseException, statuses: Statuses, storage_fix: str) -> tuple[int, str] | None:
+    """Exit status and one-line message of ``error``: an interrupt (130 / 143), the first kind
+    of ``statuses`` it is, or an I/O error (74, with ``storage_fix`` as the advice). None for
+    an unforeseen error, whose traceback helps more than a line."""
+    if isinstance(error, KeyboardInterrupt):
+        return exit_status_of(error), interruption(error)
+    for kind, status in statuses:
+        if isinstance(error, kind):
+            return status, one_line(str(error))
+    if isinstance(error, OSError):
+        return EXIT_STORAGE, storage_message(error, storage_fix)
+    return None
+
+
+def fail(message: str, status: int) -> int:
+    """One ``error:`` line on stderr; returns the exit ``status``."""
+    print(f"error: {one_line(message)}", file=sys.stderr)
+    return status
+
+
+def run_script(
+    work: Callable[[], Any], statuses: Statuses, storage_fix: str, kept_note: str = ""
+) -> int:
+    """Run ``work`` with SIGINT and SIGTERM raised as interrupts; returns the exit status:
+    what ``work`` returns when it is an int, else 0 (done). The failures :func:`failure` knows
+    become their exit status and one line on stderr (an interrupt: what stopped the process,
+    then ``kept_note``); others propagate."""
+    try:
+        result = with_signals(work)
+    except BaseException as error:
+        known = failure(error, statuses, storage_fix)
+        if known is None:
+            raise
+        status, message = known
+        if isinstance(error, KeyboardInterrupt):
+            print(f"\n{message}{kept_note}", file=sys.stderr)
+            return status
+        return fail(message, status)
+    is_status = isinstance(result, int) and not isinstance(result, bool)
+    return result if is_status else EXIT_OK
+
+
+# --------------------------------------------------------------------------------------------
+# The command line
+# --------------------------------------------------------------------------------------------
+
+
+class UsageArgumentParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are UsageErrors, reported like the rest (one line)."""
+
+    def error(self, message: str):
+        raise UsageError(message)
+
+
+def command_parser(prog: str, description: str) -> UsageArgumentParser:
+    """The parser every script starts from: defaults shown in ``--help``, no abbreviations."""
+    return UsageArgumentParser(
+        prog=prog,
+        description=description,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        allow_abbrev=False,
+    )
+
+
+_UNSET = object()
+
+
+def parse_explicit(
+    parser: argparse.ArgumentParser, argv: Sequence[str]
+) -> tuple[argparse.Namespace, set[str]]:
+    """``parser``'s arguments of ``argv``, and the names of those typed on the command line."""
+    args = parser.parse_args(argv)
+    # argparse only fills in defaults for names missing from the namespace it is given
+    marked = parser.parse_args(argv, argparse.Namespace(**dict.fromkeys(vars(args), _UNSET)))
+    return args, {name for name, value in vars(marked).items() if value is not _UNSET}
+
+
+def flag_spellings(*names: str) -> list[str]:
+    """Every spelling of the flags ``names`` (``--multi-word``): with dashes and with
+    underscores, in order, each once."""
+    spellings: list[str] = []
+    for name in names:
+        word = name[2:]
+        for spelling in (word, word.replace("-", "_"), word.replace("_", "-")):
+            if f"--{spelling}" not in spellings:
+                spellings.append(f"--{spelling}")
+    return spellings
+
+
+def check_numbers(
+    values: Any, ranges: dict[str, tuple], flags: dict[str, str] | None = None
+) -> None:
+    """:func:`check_number` on every value (a number, a list or None) of each float flag named
+    in ``ranges``, ``{dest: (low, low_open, high, high_open)}``; ``values`` holds them by dest
+    (a dict, or an object with those attributes), and ``flags`` spells the flag of a dest in
+    messages when it is not the dest itself."""
+    for name, (low, low_open, high, high_open) in ranges.items():
+        given = values[name] if isinstance(values, dict) else getattr(values, name)
+        flag = (flags or {}).get(name, name)
+        for value in given if isinstance(given, (list, tuple)) else [given]:
+            check_number(flag, value, low, high, low_open, high_open)
+
+
+def check_number(
+    flag: str,
+    value: float | None,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+    allow_inf: bool = False,
+) -> None:
+    """UsageError unless ``value`` (of ``--flag``) is a number in its range: finite (or +inf
+    when ``allow_inf``), >= ``low`` (> with ``low_open``), <= ``high`` (< with ``high_open``).
+    None (an unset optional flag) passes."""
+    if value is None:
+        return
+    bad = math.isnan(value) or (math.isinf(value) and not allow_inf)
+    bad |= low is not None and (value <= low if low_open else value < low)
+    bad |= high is not None and (value >= high if high_open else value > high)
+    if bad:
+        left = "(-inf" if low is None else f"{'(' if low_open else '['}{low:g}"
+        right = "inf)" if high is None else f"{high:g}{')' if high_open else ']'}"
+        kind = "a number" if allow_inf else "a finite number"
+        raise UsageError(f"--{flag} must be {kind} in {left}, {right}, got {value}")

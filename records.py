@@ -1,0 +1,473 @@
+"""The run records: what a saved model, a checkpoint and a dictionary file hold, and reading
+them back into a model.
+
+A model record (``model.pt``: the best test accuracy, ``final_model.pt``: the last epoch,
+``interrupted.pt``: the weights at a Ctrl-C or SIGTERM) holds ``model_config`` ({"model": a
+name of ``MODEL_CLASSES``, "kwargs": constructor arguments}), ``model_state``, ``epoch``,
+``test_acc``, ``args`` (every flag of the run, plain values), ``config`` (the run's typed
+configurations of ``config.py`` as plain dicts; absent in runs saved before them) and
+``train_indices`` (the training images EP uses, int64, or None for all). A checkpoint
+(``checkpoint.pt``) holds the same but ``test_acc``, plus ``optimizer_state``,
+``scheduler_state`` (or None), ``rng_state`` ({"global": ``get_rng_state()``,
+"train_loader": the loader generator's state or None}), ``history`` (the results.csv rows)
+and ``best_test_acc``. All are plain tensors and containers, read back with
+``torch.load(..., weights_only=True)``, and checked (``record_problem``) before use.
+
+A dictionary of ``cifar_dictlearning.py`` is ``{"weights": (F, C, k, k), "config": LCA
+settings}`` in ``dictionary.pt``, with ``subset_indices.pt`` (the training images it was learnt
+on) beside it; EP trains on the other images (``training_indices``).
+
+Also here: the RNG state a checkpoint carries (``get_rng_state`` / ``set_rng_state``,
+``restore_rng``) and ``seed_everything``, which starts a run's generators.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from config import ModelConfig
+from entry import UsageError, first_line
+from lca import LCAConv2D
+from lca_utils_ep_fast import LCA_CNN
+from storage import atomic_save, safe_load
+from utils_ep_fast import P_CNN, P_MLP, EnergyNet
+from vf_utils_ep_fast import VF_CNN, VF_LCA_CNN, VF_MLP
+
+CHECKPOINT = "checkpoint.pt"
+BEST_MODEL = "model.pt"
+FINAL_MODEL = "final_model.pt"
+INTERRUPTED = "interrupted.pt"
+SUBSET_FILENAME = "subset_indices.pt"
+# The --model names, and VFLCACNN for --model LCACNN --vf (vector-field models: VF*)
+MODEL_CLASSES: dict[str, type[EnergyNet]] = {
+    "CNN": P_CNN,
+    "LCACNN": LCA_CNN,
+    "MLP": P_MLP,
+    "VFCNN": VF_CNN,
+    "VFMLP": VF_MLP,
+    "VFLCACNN": VF_LCA_CNN,
+}
+MODEL_KEYS = ("model_config", "model_state", "epoch", "args")  # test_acc: absent in checkpoints
+CHECKPOINT_KEYS = (*MODEL_KEYS, "optimizer_state", "rng_state", "history", "best_test_acc")
+
+
+class DictionaryError(UsageError):
+    """A dictionary (or subset-indices) file is missing, unreadable or of the wrong shape."""
+
+
+# --------------------------------------------------------------------------------------------
+# Random number generator state
+# --------------------------------------------------------------------------------------------
+
+
+def get_rng_state() -> dict:
+    """State of Python's ``random``, numpy's global RNG, torch's CPU RNG and, when available,
+    every CUDA device's RNG, made only of tensors, ints and strings so that it round-trips
+    through ``torch.save`` + ``torch.load(weights_only=True)``.
+
+    Layout: ``python``: {version: int, state: int64 (625,), gauss_next: float64 (0,) or (1,)};
+    ``numpy``: {kind: str, keys: int64 (624,), pos: int, has_gauss: int, cached_gaussian:
+    float64 ()}; ``torch``: uint8 tensor; ``cuda`` (only with CUDA): list of uint8 tensors.
+    """
+    version, internal, gauss_next = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": {
+            "version": int(version),
+            "state": torch.tensor(internal, dtype=torch.int64),
+            "gauss_next": torch.tensor(
+                [] if gauss_next is None else [gauss_next], dtype=torch.float64
+            ),
+        },
+        "numpy": {
+            "kind": str(kind),
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": torch.tensor(float(cached), dtype=torch.float64),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    """Restore generators from :func:`get_rng_state`'s dict; CUDA states are restored for the
+    devices present (ignored without CUDA)."""
+    py = state["python"]
+    gauss = py["gauss_next"].tolist()
+    random.setstate((py["version"], tuple(py["state"].tolist()), gauss[0] if gauss else None))
+    npst = state["numpy"]
+    keys = npst["keys"].numpy().astype(np.uint32)
+    np.random.set_state(
+        (npst["kind"], keys, npst["pos"], npst["has_gauss"], float(npst["cached_gaussian"]))
+    )
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        for device, cuda_state in enumerate(state["cuda"][: torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state.cpu(), device)
+
+
+def seed_everything(seed: int | None) -> None:
+    """Seed Python's, numpy's and torch's RNGs (all devices); nothing when ``seed`` is None."""
+    if seed is not None:
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+
+
+def restore_rng(checkpoint: dict, train_loader) -> None:
+    """Put every RNG (and the data order) where the checkpointed run left them."""
+    state = checkpoint["rng_state"]
+    try:
+        set_rng_state(state["global"])
+        if state["train_loader"] is not None and train_loader.generator is not None:
+            train_loader.generator.set_state(state["train_loader"])
+    except (ValueError, RuntimeError, TypeError, KeyError) as error:
+        raise UsageError(f"the checkpoint's RNG state is damaged: {first_line(error)}") from error
+
+
+# --------------------------------------------------------------------------------------------
+# Dictionary files
+# --------------------------------------------------------------------------------------------
+
+
+def subset_indices_path(dict_path: str | Path) -> str:
+    """The ``subset_indices.pt`` file that sits next to a dictionary file."""
+    return os.path.join(os.path.dirname(os.path.abspath(dict_path)), SUBSET_FILENAME)
+
+
+def save_dictionary(path: str | Path, lca: LCAConv2D, subset_indices: Tensor | None = None) -> None:
+    """Write ``{"weights": (F, C, kh, kw) tensor, "config": lca.settings()}`` to ``path``.
+
+    When given, ``subset_indices`` (1-D integer tensor: the training examples the dictionary
+    was learned on) goes to ``subset_indices.pt`` in the same folder. Both writes are atomic.
+    """
+    if subset_indices is not None:
+        if subset_indices.dim() != 1 or subset_indices.is_floating_point():
+            raise ValueError(
+                f"subset_indices must be a 1-D integer tensor, got {subset_indices.dtype} of "
+                f"shape {tuple(subset_indices.shape)}."
+            )
+        indices = subset_indices.detach().to(device="cpu", dtype=torch.int64).clone()
+        atomic_save(indices, subset_indices_path(path))
+    record = {"weights": lca.get_weights().cpu(), "config": lca.settings()}
+    atomic_save(record, path)
+
+
+def _load_dictionary_file(path: str | Path, what: str) -> Any:
+    if not os.path.isfile(path):
+        raise DictionaryError(
+            f"{what} file '{path}' not found: run cifar_dictlearning.py first, or pass "
+            f"--dict-path with the folder it wrote dictionary.pt and subset_indices.pt in."
+        )
+    try:
+        return torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as error:  # torch raises many types for a damaged or foreign file
+        raise DictionaryError(
+            f"{what} file '{path}' could not be read ({first_line(error)}); re-create it with "
+            f"cifar_dictlearning.py."
+        ) from error
+
+
+def load_dictionary(
+    path: str | Path, expected_shape: Sequence[int] | None = None
+) -> tuple[Tensor, dict[str, Any]]:
+    """Load ``(weights, config)`` written by ``save_dictionary`` (safely: weights_only).
+
+    Raises ``DictionaryError`` if the file is missing, unreadable, not such a record, or (with
+    ``expected_shape``) holds weights of another shape.
+    """
+    record = _load_dictionary_file(path, "dictionary")
+    if (
+        not isinstance(record, dict)
+        or not isinstance(record.get("weights"), Tensor)
+        or not isinstance(record.get("config"), dict)
+    ):
+        raise DictionaryError(
+            f"dictionary file '{path}' does not hold a dictionary record "
+            f"({{'weights': tensor, 'config': dict}}, found {type(record).__name__}); "
+            f"re-create it with cifar_dictlearning.py."
+        )
+    weights = record["weights"]
+    if weights.dim() != 4 or not weights.is_floating_point():
+        raise DictionaryError(
+            f"dictionary file '{path}' holds a {weights.dtype} tensor of shape "
+            f"{tuple(weights.shape)}, expected a float tensor (features, channels, k, k)."
+        )
+    if expected_shape is not None and tuple(weights.shape) != tuple(expected_shape):
+        raise DictionaryError(
+            f"dictionary file '{path}': expected shape {tuple(expected_shape)}, found "
+            f"{tuple(weights.shape)}; use matching LCA settings or re-run cifar_dictlearning.py "
+            f"with them."
+        )
+    return weights, record["config"]
+
+
+def load_subset_indices(dict_path: str | Path) -> Tensor:
+    """The training indices saved next to the dictionary at ``dict_path`` (1-D int64)."""
+    path = subset_indices_path(dict_path)
+    indices = _load_dictionary_file(path, "subset indices")
+    if (
+        not isinstance(indices, Tensor)
+        or indices.dim() != 1
+        or indices.is_floating_point()
+        or indices.dtype == torch.bool
+    ):
+        raise DictionaryError(
+            f"subset indices file '{path}' does not hold a 1-D integer tensor; re-create it "
+            f"with cifar_dictlearning.py."
+        )
+    return indices.to(torch.int64)
+
+
+def training_indices(
+    n_train: int, model: ModelConfig, dataset: str, record: dict | None = None
+) -> Tensor | None:
+    """Which training images EP uses: those a saved ``record`` names; else, with a pretrained or
+    finetuned dictionary, those it was not learnt on; otherwise all of them (None). ``dataset``
+    names the training set in messages (the task and its folder)."""
+    if record is not None and "train_indices" in record:
+        indices = record["train_indices"]
+        if indices is not None and len(indices) and int(indices.max()) >= n_train:
+            raise UsageError(
+                f"the saved run trained on images up to {int(indices.max())}, but "
+                f"{dataset} has {n_train}: is it the same dataset?"
+            )
+        return indices
+    if model.model != "LCACNN":
+        return None
+    if model.dict_training == "learn":
+        if Path(subset_indices_path(model.dict_path)).is_file():
+            print(f"learn: training on all {n_train} images (the dictionary subset is not used)")
+        return None
+    try:
+        indices = ep_training_indices(n_train, model.dict_path)
+    except IndexError as error:
+        raise UsageError(
+            f"the subset indices next to {model.dict_path} do not fit the {n_train} training "
+            f"images of {model.task}: was the dictionary learnt on another task?"
+        ) from error
+    if len(indices) == 0:
+        raise UsageError(f"the dictionary {model.dict_path} was learnt on every training image")
+    print(
+        f"EP trains on {len(indices)} of {n_train} training images (the other "
+        f"{n_train - len(indices)} were used to learn the dictionary)"
+    )
+    return indices
+
+
+def load_model_dictionary(model: LCA_CNN, dict_path: str | Path) -> None:
+    """Start ``model``'s LCA layer from the dictionary file at ``dict_path``."""
+    weights, _ = load_dictionary(dict_path, expected_shape=tuple(model.lca.weights.shape))
+    model.load_dictionary(weights)
+
+
+def ep_training_indices(num_train: int, dict_path: str | Path) -> Tensor:
+    """Indices of the training images NOT used to pretrain the dictionary at ``dict_path``.
+
+    The dictionary was learnt on the subset saved next to it (``subset_indices.pt``); EP trains
+    on the rest so that the two never see the same images.
+    """
+    used = load_subset_indices(dict_path)
+    mask = torch.ones(num_train, dtype=torch.bool)
+    mask[used] = False
+    return mask.nonzero().flatten()
+
+
+# --------------------------------------------------------------------------------------------
+# Model records and checkpoints
+# --------------------------------------------------------------------------------------------
+
+
+def build_model(model_config: dict) -> EnergyNet:
+    """The network described by ``model_config`` ({"model": name, "kwargs": arguments})."""
+    try:
+        return MODEL_CLASSES[model_config["model"]](**model_config["kwargs"])
+    except TypeError as error:  # arguments the class does not take: a damaged record
+        raise UsageError(f"the saved model does not rebuild: {first_line(error)}") from error
+
+
+def model_record(
+    model: EnergyNet,
+    model_config: dict,
+    epoch: int,
+    test_acc,
+    args: dict,
+    config: dict | None = None,
+) -> dict:
+    """What ``model.pt``, ``final_model.pt`` and ``interrupted.pt`` hold (``train_indices``
+    is added by the recorder): ``args`` the run's flags, ``config`` its configurations
+    (``config.Settings.plain``)."""
+    return {
+        "model_config": model_config,
+        "model_state": model.state_dict(),
+        "epoch": epoch,
+        "test_acc": test_acc,
+        "args": dict(args),
+        "config": config,
+    }
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _rng_state_problem(state: Any) -> str | None:
+    """What is wrong with a checkpoint's ``rng_state`` (None: it has get_rng_state's layout)."""
+    if not isinstance(state, dict) or not isinstance(state.get("global"), dict):
+        return "rng_state is not {'global': ..., 'train_loader': ...}"
+    common = state["global"]
+    python, numpy = common.get("python"), common.get("numpy")
+    if not (
+        isinstance(python, dict)
+        and isinstance(python.get("state"), Tensor)
+        and python["state"].numel() == 625
+        and isinstance(numpy, dict)
+        and isinstance(numpy.get("keys"), Tensor)
+        and numpy["keys"].numel() == 624
+        and isinstance(common.get("torch"), Tensor)
+        and common["torch"].dtype == torch.uint8
+        and common["torch"].numel() > 0
+    ):
+        return "rng_state lacks the Python, numpy or torch generator states"
+    loader = state.get("train_loader")
+    if loader is not None and not (isinstance(loader, Tensor) and loader.dtype == torch.uint8):
+        return "rng_state's train_loader state is not a byte tensor"
+    return None
+
+
+def record_problem(record: dict, checkpoint: bool) -> str | None:
+    """What is wrong with the contents of a loaded model record or (``checkpoint``) checkpoint,
+    or None: every entry of the module docstring has its type."""
+    config, state = record["model_config"], record["model_state"]
+    if not (
+        isinstance(config, dict)
+        and config.get("model") in MODEL_CLASSES
+        and isinstance(config.get("kwargs"), dict)
+    ):
+        return f"model_config does not name one of the models {', '.join(MODEL_CLASSES)}"
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        return "model_state is not a dict of tensors"
+    if not _is_count(record["epoch"]):
+        return f"epoch is {record['epoch']!r}, not a number of epochs"
+    if not isinstance(record["args"], dict) or not {"task", "model"} <= set(record["args"]):
+        return "args is not the dict of the run's arguments"
+    indices = record.get("train_indices")
+    if indices is not None and not (
+        isinstance(indices, Tensor) and indices.dim() == 1 and indices.dtype == torch.int64
+    ):
+        return "train_indices is not a 1-D int64 tensor"
+    if not checkpoint:
+        return None
+    optimizer_state = record["optimizer_state"]
+    if not isinstance(optimizer_state, dict) or "param_groups" not in optimizer_state:
+        return "optimizer_state is not an optimizer's state_dict"
+    history = record["history"]
+    if not isinstance(history, list) or len(history) != record["epoch"]:
+        return f"history does not hold one row per epoch ({record['epoch']})"
+    if not all(isinstance(row, dict) for row in history):
+        return "history rows are not dicts"
+    if not isinstance(record["best_test_acc"], (int, float)):
+        return "best_test_acc is not a number"
+    return _rng_state_problem(record["rng_state"])
+
+
+def load_record(path: str | Path, what: str, keys: Sequence[str]) -> dict:
+    """A dict saved by ``main_fast.py`` at ``path``, checked to hold ``keys`` of the right
+    types (a UsageError names the first problem)."""
+    record = safe_load(path, what)
+    if not isinstance(record, dict) or any(key not in record for key in keys):
+        raise UsageError(f"{path} is not a {what} written by main_fast.py (keys missing)")
+    problem = record_problem(record, checkpoint="optimizer_state" in keys)
+    if problem:
+        raise UsageError(f"{path} is damaged or from another program: {problem}")
+    return record
+
+
+def load_model_file(load_path: str | Path) -> tuple[dict, Path]:
+    """``model.pt`` of a run folder (else ``final_model.pt``), or the model file given (a
+    checkpoint too: it holds the model)."""
+    path = Path(load_path)
+    if path.is_dir():
+        path = path / BEST_MODEL if (path / BEST_MODEL).is_file() else path / FINAL_MODEL
+    return load_record(path, "model file", MODEL_KEYS), path
+
+
+def load_checkpoint(run_dir: str | Path) -> dict:
+    """``checkpoint.pt`` of the run folder ``run_dir``."""
+    return load_record(Path(run_dir) / CHECKPOINT, "checkpoint", CHECKPOINT_KEYS)
+
+
+def restore_model(record: dict, device: torch.device | str = "cpu") -> EnergyNet:
+    """The model of a saved record, rebuilt from its configuration, on ``device``."""
+    try:
+        model = build_model(record["model_config"])
+        model.load_state_dict(record["model_state"])
+    except (ValueError, RuntimeError, KeyError, TypeError) as error:
+        raise UsageError(f"the saved model does not rebuild: {first_line(error)}") from error
+    saved = record["args"]  # runs saved before --dynamics and --tol existed: the defaults
+    model.set_dynamics(saved.get("dynamics", "sync"), saved.get("tol"))
+    return model.to(device)
+
+
+def restore_training_state(checkpoint: dict, model, optimizer, scheduler) -> None:
+    """Weights, optimizer (momentum buffers, rates) and scheduler as the checkpoint left them."""
+    try:
+        model.load_state_dict(checkpoint["model_state"])
+        optimizer.load_state_dict(checkpoint["optimizer_state"])
+        if scheduler is not None and checkpoint.get("scheduler_state") is not None:
+            scheduler.load_state_dict(checkpoint["scheduler_state"])
+    except (ValueError, RuntimeError, KeyError, TypeError) as error:
+        raise UsageError(
+            f"the checkpoint does not fit its own model: {first_line(error)}"
+        ) from error
+
+
+def synapse_count(record: dict) -> int:
+    """How many synapses (``synapses.<i>``, each with its ``--lrs`` and ``--wds`` entry) the
+    saved model has; a vector-field model's backward weights are not synapses of their own."""
+    found = {match.group(1) for key in record["model_state"]
+             if (match := re.match(r"synapses\.(\d+)\.", key))}  # fmt: skip
+    return len(found)
+
+
+def override_rates(
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    lrs: Sequence[float],
+    wds: Sequence[float] | None,
+    group_synapses: Sequence[int],
+) -> None:
+    """Replace a resumed run's learning rates and weight decays (None: 0), one per synapse;
+    ``group_synapses`` names the synapse of each param group (``model.optimizer_groups``), so
+    a vector-field model's backward weights take their forward synapse's rates.
+
+    ``lrs`` become the initial rates; with cosine decay (``CosineAnnealingLR``, T_max, eta_min)
+    the rate at the epoch e reached is ``eta_min + (lr - eta_min) (1 + cos(pi e / T_max)) / 2``,
+    as if the run had started with ``lrs``.
+    """
+    decay = isinstance(scheduler, torch.optim.lr_scheduler.CosineAnnealingLR)
+    wds = wds or [0.0] * len(lrs)
+    group_lrs = [lrs[i] for i in group_synapses]
+    for group, i in zip(optimizer.param_groups, group_synapses, strict=True):
+        lr = lrs[i]
+        group["initial_lr"], group["weight_decay"] = lr, wds[i]
+        group["lr"] = lr
+        if decay:
+            progress = (1 + math.cos(math.pi * scheduler.last_epoch / scheduler.T_max)) / 2
+            group["lr"] = scheduler.eta_min + (lr - scheduler.eta_min) * progress
+    if scheduler is not None:
+        scheduler.base_lrs = group_lrs
