@@ -29,7 +29,7 @@ from __future__ import annotations
 import entry
 
 if __name__ == "__main__":  # Ctrl-C or SIGTERM while the libraries load: no traceback
-    entry.quit_while_importing()
+    entry.install_stop_handlers()
 
 import argparse
 import contextlib
