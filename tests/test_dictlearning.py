@@ -1,11 +1,17 @@
 """Tests of the dictionary-learning script on the bundled DIGITS data."""
 
 import csv
+import shlex
+import signal
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 import cifar_dictlearning
+import entry
+import storage
 from records import load_dictionary, load_subset_indices
 
 SMALL_RUN = [
@@ -114,3 +120,143 @@ def test_user_errors_are_one_line_with_exit_code_2(tmp_path, capsys, extra, need
     assert code == 2
     assert needle in err
     assert err.count("\n") == 1 and "Traceback" not in err
+
+
+# --------------------------------------------------------------------------------------------
+# Continuing an interrupted run
+# --------------------------------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+WAIT = 180  # seconds a child process may take (a busy machine imports torch slowly)
+# Two epochs of two batches: seven safe points (the start, a boundary before each batch, one
+# once each epoch's files are written)
+TWO_BY_TWO = [
+    "--task", "DIGITS", "--features", "4", "--kernel-size", "3", "--stride", "1",
+    "--lca-iters", "10", "--tau", "5", "--lambda", "0.2", "--lambda-increment", "0.1",
+    "--lambda-every", "1", "--eta", "0.5", "--batch-size", "64", "--max-batches", "2",
+    "--epochs", "2", "--device", "cpu", "--seed", "3",
+]  # fmt: skip
+
+
+def learn(argv: list[str], out_dir: Path, capsys=None) -> int:
+    """``cifar_dictlearning.main`` on ``argv`` into ``out_dir`` at one thread; its output is
+    read away when ``capsys`` is given."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        status = cifar_dictlearning.main([*argv, "--out-dir", str(out_dir)])
+    finally:
+        torch.set_num_threads(threads)
+    if capsys is not None:
+        capsys.readouterr()
+    return status
+
+
+def csv_without_seconds(out_dir: Path) -> list[dict[str, str]]:
+    with open(out_dir / "dictlearning.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    for row in rows:
+        assert float(row.pop("seconds")) >= 0
+    return rows
+
+
+def assert_same_result(out_dir: Path, reference: Path) -> None:
+    """The dictionary (weights bit for bit, settings, subset) and the CSV but its seconds."""
+    weights, config = load_dictionary(out_dir / "dictionary.pt")
+    expected, expected_config = load_dictionary(reference / "dictionary.pt")
+    assert torch.equal(weights, expected) and config == expected_config
+    subset = load_subset_indices(out_dir / "dictionary.pt")
+    assert torch.equal(subset, load_subset_indices(reference / "dictionary.pt"))
+    assert csv_without_seconds(out_dir) == csv_without_seconds(reference)
+
+
+@pytest.fixture(scope="module")
+def two_by_two(tmp_path_factory):
+    """The uninterrupted TWO_BY_TWO run, and the callers of its safe points in order."""
+    out_dir = tmp_path_factory.mktemp("uninterrupted")
+    callers = []
+    real = entry.raise_if_stopped
+
+    def recording():
+        caller = sys._getframe(1)
+        if caller.f_code.co_name == "stop_agreed":  # the batch boundary or the epoch's end
+            caller = caller.f_back
+        callers.append(caller.f_code.co_name)
+        real()
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(entry, "raise_if_stopped", recording)
+        assert learn(TWO_BY_TWO, out_dir) == 0
+    return out_dir, callers
+
+
+def stop_at(monkeypatch, call: int, signum: int = signal.SIGTERM) -> None:
+    """The ``call``-th safe point (1-based) finds a stop request for ``signum`` waiting."""
+    real, calls = entry.raise_if_stopped, []
+
+    def stopping():
+        calls.append(1)
+        if len(calls) == call:
+            entry.request_stop(signum)
+        real()
+
+    monkeypatch.setattr(entry, "raise_if_stopped", stopping)
+
+
+def continue_command(err: str) -> list[str]:
+    """The arguments of the ``continue with: python cifar_dictlearning.py ...`` line."""
+    (line,) = [line for line in err.splitlines() if line.startswith("continue with: ")]
+    command = shlex.split(line.removeprefix("continue with: "))
+    assert command[:2] == ["python", "cifar_dictlearning.py"], line
+    return command[2:]
+
+
+def test_the_safe_points_are_the_start_every_batch_and_every_epoch(two_by_two):
+    _, callers = two_by_two
+    epoch = ["_parts", "_parts", "learn"]
+    assert callers == ["with_signals", *epoch, *epoch]
+
+
+def test_a_stop_at_any_safe_point_continues_to_the_uninterrupted_dictionary(
+    two_by_two, tmp_path, monkeypatch, capsys
+):
+    reference, callers = two_by_two
+    for call in range(1, len(callers) + 1):
+        out_dir = tmp_path / f"stopped_at_{call}"
+        with monkeypatch.context() as patch:
+            stop_at(patch, call)
+            assert learn(TWO_BY_TWO, out_dir) == 143
+        err = capsys.readouterr().err
+        assert "terminated (SIGTERM); the dictionary of the last finished epoch is kept" in err
+        argv = continue_command(err)
+        done = sum(caller == "learn" for caller in callers[:call])  # epochs kept
+        if done:
+            assert len(csv_without_seconds(out_dir)) == done
+        assert cifar_dictlearning.main(argv) == 0, call
+        out = capsys.readouterr().out
+        if done == 2:  # stopped once the last epoch's files were written
+            assert "the run is complete (2 epochs); nothing to do" in out
+        assert_same_result(out_dir, reference)
+
+
+def test_ctrl_c_while_a_figure_is_drawn_stops_once_the_epoch_is_saved(
+    two_by_two, tmp_path, monkeypatch, capsys
+):
+    reference, _ = two_by_two
+    real_save = storage.save_figure
+
+    def save_with_ctrl_c(fig, path):  # SIGINT arrives while the first grid is written
+        entry.request_stop(signal.SIGINT)
+        real_save(fig, path)
+
+    monkeypatch.setattr(storage, "save_figure", save_with_ctrl_c)
+    assert learn(TWO_BY_TWO, tmp_path) == 130
+    assert (
+        "\ninterrupted; the dictionary of the last finished epoch is kept"
+        in capsys.readouterr().err
+    )
+    state = torch.load(tmp_path / "dictlearning_state.pt", weights_only=True)
+    assert state["epoch"] == 1 and (tmp_path / "dictlearning_curves.png").is_file()
+    monkeypatch.undo()
+    assert learn(TWO_BY_TWO, tmp_path, capsys) == 0
+    assert_same_result(tmp_path, reference)
