@@ -231,10 +231,11 @@ def learn(args: argparse.Namespace, held: contextlib.ExitStack) -> LCAConv2D:
                          num_workers=args.num_workers, indices=subset)  # fmt: skip
     batches = distributed.split_batches(loader)
     lca = build_lca(args, in_channels, device)
-    rows = [] if state is None else continue_from(state, lca, loader)
     files = OutputFolder(out_dir, task, subset)
+    rows = [] if state is None else continue_from(state, lca, loader, files.state_path)
     if writes:
         files.prepare(lca, rows)
+    args.fresh = False  # the earlier run is gone: the same command now continues this one
     if len(rows) == args.epochs:
         print(f"{out_dir}: the run is complete ({args.epochs} epochs); nothing to do (--fresh "
               f"learns it again)")  # fmt: skip
@@ -354,15 +355,17 @@ def check_processes_agree(done: int, out_dir: str) -> None:
         )
 
 
-def continue_from(state: dict, lca: LCAConv2D, loader: torch.utils.data.DataLoader) -> list:
+def continue_from(
+    state: dict, lca: LCAConv2D, loader: torch.utils.data.DataLoader, path: str
+) -> list:
     """Put the dictionary, its lambda and the RNGs (global and data order) where ``state``
-    left them; returns the CSV rows of its epochs."""
+    (read from ``path``) left them; returns the CSV rows of its epochs."""
     weights, rows = state["weights"], [dict(row) for row in state["rows"]]
     fits = weights.shape == lca.weights.shape and weights.dtype == lca.weights.dtype
     if not fits or any(set(row) != set(CSV_COLUMNS) for row in rows):
         raise UsageError(
-            f"{STATE_FILE} in the output folder does not fit its own flags (its dictionary "
-            f"or rows are damaged); pass --fresh to learn the dictionary again from epoch 1"
+            f"{path} does not fit its own flags (its dictionary or rows are damaged); pass "
+            f"--fresh to learn the dictionary again from epoch 1"
         )
     lca.assign_weight_values(weights.to(lca.weights.device), normalize=False)
     lca.lambda_ = rows[-1]["lambda"]
@@ -485,17 +488,19 @@ def learn_reporting(args: argparse.Namespace, argv: Sequence[str]) -> int:
     work = functools.partial(run, args)
     status = entry.run_script(work, storage.ERROR_STATUSES, STORAGE_FIX, KEPT_NOTE)
     if status in (entry.EXIT_INTERRUPTED, entry.EXIT_TERMINATED):
-        print(f"continue with: {continue_command(argv)}", file=sys.stderr)
+        print(f"continue with: {continue_command(argv, args.fresh)}", file=sys.stderr)
     return status
 
 
-def continue_command(argv: Sequence[str]) -> str:
-    """The command line that continues this run: this one without ``--fresh``, under torchrun
-    with its launcher (one node's; on several nodes, with the job's own torchrun flags)."""
+def continue_command(argv: Sequence[str], fresh: bool) -> str:
+    """The command line that continues this run: this one, without ``--fresh`` unless the
+    earlier run is still to be discarded (``fresh``); under torchrun with its launcher (one
+    node's; on several nodes, with the job's own torchrun flags)."""
     launcher = "python"
     if distributed.launched():
         launcher = f"torchrun --nproc_per_node {os.environ.get('LOCAL_WORLD_SIZE', '1')}"
-    return f"{launcher} cifar_dictlearning.py {shlex.join(a for a in argv if a != '--fresh')}"
+    kept = [arg for arg in argv if fresh or arg != "--fresh"]
+    return f"{launcher} cifar_dictlearning.py {shlex.join(kept)}"
 
 
 if __name__ == "__main__":
