@@ -142,13 +142,14 @@ TWO_BY_TWO = [
 ]  # fmt: skip
 
 
-def learn(argv: list[str], out_dir: Path, capsys=None) -> int:
-    """``cifar_dictlearning.main`` on ``argv`` into ``out_dir`` at one thread; its output is
-    read away when ``capsys`` is given."""
+def learn(argv: list[str], out_dir: Path | None, capsys=None) -> int:
+    """``cifar_dictlearning.main`` on ``argv`` (into ``out_dir`` unless None: ``argv`` names
+    it) at one thread; its output is read away when ``capsys`` is given."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        status = cifar_dictlearning.main([*argv, "--out-dir", str(out_dir)])
+        where = [] if out_dir is None else ["--out-dir", str(out_dir)]
+        status = cifar_dictlearning.main([*argv, *where])
     finally:
         torch.set_num_threads(threads)
     if capsys is not None:
@@ -238,7 +239,7 @@ def test_a_stop_at_any_safe_point_continues_to_the_uninterrupted_dictionary(
         done = sum(caller == "learn" for caller in callers[:call])  # epochs kept
         if done:
             assert len(csv_without_seconds(out_dir)) == done
-        assert cifar_dictlearning.main(argv) == 0, call
+        assert learn(argv, None) == 0, call
         out = capsys.readouterr().out
         if done == 2:  # stopped once the last epoch's files were written
             assert "the run is complete (2 epochs); nothing to do" in out
@@ -481,6 +482,6 @@ def test_a_fresh_run_stopped_continues_itself_not_the_earlier_one(
         assert learn([*TWO_BY_TWO, "--lca-iters", "20", "--fresh"], out_dir) == 143
     argv = continue_command(capsys.readouterr().err)
     assert ("--fresh" in argv) == keeps_fresh
-    assert cifar_dictlearning.main(argv) == 0
+    assert learn(argv, None) == 0
     state = torch.load(out_dir / "dictlearning_state.pt", weights_only=True)
     assert state["epoch"] == 2 and state["settings"]["lca_iters"] == 20
