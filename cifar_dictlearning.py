@@ -14,10 +14,20 @@ Written to ``--out-dir`` (default ``./dictionaries/<task>``):
                           total_energy (means over the epoch's training samples), seconds
     dictionary.png        the features as a grid
     dictlearning_curves.png  the four metrics against the epoch
+    dictlearning_state.pt what an interrupted run continues from (``records.py``), after every
+                          epoch: dictionary, epochs done, flags, CSV rows, RNG states
+
+An interrupted run continues: the same command with the same ``--out-dir`` goes on from the
+last finished epoch and learns, bit for bit, the dictionary the uninterrupted run learns (the
+dictionary, the lambda schedule, the global and data-order RNGs and the CSV rows come back).
+A flag that would change the result is refused (exit 2; ``--fresh`` starts over), ``--epochs``
+may grow, and a finished run says so and exits 0, rewriting any of its files that are missing.
 
 One process writes an output folder at a time. Exit statuses and one-line errors are those of
 ``entry.py``: 0 done, 2 bad input, 74 a file could not be written, 75 another process writes
-the folder, 130 Ctrl-C, 143 SIGTERM (the dictionary of the last finished epoch is kept).
+the folder, 130 Ctrl-C, 143 SIGTERM. Signals are honoured at safe points (between batches, and
+once an epoch's files are written), which keeps the last finished epoch and prints the command
+that continues.
 
 Under ``torchrun --nproc_per_node N cifar_dictlearning.py ...`` every batch of ``--mbs`` images
 is split over the N processes, which sum the rule's batch terms before each update, so the
@@ -29,13 +39,14 @@ from __future__ import annotations
 import entry
 
 if __name__ == "__main__":  # Ctrl-C or SIGTERM while the libraries load: no traceback
-    entry.quit_while_importing()
+    entry.install_stop_handlers()
 
 import argparse
 import contextlib
 import functools
 import math
 import os
+import shlex
 import sys
 import time
 from collections.abc import Sequence
@@ -58,6 +69,11 @@ GRID_FILE = "dictionary.png"
 CURVES_FILE = "dictlearning_curves.png"
 METRICS = ("recon_error", "l1_sparsity", "frac_active", "total_energy")
 CSV_COLUMNS = ("epoch", "lambda") + METRICS + ("seconds",)
+STATE_FILE = records.DICTLEARNING_STATE
+# The flags that change the dictionary learnt (lambda_every as resolved); a continued run keeps them
+RESULT_FLAGS = ("task", "seed", "subset_fraction", "mbs", "max_batches", "lca_feats", "lca_ksize",
+                "lca_stride", "lca_lambda", "lambda_increment", "lambda_every", "lca_iters",
+                "lca_tau", "lca_eta", "d_update_clip")  # fmt: skip
 # Range of every float flag, by dest: (low, low excluded?, high, high excluded?); None: no bound.
 FLOAT_RANGES = {
     "subset_fraction": (0, True, 1, False),
@@ -86,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--task", default="CIFAR10", help=f"dataset, one of {tasks}")
     add("--data-dir", default="./data", help="where the datasets are (or go)")
     add("--out-dir", default=None, help="output folder; None means ./dictionaries/<task>")
+    add("--fresh", action="store_true", help="start over, even if --out-dir holds an "
+        "interrupted run (the same command otherwise continues it)")  # fmt: skip
     add("--no-download", action="store_true", help="never download the dataset")
     add("--seed", type=int, default=0, help="seed of the subset, the order and the init")
     add("--device", default="auto", help="GPU index, cuda[:N], auto or cpu")
@@ -178,7 +196,8 @@ def learn_one_epoch(
 
 
 def run(args: argparse.Namespace) -> LCAConv2D:
-    """Learn the dictionary (writing the files listed at the top); returns the LCA layer."""
+    """Learn the dictionary (writing the files listed at the top), continuing the run that
+    ``--out-dir`` holds unless ``--fresh``; returns the LCA layer."""
     with contextlib.ExitStack() as held:
         return learn(args, held)
 
@@ -199,6 +218,11 @@ def learn(args: argparse.Namespace, held: contextlib.ExitStack) -> LCAConv2D:
         )
 
     storage.check_writable(out_dir, "out-dir")
+    writes = distributed.is_main_process()
+    if writes:
+        held.enter_context(storage.FolderLock(out_dir))
+    settings = result_settings(args, task, every)
+    state = previous_state(args, out_dir, settings)
     train_set, _ = build_datasets(
         task, args.data_dir, data_aug=False, download=not args.no_download
     )
@@ -206,9 +230,45 @@ def learn(args: argparse.Namespace, held: contextlib.ExitStack) -> LCAConv2D:
     loader = make_loader(train_set, args.mbs, shuffle=True, seed=args.seed,
                          num_workers=args.num_workers, indices=subset)  # fmt: skip
     batches = distributed.split_batches(loader)
+    lca = build_lca(args, in_channels, device)
+    files = OutputFolder(out_dir, task, subset)
+    rows = [] if state is None else continue_from(state, lca, loader, files.state_path)
+    if writes:
+        files.prepare(lca, rows)
+    args.fresh = False  # the earlier run is gone: the same command now continues this one
+    if len(rows) == args.epochs:
+        print(f"{out_dir}: the run is complete ({args.epochs} epochs); nothing to do (--fresh "
+              f"learns it again)")  # fmt: skip
+        return lca
+    print(
+        f"{task}: learning {args.lca_feats} features of {in_channels}x{args.lca_ksize}x"
+        f"{args.lca_ksize} (stride {args.lca_stride}) on {len(subset)} of {len(train_set)} "
+        f"training images, device {device}; writing to {out_dir}"
+        + (f"; continuing after epoch {len(rows)}" if rows else "")
+    )
+    for epoch in range(len(rows), args.epochs):
+        lca.lambda_ = lambda_at_epoch(epoch, args.lca_lambda, args.lambda_increment, every)
+        start = time.perf_counter()
+        metrics = learn_one_epoch(lca, batches, device, args.max_batches,
+                                  desc=f"epoch {epoch + 1}/{args.epochs}")  # fmt: skip
+        row = {"epoch": epoch + 1, "lambda": lca.lambda_, **metrics}
+        row["seconds"] = time.perf_counter() - start
+        rows.append(row)
+        if writes:  # a stop asked for during the epoch waits for its files
+            files.save_epoch(lca, rows, epoch_state(lca, rows, settings, loader))
+        print(
+            f"epoch {epoch + 1}/{args.epochs}  lambda {lca.lambda_:.2f}  "
+            + "  ".join(f"{name} {metrics[name]:.4f}" for name in METRICS)
+            + f"  ({row['seconds']:.1f} s)"
+        )
+        distributed.stop_agreed()  # a safe point: the epoch is kept
+    return lca
 
+
+def build_lca(args: argparse.Namespace, in_channels: int, device: torch.device) -> LCAConv2D:
+    """The LCA layer to learn, its dictionary drawn after seeding torch with ``--seed``."""
     torch.manual_seed(args.seed)
-    lca = LCAConv2D(
+    return LCAConv2D(
         args.lca_feats,
         in_channels,
         kernel_size=args.lca_ksize,
@@ -222,45 +282,185 @@ def learn(args: argparse.Namespace, held: contextlib.ExitStack) -> LCAConv2D:
         d_update_clip=args.d_update_clip,
     ).to(device)
 
-    writes = distributed.is_main_process()
-    if writes:
-        held.enter_context(storage.FolderLock(out_dir))
-    dict_path = os.path.join(out_dir, DICTIONARY_FILE)
-    csv_path = os.path.join(out_dir, CSV_FILE)
-    if writes:
-        os.makedirs(out_dir, exist_ok=True)
-        if os.path.exists(csv_path):  # the CSV holds this run's epochs only
-            os.remove(csv_path)
-    print(
-        f"{task}: learning {args.lca_feats} features of {in_channels}x{args.lca_ksize}x"
-        f"{args.lca_ksize} (stride {args.lca_stride}) on {len(subset)} of {len(train_set)} "
-        f"training images, device {device}; writing to {out_dir}"
+
+# --------------------------------------------------------------------------------------------
+# Continuing an interrupted run
+# --------------------------------------------------------------------------------------------
+
+
+def result_settings(args: argparse.Namespace, task: str, every: int) -> dict:
+    """The flags that change the dictionary learnt (``RESULT_FLAGS``), as plain values, with
+    the canonical ``task`` and the resolved ``--lambda-every``."""
+    settings = {name: getattr(args, name) for name in RESULT_FLAGS}
+    settings.update(task=task, lambda_every=every)
+    return settings
+
+
+def previous_state(args: argparse.Namespace, out_dir: str, settings: dict) -> dict | None:
+    """The state of the run in ``out_dir`` that this command continues (None: none, or
+    ``--fresh``), checked to be learnt with ``settings``. Every process reads it."""
+    path = os.path.join(out_dir, STATE_FILE)
+    state = None
+    if not args.fresh and os.path.exists(path):
+        state = records.load_dictlearning_state(path)
+        check_continues(state, settings, args, path)
+    check_processes_agree(0 if state is None else state["epoch"], out_dir)
+    return state
+
+
+def check_continues(state: dict, settings: dict, args: argparse.Namespace, path: str) -> None:
+    """UsageError unless this command continues the run of ``state``: the same
+    ``RESULT_FLAGS``, and ``--epochs`` at least the epochs it has."""
+    for name in RESULT_FLAGS:
+        saved, given = state["settings"].get(name), settings[name]
+        if saved != given:
+            raise UsageError(changed_flag_message(name, saved, given, args, path))
+    done = state["epoch"]
+    if done > args.epochs:
+        raise UsageError(
+            f"{path} holds {done} finished epochs, more than --epochs {args.epochs}: pass "
+            f"--epochs {done} (or more) to continue that run, or --fresh to start over"
+        )
+
+
+def changed_flag_message(
+    name: str, saved: object, given: object, args: argparse.Namespace, path: str
+) -> str:
+    """One line: which flag differs from the run in ``path``, and the two ways out."""
+    flag = f"--{name.replace('_', '-')}"
+    if name == "lambda_every" and args.lambda_every is None:
+        now = f"--epochs {args.epochs} raises lambda every {given} epochs (epochs // 7)"
+    else:
+        now = f"this command has {f'no {flag}' if given is None else f'{flag} {given}'}"
+    was = f"no {flag}" if saved is None else f"{flag} {saved}"
+    keep = f"drop {flag}" if saved is None else f"pass {flag} {saved}"
+    return (
+        f"{path} holds a run learnt with {was}, but {now}: {keep} to continue it, or --fresh "
+        f"to start over"
     )
-    rows: list[dict[str, float]] = []
-    for epoch in range(args.epochs):
-        lca.lambda_ = lambda_at_epoch(epoch, args.lca_lambda, args.lambda_increment, every)
-        start = time.perf_counter()
-        metrics = learn_one_epoch(lca, batches, device, args.max_batches,
-                                  desc=f"epoch {epoch + 1}/{args.epochs}")  # fmt: skip
-        row = {"epoch": epoch + 1, "lambda": lca.lambda_, **metrics}
-        row["seconds"] = time.perf_counter() - start
-        rows.append(row)
-        if not writes:
-            continue
-        records.save_dictionary(dict_path, lca, subset_indices=subset)
-        storage.append_csv_row(csv_path, {name: row[name] for name in CSV_COLUMNS})
-        grid = data_utils.plot_dictionary(
-            lca.get_weights(), f"{task} dictionary after epoch {epoch + 1}"
+
+
+def check_processes_agree(done: int, out_dir: str) -> None:
+    """Under torchrun, a UsageError unless every process found ``done`` finished epochs in
+    ``out_dir``. Its all-reduce also keeps the main process from rewriting the state before
+    every process has read it."""
+    if not distributed.active():
+        return
+    totals = distributed.sum_totals({"done": done, "square": done * done})
+    # n * sum(d^2) == (sum d)^2 exactly when the n counts are equal (Cauchy-Schwarz)
+    if totals["square"] * distributed.world_size() != totals["done"] ** 2:
+        raise UsageError(
+            f"the processes found different runs in {out_dir}: every process must read the "
+            f"same --out-dir (a folder that every node shares)"
         )
-        storage.save_figure(grid, os.path.join(out_dir, GRID_FILE))
+
+
+def continue_from(
+    state: dict, lca: LCAConv2D, loader: torch.utils.data.DataLoader, path: str
+) -> list:
+    """Put the dictionary, its lambda and the RNGs (global and data order) where ``state``
+    (read from ``path``) left them; returns the CSV rows of its epochs."""
+    weights, rows = state["weights"], [dict(row) for row in state["rows"]]
+    fits = weights.shape == lca.weights.shape and weights.dtype == lca.weights.dtype
+    if not fits or any(set(row) != set(CSV_COLUMNS) for row in rows):
+        raise UsageError(
+            f"{path} does not fit its own flags (its dictionary or rows are damaged); pass "
+            f"--fresh to learn the dictionary again from epoch 1"
+        )
+    lca.assign_weight_values(weights.to(lca.weights.device), normalize=False)
+    lca.lambda_ = rows[-1]["lambda"]
+    records.restore_rng(state, loader)
+    return rows
+
+
+def epoch_state(
+    lca: LCAConv2D, rows: list, settings: dict, loader: torch.utils.data.DataLoader
+) -> dict:
+    """What ``dictlearning_state.pt`` holds once the epochs of ``rows`` are done."""
+    return {
+        "epoch": len(rows),
+        "settings": dict(settings),
+        "weights": lca.get_weights().detach().cpu(),
+        "rows": [dict(row) for row in rows],
+        "rng_state": {
+            "global": records.get_rng_state(),
+            "train_loader": loader.generator.get_state(),
+        },
+    }
+
+
+class OutputFolder:
+    """The files of ``out_dir`` (the module docstring), written by the main process only."""
+
+    def __init__(self, out_dir: str, task: str, subset: torch.Tensor) -> None:
+        self.out_dir, self.task, self.subset = out_dir, task, subset
+        self.dict_path = os.path.join(out_dir, DICTIONARY_FILE)
+        self.csv_path = os.path.join(out_dir, CSV_FILE)
+        self.state_path = os.path.join(out_dir, STATE_FILE)
+
+    def prepare(self, lca: LCAConv2D, rows: list) -> None:
+        """A new run (no ``rows``): the CSV and state of an earlier one go. A continued run:
+        rewrite its files that are missing or do not match its state (a run stopped between
+        its files, or files deleted since)."""
+        if not rows:
+            for path in (self.csv_path, self.state_path):
+                if os.path.exists(path):
+                    os.remove(path)
+            return
+        rewritten = []
+        if not self.dictionary_matches(lca):
+            records.save_dictionary(self.dict_path, lca, subset_indices=self.subset)
+            rewritten.append(DICTIONARY_FILE)
+        if not self.csv_matches(rows):
+            storage.write_csv_rows(
+                self.csv_path, [{n: row[n] for n in CSV_COLUMNS} for row in rows]
+            )
+            rewritten.append(CSV_FILE)
+        if not all(os.path.isfile(os.path.join(self.out_dir, f)) for f in (GRID_FILE, CURVES_FILE)):
+            self.draw(lca, rows)
+            rewritten += [GRID_FILE, CURVES_FILE]
+        if rewritten:
+            print(f"notice: rewrote {', '.join(rewritten)} from {STATE_FILE}")
+
+    def save_epoch(self, lca: LCAConv2D, rows: list, state: dict) -> None:
+        """The files of the epoch that ends ``rows``; the state last, so that a state vouches
+        for the files of its epoch (a process killed before it redoes the epoch)."""
+        records.save_dictionary(self.dict_path, lca, subset_indices=self.subset)
+        storage.append_csv_row(self.csv_path, {name: rows[-1][name] for name in CSV_COLUMNS})
+        self.draw(lca, rows)
+        storage.atomic_save(state, self.state_path)
+
+    def draw(self, lca: LCAConv2D, rows: list) -> None:
+        """The dictionary grid and the curves of ``rows``."""
+        title = f"{self.task} dictionary after epoch {len(rows)}"
+        grid = data_utils.plot_dictionary(lca.get_weights(), title)
+        storage.save_figure(grid, os.path.join(self.out_dir, GRID_FILE))
         curves = data_utils.plot_dictlearning_curves(rows, METRICS)
-        storage.save_figure(curves, os.path.join(out_dir, CURVES_FILE))
-        print(
-            f"epoch {epoch + 1}/{args.epochs}  lambda {lca.lambda_:.2f}  "
-            + "  ".join(f"{name} {metrics[name]:.4f}" for name in METRICS)
-            + f"  ({row['seconds']:.1f} s)"
-        )
-    return lca
+        storage.save_figure(curves, os.path.join(self.out_dir, CURVES_FILE))
+
+    def dictionary_matches(self, lca: LCAConv2D) -> bool:
+        """Whether ``dictionary.pt`` and ``subset_indices.pt`` hold ``lca``'s dictionary."""
+        try:
+            weights, config = records.load_dictionary(self.dict_path)
+            indices = records.load_subset_indices(self.dict_path)
+        except records.DictionaryError:
+            return False
+        same = torch.equal(weights, lca.get_weights().cpu()) and config == lca.settings()
+        return same and torch.equal(indices, self.subset)
+
+    def csv_matches(self, rows: list) -> bool:
+        """Whether ``dictlearning.csv`` holds ``rows``, every value exactly."""
+        if not os.path.isfile(self.csv_path):
+            return False
+        saved = storage.read_csv_rows(self.csv_path)
+        return [[r.get(n) for n in CSV_COLUMNS] for r in saved] == [
+            [r[n] for n in CSV_COLUMNS] for r in rows
+        ]
+
+
+# --------------------------------------------------------------------------------------------
+# The command line
+# --------------------------------------------------------------------------------------------
 
 
 STORAGE_FIX = "free space or pass a writable --out-dir; the dictionary of the last epoch is kept"
@@ -270,20 +470,37 @@ KEPT_NOTE = "; the dictionary of the last finished epoch is kept"
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
     distributed.quiet_unless_rank_zero()
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
         args = build_parser().parse_args(argv)
     except UsageError as error:
         return entry.fail(str(error), entry.EXIT_USAGE)
     if distributed.launched():
         typed = args.device != "auto"
-        return distributed.run(lambda: learn_reporting(args), args.device, typed, args.dist_timeout)
-    return learn_reporting(args)
+        work = functools.partial(learn_reporting, args, argv)
+        return distributed.run(work, args.device, typed, args.dist_timeout)
+    return learn_reporting(args, argv)
 
 
-def learn_reporting(args: argparse.Namespace) -> int:
-    """:func:`run`, every failure reported as one line (``entry``); returns the exit status."""
+def learn_reporting(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    """:func:`run`, every failure reported as one line (``entry``), an interruption with the
+    command that continues the run; returns the exit status."""
     work = functools.partial(run, args)
-    return entry.run_script(work, storage.ERROR_STATUSES, STORAGE_FIX, KEPT_NOTE)
+    status = entry.run_script(work, storage.ERROR_STATUSES, STORAGE_FIX, KEPT_NOTE)
+    if status in (entry.EXIT_INTERRUPTED, entry.EXIT_TERMINATED):
+        print(f"continue with: {continue_command(argv, args.fresh)}", file=sys.stderr)
+    return status
+
+
+def continue_command(argv: Sequence[str], fresh: bool) -> str:
+    """The command line that continues this run: this one, without ``--fresh`` unless the
+    earlier run is still to be discarded (``fresh``); under torchrun with its launcher (one
+    node's; on several nodes, with the job's own torchrun flags)."""
+    launcher = "python"
+    if distributed.launched():
+        launcher = f"torchrun --nproc_per_node {os.environ.get('LOCAL_WORLD_SIZE', '1')}"
+    kept = [arg for arg in argv if fresh or arg != "--fresh"]
+    return f"{launcher} cifar_dictlearning.py {shlex.join(kept)}"
 
 
 if __name__ == "__main__":

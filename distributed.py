@@ -220,16 +220,32 @@ class SplitBatches:
 
     def _parts(self, batches: Iterator) -> Iterator[tuple[Tensor, Tensor]]:
         for x, y in batches:
+            stop_agreed()
             start, stop = shard_bounds(len(y), self.rank, self.world)
             self.fraction = (stop - start) / len(y)
             yield x[start:stop], y[start:stop]
 
 
+def stop_agreed() -> None:
+    """A safe point that every rank passes together, at a batch boundary: if any rank was asked
+    to stop (Ctrl-C, SIGTERM), every rank stops here (``entry.raise_if_stopped``), so that no
+    rank waits in a collective that the others have left. One all-reduce of one number."""
+    if active():
+        cuda = dist.get_backend() == "nccl"
+        device = torch.device("cuda", torch.cuda.current_device()) if cuda else None
+        flag = torch.tensor([entry.stop_requested() or 0], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if flag.item():
+            entry.request_stop(int(flag.item()))
+    entry.raise_if_stopped()
+
+
 def split_batches(loader: DataLoader, optimizer: torch.optim.Optimizer | None = None) -> Iterable:
     """The training batches of this rank (``SplitBatches``), with ``optimizer`` (if given) now
-    averaging the gradients over ranks before every step. ``loader`` without a process group."""
+    averaging the gradients over ranks before every step. Every batch boundary is a safe point
+    where a stop request is honoured (``stop_agreed``), with or without a process group."""
     if not active():
-        return loader
+        return SplitBatches(loader, 0, 1)
     if loader.batch_size < world_size():
         raise UsageError(
             f"--mbs {loader.batch_size} is smaller than the {world_size()} processes: every "
@@ -329,6 +345,8 @@ class FailureBoard:
     store: dist.Store | None = None
     lock = threading.Lock()
     stopping = False  # this rank is already on its way out (Ctrl-C): let it finish
+    done = threading.Event()  # set on a clean exit: the watcher returns
+    watcher: threading.Thread | None = None
 
     @classmethod
     def start(cls, timeout: datetime.timedelta) -> None:
@@ -338,8 +356,19 @@ class FailureBoard:
             timeout=timeout,
         )  # fmt: skip
         cls.store = dist.PrefixStore(f"data_parallel_failures/{restart}", client)
-        threading.Thread(target=cls._watch, name="failure-watcher", daemon=True).start()
+        cls.watcher = threading.Thread(target=cls._watch, name="failure-watcher", daemon=True)
+        cls.watcher.start()
         entry.note_interrupts(cls.stop)
+
+    @classmethod
+    def close(cls) -> None:
+        """Stop the watcher and let go of the store before a clean exit: a thread still inside
+        a store call while the interpreter shuts down aborts the process (SIGABRT)."""
+        cls.done.set()
+        if cls.watcher is not None:
+            cls.watcher.join(timeout=2 * WATCH_SECONDS + 1.0)
+        with cls.lock:
+            cls.store = None
 
     @classmethod
     def stop(cls) -> None:
@@ -385,8 +414,7 @@ class FailureBoard:
     @classmethod
     def _watch(cls) -> None:
         try:
-            while True:
-                time.sleep(WATCH_SECONDS)
+            while not cls.done.wait(WATCH_SECONDS):
                 failure = cls.read()
                 if failure is not None and failure[1] != rank() and not cls.stopping:
                     cls.follow(failure[0])
@@ -461,6 +489,7 @@ def run(
             entry.EXIT_TERMINATED: "terminated (SIGTERM)",
         }.get(status, "stopped")
         fail(status, "" if rank() == 0 else stopped)
+    FailureBoard.close()
     dist.destroy_process_group()
     return 0
 

@@ -9,9 +9,16 @@ table of exit statuses holds for each of them:
     130 Ctrl-C                 143 SIGTERM, handled like Ctrl-C (``Terminated``)
 
 A failure the user can act on is one ``error:`` line on stderr, naming the problem and the fix.
-This module imports the standard library only: a script calls :func:`quit_while_importing`
+This module imports the standard library only: a script calls :func:`install_stop_handlers`
 before it imports torch, and then :func:`run_script` around its work. Every signal handler of
 the scripts is installed here (``distributed.py`` hooks ``note_interrupts``).
+
+Signals set a flag; the work stops at its next safe point. The handlers of SIGINT and SIGTERM
+only record the request. The loops call :func:`raise_if_stopped` where stopping is safe
+(between the steps of a phase, between batches, before and after saving), which raises
+``KeyboardInterrupt`` or ``Terminated`` there, and the usual Ctrl-C path saves and exits 130 or
+143. No exception ever starts inside library code, a second signal does not cut a save short,
+and a third one ends the process at once.
 
 Also here: the parser every script starts from (``command_parser``, errors as UsageErrors),
 the dash and underscore spellings of a flag, and the range check of a number flag.
@@ -23,6 +30,7 @@ import argparse
 import contextlib
 import errno
 import math
+import os
 import signal
 import sys
 import threading
@@ -36,6 +44,8 @@ EXIT_STORAGE = 74  # a file could not be written or read (disk full, read-only, 
 EXIT_BUSY = 75  # another live process writes the same folder; try again later
 EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT): what was saved is kept
 EXIT_TERMINATED = 143  # SIGTERM (preemption): the same as Ctrl-C
+
+FORCE_AFTER = 3  # the third stop signal ends the process at once
 
 # (kind of error, exit status) pairs; the first kind an error is counts
 Statuses = Sequence[tuple[type[BaseException], int]]
@@ -55,62 +65,93 @@ class Terminated(KeyboardInterrupt):
 # --------------------------------------------------------------------------------------------
 
 
-def _quit(signum, frame) -> None:
-    sys.exit(128 + signum)
+class _Stops:
+    """What the handlers have recorded: the first stop signal and how many came."""
+
+    signum: int | None = None
+    count = 0
+    raised = False
+    notes: list[Callable[[], None]] = []
 
 
-def quit_while_importing() -> None:
-    """Ctrl-C or SIGTERM before :func:`run_script` takes over (while the libraries load): exit
-    at once with 130 or 143, without a traceback."""
-    signal.signal(signal.SIGINT, _quit)
-    signal.signal(signal.SIGTERM, _quit)
+def _record(signum, frame) -> None:
+    """The handler of SIGINT and SIGTERM: record the request and return, so that no exception
+    starts inside library code (a C extension would turn it into another error). A third
+    signal ends the process at once."""
+    _Stops.count += 1
+    if _Stops.signum is None:
+        _Stops.signum = signum
+    for note in _Stops.notes:
+        note()
+    if _Stops.count >= FORCE_AFTER:
+        os._exit(128 + signum)
+
+
+def install_stop_handlers() -> None:
+    """SIGINT and SIGTERM only record a stop request from now on (:func:`_record`). Scripts call
+    this first, before torch loads, so that a signal during the imports is a quiet stop."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, _record)
+        signal.signal(signal.SIGTERM, _record)
+
+
+def stop_requested() -> int | None:
+    """The signal number of the first stop request, or None."""
+    return _Stops.signum
+
+
+def raise_if_stopped() -> None:
+    """A safe point: once a stop was requested, raise ``KeyboardInterrupt`` (SIGINT) or
+    ``Terminated`` (SIGTERM) here, once; what saves on Ctrl-C then saves. Later safe points
+    pass, so that a save in progress is not cut short."""
+    if _Stops.signum is None or _Stops.raised:
+        return
+    _Stops.raised = True
+    raise Terminated() if _Stops.signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+def request_stop(signum: int) -> None:
+    """Record a stop request as if ``signum`` had arrived (another rank's, say)."""
+    if _Stops.signum is None:
+        _Stops.signum = signum
+
+
+def forget_stops() -> None:
+    """Clear the recorded requests (a script run in-process ends; tests start afresh)."""
+    _Stops.signum, _Stops.count, _Stops.raised = None, 0, False
+    _Stops.notes.clear()
 
 
 @contextlib.contextmanager
-def signals_as_interrupts() -> Iterator[None]:
-    """Within the block SIGINT raises ``KeyboardInterrupt`` and SIGTERM raises ``Terminated``.
-
-    Only the first SIGTERM raises: a second one (schedulers may repeat it) would cut short the
-    saving that the first one started. The previous handlers come back on exit. Outside the
-    main thread signals cannot be caught, and nothing changes.
-    """
+def stop_handlers() -> Iterator[None]:
+    """Within the block SIGINT and SIGTERM record a stop request that the work honours at its
+    next safe point (:func:`raise_if_stopped`). A request recorded before the block (during the
+    imports) stands. The previous handlers come back and the requests are cleared on exit.
+    Outside the main thread signals cannot be caught, and nothing changes."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    raised = []
-
-    def terminate(signum, frame):
-        if not raised:
-            raised.append(signum)
-            raise Terminated()
-
-    previous = {
-        signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler),
-        signal.SIGTERM: signal.signal(signal.SIGTERM, terminate),
-    }
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    install_stop_handlers()
     try:
         yield
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+        forget_stops()
 
 
 def with_signals(work: Callable[[], Any]) -> Any:
-    """``work()`` with SIGINT and SIGTERM raised as interrupts (:func:`signals_as_interrupts`)."""
-    with signals_as_interrupts():
+    """``work()`` under :func:`stop_handlers`, after a first safe point (a stop requested while
+    the libraries loaded ends it before it starts)."""
+    with stop_handlers():
+        raise_if_stopped()
         return work()
 
 
 def note_interrupts(note: Callable[[], None]) -> None:
-    """Where Ctrl-C raises ``KeyboardInterrupt`` (Python's default handler), call ``note()``
-    first; other handlers are left as they are."""
-
-    def interrupt(signum, frame):
-        note()
-        raise KeyboardInterrupt
-
-    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-        signal.signal(signal.SIGINT, interrupt)
+    """Call ``note()`` whenever a stop signal is recorded (from the handler: keep it short)."""
+    _Stops.notes.append(note)
 
 
 def exit_status_of(interrupt: KeyboardInterrupt) -> int:
@@ -183,7 +224,7 @@ def fail(message: str, status: int) -> int:
 def run_script(
     work: Callable[[], Any], statuses: Statuses, storage_fix: str, kept_note: str = ""
 ) -> int:
-    """Run ``work`` with SIGINT and SIGTERM raised as interrupts; returns the exit status:
+    """Run ``work`` with stop requests honoured at safe points; returns the exit status:
     what ``work`` returns when it is an int, else 0 (done). The failures :func:`failure` knows
     become their exit status and one line on stderr (an interrupt: what stopped the process,
     then ``kept_note``); others propagate."""

@@ -23,7 +23,7 @@ from __future__ import annotations
 import entry
 
 if __name__ == "__main__":  # Ctrl-C or SIGTERM while the libraries load: no traceback
-    entry.quit_while_importing()
+    entry.install_stop_handlers()
 
 import argparse
 import contextlib
@@ -186,8 +186,11 @@ def set_dynamics(model: EnergyNet, dynamics: DynamicsConfig) -> None:
 
 
 def install_phases(model: EnergyNet, settings: Settings, device: torch.device) -> None:
-    """The dynamics, and the compiled phases and their precision (``--compile``, ...)."""
+    """The dynamics, the compiled phases and their precision (``--compile``, ...), and the stop
+    requests of Ctrl-C and SIGTERM honoured between the steps of every phase."""
     set_dynamics(model, settings.dynamics)
+    if not distributed.launched():  # under torchrun the ranks agree on a batch boundary instead
+        model.safe_point = entry.raise_if_stopped
     precision_mode = precision.apply(settings.dynamics.precision, device)
     compiled.install(model, settings.run.compile, precision_mode)
 

@@ -15,7 +15,10 @@ and ``best_test_acc``. All are plain tensors and containers, read back with
 
 A dictionary of ``cifar_dictlearning.py`` is ``{"weights": (F, C, k, k), "config": LCA
 settings}`` in ``dictionary.pt``, with ``subset_indices.pt`` (the training images it was learnt
-on) beside it; EP trains on the other images (``training_indices``).
+on) beside it; EP trains on the other images (``training_indices``). The state it continues an
+interrupted run from, ``dictlearning_state.pt``, rewritten after every epoch, holds ``epoch``
+(the epochs finished), ``settings`` (the flags that change the dictionary), ``weights`` (F, C,
+k, k), ``rows`` (the dictlearning.csv rows so far) and ``rng_state`` (as a checkpoint's).
 
 Also here: the RNG state a checkpoint carries (``get_rng_state`` / ``set_rng_state``,
 ``restore_rng``) and ``seed_everything``, which starts a run's generators.
@@ -59,6 +62,8 @@ MODEL_CLASSES: dict[str, type[EnergyNet]] = {
 }
 MODEL_KEYS = ("model_config", "model_state", "epoch", "args")  # test_acc: absent in checkpoints
 CHECKPOINT_KEYS = (*MODEL_KEYS, "optimizer_state", "rng_state", "history", "best_test_acc")
+DICTLEARNING_STATE = "dictlearning_state.pt"
+DICTLEARNING_STATE_KEYS = ("epoch", "settings", "weights", "rows", "rng_state")
 
 
 class DictionaryError(UsageError):
@@ -216,6 +221,43 @@ def load_dictionary(
     return weights, record["config"]
 
 
+def dictlearning_state_problem(state: Any) -> str | None:
+    """What is wrong with a loaded ``dictlearning_state.pt`` (None: it has the layout the
+    module docstring gives): a dict whose ``epoch`` counts the finished epochs, with one
+    ``rows`` entry each (epochs 1, 2, ...), a float (F, C, k, k) ``weights``, a ``settings``
+    dict and an ``rng_state`` laid out as a checkpoint's."""
+    if not isinstance(state, dict) or not set(DICTLEARNING_STATE_KEYS) <= set(state):
+        return f"it is not a dict with the keys {', '.join(DICTLEARNING_STATE_KEYS)}"
+    epoch, rows, weights = state["epoch"], state["rows"], state["weights"]
+    if not _is_count(epoch) or epoch == 0:
+        return f"epoch is {epoch!r}, not a number of finished epochs"
+    if not isinstance(rows, list) or [
+        row.get("epoch") if isinstance(row, dict) else None for row in rows
+    ] != list(range(1, epoch + 1)):
+        return f"rows are not the CSV rows of epochs 1 to {epoch}"
+    if not isinstance(weights, Tensor) or weights.dim() != 4 or not weights.is_floating_point():
+        return "weights is not a float tensor (features, channels, k, k)"
+    if not torch.isfinite(weights).all():
+        return "weights holds NaN or inf"
+    if not isinstance(state["settings"], dict):
+        return "settings is not a dict of flags"
+    return rng_state_problem(state["rng_state"])
+
+
+def load_dictlearning_state(path: str | Path) -> dict:
+    """The ``dictlearning_state.pt`` at ``path``, checked (:func:`dictlearning_state_problem`);
+    a UsageError names the file and ``--fresh`` when it cannot be used."""
+    fix = "pass --fresh to learn the dictionary again from epoch 1"
+    try:
+        state = safe_load(path, "dictionary-learning state")
+    except UsageError as error:
+        raise UsageError(f"{error}; {fix}") from error
+    problem = dictlearning_state_problem(state)
+    if problem:
+        raise UsageError(f"{path} is damaged or from another program: {problem}; {fix}")
+    return state
+
+
 def load_subset_indices(dict_path: str | Path) -> Tensor:
     """The training indices saved next to the dictionary at ``dict_path`` (1-D int64)."""
     path = subset_indices_path(dict_path)
@@ -325,7 +367,7 @@ def _is_count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def _rng_state_problem(state: Any) -> str | None:
+def rng_state_problem(state: Any) -> str | None:
     """What is wrong with a checkpoint's ``rng_state`` (None: it has get_rng_state's layout)."""
     if not isinstance(state, dict) or not isinstance(state.get("global"), dict):
         return "rng_state is not {'global': ..., 'train_loader': ...}"
@@ -382,7 +424,7 @@ def record_problem(record: dict, checkpoint: bool) -> str | None:
         return "history rows are not dicts"
     if not isinstance(record["best_test_acc"], (int, float)):
         return "best_test_acc is not a number"
-    return _rng_state_problem(record["rng_state"])
+    return rng_state_problem(record["rng_state"])
 
 
 def load_record(path: str | Path, what: str, keys: Sequence[str]) -> dict:

@@ -34,7 +34,7 @@ from __future__ import annotations
 import entry
 
 if __name__ == "__main__":  # Ctrl-C or SIGTERM while the libraries load: no traceback
-    entry.quit_while_importing()
+    entry.install_stop_handlers()
 
 import argparse
 import functools
@@ -502,6 +502,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     if device.type == "cuda":
         torch.cuda.set_device(device)  # ART puts its tensors on the current CUDA device
     model = records.restore_model(record, device).eval()
+    model.safe_point = entry.raise_if_stopped  # Ctrl-C and SIGTERM stop between steps
     channels, height, width, classes = data_loading.task_info(task)
     indices, pixels, labels, n_test = sample_test_pixels(
         task, data_dir, not args.no_download, args.n_samples, args.seed

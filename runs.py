@@ -277,6 +277,9 @@ class RunRecorder:
         save_figure(fig, self.run_dir / filename)
 
     def __call__(self, epoch: int, metrics: dict) -> None:
+        """Record ``epoch``: its row, checkpoint and figures; a stop requested meanwhile is
+        honoured before and after them, never in the middle."""
+        entry.raise_if_stopped()
         check_finite(self.model)
         row = csv_row(metrics)
         self.history.append(row)
@@ -295,6 +298,7 @@ class RunRecorder:
         save_figure(settling, self.run_dir / "settling.png")
         if isinstance(self.model, LCA_CNN) and self.settings.model.dict_training != "pretrained":
             self.plot_dictionary(f"dictionary_epoch{epoch}.png", f"dictionary after epoch {epoch}")
+        entry.raise_if_stopped()
 
     def checkpoint(self, epoch: int) -> dict:
         """Everything needed to carry on after ``epoch`` exactly (``records`` describes it)."""

@@ -6,7 +6,8 @@
 - ``FolderLock``: the advisory lock (``.lock``) of the one process writing a folder; taking
   it removes the temp files a killed writer left (``remove_temp_files``).
 - ``check_writable``: a folder is created and probed before long work starts.
-- ``append_text``, ``append_csv_row``, ``read_csv_rows``: text and CSV logs, fsynced rows.
+- ``append_text``, ``append_csv_row``, ``read_csv_rows``: text and CSV logs, fsynced rows;
+  ``write_csv_rows`` replaces a CSV whole, atomically.
 - ``StorageError`` (exit status 74) and ``FolderBusyError`` (75); ``ERROR_STATUSES`` maps
   them, and ``UsageError``, to their exit statuses for ``entry.run_script``.
 
@@ -16,6 +17,7 @@ Files get the modes of the process's umask, as ``open`` gives.
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 import socket
@@ -276,6 +278,15 @@ def append_csv_row(path: str | Path, row: dict) -> None:
         writer.writerow([_plain(row[k]) for k in header])
         f.flush()
         os.fsync(f.fileno())
+
+
+def write_csv_rows(path: str | Path, rows: list[dict]) -> None:
+    """Replace the CSV file ``path`` by ``rows`` (header: the keys of the first), atomically."""
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow(list(rows[0]))
+    writer.writerows([_plain(row[k]) for k in rows[0]] for row in rows)
+    atomic_write(path, lambda f: f.write(text.getvalue().encode()))
 
 
 def _parse_cell(text: str) -> float | str:

@@ -3,7 +3,8 @@
 # random half of CIFAR-10 (its indices are saved so EP training can use the other half),
 # lambda 0.2 raised by 0.1 every 35 // 7 = 5 epochs, 600 LCA iterations, tau 100, eta 0.01,
 # batches of 200, 35 epochs. Writes ./dictionaries/CIFAR10/{dictionary.pt, subset_indices.pt,
-# dictlearning.csv, dictionary.png, dictlearning_curves.png}.
+# dictlearning.csv, dictionary.png, dictlearning_curves.png, dictlearning_state.pt}. Run again after
+# an interruption to continue from the last finished epoch (add --fresh to start over).
 # Extra arguments are passed on, e.g.: run/cifar_dictlearning.sh --device cuda:1 --data-dir /data
 set -euo pipefail
 cd "$(dirname "$0")/.."
