@@ -136,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--precision", choices=precision.PRECISIONS, default=None, help="None: torch's own")
     add("--no-download", action="store_true", help="never download a missing dataset")
     add("--dist-timeout", type=float, default=600.0, help="torchrun: collective timeout (s)")
+    add("--tensorboard", action="store_true", help="with --save, a TensorBoard log in RUN/tb/")
+    add("--log-every", type=int, default=50, help="--tensorboard: batches between running means")
     return parser
 
 
