@@ -14,6 +14,7 @@ Written to ``--out-dir`` (default ``./dictionaries/<task>``):
                           total_energy (means over the epoch's training samples), seconds
     dictionary.png        the features as a grid
     dictlearning_curves.png  the four metrics against the epoch
+    tb/                   with --tensorboard, the TensorBoard log (``run_board``)
 
 One process writes an output folder at a time. Exit statuses and one-line errors are those of
 ``entry.py``: 0 done, 2 bad input, 74 a file could not be written, 75 another process writes
@@ -47,6 +48,7 @@ from tqdm import tqdm
 import data_utils
 import distributed
 import records
+import run_board
 import storage
 from data_loading import TASKS, build_datasets, canonical_task, make_loader, task_info
 from entry import UsageError
@@ -108,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--lca_eta", "--eta", type=float, default=1e-2, help="dictionary learning rate")
     add("--d-update-clip", type=float, default=math.inf, help="clip each dictionary update "
         "entry to +-this")  # fmt: skip
+    add("--tensorboard", action="store_true", help="a TensorBoard log in OUT_DIR/tb/")
     add("--dist-timeout", type=float, default=600.0, help="torchrun: collective timeout (s)")
     return parser
 
@@ -231,6 +234,7 @@ def learn(args: argparse.Namespace, held: contextlib.ExitStack) -> LCAConv2D:
         os.makedirs(out_dir, exist_ok=True)
         if os.path.exists(csv_path):  # the CSV holds this run's epochs only
             os.remove(csv_path)
+    board = held.enter_context(run_board.dictionary_board(out_dir, args.tensorboard and writes))
     print(
         f"{task}: learning {args.lca_feats} features of {in_channels}x{args.lca_ksize}x"
         f"{args.lca_ksize} (stride {args.lca_stride}) on {len(subset)} of {len(train_set)} "
@@ -255,6 +259,7 @@ def learn(args: argparse.Namespace, held: contextlib.ExitStack) -> LCAConv2D:
         storage.save_figure(grid, os.path.join(out_dir, GRID_FILE))
         curves = data_utils.plot_dictlearning_curves(rows, METRICS)
         storage.save_figure(curves, os.path.join(out_dir, CURVES_FILE))
+        run_board.log_dictionary_epoch(board, row, lca.get_weights())
         print(
             f"epoch {epoch + 1}/{args.epochs}  lambda {lca.lambda_:.2f}  "
             + "  ".join(f"{name} {metrics[name]:.4f}" for name in METRICS)

@@ -139,9 +139,11 @@ def log_dictionary_epoch(log: TensorBoardLog, row: Mapping[str, float], weights:
     log.flush()
 
 
-def robustness_board(run_dir: str | Path, enabled: bool) -> TensorBoardLog:
-    """The log of ``robustness.py``: the sub-run ``run_dir/tb/robustness``."""
-    return TensorBoardLog(run_dir, enabled, sub_run=ROBUSTNESS_RUN)
+def robustness_board(run_dir: str | Path, enabled: bool, T1: int) -> TensorBoardLog:
+    """The log of ``robustness.py`` at ``T1`` free steps: the sub-run ``run_dir/tb/robustness``.
+    It purges from step T1 on, so a rerun replaces its own points and a sweep of rising T1
+    keeps the earlier ones (accuracy against T1)."""
+    return TensorBoardLog(run_dir, enabled, purge_step=T1, sub_run=ROBUSTNESS_RUN)
 
 
 def robustness_row_tag(row: Mapping[str, Any]) -> str:
