@@ -156,6 +156,8 @@ def note_unsaved(settings: Settings) -> None:
     """Say, once at the start, that a run without --save leaves no files."""
     if not settings.run.save:
         print("note: no --save, so nothing is written to disk (results are only printed)")
+        if settings.run.tensorboard:
+            print("note: --tensorboard logs into the run folder, so it needs --save too")
 
 
 # --------------------------------------------------------------------------------------------
