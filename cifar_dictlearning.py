@@ -16,6 +16,7 @@ Written to ``--out-dir`` (default ``./dictionaries/<task>``):
     dictlearning_curves.png  the four metrics against the epoch
     dictlearning_state.pt what an interrupted run continues from (``records.py``), after every
                           epoch: dictionary, epochs done, flags, CSV rows, RNG states
+    tb/                   with --tensorboard, the TensorBoard log (``run_board``)
 
 An interrupted run continues: the same command with the same ``--out-dir`` goes on from the
 last finished epoch and learns, bit for bit, the dictionary the uninterrupted run learns (the
@@ -58,6 +59,7 @@ from tqdm import tqdm
 import data_utils
 import distributed
 import records
+import run_board
 import storage
 from data_loading import TASKS, build_datasets, canonical_task, make_loader, task_info
 from entry import UsageError
@@ -126,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--lca_eta", "--eta", type=float, default=1e-2, help="dictionary learning rate")
     add("--d-update-clip", type=float, default=math.inf, help="clip each dictionary update "
         "entry to +-this")  # fmt: skip
+    add("--tensorboard", action="store_true", help="a TensorBoard log in OUT_DIR/tb/")
     add("--dist-timeout", type=float, default=600.0, help="torchrun: collective timeout (s)")
     return parser
 
@@ -235,6 +238,8 @@ def learn(args: argparse.Namespace, held: contextlib.ExitStack) -> LCAConv2D:
     rows = [] if state is None else continue_from(state, lca, loader, files.state_path)
     if writes:
         files.prepare(lca, rows)
+    board = run_board.dictionary_board(out_dir, args.tensorboard and writes, len(rows))
+    board = held.enter_context(board)
     args.fresh = False  # the earlier run is gone: the same command now continues this one
     if len(rows) == args.epochs:
         print(f"{out_dir}: the run is complete ({args.epochs} epochs); nothing to do (--fresh "
@@ -256,6 +261,7 @@ def learn(args: argparse.Namespace, held: contextlib.ExitStack) -> LCAConv2D:
         rows.append(row)
         if writes:  # a stop asked for during the epoch waits for its files
             files.save_epoch(lca, rows, epoch_state(lca, rows, settings, loader))
+            run_board.log_dictionary_epoch(board, row, lca.get_weights())
         print(
             f"epoch {epoch + 1}/{args.epochs}  lambda {lca.lambda_:.2f}  "
             + "  ".join(f"{name} {metrics[name]:.4f}" for name in METRICS)

@@ -54,7 +54,7 @@ SESSION_FLAGS = {"todo", "load_path"}
 # --compile runs the same numbers, only faster.
 READ_OVERRIDES = {"epochs", "device", "data_dir", "num_workers", "no_download", "dict_path"}
 READ_OVERRIDES |= {"compile", "dist_timeout"}
-RESUME_OVERRIDES = READ_OVERRIDES | {"lrs", "wds"}
+RESUME_OVERRIDES = READ_OVERRIDES | {"lrs", "wds", "tensorboard", "log_every"}
 EVALUATE_OVERRIDES = READ_OVERRIDES | {"T1", "mbs", "dynamics", "tol", "precision"}
 GDUCHECK_OVERRIDES = EVALUATE_OVERRIDES | {"T2", "betas", "thirdphase", "save", "results_dir"}
 
@@ -192,7 +192,9 @@ class DataConfig:
 class RunConfig:
     """The session: ``todo``, train up to ``epochs`` on ``device`` (seeded with ``seed``),
     with ``save`` write a run folder under ``results_dir`` (or in ``load_path``), ``compile``
-    the phases, ``dist_timeout`` for torchrun's collectives."""
+    the phases, ``dist_timeout`` for torchrun's collectives; with ``tensorboard`` (and
+    ``save``) also a TensorBoard log in the run folder, running means every ``log_every``
+    batches."""
 
     todo: str
     epochs: int
@@ -203,6 +205,8 @@ class RunConfig:
     results_dir: str
     compile: bool
     dist_timeout: float
+    tensorboard: bool = False
+    log_every: int = 50
 
 
 @dataclass(frozen=True)
@@ -297,7 +301,7 @@ def check_new_run(given: Mapping[str, Any]) -> dict:
     flags = dict(given)
     flags["task"] = canonical_task(flags["task"])
     in_channels, height, width, classes = task_info(flags["task"])
-    check_positive(flags, ("T1", "T2", "epochs", "mbs"))
+    check_positive(flags, ("T1", "T2", "epochs", "mbs", "log_every"))
     if flags["num_workers"] is not None:
         check_positive(flags, ("num_workers",), minimum=0)
     check_numbers(flags, FLOAT_RANGES)
@@ -441,7 +445,7 @@ def resume_flags(
     model (``n_synapses``; a vector-field model's backward weights take their forward
     synapse's). UsageError when the run has its epochs already."""
     flags = saved_flags(checkpoint["args"], typed, explicit, RESUME_OVERRIDES)
-    check_positive(flags, ("epochs",))
+    check_positive(flags, ("epochs", "log_every"))
     done = checkpoint["epoch"]
     if done >= flags["epochs"]:
         raise UsageError(

@@ -51,6 +51,7 @@ from links import in_memory_format
 DYNAMICS = ("sync", "async")
 # The slope c of every activation that is a clamp on its linear range (see energy).
 CLAMP_SLOPES: dict[str, float] = {"hard_sigmoid": 1.0, "my_hard_sig": 0.5, "ctrd_hard_sig": 1.0}
+REFERENCE_FACTOR = 4  # a phase's reference energy comes from a settle this many times longer
 TOL_EVERY = 5  # with a tolerance, a phase checks whether it settled every this many steps
 
 # link k -> (F_k on the state below, its adjoint's cache), for the links refreshed so far
@@ -223,11 +224,14 @@ def settling_trace(
     Returns per dynamics ``free_energy`` (T1 + 1,) and ``nudged_energy`` (T2 + 1,): the mean
     energy (``EnergyNet.energy``, with each phase's beta) over the batch from the phase's start,
     None when the model has none (``has_energy``); ``free_change`` (T1,), ``nudged_change`` (T2,):
-    ``max |s_t - s_(t-1)|`` over layers and samples at every step.
+    ``max |s_t - s_(t-1)|`` over layers and samples at every step; ``free_reference`` and
+    ``nudged_reference`` (scalars, the same for both dynamics, None without an energy): the
+    phases' ``reference_energies``, against which a gap ``E_t - E_ref`` is measured.
     """
     encoding = model.prepare_input(x)
     code = encoding.code
     has_energy = model.has_energy
+    references = reference_energies(model, code, y, T1, T2, betas) if has_energy else (None, None)
     traces = {}
     for dynamics in DYNAMICS:
         trace: dict[str, Tensor | None] = {}
@@ -243,5 +247,32 @@ def settling_trace(
                         changes.append(torch.tensor(max_change(previous, neurons)))
                 trace[f"{phase}_energy"] = torch.stack(energies).cpu() if has_energy else None
                 trace[f"{phase}_change"] = torch.stack(changes) if changes else torch.zeros(0)
+        trace["free_reference"], trace["nudged_reference"] = references
         traces[dynamics] = trace
     return traces
+
+
+@torch.no_grad()
+def reference_energies(
+    model, code: Tensor, y: Tensor, T1: int, T2: int, betas: tuple[float, float],
+    factor: int = REFERENCE_FACTOR,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """The lowest mean energy (over the batch, a scalar on the CPU) of each phase of a long
+    ``async`` settle: ``factor T1`` free steps from zero at ``betas[0]``, then ``factor T2``
+    nudged steps from there at ``betas[1]``, each minimum over the phase's start and steps.
+
+    Async free steps never raise the energy (module docstring), so the free reference is at
+    or below every energy of an async free phase of T1 steps from zero, which is the start of
+    this settle; the gap to it does not vanish at the phase's last step unless the phase has
+    settled. The nudge makes the nudged phase inexact descent, hence its minimum, not its end.
+    """
+    neurons = model.init_neurons(code)
+    lowest = []
+    with model.dynamics_set_to("async"):
+        for steps, beta in ((factor * T1, betas[0]), (factor * T2, betas[1])):
+            energies = [model.energy(code, y, neurons, beta).mean()]
+            for _ in range(steps):
+                neurons = model(code, y, neurons, 1, beta)
+                energies.append(model.energy(code, y, neurons, beta).mean())
+            lowest.append(torch.stack(energies).min().cpu())
+    return lowest[0], lowest[1]

@@ -136,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--precision", choices=precision.PRECISIONS, default=None, help="None: torch's own")
     add("--no-download", action="store_true", help="never download a missing dataset")
     add("--dist-timeout", type=float, default=600.0, help="torchrun: collective timeout (s)")
+    add("--tensorboard", action="store_true", help="with --save, a TensorBoard log in RUN/tb/")
+    add("--log-every", type=int, default=50, help="--tensorboard: batches between running means")
     return parser
 
 
@@ -154,6 +156,8 @@ def note_unsaved(settings: Settings) -> None:
     """Say, once at the start, that a run without --save leaves no files."""
     if not settings.run.save:
         print("note: no --save, so nothing is written to disk (results are only printed)")
+        if settings.run.tensorboard:
+            print("note: --tensorboard logs into the run folder, so it needs --save too")
 
 
 # --------------------------------------------------------------------------------------------

@@ -24,7 +24,8 @@ images drawn with ``--seed`` it measures:
 A white-box attack that leaves a higher accuracy than the Square attack at the same norm and
 epsilon points to gradient masking: those cases are flagged. Written to the run folder:
 ``robustness.csv`` (attack, norm, epsilon, severity, gradient, accuracy, samples, seconds),
-``robustness.png`` and a summary appended to ``hyperparameters.txt``. Exit statuses and
+``robustness.png``, a summary appended to ``hyperparameters.txt`` and, with
+``--tensorboard``, the sub-run ``tb/robustness`` (``run_board``). Exit statuses and
 one-line errors are those of ``entry.py`` (2 bad input, 74 a file could not be written or
 read, 130 / 143 Ctrl-C / SIGTERM: the rows measured so far stay in ``robustness.csv``).
 """
@@ -53,6 +54,7 @@ from tqdm.auto import tqdm
 import data_loading
 import data_utils
 import records
+import run_board
 import runs
 import storage
 from distributed import resolve_device
@@ -370,6 +372,7 @@ FLAGS: tuple[tuple[str, dict], ...] = (
     ("--T2", {"type": int, "default": None, "help": "EP nudged-phase steps; default: the run's"}),
     ("--beta", {"type": float, "default": 0.01, "help": "nudging of the EP input gradient"}),
     ("--grad-chunk", {"type": int, "default": 16, "help": "images per backpropagated chunk"}),
+    ("--tensorboard", {"action": "store_true", "help": "a TensorBoard log in RUN/tb/robustness"}),
 )  # fmt: skip
 
 
@@ -517,12 +520,14 @@ def run(args: argparse.Namespace) -> list[dict]:
     csv_path = model_path.parent / ROBUSTNESS_CSV
     csv_path.unlink(missing_ok=True)
     rows: list[dict] = []
+    board = run_board.robustness_board(model_path.parent, args.tensorboard, T1)
 
     def record_row(attack, norm, eps, severity, gradient, accuracy, n, seconds) -> None:
         row = dict(zip(CSV_COLUMNS, (attack, norm, eps, severity, gradient, accuracy, n,
                                      seconds), strict=True))  # fmt: skip
         rows.append(row)
         storage.append_csv_row(csv_path, row)
+        run_board.log_robustness_row(board, row, T1)
 
     records.seed_everything(args.seed)
     started = time.perf_counter()
@@ -572,6 +577,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     print("\n".join(lines))
     storage.append_text(model_path.parent, runs.HYPERPARAMETERS_TXT, "\n".join(lines))
     print(f"written: {csv_path}, {model_path.parent / ROBUSTNESS_PNG}")
+    board.close()
     return rows
 
 

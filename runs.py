@@ -11,6 +11,7 @@ One run of ``main_fast.py --save`` lives in
     checkpoint.pt         rewritten atomically after every epoch, to resume from
     model.pt              the epoch with the best test accuracy; final_model.pt the last one;
                           interrupted.pt the weights at a Ctrl-C or SIGTERM
+    tb/                   with --tensorboard, the TensorBoard log (``run_board``)
     .lock                 the advisory lock of the process writing the folder (pid and host)
 
 ``records.py`` describes what the ``.pt`` files hold; ``storage.py`` writes every file
@@ -41,6 +42,7 @@ from config import DynamicsConfig, Settings
 from entry import warn
 from lca_utils_ep_fast import LCA_CNN
 from records import BEST_MODEL, CHECKPOINT, FINAL_MODEL, INTERRUPTED, get_rng_state, model_record
+from run_board import TrainingBoard
 from storage import (
     FolderLock,
     StorageError,
@@ -64,6 +66,7 @@ RESULTS_CSV = "results.csv"
 HYPERPARAMETERS_TXT = "hyperparameters.txt"
 RECON_IMAGES = 8
 SETTLING_IMAGES = 8
+TB_ONLY_METRICS = ("train_loss", "test_loss")  # logged, not in results.csv (old runs resume)
 
 
 # --------------------------------------------------------------------------------------------
@@ -156,7 +159,7 @@ def read_results(run_dir: str | Path) -> list[dict]:
 def csv_row(metrics: dict) -> dict:
     """results.csv columns: epoch, accuracies, the model's extra metrics, lr, seconds."""
     first, last = ("epoch", "train_acc", "test_acc"), ("lr", "seconds")
-    extra = [name for name in metrics if name not in first + last]
+    extra = [name for name in metrics if name not in first + last + TB_ONLY_METRICS]
     return {name: metrics[name] for name in (*first, *extra, *last)}
 
 
@@ -172,12 +175,14 @@ def sync_results_csv(run_dir: Path, history: list[dict]) -> None:
         append_results_row(run_dir, row)
 
 
-@torch.no_grad()
-def neural_activity_figure(model: EnergyNet, probe: tuple[Tensor, Tensor], T: int) -> Figure:
-    """Histograms of the free-phase states (and the LCA code) on the probe batch."""
+def settle_probe(model: EnergyNet, probe: tuple[Tensor, Tensor], T: int) -> tuple:
+    """The encoding and the free-phase states after ``T`` steps of the probe batch."""
     device = next(model.parameters()).device
-    x, y = probe[0].to(device), probe[1].to(device)
-    encoding, neurons = settle(model, x, y, T)
+    return settle(model, probe[0].to(device), probe[1].to(device), T)
+
+
+def neural_activity_figure(model: EnergyNet, encoding, neurons: list[Tensor]) -> Figure:
+    """Histograms of the free-phase states ``neurons`` (and the LCA code of ``encoding``)."""
     names = [
         f"layer {k + 1} ({link.name}, {'x'.join(map(str, link.shape))})"
         for k, link in enumerate(model.links)
@@ -234,7 +239,7 @@ class RunRecorder:
     run_dir is the run folder; training what is trained; the train_loader's generator state
     goes into the checkpoint; probe is (images, labels) of a fixed test batch for the
     figures; settings the run's configurations and flags. history, the best test accuracy and
-    the epochs done carry over a resume.
+    the epochs done carry over a resume. board: the TensorBoard log (``open_board``).
     """
 
     run_dir: Path
@@ -245,6 +250,7 @@ class RunRecorder:
     history: list[dict] = field(default_factory=list)
     best_test_acc: float = -1.0
     epoch: int = 0
+    board: TrainingBoard | None = None
 
     @property
     def model(self) -> EnergyNet:
@@ -292,13 +298,47 @@ class RunRecorder:
         for filename, fig in data_utils.plot_metrics(self.history).items():
             save_figure(fig, self.run_dir / filename)
         dynamics = self.settings.dynamics
-        activity = neural_activity_figure(self.model, self.probe, dynamics.T1)
+        encoding, neurons = settle_probe(self.model, self.probe, dynamics.T1)
+        activity = neural_activity_figure(self.model, encoding, neurons)
         save_figure(activity, self.run_dir / "neural_activity.png")
         settling = settling_figure(self.model, self.probe, dynamics)
         save_figure(settling, self.run_dir / "settling.png")
-        if isinstance(self.model, LCA_CNN) and self.settings.model.dict_training != "pretrained":
+        if self.trains_dictionary:
             self.plot_dictionary(f"dictionary_epoch{epoch}.png", f"dictionary after epoch {epoch}")
+        self.log_epoch(epoch, metrics, encoding, neurons, settling)
         entry.raise_if_stopped()
+
+    @property
+    def trains_dictionary(self) -> bool:
+        return isinstance(self.model, LCA_CNN) and self.settings.model.dict_training != "pretrained"
+
+    def open_board(self) -> None:
+        """The TensorBoard log (inactive without ``--tensorboard``), carrying on after the
+        epochs done; a new LCA run logs its starting dictionary at step 0."""
+        run = self.settings.run
+        self.board = TrainingBoard(
+            self.run_dir, run.tensorboard, len(self.train_loader), self.epoch, run.log_every,
+            self.training.optimizer,
+        )  # fmt: skip
+        if isinstance(self.model, LCA_CNN) and self.epoch == 0:
+            self.board.dictionary(self.model.lca.get_weights(), 0)
+
+    def log_epoch(
+        self, epoch: int, metrics: dict, encoding, neurons: list[Tensor], settling: Figure
+    ) -> None:
+        """``epoch`` on the board: its metrics, the free states, the settling curves, the
+        dictionary when trained and the hyperparameters with the best test accuracy."""
+        board = self.board
+        if board is None or not board.active:
+            return
+        board.epoch(epoch, metrics)
+        code = encoding.code if isinstance(self.model, LCA_CNN) else None
+        board.free_states(neurons, code, epoch)
+        board.figure("settling", settling, epoch)
+        if self.trains_dictionary:
+            board.dictionary(self.model.lca.get_weights(), epoch)
+        board.hparams(self.settings.args(), self.best_test_acc, epoch)
+        board.flush()
 
     def checkpoint(self, epoch: int) -> dict:
         """Everything needed to carry on after ``epoch`` exactly (``records`` describes it)."""
@@ -344,6 +384,18 @@ class RunRecorder:
         if isinstance(self.model, LCA_CNN):
             fig = reconstructions_figure(self.model, self.probe[0])
             save_figure(fig, self.run_dir / "reconstructions.png")
+            if self.board is not None:
+                self.board.figure("lca/reconstructions", fig, self.epoch)
+
+    def on_batch(self, batch: int, accuracy: float, loss: float) -> None:
+        """The running means after a batch, for the board (``TrainingBoard.on_batch``)."""
+        if self.board is not None:
+            self.board.on_batch(batch, accuracy, loss)
+
+    def close_board(self) -> None:
+        """Flush and close the TensorBoard log (at the end, or on the way out of a stop)."""
+        if self.board is not None:
+            self.board.close()
 
 
 def start_recording(
@@ -368,6 +420,7 @@ def start_recording(
         recorder.resume_from(checkpoint, command, changed)
     else:
         recorder.start(command)
+    recorder.open_board()
     print(f"run folder: {run_dir}")
     return recorder
 
@@ -403,6 +456,7 @@ def train_run(
             start_epoch,
             recorder,
             **({} if sum_totals is None else {"sum_totals": sum_totals}),
+            on_batch=None if recorder is None else recorder.on_batch,
         )
         if recorder is not None:
             recorder.finish()
@@ -413,6 +467,9 @@ def train_run(
         return entry.exit_status_of(interrupt)
     except OSError as error:
         raise StorageError(storage_failure_message(error, recorder)) from error
+    finally:
+        if recorder is not None:
+            recorder.close_board()
     if recorder is not None:
         print(f"best test accuracy {recorder.best_test_acc:.4f}; results in {recorder.run_dir}")
     return 0

@@ -593,9 +593,12 @@ def train_epoch(
     device: torch.device | str = "cpu",
     description: str = "train",
     sum_totals: Callable[[dict[str, float]], dict[str, float]] = _own_totals,
+    on_batch: Callable[[int, float, float], None] | None = None,
 ) -> dict[str, float]:
-    """One pass over ``loader``; returns ``train_acc`` and the model's batch stats, all averaged
-    over every sample of the epoch. With a tolerance (``model.tol``) also, per phase kind,
+    """One pass over ``loader``; returns ``train_acc``, ``train_loss`` (the model's ``loss`` at
+    the free state) and the model's batch stats, all averaged over every sample of the epoch.
+    ``on_batch(b, accuracy, loss)``, when given, gets after batch ``b`` (from 1) this process's
+    running means so far. With a tolerance (``model.tol``) also, per phase kind,
     ``<phase>_steps`` (mean steps per phase) and ``<phase>_at_cap`` (fraction of phases that
     hit their cap without settling), shown in the progress bar as well (this process's phases
     only). Raises ``DivergenceError`` when states or weights blow up.
@@ -603,11 +606,11 @@ def train_epoch(
     ``sum_totals`` turns this process's sums (correct, seen, stats) into sums over every
     process of a data-parallel run (``distributed.sum_totals``); here they are all there is."""
     model.train()
-    correct, seen = 0, 0
+    correct, seen, loss_sum = 0, 0, 0.0
     stat_sums: dict[str, float] = {}
     phases: list[tuple[str, PhaseRecord]] = []
     progress = tqdm(loader, desc=description, leave=False, dynamic_ncols=True)
-    for x, y in progress:
+    for index, (x, y) in enumerate(progress, start=1):
         if model.safe_point is not None:
             model.safe_point()
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -615,7 +618,10 @@ def train_epoch(
         check_finite(model, free)
         batch = y.shape[0]
         correct += (model.predict(free) == y).sum().item()
+        loss_sum += summed_loss(model, free, y)
         seen += batch
+        if on_batch is not None:
+            on_batch(index, correct / max(seen, 1), loss_sum / max(seen, 1))
         for name, value in model.batch_stats(encoding).items() if batch else ():
             stat_sums[name] = stat_sums.get(name, 0.0) + value * batch
         postfix = {"acc": f"{correct / max(seen, 1):.3f}"}
@@ -624,9 +630,10 @@ def train_epoch(
                 f"{value:.0f}" for name, value in phase_stats(phases).items() if "steps" in name
             )
         progress.set_postfix(postfix)
-    totals = sum_totals({"correct": correct, "seen": seen, **stat_sums})
+    totals = sum_totals({"correct": correct, "seen": seen, "loss": loss_sum, **stat_sums})
     seen = totals.pop("seen")
     metrics = {"train_acc": totals.pop("correct") / max(seen, 1)}
+    metrics["train_loss"] = totals.pop("loss") / max(seen, 1)
     metrics.update({name: total / max(seen, 1) for name, total in totals.items()})
     if model.tol is not None:
         metrics.update(phase_stats(phases))
@@ -652,6 +659,11 @@ def settle(model: EnergyNet, x: Tensor, y: Tensor, T: int) -> tuple[Encoding, li
 
 
 @torch.no_grad()
+def summed_loss(model: EnergyNet, neurons: list[Tensor], y: Tensor) -> float:
+    """``sum_i loss(s_i, y_i)`` over the batch of the states ``neurons``, as a number."""
+    return model.loss(neurons, y).sum().item()
+
+
 def evaluate(
     model: EnergyNet,
     loader: Iterable,
@@ -662,15 +674,30 @@ def evaluate(
 ) -> float:
     """Accuracy of the free fixed point after ``T`` steps over ``loader`` (its counts summed
     over processes by ``sum_totals``, as in ``train_epoch``)."""
+    return evaluate_with_loss(model, loader, T, device, description, sum_totals)[0]
+
+
+@torch.no_grad()
+def evaluate_with_loss(
+    model: EnergyNet,
+    loader: Iterable,
+    T: int,
+    device: torch.device | str = "cpu",
+    description: str = "eval",
+    sum_totals: Callable[[dict[str, float]], dict[str, float]] = _own_totals,
+) -> tuple[float, float]:
+    """``evaluate``'s accuracy and the mean loss at the same free states."""
     model.eval()
-    correct, seen = 0, 0
+    correct, seen, loss_sum = 0, 0, 0.0
     for x, y in tqdm(loader, desc=description, leave=False, dynamic_ncols=True):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         free = settle(model, x, y, T)[1]
         correct += (model.predict(free) == y).sum().item()
+        loss_sum += summed_loss(model, free, y)
         seen += y.shape[0]
-    totals = sum_totals({"correct": correct, "seen": seen})
-    return totals["correct"] / max(totals["seen"], 1)
+    totals = sum_totals({"correct": correct, "seen": seen, "loss": loss_sum})
+    seen = max(totals["seen"], 1)
+    return totals["correct"] / seen, totals["loss"] / seen
 
 
 def train(
@@ -685,18 +712,23 @@ def train(
     start_epoch: int = 0,
     on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
     sum_totals: Callable[[dict[str, float]], dict[str, float]] = _own_totals,
+    on_batch: Callable[[int, float, float], None] | None = None,
 ) -> list[dict[str, float]]:
     """Train from ``start_epoch`` to ``epochs``; after each epoch evaluate on ``test_loader`` with
     T1 steps, add the model's ``epoch_stats``, step the scheduler and hand the metrics (``epoch``
-    counted from 1) to ``on_epoch_end`` (which saves checkpoints and logs). ``sum_totals``: see
-    ``train_epoch``."""
+    counted from 1) to ``on_epoch_end`` (which saves checkpoints and logs). ``sum_totals`` and
+    ``on_batch``: see ``train_epoch``; ``test_loss`` joins ``test_acc``."""
     history = []
     for epoch in range(start_epoch, epochs):
         started = time.time()
         lr = optimizer.param_groups[0]["lr"]
         description = f"epoch {epoch + 1}/{epochs}"
-        metrics = train_epoch(model, optimizer, train_loader, cfg, device, description, sum_totals)
-        metrics["test_acc"] = evaluate(model, test_loader, cfg.T1, device, "test", sum_totals)
+        metrics = train_epoch(
+            model, optimizer, train_loader, cfg, device, description, sum_totals, on_batch
+        )
+        metrics["test_acc"], metrics["test_loss"] = evaluate_with_loss(
+            model, test_loader, cfg.T1, device, "test", sum_totals
+        )
         metrics.update(model.epoch_stats())
         if scheduler is not None:
             scheduler.step()
@@ -737,6 +769,7 @@ __all__ = [
     "check_finite",
     "ep_phases",
     "evaluate",
+    "evaluate_with_loss",
     "gdu_check",
     "make_optimizer",
     "make_scheduler",
