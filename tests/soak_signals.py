@@ -12,7 +12,9 @@ drawn from [0, the uninterrupted run's wall time] (the startup imports included)
 exit, then runs the same command until it exits 0 and compares the result with the
 uninterrupted one: the final weights (``main_fast``, ``torchrun``) or ``dictionary.pt``
 (``cifar_dictlearning``) bit for bit, with ``results.csv`` or ``robustness.csv`` row by row
-without their seconds. A signal that lands after the run finished (exit 0) is counted apart.
+without their seconds. A signal that lands after the run finished (exit 0), or in the few
+milliseconds before Python runs the script's first line, which installs the handlers (killed by
+the signal: a shell's status 143), is counted apart.
 Under torchrun the signal goes, in turn, to torchrun itself (its own status is then 1, see
 docs/torchrun.md; rank 0 must have said that it saved ``interrupted.pt``) and to one of its
 ranks (every rank's status in torchrun's summary must be 143). Exit status: 0 when every
@@ -138,6 +140,10 @@ def judge_stop(target: Target, done: subprocess.CompletedProcess, aimed_at_launc
     """``ok``, ``finished`` (the run had ended) or what went wrong."""
     if done.returncode == 0:
         return "finished"
+    if done.returncode == -signal.SIGTERM and not done.stderr.strip():
+        # it arrived before Python ran the script's first line, so before its handlers: the
+        # default action killed it, which a shell (and a scheduler) reports as 143
+        return "killed before its handlers"
     if project_tracebacks(done.stderr):
         return "traceback"
     if target.name != "torchrun":
@@ -213,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         delay = rng.uniform(0.0, wall)
         verdict, matched, err = trial(target, work / f"trial_{i}", delay, rng, trained, expected)
         target.outcomes[verdict] = target.outcomes.get(verdict, 0) + 1
-        held = verdict in ("ok", "finished") and matched == "same"
+        held = verdict in ("ok", "finished", "killed before its handlers") and matched == "same"
         failures += not held
         print(f"trial {i:3d}: SIGTERM at {delay:5.2f} s: {verdict}, resumed result {matched}")
         if not held:
