@@ -153,7 +153,10 @@ def test_without_torchrun_every_hook_is_the_identity():
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
     tensors = [torch.ones(2)]
     assert not distributed.launched() and not distributed.active()
-    assert distributed.split_batches(loader, optimizer) is loader
+    batches = distributed.split_batches(loader, optimizer)  # the batches, with safe points
+    (x, y), (x0, y0) = list(batches)[0], loader[0]
+    assert len(list(batches)) == 1 and x.data_ptr() == x0.data_ptr() and y.equal(y0)
+    assert batches.fraction == 1.0 and not optimizer._optimizer_step_pre_hooks
     assert distributed.shard_evaluation(loader) is loader
     assert distributed.sum_over_ranks(tensors)[0] is tensors[0]
     assert distributed.sum_totals({"seen": 3}) == {"seen": 3}
