@@ -438,16 +438,21 @@ def saved_flags(
 
 
 def resume_flags(
-    checkpoint: dict, typed: Mapping[str, Any], explicit: set[str], n_synapses: int
+    checkpoint: dict,
+    typed: Mapping[str, Any],
+    explicit: set[str],
+    n_synapses: int,
+    finished: bool = True,
 ) -> tuple[dict, list[str]]:
     """The flags to resume ``checkpoint`` with (``saved_flags`` with ``RESUME_OVERRIDES``), and
     which of ``--lrs`` / ``--wds`` the command line changes: one value per synapse of the saved
     model (``n_synapses``; a vector-field model's backward weights take their forward
-    synapse's). UsageError when the run has its epochs already."""
+    synapse's). UsageError when the run has its epochs already and, ``finished``, its final
+    files (a run without them resumes to write them)."""
     flags = saved_flags(checkpoint["args"], typed, explicit, RESUME_OVERRIDES)
     check_positive(flags, ("epochs", "log_every"))
     done = checkpoint["epoch"]
-    if done >= flags["epochs"]:
+    if done > flags["epochs"] or (done == flags["epochs"] and finished):
         raise UsageError(
             f"{typed['load_path']} already has {done} epochs; pass --epochs N with N > {done} "
             f"to train further"

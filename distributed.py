@@ -416,7 +416,9 @@ class FailureBoard:
         try:
             while not cls.done.wait(WATCH_SECONDS):
                 failure = cls.read()
-                if failure is not None and failure[1] != rank() and not cls.stopping:
+                # rank 0 on its way out is saving interrupted.pt: it follows once that is done
+                held = cls.stopping and rank() == 0
+                if failure is not None and failure[1] != rank() and not held:
                     cls.follow(failure[0])
         except Exception:  # the store went away: torchrun is tearing the run down
             return
@@ -432,9 +434,32 @@ def _exit_now(status: int) -> None:
     os._exit(status)
 
 
+# what gloo and NCCL say when a peer has gone (killed) or stopped answering (--dist-timeout)
+LOST_PEER_SIGNS = (
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "Broken pipe",
+    "Timed out",
+    "timed out",
+    "Connection refused",
+    "NCCL communicator was aborted",
+)
+
+
+def lost_peer(error: BaseException) -> bool:
+    """Whether ``error`` is a collective or store call that lost another process of the run."""
+    if isinstance(error, (dist.DistBackendError, dist.DistNetworkError)):
+        return True
+    return isinstance(error, RuntimeError) and any(sign in str(error) for sign in LOST_PEER_SIGNS)
+
+
 def status_and_message(error: BaseException, statuses: entry.Statuses) -> tuple[int, str, bool]:
-    """Exit status, one-line message, and whether a traceback helps (an unforeseen error):
-    ``entry.failure``'s, else 1 and the error's first line."""
+    """Exit status, one-line message, and whether a traceback helps (an unforeseen error): a
+    lost process (``entry.EXIT_LOST``), ``entry.failure``'s, else 1 and the error's first
+    line."""
+    if lost_peer(error):
+        lost = "lost another process of the run (killed, or it stopped answering within "
+        return entry.EXIT_LOST, f"{lost}--dist-timeout): {first_line(error)}", False
     fix = "check the free space and permissions there (--results-dir, --data-dir)"
     known = entry.failure(error, statuses, fix)
     if known is None:

@@ -4,6 +4,7 @@
 table of exit statuses holds for each of them:
 
     0 done                     1 training diverged        2 bad input (``UsageError``)
+    69 under torchrun: another process of the run was lost (killed, or it stopped answering)
     74 a file could not be written or read (``OSError``, ``storage.StorageError``)
     75 another process writes the folder (``storage.FolderBusyError``)
     130 Ctrl-C                 143 SIGTERM, handled like Ctrl-C (``Terminated``)
@@ -40,6 +41,7 @@ from typing import Any
 EXIT_OK = 0
 EXIT_DIVERGED = 1  # training diverged to NaN/inf; the last good checkpoint is kept
 EXIT_USAGE = 2  # bad input: a flag, a missing or corrupt file; nothing was written
+EXIT_LOST = 69  # torchrun: a process of the run is gone (sysexits' EX_UNAVAILABLE)
 EXIT_STORAGE = 74  # a file could not be written or read (disk full, read-only, permissions)
 EXIT_BUSY = 75  # another live process writes the same folder; try again later
 EXIT_INTERRUPTED = 130  # Ctrl-C (SIGINT): what was saved is kept
@@ -71,6 +73,7 @@ class _Stops:
     signum: int | None = None
     count = 0
     raised = False
+    held = 0  # depth of the holding_stops blocks the work is in
     notes: list[Callable[[], None]] = []
 
 
@@ -103,23 +106,39 @@ def stop_requested() -> int | None:
 def raise_if_stopped() -> None:
     """A safe point: once a stop was requested, raise ``KeyboardInterrupt`` (SIGINT) or
     ``Terminated`` (SIGTERM) here, once; what saves on Ctrl-C then saves. Later safe points
-    pass, so that a save in progress is not cut short."""
-    if _Stops.signum is None or _Stops.raised:
+    pass, so that a save in progress is not cut short, and so do those within
+    :func:`holding_stops`."""
+    if _Stops.signum is None or _Stops.raised or _Stops.held:
         return
     _Stops.raised = True
     raise Terminated() if _Stops.signum == signal.SIGTERM else KeyboardInterrupt()
 
 
 def request_stop(signum: int) -> None:
-    """Record a stop request as if ``signum`` had arrived (another rank's, say)."""
+    """Record a stop request as if ``signum`` had arrived (another rank's, say), telling the
+    ``note_interrupts`` hooks; the count of signals is left alone."""
     if _Stops.signum is None:
         _Stops.signum = signum
+        for note in _Stops.notes:
+            note()
 
 
 def forget_stops() -> None:
     """Clear the recorded requests (a script run in-process ends; tests start afresh)."""
-    _Stops.signum, _Stops.count, _Stops.raised = None, 0, False
+    _Stops.signum, _Stops.count, _Stops.raised, _Stops.held = None, 0, False, 0
     _Stops.notes.clear()
+
+
+@contextlib.contextmanager
+def holding_stops() -> Iterator[None]:
+    """Within the block every safe point passes (the figures of a save settle the model, whose
+    phases have safe points): a stop requested meanwhile is honoured at the first safe point
+    after the block, so that a save is never cut short."""
+    _Stops.held += 1
+    try:
+        yield
+    finally:
+        _Stops.held = max(_Stops.held - 1, 0)
 
 
 @contextlib.contextmanager

@@ -316,7 +316,10 @@ def load_checkpoint(
     which of ``--lrs`` / ``--wds`` the command line changes (``config.resume_flags``)."""
     checkpoint = records.load_checkpoint(typed["load_path"])
     n_synapses = records.synapse_count(checkpoint)
-    flags, changed = config.resume_flags(checkpoint, typed, explicit, n_synapses)
+    model_config = checkpoint["model_config"]
+    model_name = str(model_config.get("model", "")) if isinstance(model_config, dict) else ""
+    finished = runs.is_finished(typed["load_path"], checkpoint["epoch"], model_name)
+    flags, changed = config.resume_flags(checkpoint, typed, explicit, n_synapses, finished)
     return config.settings(flags), checkpoint, changed
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import pickle
 import re
 import shlex
 import sys
@@ -133,6 +134,21 @@ def new_run_dir(settings: Settings) -> Path:
         settings.run.results_dir, model.task, settings.dynamics.alg, model.model,
         model.dict_training,
     )  # fmt: skip
+
+
+def is_finished(folder: str | Path, epoch: int, model_name: str) -> bool:
+    """Whether the run in ``folder`` wrote its final files after ``epoch``, its last one:
+    ``final_model.pt`` of that epoch and, with an LCA front end, ``reconstructions.png``. A
+    run stopped during its last epoch's saves or its final ones has all its epochs but not
+    these; resuming it writes them."""
+    final = Path(folder) / FINAL_MODEL
+    try:
+        record = torch.load(final, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, pickle.UnpicklingError, EOFError):
+        return False
+    if not isinstance(record, dict) or record.get("epoch") != epoch:
+        return False
+    return "LCA" not in model_name or (Path(folder) / "reconstructions.png").is_file()
 
 
 def is_unstarted(folder: str | Path) -> bool:
@@ -287,14 +303,23 @@ class RunRecorder:
         honoured before and after them, never in the middle."""
         entry.raise_if_stopped()
         check_finite(self.model)
-        row = csv_row(metrics)
-        self.history.append(row)
-        if row["test_acc"] > self.best_test_acc:
-            self.best_test_acc = row["test_acc"]
-            self.save_model(BEST_MODEL, epoch, row["test_acc"])
-        atomic_save(self.checkpoint(epoch), self.run_dir / CHECKPOINT)
-        self.epoch = epoch
-        append_results_row(self.run_dir, row)
+        with entry.holding_stops():
+            row = csv_row(metrics)
+            self.history.append(row)
+            if row["test_acc"] > self.best_test_acc:
+                self.best_test_acc = row["test_acc"]
+                self.save_model(BEST_MODEL, epoch, row["test_acc"])
+            atomic_save(self.checkpoint(epoch), self.run_dir / CHECKPOINT)
+            self.epoch = epoch
+            append_results_row(self.run_dir, row)
+            settled = self.draw_figures(epoch)
+            self.log_epoch(epoch, metrics, *settled)
+        entry.raise_if_stopped()
+
+    def draw_figures(self, epoch: int) -> tuple:
+        """The figures of the run after ``epoch``: its curves, the neural activity and the
+        settling of the probe batch, and the LCA dictionary when it is trained. Returns the
+        probe's encoding and free states and the settling figure (for the board)."""
         for filename, fig in data_utils.plot_metrics(self.history).items():
             save_figure(fig, self.run_dir / filename)
         dynamics = self.settings.dynamics
@@ -305,8 +330,7 @@ class RunRecorder:
         save_figure(settling, self.run_dir / "settling.png")
         if self.trains_dictionary:
             self.plot_dictionary(f"dictionary_epoch{epoch}.png", f"dictionary after epoch {epoch}")
-        self.log_epoch(epoch, metrics, encoding, neurons, settling)
-        entry.raise_if_stopped()
+        return encoding, neurons, settling
 
     @property
     def trains_dictionary(self) -> bool:
@@ -378,14 +402,16 @@ class RunRecorder:
         atomic_save(record, self.run_dir / filename)
 
     def finish(self) -> None:
-        """After the last epoch: ``final_model.pt`` and, with LCA, the reconstructions."""
+        """After the last epoch: ``final_model.pt`` and, with LCA, the reconstructions. The
+        work is done: a stop requested meanwhile lets them be written and the run ends."""
         test_acc = self.history[-1]["test_acc"] if self.history else None
-        self.save_model(FINAL_MODEL, self.epoch, test_acc)
-        if isinstance(self.model, LCA_CNN):
-            fig = reconstructions_figure(self.model, self.probe[0])
-            save_figure(fig, self.run_dir / "reconstructions.png")
-            if self.board is not None:
-                self.board.figure("lca/reconstructions", fig, self.epoch)
+        with entry.holding_stops():
+            self.save_model(FINAL_MODEL, self.epoch, test_acc)
+            if isinstance(self.model, LCA_CNN):
+                fig = reconstructions_figure(self.model, self.probe[0])
+                save_figure(fig, self.run_dir / "reconstructions.png")
+                if self.board is not None:
+                    self.board.figure("lca/reconstructions", fig, self.epoch)
 
     def on_batch(self, batch: int, accuracy: float, loss: float) -> None:
         """The running means after a batch, for the board (``TrainingBoard.on_batch``)."""
@@ -445,6 +471,10 @@ def train_run(
     (status 130 or 143) keeps what was saved and says how to carry on."""
     start_epoch, last_epoch = epochs
     try:
+        if recorder is not None and start_epoch == last_epoch:  # stopped in its final saves
+            print(f"notice: all {last_epoch} epochs are done; writing the final files")
+            with entry.holding_stops():
+                recorder.draw_figures(last_epoch)
         train(
             training.model,
             training.optimizer,

@@ -153,7 +153,10 @@ def test_without_torchrun_every_hook_is_the_identity():
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
     tensors = [torch.ones(2)]
     assert not distributed.launched() and not distributed.active()
-    assert distributed.split_batches(loader, optimizer) is loader
+    batches = distributed.split_batches(loader, optimizer)  # the batches, with safe points
+    (x, y), (x0, y0) = list(batches)[0], loader[0]
+    assert len(list(batches)) == 1 and x.data_ptr() == x0.data_ptr() and y.equal(y0)
+    assert batches.fraction == 1.0 and not optimizer._optimizer_step_pre_hooks
     assert distributed.shard_evaluation(loader) is loader
     assert distributed.sum_over_ranks(tensors)[0] is tensors[0]
     assert distributed.sum_totals({"seen": 3}) == {"seen": 3}
@@ -241,14 +244,14 @@ def test_two_processes_learn_and_finetune_the_dictionary_like_one(tmp_path):
 
 @pytest.mark.parametrize(
     ("fault", "batch", "status"),
-    [("raise", 30, "1"), ("interrupt", 30, "130"), ("hang", 10, "1")],
-    ids=["raise", "interrupt", "hang"],
+    [("raise", 30, "1"), ("interrupt", 30, "130"), ("hang", 10, "69"), ("kill", 30, "69")],
+    ids=["raise", "interrupt", "hang", "kill"],
 )
 def test_a_failing_rank_stops_every_rank(fault, batch, status, tmp_path):
-    """Rank 1 raises or is interrupted in the second epoch (23 batches an epoch), or stops
-    answering in the first: every rank stops with one message and the same non-zero status,
-    within the timeout; only rank 0 wrote files, and the checkpoint of the last finished epoch
-    stays."""
+    """Rank 1 raises, is interrupted or is killed (SIGKILL) in the second epoch (23 batches an
+    epoch), or stops answering in the first: every rank stops with one message and the same
+    non-zero status (a lost process: 69; the killed one's own is -9), within the timeout; only
+    rank 0 wrote files, and the checkpoint of the last finished epoch stays."""
     argv = DIGITS_CNN + ["--epochs", "3", "--results-dir", str(tmp_path / "results"),
                          "--dist-timeout", "10"]  # fmt: skip
     env = {"FAULT": fault, "FAULT_RANK": "1", "FAULT_BATCH": str(batch)}
@@ -261,10 +264,11 @@ def test_a_failing_rank_stops_every_rank(fault, batch, status, tmp_path):
         assert (failed_rank, message) == ("1", "RuntimeError: injected failure")
     elif fault == "interrupt":
         assert (failed_rank, message) == ("1", "interrupted")
-    else:  # rank 0 waited for the silent rank 1 until --dist-timeout
-        assert failed_rank == "0" and "Timed out" in message
+    else:  # rank 0 lost rank 1: it waited for the silent one until --dist-timeout
+        assert failed_rank == "0" and message.startswith("lost another process of the run")
+        assert ("Timed out" if fault == "hang" else "Connection closed by peer") in message
     statuses = re.findall(r"exitcode\s*: (-?\d+)", done.stderr)
-    assert statuses and set(statuses) == {status}, statuses
+    assert statuses and set(statuses) == {status, *(["-9"] if fault == "kill" else [])}, statuses
     run_dir = only_run_dir(tmp_path / "results")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results"]
     epochs_done = (batch - 1) // 23
@@ -273,6 +277,42 @@ def test_a_failing_rank_stops_every_rank(fault, batch, status, tmp_path):
         assert checkpoint["epoch"] == epochs_done and len(read_rows(run_dir)) == epochs_done
     else:
         assert not (run_dir / "checkpoint.pt").exists() and not (run_dir / "results.csv").exists()
+
+
+def project_frames(stderr: str) -> list[str]:
+    """The files of this project named in the tracebacks of ``stderr`` (torchrun's own, of
+    its launcher, name only torch's and Python's)."""
+    return [name for name in re.findall(r'File "(.*?)"', stderr) if name.startswith(str(ROOT))]
+
+
+@pytest.mark.parametrize(
+    ("fault", "fault_rank", "moment", "in_save"),
+    [("sigterm-launcher", "1", "30", ""), ("sigterm", "1", "30", ""), ("sigterm", "0", "2", "1")],
+    ids=["to torchrun", "to rank 1", "to rank 0 in its saves"],
+)
+def test_sigterm_under_torchrun_saves_rank_0s_weights_and_every_rank_exits_143(
+    fault, fault_rank, moment, in_save, tmp_path, capsys
+):
+    """SIGTERM to torchrun or to rank 1 in the second epoch (batch 30), or to rank 0 while it
+    draws the first epoch's second figure: rank 0 saves interrupted.pt with epoch 1, every rank
+    exits 143 without a traceback, and the run resumes (here with one process)."""
+    argv = DIGITS_CNN + ["--epochs", "3", "--results-dir", str(tmp_path / "results"),
+                         "--dist-timeout", "60"]  # fmt: skip
+    env = {"FAULT": fault, "FAULT_RANK": fault_rank, "FAULT_BATCH": moment,
+           "FAULT_IN_SAVE": in_save}  # fmt: skip
+    done = torchrun(2, argv, tmp_path, script=ROOT / "tests" / "torchrun_fault.py", env=env)
+    assert done.returncode == 1, done.stderr[-3000:]  # torchrun's own (docs/torchrun.md)
+    assert "terminated (SIGTERM); current weights saved to" in done.stderr, done.stderr[-3000:]
+    assert project_frames(done.stderr) == [] and "Exception ignored" not in done.stderr
+    if fault != "sigterm-launcher":  # stopped by a signal of its own, torchrun lists none
+        statuses = re.findall(r"^\s*exitcode\s*: (-?\d+)", done.stderr, re.MULTILINE)
+        assert statuses == ["143", "143"], done.stderr[-1500:]  # the summary's, one a rank
+    run_dir = only_run_dir(tmp_path / "results")
+    assert torch.load(run_dir / "interrupted.pt", weights_only=True)["epoch"] == 1
+    assert torch.load(run_dir / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    if fault == "sigterm-launcher":
+        assert main_fast.main(["--load-path", str(run_dir), "--epochs", "3"]) == 0
+        assert [row["epoch"] for row in read_rows(run_dir)] == ["1", "2", "3"]
 
 
 @pytest.mark.parametrize(

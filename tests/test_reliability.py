@@ -10,6 +10,7 @@ import io
 import math
 import os
 import pickle
+import re
 import shutil
 import signal
 import socket
@@ -19,12 +20,14 @@ import tarfile
 import time
 from pathlib import Path
 
+import matplotlib.image
 import numpy as np
 import pytest
 import torch
 import torchvision.datasets.cifar as tv_cifar
 from fake_datasets import write_fake_cifar10
-from helpers import DIGITS_CNN, LCACNN, fail_in_epoch, run_dir_of, run_failing
+from helpers import DIGITS_CNN, LCACNN, fail_in_epoch, read_csv, run_dir_of, run_failing
+from matplotlib.figure import Figure
 
 import cifar_dictlearning
 import data_loading
@@ -174,24 +177,194 @@ def test_sigterm_stops_dictionary_learning_keeping_the_last_dictionary(tmp_path)
     assert torch.isfinite(weights).all()
 
 
-def catches_sigterm(pid: int) -> bool:
-    """Whether process ``pid`` has a SIGTERM handler (Linux: the SigCgt mask of /proc)."""
-    status = Path(f"/proc/{pid}/status").read_text()
-    caught = next(line for line in status.splitlines() if line.startswith("SigCgt:"))
-    return bool(int(caught.split()[1], 16) & (1 << (signal.SIGTERM - 1)))
+# A script whose import of module argv[1] sends the signal argv[2] to itself, then runs
+# main_fast.py with argv[3:] as the command line: a signal while the libraries load.
+SIGNAL_ON_IMPORT = """
+import os, runpy, signal, sys
+module, signame, sys.argv = sys.argv[1], sys.argv[2], ["main_fast.py", *sys.argv[3:]]
+class SignalOnImport:
+    def find_spec(self, name, path=None, target=None):
+        if name == module:
+            sys.meta_path.remove(self)
+            os.kill(os.getpid(), getattr(signal, signame))
+        return None
+sys.meta_path.insert(0, SignalOnImport())
+runpy.run_path("main_fast.py", run_name="__main__")
+"""
 
 
-@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux's /proc")
-def test_ctrl_c_while_the_libraries_load_exits_130_without_traceback():
-    child = start(["main_fast.py", *DIGITS_CNN])
+@pytest.mark.parametrize(
+    ("module", "signame", "status", "said"),
+    [("torch", "SIGTERM", 143, "terminated (SIGTERM)"), ("matplotlib", "SIGTERM", 143,
+     "terminated (SIGTERM)"), ("torch", "SIGINT", 130, "interrupted")],
+)  # fmt: skip
+def test_a_signal_while_the_libraries_load_stops_quietly(module, signame, status, said, tmp_path):
+    argv = [*DIGITS_CNN, "--save", "--results-dir", str(tmp_path)]
+    done = subprocess.run(
+        [sys.executable, "-c", SIGNAL_ON_IMPORT, module, signame, *argv], cwd=ROOT,
+        capture_output=True, text=True, timeout=WAIT,
+    )  # fmt: skip
+    assert done.returncode == status and done.stderr.strip() == said, done.stderr
+    assert list(tmp_path.iterdir()) == [], "it stopped before any work"
+
+
+# ----------------------------------------------- 2b. a stop at every kind of safe point, in-process
+
+TWO_EPOCHS = [*DIGITS_CNN, "--epochs", "2", "--save"]  # two batches (720 + 717 images) an epoch
+
+
+def stop_at_call(monkeypatch, k: int, record: list[str] | None = None) -> None:
+    """Request a stop (as SIGTERM's handler does) at the ``k``-th safe point from now on; with
+    ``record``, append the name of the function of every safe point to it."""
+    real = entry.raise_if_stopped
+    calls = []
+
+    def safe_point() -> None:
+        calls.append(1)
+        if record is not None:
+            record.append(sys._getframe(1).f_code.co_name)
+        if len(calls) == k:
+            entry.request_stop(signal.SIGTERM)
+        real()
+
+    monkeypatch.setattr(entry, "raise_if_stopped", safe_point)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> tuple[Path, list[str]]:
+    """The run folder of TWO_EPOCHS, never stopped, and the function of every safe point it
+    passed, in order."""
+    run_dir = tmp_path_factory.mktemp("uninterrupted") / "job"
+    sites: list[str] = []
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        stop_at_call(monkeypatch, 0, sites)
+        assert main_fast.main([*TWO_EPOCHS, "--load-path", str(run_dir)]) == 0
+    return run_dir, sites
+
+
+def without_seconds(run_dir: Path) -> list[dict]:
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in read_csv(run_dir)]
+
+
+def assert_same_weights_and_rows(run_dir: Path, reference: Path) -> None:
+    """final_model.pt's tensors equal bit for bit, results.csv equal but for the seconds."""
+    state = torch.load(run_dir / "final_model.pt", weights_only=True)["model_state"]
+    expected = torch.load(reference / "final_model.pt", weights_only=True)["model_state"]
+    assert state.keys() == expected.keys()
+    assert all(torch.equal(state[name], value) for name, value in expected.items())
+    assert without_seconds(run_dir) == without_seconds(reference)
+
+
+# (function of the safe point, which of its passes): every kind the training run has
+MOMENTS = {
+    "first": ("with_signals", 1),
+    "between phase steps": ("run_phase", 3),
+    "at a batch boundary": ("stop_agreed", 2),
+    "before a batch": ("train_epoch", 3),
+    "before the epoch's saves": ("__call__", 1),
+    "after the epoch's saves": ("__call__", 2),
+    "before the last epoch's saves": ("__call__", 3),
+    "after the last epoch's saves": ("__call__", 4),
+}
+
+
+@pytest.mark.parametrize("moment", list(MOMENTS))
+def test_a_stop_at_any_safe_point_saves_and_the_same_command_resumes_bit_for_bit(
+    moment, uninterrupted, tmp_path, monkeypatch, capsys
+):
+    reference, sites = uninterrupted
+    name, nth = MOMENTS[moment]
+    k = [i for i, site in enumerate(sites, 1) if site == name][nth - 1]
+    argv = [*TWO_EPOCHS, "--load-path", str(tmp_path / "job")]
+    stop_at_call(monkeypatch, k)
+    assert main_fast.main(argv) == 143
+    err = capsys.readouterr().err
+    assert "terminated (SIGTERM)" in err and "Traceback" not in err
+    if (tmp_path / "job" / "hyperparameters.txt").exists():  # the run had started
+        saved = torch.load(tmp_path / "job" / "interrupted.pt", weights_only=True)
+        # the recorder passes two safe points an epoch, before and after its saves
+        assert saved["epoch"] == sites[:k].count("__call__") // 2
+    monkeypatch.undo()
+    assert main_fast.main(argv) == 0  # the same command, requeued
+    out = capsys.readouterr().out
+    assert ("all 2 epochs are done; writing the final files" in out) == (nth == 4)
+    assert_same_weights_and_rows(tmp_path / "job", reference)
+
+
+@pytest.mark.parametrize("signals", [1, 2], ids=["one signal", "two signals"])
+@pytest.mark.parametrize("writer", ["savefig", "torch.save"])
+def test_sigterm_while_a_file_is_written_lets_the_write_finish(
+    writer, signals, uninterrupted, tmp_path, monkeypatch, capsys
+):
+    """Real SIGTERMs to this process from inside matplotlib's or torch's writer (the first
+    write of the epoch-end saves): the file is written whole, the run stops after its saves
+    with 143 and resumes to the uninterrupted result."""
+    owner, attribute = (Figure, "savefig") if writer == "savefig" else (torch, "save")
+    real, calls = getattr(owner, attribute), []
+
+    def signalled_write(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            for _ in range(signals):
+                os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, attribute, signalled_write)
+    argv = [*TWO_EPOCHS, "--load-path", str(tmp_path / "job")]
+    assert main_fast.main(argv) == 143
+    assert "terminated (SIGTERM); current weights saved" in capsys.readouterr().err
+    run_dir = tmp_path / "job"
+    assert torch.load(run_dir / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    for png in run_dir.glob("*.png"):  # every figure whole
+        assert matplotlib.image.imread(png).ndim == 3, png
+    monkeypatch.undo()
+    assert main_fast.main(argv) == 0
+    assert_same_weights_and_rows(run_dir, reference=uninterrupted[0])
+
+
+THIRD_SIGNAL = """
+import os, runpy, signal, sys
+from matplotlib.figure import Figure
+def three_signals(*args, **kwargs):
+    for _ in range(3):
+        os.kill(os.getpid(), signal.SIGTERM)
+Figure.savefig = three_signals
+sys.argv = ["main_fast.py", *sys.argv[1:]]
+runpy.run_path("main_fast.py", run_name="__main__")
+"""
+
+
+def test_a_third_sigterm_ends_the_process_at_once(tmp_path):
+    argv = [*TWO_EPOCHS, "--load-path", str(tmp_path / "job")]
+    done = subprocess.run(
+        [sys.executable, "-c", THIRD_SIGNAL, *argv], cwd=ROOT, capture_output=True, text=True,
+        timeout=WAIT,
+    )  # fmt: skip
+    assert done.returncode == 143 and "Traceback" not in done.stderr, done.stderr
+    assert "terminated" not in done.stderr, "it ended at once, without the interrupt's saves"
+    assert not (tmp_path / "job" / "interrupted.pt").exists()
+
+
+def test_sigint_mid_training_exits_130_and_saves(tmp_path):
+    argv = DIGITS_CNN + ["--epochs", "100000", "--save", "--results-dir", str(tmp_path)]
+    child = start(["main_fast.py", *argv])
     try:
-        # main_fast.py's first lines catch SIGTERM, then it imports torch for seconds
-        wait_for(lambda: child.poll() is not None or catches_sigterm(child.pid), "the script")
+        wait_for(lambda: list(tmp_path.rglob("checkpoint.pt")), "the first checkpoint")
         child.send_signal(signal.SIGINT)
         _, err = child.communicate(timeout=WAIT)
     finally:
         child.kill()
-    assert child.returncode == 130 and err == "", err  # quiet: it stopped while loading
+    assert child.returncode == 130 and "Traceback" not in err, err
+    assert "interrupted; current weights saved to" in err
+    assert (run_dir_of(tmp_path) / "interrupted.pt").is_file()
+
+
+def test_the_exit_status_table_names_every_status_of_the_scripts():
+    table = (ROOT / "docs" / "runs.md").read_text().split("## Exit statuses")[1]
+    listed = {int(n) for row in re.findall(r"^\| ([\d /]+) \|", table, re.MULTILINE)
+              for n in row.split("/")}  # fmt: skip
+    constants = {value for name, value in vars(entry).items() if name.startswith("EXIT_")}
+    assert listed == constants
 
 
 def test_one_command_line_starts_and_after_a_preemption_resumes(tmp_path, monkeypatch, capsys):
