@@ -22,11 +22,21 @@ images drawn with ``--seed`` it measures:
   ``--queries`` iterations.
 
 A white-box attack that leaves a higher accuracy than the Square attack at the same norm and
-epsilon points to gradient masking: those cases are flagged. Written to the run folder:
-``robustness.csv`` (attack, norm, epsilon, severity, gradient, accuracy, samples, seconds),
-``robustness.png`` and a summary appended to ``hyperparameters.txt``. Exit statuses and
-one-line errors are those of ``entry.py`` (2 bad input, 74 a file could not be written or
-read, 130 / 143 Ctrl-C / SIGTERM: the rows measured so far stay in ``robustness.csv``).
+epsilon points to gradient masking: those cases are flagged. Everything is measured at each T1
+of ``--T1`` (default: the run's own).
+
+Written to the run folder, under a lock of its own (``.robustness.lock``, beside a training
+run's ``.lock``, whose half-written files it leaves alone), and never into a training run's
+files: ``robustness.csv``, one row per measurement (attack, norm, epsilon, severity, gradient,
+accuracy, samples, seconds, then T1 and every setting the result depends on: T2, beta, steps,
+queries, restarts, batch size, seed, the sample set, and a hash of the model's weights; ``-``
+where a setting does not apply), rewritten atomically after each row; ``robustness.png``; and
+``robustness.txt``, the summary. Re-running a command reuses every row whose key matches
+and computes the rest (``--fresh``: all); CSVs of 8 columns, written before the settings were
+recorded, are read and kept, and match no new row. Exit statuses and one-line errors are those
+of ``entry.py`` (2 bad input, checked before anything is written; 74 the run folder cannot be
+written, checked before any attack; 75 another evaluation holds the folder; 130 / 143 Ctrl-C
+/ SIGTERM: the finished rows stay, and the command that continues is printed).
 """
 
 from __future__ import annotations
@@ -38,6 +48,8 @@ if __name__ == "__main__":  # Ctrl-C or SIGTERM while the libraries load: no tra
 
 import argparse
 import functools
+import hashlib
+import shlex
 import sys
 import time
 import warnings
@@ -53,7 +65,6 @@ from tqdm.auto import tqdm
 import data_loading
 import data_utils
 import records
-import runs
 import storage
 from distributed import resolve_device
 from entry import UsageError
@@ -62,16 +73,18 @@ from utils_ep_fast import EnergyNet, settle
 
 ROBUSTNESS_CSV = "robustness.csv"
 ROBUSTNESS_PNG = "robustness.png"
-CSV_COLUMNS = (
-    "attack",
-    "norm",
-    "epsilon",
-    "severity",
-    "gradient",
-    "accuracy",
-    "samples",
-    "seconds",
-)
+ROBUSTNESS_TXT = "robustness.txt"
+# beside a training run's .lock, whose holder must keep its half-written .tmp files
+LOCK_FILE = ".robustness.lock"
+# the columns of the CSVs written before the settings were recorded
+RESULT_COLUMNS = ("attack", "norm", "epsilon", "severity", "gradient", "accuracy", "samples",
+                  "seconds")  # fmt: skip
+# the settings a result depends on ("-" where one does not apply: the queries of PGD, ...)
+SETTING_COLUMNS = ("T2", "beta", "steps", "queries", "restarts", "batch_size", "seed",
+                   "sample_set", "model")  # fmt: skip
+CSV_COLUMNS = (*RESULT_COLUMNS, "T1", *SETTING_COLUMNS)
+KEY_COLUMNS = ("attack", "norm", "epsilon", "severity", "gradient", "T1", *SETTING_COLUMNS)
+NOT_APPLICABLE = "-"
 ATTACKS = ("corruptions", "pgd-linf", "pgd-l2", "apgd-linf", "apgd-l2", "square-linf", "square-l2")
 GRADIENTS = ("bptt", "ep")
 # The 15 corruptions of CIFAR-10-C, then its 4 extra ones.
@@ -89,11 +102,12 @@ KEPT_NOTE = "; robustness.csv keeps the rows measured so far"
 @dataclass(frozen=True)
 class AttackBudget:
     """What an attack may spend: ``batch_size`` images at a time, ``steps`` iterations of PGD
-    and APGD, ``queries`` iterations of the Square attack."""
+    and APGD, ``queries`` iterations of the Square attack, ``restarts`` random starts of each."""
 
     batch_size: int
     steps: int
     queries: int
+    restarts: int = 1
 
 
 # --------------------------------------------------------------------------------------------
@@ -248,14 +262,14 @@ def make_attack(name: str, classifier, eps: float, budget: AttackBudget):
     if kind == "pgd":
         return ProjectedGradientDescent(
             classifier, eps_step=max(2.5 * eps / budget.steps, tiny), max_iter=budget.steps,
-            num_random_init=1, **common,
+            num_random_init=budget.restarts, **common,
         )  # fmt: skip
     if kind == "apgd":
         return AutoProjectedGradientDescent(
-            classifier, eps_step=max(2.0 * eps, tiny), max_iter=budget.steps, nb_random_init=1,
-            loss_type=None, **common,
+            classifier, eps_step=max(2.0 * eps, tiny), max_iter=budget.steps,
+            nb_random_init=budget.restarts, loss_type=None, **common,
         )  # fmt: skip
-    return SquareAttack(classifier, max_iter=budget.queries, nb_restarts=1, **common)
+    return SquareAttack(classifier, max_iter=budget.queries, nb_restarts=budget.restarts, **common)
 
 
 def attack_images(
@@ -366,10 +380,14 @@ FLAGS: tuple[tuple[str, dict], ...] = (
     ("--queries", {"type": int, "default": 300, "help": "iterations of the Square attack"}),
     ("--corruptions", {"nargs": "+", "default": list(CORRUPTIONS), "help": "their names"}),
     ("--severities", {"type": int, "nargs": "+", "default": list(SEVERITIES), "help": "1-5"}),
-    ("--T1", {"type": int, "default": None, "help": "free-phase steps; default: the run's"}),
+    ("--restarts", {"type": int, "default": 1, "help": "random starts of every attack"}),
+    ("--T1", {"type": int, "nargs": "+", "default": None,
+              "help": "free-phase steps, one or several (each evaluated); default: the run's"}),
     ("--T2", {"type": int, "default": None, "help": "EP nudged-phase steps; default: the run's"}),
     ("--beta", {"type": float, "default": 0.01, "help": "nudging of the EP input gradient"}),
     ("--grad-chunk", {"type": int, "default": 16, "help": "images per backpropagated chunk"}),
+    ("--fresh", {"action": "store_true",
+                 "help": "recompute every row, even those robustness.csv already has"}),
 )  # fmt: skip
 
 
@@ -386,20 +404,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_args(args: argparse.Namespace) -> None:
     """UsageError for any setting that cannot run, before anything is read or written."""
-    for name in ("n_samples", "mbs", "steps", "queries", "grad_chunk"):
+    for name in ("n_samples", "mbs", "steps", "queries", "restarts", "grad_chunk"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
-    for name in ("T1", "T2"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise UsageError(f"--{name} must be at least 1")
+    for T in [*(args.T1 or []), args.T2]:
+        if T is not None and T < 1:
+            raise UsageError(f"--{'T1' if T in (args.T1 or []) else 'T2'} must be at least 1")
+    if args.T1 is not None and len(set(args.T1)) != len(args.T1):
+        raise UsageError("--T1 lists a value twice: give each number of steps once")
     _check_names("--attacks", args.attacks, ATTACKS)
     _check_names("--gradients", args.gradients, GRADIENTS)
     _check_names("--corruptions", args.corruptions, CORRUPTIONS)
     _check_names("--severities", args.severities, SEVERITIES)
     for flag, values in (("--eps", args.eps), ("--eps-l2", args.eps_l2)):
-        bad = [value for value in values if not value >= 0.0]
+        bad = [value for value in values if not (0.0 <= value < float("inf"))]
         if bad:
-            raise UsageError(f"{flag} takes epsilons >= 0, got {bad[0]}")
+            raise UsageError(f"{flag} takes finite epsilons >= 0, got {bad[0]}")
     if max(args.eps) > 1.0:
         raise UsageError(f"--eps {max(args.eps)} exceeds the pixel range [0, 1]")
     if not args.beta > 0.0:
@@ -435,51 +455,162 @@ def sample_test_pixels(
     return indices, pixels.clamp(0.0, 1.0), labels, n_test
 
 
-def plan_jobs(args: argparse.Namespace) -> list[tuple]:
-    """Every measurement asked for, in order: ``("corruption", name, severity)`` and
-    ``(attack, norm, eps, gradient)``."""
-    jobs: list[tuple] = []
-    if "corruptions" in args.attacks:
-        jobs += [("corruption", n, s) for n in args.corruptions for s in sorted(args.severities)]
-    for attack in args.attacks:
-        if attack == "corruptions":
-            continue
-        norm = attack.split("-")[1]
-        epsilons = args.eps if norm == "linf" else args.eps_l2
-        gradients = ["none"] if attack.startswith("square") else args.gradients
-        jobs += [(attack, norm, eps, g) for eps in epsilons for g in gradients]
+@dataclass(frozen=True)
+class Job:
+    """One measurement, one row of ``robustness.csv``: the clean accuracy, a corruption at a
+    severity, the corruptions' mean, or an attack at a norm and epsilon with an input gradient
+    (``none`` for Square), all at ``T1`` free steps."""
+
+    attack: str
+    norm: str
+    epsilon: float
+    severity: int
+    gradient: str
+    T1: int
+
+    @property
+    def kind(self) -> str:
+        """``clean``, ``corruption``, ``mean``, ``white-box`` or ``black-box``."""
+        if self.attack in ("clean", "corruption_mean"):
+            return "clean" if self.attack == "clean" else "mean"
+        if self.norm == "none":
+            return "corruption"
+        return "black-box" if self.gradient == "none" else "white-box"
+
+
+def plan_jobs(args: argparse.Namespace, T1_values: Sequence[int]) -> list[Job]:
+    """Every measurement asked for, in order, at each T1: the clean accuracy, the corruptions
+    (then their mean), then every attack at every epsilon and input gradient."""
+    jobs: list[Job] = []
+    for T1 in T1_values:
+        jobs.append(Job("clean", "none", 0.0, 0, "none", T1))
+        if "corruptions" in args.attacks:
+            severities = sorted(args.severities)
+            jobs += [Job(name, "none", 0.0, s, "none", T1)
+                     for name in args.corruptions for s in severities]  # fmt: skip
+            jobs.append(Job("corruption_mean", "none", 0.0, 0, "none", T1))
+        for attack in args.attacks:
+            if attack == "corruptions":
+                continue
+            norm = attack.split("-")[1]
+            epsilons = args.eps if norm == "linf" else args.eps_l2
+            gradients = ["none"] if attack.startswith("square") else args.gradients
+            jobs += [Job(attack, norm, eps, 0, g, T1) for eps in epsilons for g in gradients]
     return jobs
+
+
+def settings_of(job: Job, evaluation: dict) -> dict:
+    """The settings that change ``job``'s result, by CSV column; the others are ``-``. Always
+    the batch size, seed, sample set and model; the steps and restarts of a white-box attack
+    (with T2 and beta for the EP gradient); the queries and restarts of Square."""
+    relevant = {"batch_size", "seed", "sample_set", "model"}
+    if job.kind == "white-box":
+        relevant |= {"steps", "restarts"} | ({"T2", "beta"} if job.gradient == "ep" else set())
+    elif job.kind == "black-box":
+        relevant |= {"queries", "restarts"}
+    return {
+        column: evaluation[column] if column in relevant else NOT_APPLICABLE
+        for column in SETTING_COLUMNS
+    }
+
+
+def _cell(value) -> str:
+    """A CSV cell as it compares: numbers by value (``10`` and ``10.0`` alike), text as is."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return repr(float(value))
+    return str(value)
+
+
+def row_key(row: dict) -> tuple[str, ...]:
+    """What identifies a row's result: its measurement and every setting that changes it. A
+    row of an older CSV lacks the settings (empty cells): its key matches no new row."""
+    return tuple(_cell(row.get(column, "")) for column in KEY_COLUMNS)
+
+
+def job_row(job: Job, evaluation: dict, accuracy: float, samples: int, seconds: float) -> dict:
+    """The CSV row of ``job``'s result."""
+    measured = {"attack": job.attack, "norm": job.norm, "epsilon": job.epsilon,
+                "severity": job.severity, "gradient": job.gradient, "accuracy": accuracy,
+                "samples": samples, "seconds": seconds, "T1": job.T1}  # fmt: skip
+    row = {**measured, **settings_of(job, evaluation)}
+    # numbers as floats, as they read back: a reused row and a new one are written alike
+    return {k: float(v) if isinstance(v, int) else v for k, v in row.items()}
+
+
+class ResultsFile:
+    """``robustness.csv``: the rows of every evaluation of the run, rewritten whole and
+    atomically after each new row, so a reader (or a kill) sees complete rows only. A new
+    row replaces the stored row with the same key. Rows of an older CSV (8 columns) are kept
+    with empty settings."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.rows = storage.read_csv_rows(path) if path.is_file() else []
+        self.by_key = {row_key(row): i for i, row in enumerate(self.rows)}
+
+    def find(self, row: dict) -> dict | None:
+        """The stored row with ``row``'s key, or None."""
+        index = self.by_key.get(row_key(row))
+        return None if index is None else self.rows[index]
+
+    def put(self, row: dict) -> None:
+        """Store ``row`` (replacing its key's row) and write the file."""
+        key = row_key(row)
+        if key in self.by_key:
+            self.rows[self.by_key[key]] = row
+        else:
+            self.by_key[key] = len(self.rows)
+            self.rows.append(row)
+        storage.write_csv_rows(self.path, self.rows, CSV_COLUMNS)
+
+
+def weights_hash(model: nn.Module) -> str:
+    """``sha256:`` and 16 hex digits of the model's parameters and buffers (names, dtypes,
+    shapes and values), so a rewritten ``model.pt`` is told apart from the one evaluated."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return f"sha256:{digest.hexdigest()[:16]}"
+
+
+def sample_set_id(task: str, indices: Tensor, n_test: int) -> str:
+    """``<task>:<count>/<test size>:<hash of the indices>``, the test images evaluated."""
+    digest = hashlib.sha256(indices.numpy().astype(np.int64).tobytes()).hexdigest()[:12]
+    return f"{task}:{len(indices)}/{n_test}:{digest}"
 
 
 def masking_flags(rows: list[dict]) -> list[str]:
     """Cases of suspected gradient masking: a white-box attack that leaves a higher accuracy
-    than the Square attack at the same norm and epsilon."""
+    than the Square attack at the same norm, epsilon and T1."""
     square = {
-        (row["norm"], row["epsilon"]): row["accuracy"]
+        (row["norm"], row["epsilon"], row.get("T1")): row["accuracy"]
         for row in rows
         if row["attack"].startswith("square")
     }
     flags = []
     for row in rows:
-        black_box = square.get((row["norm"], row["epsilon"]))
+        black_box = square.get((row["norm"], row["epsilon"], row.get("T1")))
         if row["gradient"] in GRADIENTS and black_box is not None:
             if row["accuracy"] > black_box:
+                at_T1 = f" T1 {row['T1']:g}" if "T1" in row else ""
                 flags.append(
-                    f"{row['attack']} ({row['gradient']}) at eps {row['epsilon']:g}: "
+                    f"{row['attack']} ({row['gradient']}) at eps {row['epsilon']:g}{at_T1}: "
                     f"{row['accuracy']:.3f} > square {black_box:.3f}"
                 )
     return flags
 
 
 def summary_lines(rows: list[dict], flags: list[str], header: str) -> list[str]:
-    """The summary printed and appended to hyperparameters.txt."""
+    """The summary printed and written to robustness.txt."""
     lines = [header]
     for row in rows:
+        at_T1 = f"T1 {row['T1']:g} " if "T1" in row else ""
         if row["attack"] == "clean" or row["attack"] == "corruption_mean":
-            lines.append(f"  {row['attack']}: {row['accuracy']:.4f}")
+            lines.append(f"  {at_T1}{row['attack']}: {row['accuracy']:.4f}")
         elif row["norm"] != "none":
             lines.append(
-                f"  {row['attack']} eps {row['epsilon']:g} {row['gradient']}: "
+                f"  {at_T1}{row['attack']} eps {row['epsilon']:g} {row['gradient']}: "
                 f"{row['accuracy']:.4f} ({row['seconds']:.1f} s)"
             )
     if flags:
@@ -488,22 +619,83 @@ def summary_lines(rows: list[dict], flags: list[str], header: str) -> list[str]:
     return lines
 
 
-def run(args: argparse.Namespace) -> list[dict]:
-    """Evaluate the run of ``--load-path``; write its files; return the CSV rows."""
+class Measurer:
+    """Measures a job's accuracy: the clean images, a corruption (read or generated), or an
+    attack through an ART classifier of the chosen gradient, one network per T1."""
+
+    def __init__(self, args, model, task, T2, budget, pixels, labels, released, device):
+        self.args, self.model, self.task, self.T2, self.budget = args, model, task, T2, budget
+        self.pixels, self.labels, self.released, self.device = pixels, labels, released, device
+        self.shape_and_classes = data_loading.task_info(task)
+        self.nets: dict[int, PixelClassifier] = {}
+        self.classifiers: dict[tuple[str, int], object] = {}
+
+    def net(self, T1: int) -> PixelClassifier:
+        if T1 not in self.nets:
+            self.nets[T1] = PixelClassifier(
+                self.model, self.task, T1, self.T2, self.args.beta, self.args.grad_chunk
+            ).to(self.device)
+        return self.nets[T1]
+
+    def classifier(self, gradient: str, T1: int):
+        if (gradient, T1) not in self.classifiers:
+            channels, height, width, classes = self.shape_and_classes
+            self.classifiers[gradient, T1] = art_classifier(
+                self.net(T1), "bptt" if gradient == "none" else gradient,
+                (channels, height, width), classes, self.device,
+            )  # fmt: skip
+        return self.classifiers[gradient, T1]
+
+    def accuracy(self, job: Job, corruption_rows: list[dict]) -> tuple[float, int]:
+        """``(accuracy, images)`` of ``job``; ``corruption_rows`` are this T1's corruptions
+        (the mean job averages them)."""
+        args, net = self.args, self.net(job.T1)
+        if job.kind == "clean":
+            return net.accuracy(self.pixels, self.labels, args.mbs), len(self.labels)
+        if job.kind == "mean":
+            return float(np.mean([row["accuracy"] for row in corruption_rows])), len(self.labels)
+        if job.kind == "corruption":
+            if job.attack in self.released:
+                corrupted, truth = (
+                    t.to(self.device) for t in self.released[job.attack][job.severity]
+                )
+            else:
+                corrupted = generate_corruption(self.pixels, job.attack, job.severity,
+                                                args.seed + job.severity)  # fmt: skip
+                corrupted, truth = corrupted.to(self.device), self.labels
+            return net.accuracy(corrupted, truth, args.mbs), len(truth)
+        records.seed_everything(args.seed)
+        classifier = self.classifier(job.gradient, job.T1)
+        adversarial = attack_images(
+            job.attack, classifier, job.epsilon, self.budget, self.pixels, self.labels
+        )
+        return net.accuracy(adversarial, self.labels, args.mbs), len(self.labels)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Evaluate the run of ``--load-path``; write its files; returns the exit status (0)."""
     check_args(args)
     record, model_path = records.load_model_file(args.load_path)
+    folder = model_path.parent
+    storage.check_writable(folder, "load-path")  # 74 at once, before any attack
+    with storage.FolderLock(folder, LOCK_FILE, clean_temp_files=False):
+        return evaluate(args, record, model_path)
+
+
+def evaluate(args: argparse.Namespace, record: dict, model_path: Path) -> int:
+    """The evaluation proper, under the folder's evaluation lock."""
     saved = record["args"]
     task = data_loading.canonical_task(saved["task"])
     data_dir = args.data_dir or saved.get("data_dir", "./data")
-    T1 = args.T1 or int(saved["T1"])
+    T1_values = args.T1 or [int(saved["T1"])]
     T2 = args.T2 or int(saved["T2"])
-    budget = AttackBudget(args.mbs, args.steps, args.queries)
+    budget = AttackBudget(args.mbs, args.steps, args.queries, args.restarts)
     device = resolve_device(args.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)  # ART puts its tensors on the current CUDA device
     model = records.restore_model(record, device).eval()
     model.safe_point = entry.raise_if_stopped  # Ctrl-C and SIGTERM stop between steps
-    channels, height, width, classes = data_loading.task_info(task)
+    channels, height, width, _ = data_loading.task_info(task)
     indices, pixels, labels, n_test = sample_test_pixels(
         task, data_dir, not args.no_download, args.n_samples, args.seed
     )
@@ -512,67 +704,71 @@ def run(args: argparse.Namespace) -> list[dict]:
     if release is not None:  # read (and check) every file before anything is written
         for name in args.corruptions:
             released[name] = read_release(release, name, n_test, (channels, height, width), indices)
-    net = PixelClassifier(model, task, T1, T2, args.beta, args.grad_chunk).to(device)
-    pixels, labels = pixels.to(device), labels.to(device)
-    csv_path = model_path.parent / ROBUSTNESS_CSV
-    csv_path.unlink(missing_ok=True)
-    rows: list[dict] = []
-
-    def record_row(attack, norm, eps, severity, gradient, accuracy, n, seconds) -> None:
-        row = dict(zip(CSV_COLUMNS, (attack, norm, eps, severity, gradient, accuracy, n,
-                                     seconds), strict=True))  # fmt: skip
-        rows.append(row)
-        storage.append_csv_row(csv_path, row)
-
-    records.seed_everything(args.seed)
-    started = time.perf_counter()
-    clean = net.accuracy(pixels, labels, args.mbs)
-    record_row("clean", "none", 0.0, 0, "none", clean, len(labels), time.perf_counter() - started)
+    evaluation = {"T2": T2, "beta": args.beta, "steps": args.steps, "queries": args.queries,
+                  "restarts": args.restarts, "batch_size": args.mbs, "seed": args.seed,
+                  "sample_set": sample_set_id(task, indices, n_test),
+                  "model": weights_hash(model)}  # fmt: skip
+    measurer = Measurer(args, model, task, T2, budget, pixels.to(device), labels.to(device),
+                        released, device)  # fmt: skip
+    results = ResultsFile(model_path.parent / ROBUSTNESS_CSV)
+    jobs = plan_jobs(args, T1_values)
+    if args.fresh:
+        reusable = {}
+    else:
+        reusable = {job: results.find(job_row(job, evaluation, 0.0, 0, 0.0)) for job in jobs}
+        reusable = {job: row for job, row in reusable.items() if row is not None}
     source = f"read from {release}" if release is not None else "generated by corrupt_tta"
-    print(f"{task}, {model_path}: {len(labels)} test images, T1 {T1}, clean accuracy {clean:.4f}")
-    corruption_accuracies = []
-    classifiers = {}
-    for job in tqdm(plan_jobs(args), desc="robustness", dynamic_ncols=True):
-        started = time.perf_counter()
-        if job[0] == "corruption":
-            _, name, severity = job
-            if name in released:
-                corrupted, truth = (t.to(device) for t in released[name][severity])
-            else:
-                corrupted = generate_corruption(pixels, name, severity, args.seed + severity)
-                corrupted, truth = corrupted.to(device), labels
-            accuracy = net.accuracy(corrupted, truth, args.mbs)
-            corruption_accuracies.append(accuracy)
-            record_row(name, "none", 0.0, severity, "none", accuracy, len(truth),
-                       time.perf_counter() - started)  # fmt: skip
+    print(f"{task}, {model_path}: {len(labels)} test images, T1 {' '.join(map(str, T1_values))}")
+    print(
+        f"reused {len(reusable)} rows of {ROBUSTNESS_CSV}; {len(jobs) - len(reusable)} to compute"
+    )
+    rows: list[dict] = []
+    for job in tqdm(jobs, desc="robustness", dynamic_ncols=True, disable=not jobs):
+        entry.raise_if_stopped()
+        if job in reusable:
+            rows.append(reusable[job])
             continue
-        attack, norm, eps, gradient = job
-        if gradient not in classifiers:
-            classifiers[gradient] = art_classifier(
-                net, "bptt" if gradient == "none" else gradient,
-                (channels, height, width), classes, device,
-            )  # fmt: skip
-        records.seed_everything(args.seed)
-        adversarial = attack_images(attack, classifiers[gradient], eps, budget, pixels, labels)
-        accuracy = net.accuracy(adversarial, labels, args.mbs)
-        record_row(attack, norm, eps, 0, gradient, accuracy, len(labels),
-                   time.perf_counter() - started)  # fmt: skip
-    if corruption_accuracies:
-        mean = float(np.mean(corruption_accuracies))
-        record_row("corruption_mean", "none", 0.0, 0, "none", mean, len(labels), 0.0)
-        print(f"corruptions ({source}): mean accuracy {mean:.4f}")
+        started = time.perf_counter()
+        corruption_rows = [r for r in rows if r["norm"] == "none" and r["severity"] != 0
+                           and r["T1"] == job.T1]  # fmt: skip
+        accuracy, samples = measurer.accuracy(job, corruption_rows)
+        row = job_row(job, evaluation, accuracy, samples, time.perf_counter() - started)
+        results.put(row)
+        rows.append(row)
+        entry.raise_if_stopped()
+    for row in rows:
+        if row["attack"] in ("clean", "corruption_mean"):
+            name = "clean accuracy" if row["attack"] == "clean" else f"corruptions ({source})"
+            print(f"T1 {row['T1']:g}: {name} {row['accuracy']:.4f}")
+    write_summary(args, record, model_path, rows, T1_values, T2)
+    return entry.EXIT_OK
+
+
+def write_summary(args, record, model_path: Path, rows, T1_values, T2) -> None:
+    """robustness.png and robustness.txt of this evaluation's rows, both atomically."""
+    folder = model_path.parent
     flags = masking_flags(rows)
-    storage.save_figure(data_utils.plot_robustness(rows), model_path.parent / ROBUSTNESS_PNG)
+    storage.save_figure(data_utils.plot_robustness(rows), folder / ROBUSTNESS_PNG)
     header = (
-        f"robustness {model_path.name} (epoch {record['epoch']}, T1 {T1}, {len(labels)} test "
-        f"images, seed {args.seed}, T2 {T2}, beta {args.beta}, {args.steps} steps, "
-        f"{args.queries} queries):"
+        f"robustness {model_path.name} (epoch {record['epoch']}, T1 "
+        f"{' '.join(map(str, T1_values))}, {rows[0]['samples']:g} test images, seed {args.seed}, "
+        f"T2 {T2}, beta {args.beta}, {args.steps} steps, {args.queries} queries, "
+        f"{args.restarts} restarts):"
     )
     lines = summary_lines(rows, flags, header)
     print("\n".join(lines))
-    storage.append_text(model_path.parent, runs.HYPERPARAMETERS_TXT, "\n".join(lines))
-    print(f"written: {csv_path}, {model_path.parent / ROBUSTNESS_PNG}")
-    return rows
+    text = "\n".join(lines) + "\n"
+    storage.atomic_write(folder / ROBUSTNESS_TXT, lambda f: f.write(text.encode()))
+    print(
+        f"written: {folder / ROBUSTNESS_CSV}, {folder / ROBUSTNESS_PNG}, {folder / ROBUSTNESS_TXT}"
+    )
+
+
+def continue_command(argv: Sequence[str]) -> str:
+    """The command that continues an interrupted evaluation: the same flags, ``--fresh``
+    dropped (it would throw the finished rows away)."""
+    kept = [arg for arg in argv if arg not in entry.flag_spellings("--fresh")]
+    return shlex.join(["python", "robustness.py", *kept])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -581,8 +777,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except UsageError as error:
         return entry.fail(str(error), entry.EXIT_USAGE)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    kept_note = f"{KEPT_NOTE}; continue with:\n{continue_command(argv)}"
     work = functools.partial(run, args)
-    return entry.run_script(work, storage.ERROR_STATUSES, STORAGE_FIX, KEPT_NOTE)
+    return entry.run_script(work, storage.ERROR_STATUSES, STORAGE_FIX, kept_note)
 
 
 if __name__ == "__main__":

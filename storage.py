@@ -4,9 +4,11 @@
   and renamed onto it, so a reader sees the old file or the complete new one.
 - ``safe_load``: ``torch.load(..., weights_only=True)``, tensors and plain containers only.
 - ``FolderLock``: the advisory lock (``.lock``) of the one process writing a folder; taking
-  it removes the temp files a killed writer left (``remove_temp_files``).
+  it removes the temp files a killed writer left (``remove_temp_files``). A lock of another
+  name can sit beside it and leave them alone (an evaluation's, beside a training run's).
 - ``check_writable``: a folder is created and probed before long work starts.
-- ``append_text``, ``append_csv_row``, ``read_csv_rows``: text and CSV logs, fsynced rows.
+- ``append_text``, ``append_csv_row``, ``read_csv_rows``: text and CSV logs, fsynced rows;
+  ``write_csv_rows`` rewrites a whole CSV atomically.
 - ``StorageError`` (exit status 74) and ``FolderBusyError`` (75); ``ERROR_STATUSES`` maps
   them, and ``UsageError``, to their exit statuses for ``entry.run_script``.
 
@@ -16,11 +18,12 @@ Files get the modes of the process's umask, as ``open`` gives.
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 import socket
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -180,15 +183,18 @@ class FolderLock:
     ``kill -9``; the file also names the holder (``pid host``) and is emptied on release, so a
     non-empty file with a free lock is a stale lock, taken over with a notice. Where ``flock``
     is missing or unsupported (some network filesystems) a lock on this host whose process is
-    gone is taken over too. Taking the lock removes the temporary files a killed writer left.
+    gone is taken over too. Taking the lock removes the temporary files a killed writer left,
+    unless ``clean_temp_files`` is False: a lock of another name (``name``) beside a writer's
+    ``.lock``, such as an evaluation's, must leave that writer's half-written files alone.
 
     Raises:
         FolderBusyError: another live process holds the lock.
     """
 
-    def __init__(self, folder: str | Path):
+    def __init__(self, folder: str | Path, name: str = LOCK_FILE, clean_temp_files: bool = True):
         self.folder = Path(folder)
-        self.path = self.folder / LOCK_FILE
+        self.path = self.folder / name
+        self.clean_temp_files = clean_temp_files
         self._fd: int | None = None
 
     def __enter__(self) -> FolderLock:
@@ -210,7 +216,7 @@ class FolderLock:
         os.ftruncate(fd, 0)
         os.lseek(fd, 0, os.SEEK_SET)
         os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
-        for leftover in remove_temp_files(self.folder):
+        for leftover in remove_temp_files(self.folder) if self.clean_temp_files else []:
             print(f"notice: removed {leftover.name}, left by an interrupted write")
         return self
 
@@ -285,6 +291,20 @@ def _parse_cell(text: str) -> float | str:
         return float(text)
     except ValueError:
         return text
+
+
+def write_csv_rows(path: str | Path, rows: Sequence[dict], columns: Sequence[str]) -> None:
+    """``rows`` as the whole CSV file ``path`` (header ``columns``, a missing cell empty),
+    written atomically: a reader sees the previous rows or all of these."""
+
+    def write(f: IO[bytes]) -> None:
+        text = io.StringIO(newline="")
+        writer = csv.writer(text)
+        writer.writerow(columns)
+        writer.writerows([_plain(row.get(k, "")) for k in columns] for row in rows)
+        f.write(text.getvalue().encode())
+
+    atomic_write(path, write)
 
 
 def read_csv_rows(path: str | Path) -> list[dict]:

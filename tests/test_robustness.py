@@ -5,6 +5,11 @@ one line."""
 
 from __future__ import annotations
 
+import os
+import shlex
+import shutil
+import signal
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +17,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from fake_datasets import write_fake_cifar10
+from helpers import DIGITS_CNN
 
+import entry
 import main_fast
 import records
 import robustness
@@ -96,7 +103,8 @@ def test_output_files(evaluated):
     (mean,) = [row["accuracy"] for row in rows if row["attack"] == "corruption_mean"]
     assert mean == pytest.approx(np.mean([row["accuracy"] for row in corruptions]))
     assert (run_dir / robustness.ROBUSTNESS_PNG).read_bytes().startswith(PNG_MAGIC)
-    summary = (run_dir / runs.HYPERPARAMETERS_TXT).read_text()
+    summary = (run_dir / robustness.ROBUSTNESS_TXT).read_text()
+    assert "robustness model.pt" not in (run_dir / runs.HYPERPARAMETERS_TXT).read_text()
     assert f"robustness model.pt (epoch {records.load_model_file(run_dir)[0]['epoch']}" in summary
     assert f"clean: {clean_accuracy(rows):.4f}" in summary
 
@@ -248,21 +256,208 @@ def test_generated_corruptions_keep_the_image_size(shape):
     "extra, message",
     [
         (["--attacks", "fgsm"], "--attacks: unknown 'fgsm'"),
-        (["--eps", "0.1", "-0.1"], "--eps takes epsilons >= 0, got -0.1"),
-        (["--eps-l2", "-1"], "--eps-l2 takes epsilons >= 0, got -1.0"),
+        (["--eps", "0.1", "-0.1"], "--eps takes finite epsilons >= 0, got -0.1"),
+        (["--eps-l2", "-1"], "--eps-l2 takes finite epsilons >= 0, got -1.0"),
+        (["--eps-l2", "inf"], "--eps-l2 takes finite epsilons >= 0, got inf"),
+        (["--eps-l2", "0.5", "nan"], "--eps-l2 takes finite epsilons >= 0, got nan"),
+        (["--eps", "nan"], "--eps takes finite epsilons >= 0, got nan"),
+        (["--eps", "inf"], "--eps takes finite epsilons >= 0, got inf"),
+        (["--T1", "5", "5"], "--T1 lists a value twice"),
+        (["--restarts", "0"], "--restarts must be at least 1"),
         (["--corruptions", "rain"], "--corruptions: unknown 'rain'"),
         (["--severities", "6"], "--severities: unknown 6"),
         (["--steps", "0"], "--steps must be at least 1"),
         (["--beta", "0"], "--beta must be > 0"),
     ],
 )
-def test_bad_flags_stop_with_one_line(extra, message, tmp_path, capsys):
-    assert robustness.main(["--load-path", str(tmp_path), *extra]) == 2
+def test_bad_flags_stop_with_one_line(extra, message, lifecycle_run, tmp_path, capsys):
+    run_dir = copy_run(lifecycle_run, tmp_path)
+    before = sorted(run_dir.iterdir())
+    assert robustness.main(["--load-path", str(run_dir), *extra]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err, err
+    assert sorted(run_dir.iterdir()) == before  # nothing written
 
 
 def test_missing_run_folder(tmp_path, capsys):
     assert robustness.main(["--load-path", str(tmp_path / "nowhere"), "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "model file not found" in err
+
+
+# ---- the lifecycle: resume, reuse, locks, exit statuses --------------------------------------
+
+LIFECYCLE_FLAGS = ["--device", "cpu", "--n-samples", "12", "--attacks", "corruptions",
+                   "pgd-linf", "square-linf", "--gradients", "bptt", "ep", "--eps", "0", "0.2",
+                   "--steps", "2", "--queries", "2", "--corruptions", "gaussian_noise",
+                   "--severities", "1", "3"]  # fmt: skip
+# clean, 2 corruptions and their mean, pgd at 2 epsilons x 2 gradients, square at 2 epsilons
+LIFECYCLE_ROWS = 1 + 2 + 1 + 4 + 2
+PGD_ROWS = 4
+
+
+@pytest.fixture(scope="module")
+def lifecycle_run(tmp_path_factory) -> Path:
+    """The tiny digits CNN of the helpers, trained one epoch (one batch) at T1 3."""
+    results = tmp_path_factory.mktemp("lifecycle_runs")
+    argv = [
+        *DIGITS_CNN,
+        "--epochs",
+        "1",
+        "--device",
+        "cpu",
+        "--save",
+        "--results-dir",
+        str(results),
+    ]
+    assert main_fast.main(argv) == 0
+    (run_dir,) = runs.find_runs(results)
+    return run_dir
+
+
+def copy_run(run_dir: Path, tmp_path: Path, name: str = "run") -> Path:
+    return Path(shutil.copytree(run_dir, tmp_path / name))
+
+
+def evaluate(run_dir: Path, capsys, *extra: str, status: int = 0) -> tuple[str, str]:
+    """robustness.py on ``run_dir`` with the lifecycle flags; its (stdout, stderr)."""
+    assert robustness.main(["--load-path", str(run_dir), *LIFECYCLE_FLAGS, *extra]) == status
+    captured = capsys.readouterr()
+    return captured.out, captured.err
+
+
+def without_seconds(run_dir: Path) -> list[dict]:
+    rows = storage.read_csv_rows(run_dir / robustness.ROBUSTNESS_CSV)
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
+
+
+def reused_line(out: str) -> str:
+    (line,) = [line for line in out.splitlines() if line.startswith("reused ")]
+    return line
+
+
+def test_resumed_evaluation_equals_the_uninterrupted_one(lifecycle_run, tmp_path, capsys,
+                                                         monkeypatch):  # fmt: skip
+    whole, stopped = copy_run(lifecycle_run, tmp_path, "whole"), copy_run(lifecycle_run, tmp_path)
+    real = entry.raise_if_stopped
+    calls = {"n": 0, "stop_at": None}
+
+    def counting_safe_point() -> None:  # SIGTERM recorded at the chosen safe point
+        calls["n"] += 1
+        if calls["n"] == calls["stop_at"]:
+            entry.request_stop(signal.SIGTERM)
+        real()
+
+    monkeypatch.setattr(entry, "raise_if_stopped", counting_safe_point)
+    evaluate(whole, capsys)
+    calls.update(n=0, stop_at=calls["n"] // 2)  # in the middle: inside an attack's dynamics
+    _, err = evaluate(stopped, capsys, status=143)
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert lines[-2].startswith("terminated (SIGTERM); robustness.csv keeps the rows measured")
+    command = shlex.split(lines[-1])
+    assert command[:2] == ["python", "robustness.py"]
+    kept = len(storage.read_csv_rows(stopped / robustness.ROBUSTNESS_CSV))
+    assert 0 < kept < LIFECYCLE_ROWS
+    assert robustness.main(command[2:]) == 0  # the printed command continues it
+    assert reused_line(capsys.readouterr().out).startswith(f"reused {kept} rows")
+    assert without_seconds(stopped) == without_seconds(whole)
+
+
+def test_a_repeated_evaluation_reuses_every_row(lifecycle_run, tmp_path, capsys):
+    run_dir = copy_run(lifecycle_run, tmp_path)
+    evaluate(run_dir, capsys)
+    written = (run_dir / robustness.ROBUSTNESS_CSV).read_bytes()
+    out, _ = evaluate(run_dir, capsys)
+    assert reused_line(out) == f"reused {LIFECYCLE_ROWS} rows of robustness.csv; 0 to compute"
+    assert (run_dir / robustness.ROBUSTNESS_CSV).read_bytes() == written
+
+
+def test_a_changed_setting_recomputes_the_rows_it_changes(lifecycle_run, tmp_path, capsys):
+    run_dir = copy_run(lifecycle_run, tmp_path)
+    evaluate(run_dir, capsys)
+    out, _ = evaluate(run_dir, capsys, "--steps", "3")  # PGD's rows only
+    assert reused_line(out) == (
+        f"reused {LIFECYCLE_ROWS - PGD_ROWS} rows of robustness.csv; {PGD_ROWS} to compute"
+    )
+    out, _ = evaluate(run_dir, capsys, "--beta", "0.02")  # the EP gradient's rows only
+    assert reused_line(out).endswith(f"; {PGD_ROWS // 2} to compute")
+    out, _ = evaluate(run_dir, capsys, "--seed", "1")  # another sample set: everything
+    assert reused_line(out).startswith("reused 0 rows")
+    rows = storage.read_csv_rows(run_dir / robustness.ROBUSTNESS_CSV)
+    assert len(rows) == 2 * LIFECYCLE_ROWS + PGD_ROWS + PGD_ROWS // 2
+
+    # the model rewritten (training went on): its rows are recomputed
+    record, model_path = records.load_model_file(run_dir)
+    record["model_state"] = {k: v + 1e-3 for k, v in record["model_state"].items()}
+    storage.atomic_save(record, model_path)
+    out, _ = evaluate(run_dir, capsys)
+    assert reused_line(out).startswith("reused 0 rows")
+
+
+def test_fresh_recomputes_every_row_in_place(lifecycle_run, tmp_path, capsys):
+    run_dir = copy_run(lifecycle_run, tmp_path)
+    evaluate(run_dir, capsys)
+    before = without_seconds(run_dir)
+    seconds = [r["seconds"] for r in storage.read_csv_rows(run_dir / robustness.ROBUSTNESS_CSV)]
+    out, _ = evaluate(run_dir, capsys, "--fresh")
+    assert reused_line(out) == f"reused 0 rows of robustness.csv; {LIFECYCLE_ROWS} to compute"
+    assert without_seconds(run_dir) == before  # recomputed: the same results, the same rows
+    again = [r["seconds"] for r in storage.read_csv_rows(run_dir / robustness.ROBUSTNESS_CSV)]
+    assert again != seconds
+
+
+def test_an_older_eight_column_csv_is_read_and_kept(lifecycle_run, tmp_path, capsys):
+    run_dir = copy_run(lifecycle_run, tmp_path)
+    old = "attack,norm,epsilon,severity,gradient,accuracy,samples,seconds\n"
+    old += "clean,none,0.0,0,none,0.25,12,0.5\npgd-linf,linf,0.2,0,bptt,0.125,12,1.5\n"
+    (run_dir / robustness.ROBUSTNESS_CSV).write_text(old)
+    out, _ = evaluate(run_dir, capsys)
+    assert reused_line(out).startswith("reused 0 rows")  # no settings recorded: no match
+    rows = storage.read_csv_rows(run_dir / robustness.ROBUSTNESS_CSV)
+    assert len(rows) == 2 + LIFECYCLE_ROWS
+    assert (rows[1]["attack"], rows[1]["accuracy"], rows[1]["seconds"]) == ("pgd-linf", 0.125, 1.5)
+    assert np.isnan(rows[1]["T1"]) and list(rows[0]) == list(robustness.CSV_COLUMNS)
+
+
+def test_an_unwritable_run_folder_exits_74_before_any_attack(lifecycle_run, tmp_path, capsys,
+                                                             monkeypatch):  # fmt: skip
+    folder = tmp_path / "mounted"
+    folder.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(folder)]).returncode:
+        pytest.skip("this machine cannot mount a tmpfs to make read-only")
+    try:
+        run_dir = copy_run(lifecycle_run, folder)
+        subprocess.run(["mount", "-o", "remount,ro", str(folder)], check=True)
+        monkeypatch.setattr(robustness, "attack_images", lambda *a: pytest.fail("attacked"))
+        monkeypatch.setattr(robustness, "sample_test_pixels", lambda *a: pytest.fail("read"))
+        _, err = evaluate(run_dir, capsys, status=74)
+        (line,) = err.strip().splitlines()
+        assert line.startswith(f"error: cannot write or read a file ({run_dir}")
+        assert "Read-only file system" in line and "pass a writable --load-path" in line
+    finally:
+        subprocess.run(["umount", str(folder)], capture_output=True)
+
+
+def test_two_evaluations_of_one_run_cannot_interleave(lifecycle_run, tmp_path, capsys):
+    run_dir = copy_run(lifecycle_run, tmp_path)
+    with storage.FolderLock(run_dir, robustness.LOCK_FILE, clean_temp_files=False):
+        _, err = evaluate(run_dir, capsys, status=75)
+    assert f"{run_dir} is being written by process {os.getpid()}" in err
+    assert not (run_dir / robustness.ROBUSTNESS_CSV).exists()
+
+
+def test_an_evaluation_leaves_a_live_training_runs_files_alone(lifecycle_run, tmp_path, capsys):
+    run_dir = copy_run(lifecycle_run, tmp_path)
+    half_written = run_dir / ".checkpoint.pt.abc123.tmp"
+    training_files = {name: (run_dir / name).read_bytes()
+                      for name in ("hyperparameters.txt", "results.csv", "model.pt")}  # fmt: skip
+    with storage.FolderLock(run_dir):  # a training run holds its folder
+        half_written.write_bytes(b"half a checkpoint")
+        lock_line = (run_dir / storage.LOCK_FILE).read_text()
+        evaluate(run_dir, capsys)
+        assert (run_dir / storage.LOCK_FILE).read_text() == lock_line
+        assert half_written.read_bytes() == b"half a checkpoint"
+    for name, content in training_files.items():
+        assert (run_dir / name).read_bytes() == content, name
+    assert (run_dir / robustness.ROBUSTNESS_TXT).read_text().startswith("robustness model.pt")
