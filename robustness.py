@@ -62,6 +62,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+import attacks
 import data_loading
 import data_utils
 import records
@@ -86,7 +87,8 @@ CSV_COLUMNS = (*RESULT_COLUMNS, "T1", *SETTING_COLUMNS)
 KEY_COLUMNS = ("attack", "norm", "epsilon", "severity", "gradient", "T1", *SETTING_COLUMNS)
 NOT_APPLICABLE = "-"
 ATTACKS = ("corruptions", "pgd-linf", "pgd-l2", "apgd-linf", "apgd-l2", "square-linf", "square-l2")
-GRADIENTS = ("bptt", "ep")
+GRADIENTS = ("bptt", "bpda", "ep")
+DEFAULT_GRADIENTS = ("bptt", "ep")
 # The 15 corruptions of CIFAR-10-C, then its 4 extra ones.
 CORRUPTIONS = (
     "gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur",
@@ -170,8 +172,51 @@ class PixelClassifier(nn.Module):
         finally:
             lca.req_grad = tracked
 
+    def logits_with_graph(self, pixels: Tensor) -> Tensor:
+        """The logits (B, classes) with an autograd graph back to ``pixels`` through the
+        encode and all T1 steps."""
+        code = self.code_with_graph(pixels)
+        labels = torch.zeros(pixels.shape[0], dtype=torch.long, device=pixels.device)
+        final = self.model(code, labels, self.model.init_neurons(code), self.T1, track_grad=True)
+        return self.model.output_logits(final)
+
+    def ep_gradient(self, pixels: Tensor, cost: attacks.LogitCost) -> Tensor:
+        """The EP estimate of ``dA/dp`` (B, C, H, W) of the cost ``A`` on the logits: the
+        nudged phases follow ``A`` itself (``attacks.output_nudge``), ``chunk`` images at a
+        time, carried back to the pixels through the encode."""
+        parts = []
+        for start in range(0, pixels.shape[0], self.chunk):
+            rows = cost.rows(start, start + self.chunk)
+            readout = self.model.readout
+
+            def nudge(state: Tensor, rows=rows, readout=readout) -> Tensor:
+                return attacks.output_nudge(rows, state, readout)
+
+            chunk = pixels[start : start + self.chunk]
+            parts.append(self._ep_through_encode(chunk, rows.labels, nudge))
+        return torch.cat(parts)
+
+    def cost_gradient(self, kind: str) -> attacks.InputGradient:
+        """``(p, cost) -> dA/dp`` by ``bptt`` (backpropagation through the dynamics), ``bpda``
+        (the same with every clamp and LCA threshold straight-through) or ``ep``."""
+        if kind == "ep":
+            return self.ep_gradient
+        backprop = attacks.backprop_gradient(self.logits_with_graph, self.chunk)
+        if kind == "bptt":
+            return backprop
+
+        def straight_through(pixels: Tensor, cost: attacks.LogitCost) -> Tensor:
+            with attacks.straight_through_activations(self.model):
+                return backprop(pixels, cost)
+
+        return straight_through
+
     def input_gradient(self, pixels: Tensor, labels: Tensor, kind: str) -> Tensor:
-        """``dL/dp`` (B, C, H, W) by ``bptt`` or ``ep``, computed ``chunk`` images at a time."""
+        """``dL/dp`` (B, C, H, W) of the model's own loss by ``bptt``, ``bpda`` or ``ep``,
+        computed ``chunk`` images at a time."""
+        if kind == "bpda":
+            with attacks.straight_through_activations(self.model):
+                return self.input_gradient(pixels, labels, "bptt")
         method = self._bptt_gradient if kind == "bptt" else self._ep_gradient
         parts = [
             method(pixels[start : start + self.chunk], labels[start : start + self.chunk])
@@ -191,14 +236,19 @@ class PixelClassifier(nn.Module):
             return torch.autograd.grad(loss, pixels)[0]
 
     def _ep_gradient(self, pixels: Tensor, labels: Tensor) -> Tensor:
-        """The EP estimate of ``dL/dcode`` at the free fixed point, carried back to the pixels
-        through the (cheap) encode: the normalisation, and the LCA loop for an LCACNN."""
+        """The EP estimate of ``dL/dcode`` of the model's loss at the free fixed point."""
+        return self._ep_through_encode(pixels, labels, None)
+
+    def _ep_through_encode(self, pixels: Tensor, labels: Tensor, nudge) -> Tensor:
+        """The EP estimate of the gradient w.r.t. the code at the free fixed point (of the
+        loss, or of the cost whose ``nudge`` is given), carried back to the pixels through
+        the (cheap) encode: the normalisation, and the LCA loop for an LCACNN."""
         pixels = pixels.detach().requires_grad_(True)
         with torch.enable_grad():
             code = self.code_with_graph(pixels)
         fixed = code.detach()
         free = self.model(fixed, labels, self.model.init_neurons(fixed), self.T1)
-        code_gradient = self.model.input_gradient_ep(fixed, labels, free, self.T2, self.beta)
+        code_gradient = self.model.input_gradient_ep(fixed, labels, free, self.T2, self.beta, nudge)
         return torch.autograd.grad(code, pixels, code_gradient.reshape(code.shape))[0]
 
     @torch.no_grad()
@@ -213,7 +263,8 @@ class PixelClassifier(nn.Module):
 
 def art_classifier(net: PixelClassifier, gradient: str, input_shape, classes: int, device):
     """``net`` as an ART ``PyTorchClassifier`` whose loss and input gradient are the model's
-    own: ``loss_gradient`` is ``net.input_gradient(.., gradient)`` (``bptt`` or ``ep``), and
+    own: ``loss_gradient`` is ``net.input_gradient(.., gradient)`` (``bptt``, ``bpda`` or
+    ``ep``), and
     ``compute_loss`` the model's loss at the free state."""
     from art.estimators.classification import PyTorchClassifier
 
@@ -371,7 +422,8 @@ FLAGS: tuple[tuple[str, dict], ...] = (
     ("--device", {"default": "0", "help": "GPU index (the CPU without CUDA) or 'cpu'"}),
     ("--seed", {"type": int, "default": 0, "help": "seed of the test subset and the attacks"}),
     ("--attacks", {"nargs": "+", "default": list(ATTACKS), "help": ", ".join(ATTACKS)}),
-    ("--gradients", {"nargs": "+", "default": list(GRADIENTS), "help": "bptt and/or ep"}),
+    ("--gradients", {"nargs": "+", "default": list(DEFAULT_GRADIENTS),
+                     "help": "bptt, bpda (straight-through clamps) and/or ep"}),
     ("--eps", {"type": float, "nargs": "+", "default": [0.0, 0.03, 0.1, 0.3],
                "help": "L-inf epsilons (pixels in [0, 1])"}),
     ("--eps-l2", {"type": float, "nargs": "+", "default": [0.0, 0.5, 1.0, 2.0],
@@ -638,12 +690,21 @@ class Measurer:
         return self.nets[T1]
 
     def classifier(self, gradient: str, T1: int):
+        """The ART classifier of ``gradient`` at ``T1``. A cross-entropy model's is that of
+        the CE cost on the logits (``attacks.attack_classifier``, the EP gradient nudged by
+        that cost); another loss's (MSE) is the model's own loss, what its rows always meant."""
         if (gradient, T1) not in self.classifiers:
             channels, height, width, classes = self.shape_and_classes
-            self.classifiers[gradient, T1] = art_classifier(
-                self.net(T1), "bptt" if gradient == "none" else gradient,
-                (channels, height, width), classes, self.device,
-            )  # fmt: skip
+            net, kind = self.net(T1), "bptt" if gradient == "none" else gradient
+            shape = (channels, height, width)
+            if self.model.loss_name == "cel":
+                self.classifiers[gradient, T1] = attacks.attack_classifier(
+                    net, net.cost_gradient(kind), "ce", shape, classes, self.device
+                )
+            else:
+                self.classifiers[gradient, T1] = art_classifier(
+                    net, kind, shape, classes, self.device
+                )
         return self.classifiers[gradient, T1]
 
     def accuracy(self, job: Job, corruption_rows: list[dict]) -> tuple[float, int]:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from fake_datasets import write_fake_cifar10
 from helpers import DIGITS_CNN
 
+import attacks
 import entry
 import main_fast
 import records
@@ -461,3 +462,39 @@ def test_an_evaluation_leaves_a_live_training_runs_files_alone(lifecycle_run, tm
     for name, content in training_files.items():
         assert (run_dir / name).read_bytes() == content, name
     assert (run_dir / robustness.ROBUSTNESS_TXT).read_text().startswith("robustness model.pt")
+
+
+# ---- input gradients of an attack's own cost -------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["ce", "dlr", "dlr-targeted"])
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: P_CNN(8, 1, [4, 8], [3, 3], [1, 1], [1, 1], "mm", [10], softmax=True, loss="cel"),
+        lambda: P_CNN(8, 1, [4], [3], [1], [1], "a", [10], activation="mysig"),
+    ],
+    ids=["cnn-softmax", "cnn-mse"],
+)
+def test_ep_gradient_of_an_attack_cost_follows_that_cost(build, kind):
+    """EP nudged by the cost's own ``-dA/ds_L`` estimates ``dA/dp``: autograd of that cost
+    through the settled dynamics, not the gradient of the model's loss. (DLR's small
+    denominators curve it sharply: a small beta keeps the finite difference accurate.)"""
+    torch.manual_seed(0)
+    model = build().double()
+    net = robustness.PixelClassifier(model, "DIGITS", T1=300, T2=150, beta=1e-5, chunk=4)
+    net = net.double()
+    pixels = torch.rand(6, 1, 8, 8, dtype=torch.float64)
+    labels = torch.arange(6) % 10
+    targets = (labels + 3) % 10 if kind == "dlr-targeted" else None
+    cost = attacks.LogitCost(kind, labels, targets)
+    by_ep = net.ep_gradient(pixels, cost)
+    tracked = pixels.clone().requires_grad_(True)
+    (exact,) = torch.autograd.grad(cost.value(net.logits_with_graph(tracked)).sum(), tracked)
+    sizable = exact.flatten(1).norm(dim=1) > 1e-6 * exact.flatten(1).norm(dim=1).max()
+    assert cosines(by_ep, exact)[sizable].min() >= 0.99  # saturated samples: ~1e-11, noise
+    lengths = by_ep.flatten(1).norm(dim=1) / exact.flatten(1).norm(dim=1)
+    assert torch.median(lengths).item() == pytest.approx(1.0, rel=2e-2)
+    if kind != "ce":  # the model's own loss has another gradient
+        by_loss = net.input_gradient(pixels, labels, "ep")
+        assert cosines(by_loss, exact).min() < 0.99
