@@ -47,6 +47,7 @@ if __name__ == "__main__":  # Ctrl-C or SIGTERM while the libraries load: no tra
     entry.install_stop_handlers()
 
 import argparse
+import dataclasses
 import functools
 import hashlib
 import shlex
@@ -63,6 +64,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 import attacks
+import autoattack
 import data_loading
 import data_utils
 import records
@@ -70,6 +72,15 @@ import storage
 from distributed import resolve_device
 from entry import UsageError
 from lca_utils_ep_fast import LCA_CNN
+from robustness_results import (
+    AUTOATTACK,
+    Job,
+    ResultsFile,
+    job_row,
+    row_key,
+    sample_set_id,
+    weights_hash,
+)
 from utils_ep_fast import EnergyNet, settle
 
 ROBUSTNESS_CSV = "robustness.csv"
@@ -77,16 +88,10 @@ ROBUSTNESS_PNG = "robustness.png"
 ROBUSTNESS_TXT = "robustness.txt"
 # beside a training run's .lock, whose holder must keep its half-written .tmp files
 LOCK_FILE = ".robustness.lock"
-# the columns of the CSVs written before the settings were recorded
-RESULT_COLUMNS = ("attack", "norm", "epsilon", "severity", "gradient", "accuracy", "samples",
-                  "seconds")  # fmt: skip
-# the settings a result depends on ("-" where one does not apply: the queries of PGD, ...)
-SETTING_COLUMNS = ("T2", "beta", "steps", "queries", "restarts", "batch_size", "seed",
-                   "sample_set", "model")  # fmt: skip
-CSV_COLUMNS = (*RESULT_COLUMNS, "T1", *SETTING_COLUMNS)
-KEY_COLUMNS = ("attack", "norm", "epsilon", "severity", "gradient", "T1", *SETTING_COLUMNS)
-NOT_APPLICABLE = "-"
-ATTACKS = ("corruptions", "pgd-linf", "pgd-l2", "apgd-linf", "apgd-l2", "square-linf", "square-l2")
+DEFAULT_ATTACKS = ("corruptions", "pgd-linf", "pgd-l2", "apgd-linf", "apgd-l2", "square-linf",
+                   "square-l2")  # fmt: skip
+ATTACKS = (*DEFAULT_ATTACKS, "autoattack")
+AUTOATTACK_FOLDER = "autoattack"  # per-component results (.pt) and per-image tables (.csv)
 GRADIENTS = ("bptt", "bpda", "ep")
 DEFAULT_GRADIENTS = ("bptt", "ep")
 # The 15 corruptions of CIFAR-10-C, then its 4 extra ones.
@@ -421,13 +426,18 @@ FLAGS: tuple[tuple[str, dict], ...] = (
     ("--mbs", {"type": int, "default": 100, "help": "images per batch of evaluation/attack"}),
     ("--device", {"default": "0", "help": "GPU index (the CPU without CUDA) or 'cpu'"}),
     ("--seed", {"type": int, "default": 0, "help": "seed of the test subset and the attacks"}),
-    ("--attacks", {"nargs": "+", "default": list(ATTACKS), "help": ", ".join(ATTACKS)}),
+    ("--attacks", {"nargs": "+", "default": list(DEFAULT_ATTACKS), "help": ", ".join(ATTACKS)}),
+    ("--aa-iterations", {"type": int, "default": 100,
+                         "help": "AutoAttack: iterations of APGD-CE, APGD-T and FAB-T"}),
+    ("--aa-restarts", {"type": int, "default": 1, "help": "AutoAttack: restarts of each"}),
+    ("--aa-targets", {"type": int, "default": 9, "help": "AutoAttack: target classes"}),
+    ("--aa-queries", {"type": int, "default": 5000, "help": "AutoAttack: Square's queries"}),
     ("--gradients", {"nargs": "+", "default": list(DEFAULT_GRADIENTS),
                      "help": "bptt, bpda (straight-through clamps) and/or ep"}),
-    ("--eps", {"type": float, "nargs": "+", "default": [0.0, 0.03, 0.1, 0.3],
-               "help": "L-inf epsilons (pixels in [0, 1])"}),
-    ("--eps-l2", {"type": float, "nargs": "+", "default": [0.0, 0.5, 1.0, 2.0],
-                  "help": "L2 epsilons"}),
+    ("--eps", {"type": float, "nargs": "+", "default": None,
+               "help": "L-inf epsilons (pixels in [0, 1]); default: the task's benchmark one"}),
+    ("--eps-l2", {"type": float, "nargs": "+", "default": None,
+                  "help": "L2 epsilons; default: the task's benchmark one"}),
     ("--steps", {"type": int, "default": 10, "help": "iterations of PGD and APGD"}),
     ("--queries", {"type": int, "default": 300, "help": "iterations of the Square attack"}),
     ("--corruptions", {"nargs": "+", "default": list(CORRUPTIONS), "help": "their names"}),
@@ -468,11 +478,14 @@ def check_args(args: argparse.Namespace) -> None:
     _check_names("--gradients", args.gradients, GRADIENTS)
     _check_names("--corruptions", args.corruptions, CORRUPTIONS)
     _check_names("--severities", args.severities, SEVERITIES)
-    for flag, values in (("--eps", args.eps), ("--eps-l2", args.eps_l2)):
+    for name in ("aa_iterations", "aa_restarts", "aa_targets", "aa_queries"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
+    for flag, values in (("--eps", args.eps or []), ("--eps-l2", args.eps_l2 or [])):
         bad = [value for value in values if not (0.0 <= value < float("inf"))]
         if bad:
             raise UsageError(f"{flag} takes finite epsilons >= 0, got {bad[0]}")
-    if max(args.eps) > 1.0:
+    if args.eps and max(args.eps) > 1.0:
         raise UsageError(f"--eps {max(args.eps)} exceeds the pixel range [0, 1]")
     if not args.beta > 0.0:
         raise UsageError(f"--beta must be > 0, got {args.beta}")
@@ -507,29 +520,6 @@ def sample_test_pixels(
     return indices, pixels.clamp(0.0, 1.0), labels, n_test
 
 
-@dataclass(frozen=True)
-class Job:
-    """One measurement, one row of ``robustness.csv``: the clean accuracy, a corruption at a
-    severity, the corruptions' mean, or an attack at a norm and epsilon with an input gradient
-    (``none`` for Square), all at ``T1`` free steps."""
-
-    attack: str
-    norm: str
-    epsilon: float
-    severity: int
-    gradient: str
-    T1: int
-
-    @property
-    def kind(self) -> str:
-        """``clean``, ``corruption``, ``mean``, ``white-box`` or ``black-box``."""
-        if self.attack in ("clean", "corruption_mean"):
-            return "clean" if self.attack == "clean" else "mean"
-        if self.norm == "none":
-            return "corruption"
-        return "black-box" if self.gradient == "none" else "white-box"
-
-
 def plan_jobs(args: argparse.Namespace, T1_values: Sequence[int]) -> list[Job]:
     """Every measurement asked for, in order, at each T1: the clean accuracy, the corruptions
     (then their mean), then every attack at every epsilon and input gradient."""
@@ -542,7 +532,9 @@ def plan_jobs(args: argparse.Namespace, T1_values: Sequence[int]) -> list[Job]:
                      for name in args.corruptions for s in severities]  # fmt: skip
             jobs.append(Job("corruption_mean", "none", 0.0, 0, "none", T1))
         for attack in args.attacks:
-            if attack == "corruptions":
+            if attack == AUTOATTACK:
+                jobs += autoattack_jobs(args, T1)
+            if attack in ("corruptions", AUTOATTACK):
                 continue
             norm = attack.split("-")[1]
             epsilons = args.eps if norm == "linf" else args.eps_l2
@@ -551,85 +543,17 @@ def plan_jobs(args: argparse.Namespace, T1_values: Sequence[int]) -> list[Job]:
     return jobs
 
 
-def settings_of(job: Job, evaluation: dict) -> dict:
-    """The settings that change ``job``'s result, by CSV column; the others are ``-``. Always
-    the batch size, seed, sample set and model; the steps and restarts of a white-box attack
-    (with T2 and beta for the EP gradient); the queries and restarts of Square."""
-    relevant = {"batch_size", "seed", "sample_set", "model"}
-    if job.kind == "white-box":
-        relevant |= {"steps", "restarts"} | ({"T2", "beta"} if job.gradient == "ep" else set())
-    elif job.kind == "black-box":
-        relevant |= {"queries", "restarts"}
-    return {
-        column: evaluation[column] if column in relevant else NOT_APPLICABLE
-        for column in SETTING_COLUMNS
-    }
-
-
-def _cell(value) -> str:
-    """A CSV cell as it compares: numbers by value (``10`` and ``10.0`` alike), text as is."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return repr(float(value))
-    return str(value)
-
-
-def row_key(row: dict) -> tuple[str, ...]:
-    """What identifies a row's result: its measurement and every setting that changes it. A
-    row of an older CSV lacks the settings (empty cells): its key matches no new row."""
-    return tuple(_cell(row.get(column, "")) for column in KEY_COLUMNS)
-
-
-def job_row(job: Job, evaluation: dict, accuracy: float, samples: int, seconds: float) -> dict:
-    """The CSV row of ``job``'s result."""
-    measured = {"attack": job.attack, "norm": job.norm, "epsilon": job.epsilon,
-                "severity": job.severity, "gradient": job.gradient, "accuracy": accuracy,
-                "samples": samples, "seconds": seconds, "T1": job.T1}  # fmt: skip
-    row = {**measured, **settings_of(job, evaluation)}
-    # numbers as floats, as they read back: a reused row and a new one are written alike
-    return {k: float(v) if isinstance(v, int) else v for k, v in row.items()}
-
-
-class ResultsFile:
-    """``robustness.csv``: the rows of every evaluation of the run, rewritten whole and
-    atomically after each new row, so a reader (or a kill) sees complete rows only. A new
-    row replaces the stored row with the same key. Rows of an older CSV (8 columns) are kept
-    with empty settings."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self.rows = storage.read_csv_rows(path) if path.is_file() else []
-        self.by_key = {row_key(row): i for i, row in enumerate(self.rows)}
-
-    def find(self, row: dict) -> dict | None:
-        """The stored row with ``row``'s key, or None."""
-        index = self.by_key.get(row_key(row))
-        return None if index is None else self.rows[index]
-
-    def put(self, row: dict) -> None:
-        """Store ``row`` (replacing its key's row) and write the file."""
-        key = row_key(row)
-        if key in self.by_key:
-            self.rows[self.by_key[key]] = row
-        else:
-            self.by_key[key] = len(self.rows)
-            self.rows.append(row)
-        storage.write_csv_rows(self.path, self.rows, CSV_COLUMNS)
-
-
-def weights_hash(model: nn.Module) -> str:
-    """``sha256:`` and 16 hex digits of the model's parameters and buffers (names, dtypes,
-    shapes and values), so a rewritten ``model.pt`` is told apart from the one evaluated."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return f"sha256:{digest.hexdigest()[:16]}"
-
-
-def sample_set_id(task: str, indices: Tensor, n_test: int) -> str:
-    """``<task>:<count>/<test size>:<hash of the indices>``, the test images evaluated."""
-    digest = hashlib.sha256(indices.numpy().astype(np.int64).tobytes()).hexdigest()[:12]
-    return f"{task}:{len(indices)}/{n_test}:{digest}"
+def autoattack_jobs(args: argparse.Namespace, T1: int) -> list[Job]:
+    """At each norm, epsilon and gradient: a row per AutoAttack component that can be had, then
+    the worst case."""
+    names = [n for n in autoattack.COMPONENTS if n != "fab-t" or autoattack.fab_available()]
+    jobs = []
+    for norm, epsilons in (("linf", args.eps), ("l2", args.eps_l2)):
+        for eps in epsilons:
+            for gradient in args.gradients:
+                jobs += [Job(f"{AUTOATTACK}/{name}", norm, eps, 0, gradient, T1) for name in names]
+                jobs.append(Job(AUTOATTACK, norm, eps, 0, gradient, T1))
+    return jobs
 
 
 def masking_flags(rows: list[dict]) -> list[str]:
@@ -675,9 +599,10 @@ class Measurer:
     """Measures a job's accuracy: the clean images, a corruption (read or generated), or an
     attack through an ART classifier of the chosen gradient, one network per T1."""
 
-    def __init__(self, args, model, task, T2, budget, pixels, labels, released, device):
+    def __init__(self, args, model, task, T2, budget, pixels, labels, released, device, folder):
         self.args, self.model, self.task, self.T2, self.budget = args, model, task, T2, budget
         self.pixels, self.labels, self.released, self.device = pixels, labels, released, device
+        self.folder = folder / AUTOATTACK_FOLDER
         self.shape_and_classes = data_loading.task_info(task)
         self.nets: dict[int, PixelClassifier] = {}
         self.classifiers: dict[tuple[str, int], object] = {}
@@ -725,12 +650,81 @@ class Measurer:
                                                 args.seed + job.severity)  # fmt: skip
                 corrupted, truth = corrupted.to(self.device), self.labels
             return net.accuracy(corrupted, truth, args.mbs), len(truth)
+        if job.kind == AUTOATTACK:
+            return self.autoattack(job)
         records.seed_everything(args.seed)
         classifier = self.classifier(job.gradient, job.T1)
         adversarial = attack_images(
             job.attack, classifier, job.epsilon, self.budget, self.pixels, self.labels
         )
         return net.accuracy(adversarial, self.labels, args.mbs), len(self.labels)
+
+    # ---- AutoAttack ----------------------------------------------------------------------
+
+    def component_path(self, job: Job, evaluation: dict, name: str) -> Path:
+        """Where component ``name``'s per-image results of ``job``'s setting are saved: named
+        by a hash of the worst-case row's key, so a changed setting never reads them."""
+        worst = Job(AUTOATTACK, job.norm, job.epsilon, 0, job.gradient, job.T1)
+        key = "|".join(row_key(job_row(worst, evaluation, 0.0, 0, 0.0)))
+        return self.folder / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}_{name}.pt"
+
+    def autoattack(self, job: Job) -> tuple[float, int]:
+        """A component's robust accuracy (its per-image results saved first), or the worst
+        case over the saved components."""
+        result = self.autoattack_result(job, run_missing=job.attack != AUTOATTACK)
+        if job.attack == AUTOATTACK:
+            return result.robust_accuracy, len(self.labels)
+        name = job.attack.split("/", 1)[1]
+        return result.component_accuracies()[name], len(self.labels)
+
+    def autoattack_result(self, job: Job, run_missing: bool) -> autoattack.AutoAttackResult:
+        """The AutoAttack result of ``job``'s setting from the saved components; with
+        ``run_missing`` the job's own component is run (and saved) when it is not saved."""
+        evaluation = self.evaluation
+        names = [n for n in autoattack.COMPONENTS if n != "fab-t" or autoattack.fab_available()]
+        done = {}
+        for name in names:
+            path = self.component_path(job, evaluation, name)
+            if path.is_file():
+                state = storage.safe_load(path, "AutoAttack component result")
+                done[name] = autoattack.ComponentResult.from_state(state)
+        own = job.attack.split("/", 1)[1] if "/" in job.attack else None
+        wanted = [own] if run_missing and own is not None else [n for n in names if n in done]
+        net = self.net(job.T1)
+        budget = autoattack.AutoAttackBudget(
+            self.args.aa_iterations, self.args.aa_restarts, self.args.aa_targets,
+            self.args.aa_queries, self.args.mbs,
+        )  # fmt: skip
+
+        def save(result: autoattack.ComponentResult) -> None:
+            storage.atomic_save(result.state(), self.component_path(job, evaluation, result.name))
+
+        self.folder.mkdir(exist_ok=True)
+        result = autoattack.autoattack(
+            net, net.cost_gradient(job.gradient), self.pixels, self.labels, job.norm,
+            job.epsilon, budget, job.gradient, wanted, done, save, self.args.seed,
+        )  # fmt: skip
+        missing = tuple(n for n in autoattack.COMPONENTS if n not in names)
+        return dataclasses.replace(result, missing=missing)
+
+    def autoattack_table(self, job: Job, indices: Tensor) -> tuple[str, Path]:
+        """The summary line of ``job``'s AutoAttack (a worst-case job), and its per-image
+        table written beside the component results: test index, label, clean, each
+        component, robust (1 = classified correctly)."""
+        result = self.autoattack_result(job, run_missing=False)
+        table = result.table()
+        columns = ["index", "label", "clean", *result.components, "robust"]
+        rows = [
+            dict(zip(columns, [int(i), int(y), int(c), *map(int, survived), int(r)], strict=True))
+            for i, y, c, survived, r in zip(
+                indices, self.labels.cpu(), result.clean.cpu(), table.cpu(),
+                result.robust().cpu(), strict=True,
+            )
+        ]  # fmt: skip
+        stem = self.component_path(job, self.evaluation, "table").stem
+        path = self.folder / f"{stem}_{job.norm}_eps{job.epsilon:g}_{job.gradient}_T1{job.T1}.csv"
+        storage.write_csv_rows(path, rows, columns)
+        return f"T1 {job.T1}: {result.summary_line()}", path
 
 
 def run(args: argparse.Namespace) -> int:
@@ -747,6 +741,7 @@ def evaluate(args: argparse.Namespace, record: dict, model_path: Path) -> int:
     """The evaluation proper, under the folder's evaluation lock."""
     saved = record["args"]
     task = data_loading.canonical_task(saved["task"])
+    args = with_default_epsilons(args, task)
     data_dir = args.data_dir or saved.get("data_dir", "./data")
     T1_values = args.T1 or [int(saved["T1"])]
     T2 = args.T2 or int(saved["T2"])
@@ -768,16 +763,24 @@ def evaluate(args: argparse.Namespace, record: dict, model_path: Path) -> int:
     evaluation = {"T2": T2, "beta": args.beta, "steps": args.steps, "queries": args.queries,
                   "restarts": args.restarts, "batch_size": args.mbs, "seed": args.seed,
                   "sample_set": sample_set_id(task, indices, n_test),
-                  "model": weights_hash(model)}  # fmt: skip
+                  "model": weights_hash(model),
+                  AUTOATTACK: {"steps": args.aa_iterations, "queries": args.aa_queries,
+                               "restarts": args.aa_restarts,
+                               "targets": args.aa_targets}}  # fmt: skip
     measurer = Measurer(args, model, task, T2, budget, pixels.to(device), labels.to(device),
-                        released, device)  # fmt: skip
+                        released, device, model_path.parent)  # fmt: skip
+    measurer.evaluation = evaluation
     results = ResultsFile(model_path.parent / ROBUSTNESS_CSV)
     jobs = plan_jobs(args, T1_values)
     if args.fresh:
         reusable = {}
     else:
         reusable = {job: results.find(job_row(job, evaluation, 0.0, 0, 0.0)) for job in jobs}
-        reusable = {job: row for job, row in reusable.items() if row is not None}
+        reusable = {  # a component's row counts only with its saved per-image results
+            job: row for job, row in reusable.items() if row is not None
+            and (not job.attack.startswith(f"{AUTOATTACK}/")
+                 or measurer.component_path(job, evaluation, job.attack[11:]).is_file())
+        }  # fmt: skip
     source = f"read from {release}" if release is not None else "generated by corrupt_tta"
     print(f"{task}, {model_path}: {len(labels)} test images, T1 {' '.join(map(str, T1_values))}")
     print(
@@ -801,11 +804,30 @@ def evaluate(args: argparse.Namespace, record: dict, model_path: Path) -> int:
         if row["attack"] in ("clean", "corruption_mean"):
             name = "clean accuracy" if row["attack"] == "clean" else f"corruptions ({source})"
             print(f"T1 {row['T1']:g}: {name} {row['accuracy']:.4f}")
-    write_summary(args, record, model_path, rows, T1_values, T2)
+    extra = []
+    for job in jobs:
+        if job.attack == AUTOATTACK:
+            line, table = measurer.autoattack_table(job, indices)
+            print(f"{line}\nper-image table: {table}")
+            extra.append(line)
+    write_summary(args, record, model_path, rows, T1_values, T2, extra)
     return entry.EXIT_OK
 
 
-def write_summary(args, record, model_path: Path, rows, T1_values, T2) -> None:
+def with_default_epsilons(args: argparse.Namespace, task: str) -> argparse.Namespace:
+    """``args`` with the task's benchmark epsilons (``attacks.default_epsilons``) where
+    ``--eps`` or ``--eps-l2`` was not given."""
+    if args.eps is not None and args.eps_l2 is not None:
+        return args
+    try:
+        linf, l2 = attacks.default_epsilons(task)
+    except ValueError as error:
+        raise UsageError(str(error)) from error
+    return argparse.Namespace(**{**vars(args), "eps": args.eps or [linf],
+                                 "eps_l2": args.eps_l2 or [l2]})  # fmt: skip
+
+
+def write_summary(args, record, model_path: Path, rows, T1_values, T2, extra) -> None:
     """robustness.png and robustness.txt of this evaluation's rows, both atomically."""
     folder = model_path.parent
     flags = masking_flags(rows)
@@ -816,7 +838,7 @@ def write_summary(args, record, model_path: Path, rows, T1_values, T2) -> None:
         f"T2 {T2}, beta {args.beta}, {args.steps} steps, {args.queries} queries, "
         f"{args.restarts} restarts):"
     )
-    lines = summary_lines(rows, flags, header)
+    lines = summary_lines(rows, flags, header) + [f"  {line}" for line in extra]
     print("\n".join(lines))
     text = "\n".join(lines) + "\n"
     storage.atomic_write(folder / ROBUSTNESS_TXT, lambda f: f.write(text.encode()))

@@ -20,10 +20,13 @@ from fake_datasets import write_fake_cifar10
 from helpers import DIGITS_CNN
 
 import attacks
+import autoattack
+import data_utils
 import entry
 import main_fast
 import records
 import robustness
+import robustness_results
 import runs
 import storage
 from lca_utils_ep_fast import LCA_CNN
@@ -70,7 +73,7 @@ def test_every_attack_at_epsilon_zero_leaves_the_clean_accuracy(evaluated):
     attacks = {(row["attack"], row["gradient"]) for row in at_zero}
     assert attacks == {
         (attack, gradient)
-        for attack in robustness.ATTACKS[1:]
+        for attack in robustness.DEFAULT_ATTACKS[1:]
         for gradient in (("none",) if attack.startswith("square") else ("bptt", "ep"))
     }
     for row in at_zero:
@@ -95,7 +98,7 @@ def test_pgd_accuracy_falls_as_epsilon_grows(evaluated):
 
 def test_output_files(evaluated):
     run_dir, rows = evaluated["dir"], evaluated["rows"]
-    assert list(rows[0]) == list(robustness.CSV_COLUMNS)
+    assert list(rows[0]) == list(robustness_results.CSV_COLUMNS)
     assert all(row["samples"] == 60 and row["seconds"] >= 0 for row in rows)
     corruptions = [row for row in rows if row["attack"] in ("gaussian_noise", "contrast")]
     assert sorted((row["attack"], row["severity"]) for row in corruptions) == [
@@ -317,7 +320,9 @@ def lifecycle_run(tmp_path_factory) -> Path:
 
 
 def copy_run(run_dir: Path, tmp_path: Path, name: str = "run") -> Path:
-    return Path(shutil.copytree(run_dir, tmp_path / name))
+    """A copy of the training run's files (none of an evaluation's)."""
+    ignore = shutil.ignore_patterns("robustness.*", ".robustness.lock", "autoattack")
+    return Path(shutil.copytree(run_dir, tmp_path / name, ignore=ignore))
 
 
 def evaluate(run_dir: Path, capsys, *extra: str, status: int = 0) -> tuple[str, str]:
@@ -418,7 +423,7 @@ def test_an_older_eight_column_csv_is_read_and_kept(lifecycle_run, tmp_path, cap
     rows = storage.read_csv_rows(run_dir / robustness.ROBUSTNESS_CSV)
     assert len(rows) == 2 + LIFECYCLE_ROWS
     assert (rows[1]["attack"], rows[1]["accuracy"], rows[1]["seconds"]) == ("pgd-linf", 0.125, 1.5)
-    assert np.isnan(rows[1]["T1"]) and list(rows[0]) == list(robustness.CSV_COLUMNS)
+    assert np.isnan(rows[1]["T1"]) and list(rows[0]) == list(robustness_results.CSV_COLUMNS)
 
 
 def test_an_unwritable_run_folder_exits_74_before_any_attack(lifecycle_run, tmp_path, capsys,
@@ -498,3 +503,77 @@ def test_ep_gradient_of_an_attack_cost_follows_that_cost(build, kind):
     if kind != "ce":  # the model's own loss has another gradient
         by_loss = net.input_gradient(pixels, labels, "ep")
         assert cosines(by_loss, exact).min() < 0.99
+
+
+# ---- AutoAttack and the T1 sweep on the trained digits RCNN --------------------------------
+
+AA_FLAGS = ["--device", "cpu", "--n-samples", "40", "--attacks", "autoattack", "--gradients",
+            "bptt", "--eps", "0", "0.1", "--eps-l2", "0", "--aa-iterations", "5",
+            "--aa-queries", "20", "--aa-targets", "2"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def autoattacked(digits_run, tmp_path_factory) -> dict:
+    """robustness.py --attacks autoattack on a copy of the trained digits RCNN."""
+    run_dir = copy_run(digits_run, tmp_path_factory.mktemp("autoattack"))
+    assert robustness.main(["--load-path", str(run_dir), *AA_FLAGS]) == 0
+    return {"dir": run_dir, "rows": storage.read_csv_rows(run_dir / robustness.ROBUSTNESS_CSV)}
+
+
+def test_autoattack_at_epsilon_zero_leaves_the_clean_accuracy(autoattacked):
+    rows = autoattacked["rows"]
+    at_zero = [row for row in rows if row["attack"].startswith("autoattack") and
+               row["epsilon"] == 0]  # fmt: skip
+    components = [n for n in autoattack.COMPONENTS if n != "fab-t" or autoattack.fab_available()]
+    assert len(at_zero) == 2 * (len(components) + 1)  # L-inf and L2
+    assert all(row["accuracy"] == clean_accuracy(rows) for row in at_zero)
+
+
+def test_autoattack_keeps_valid_misclassified_images_and_the_table_counts(autoattacked):
+    run_dir, rows = autoattacked["dir"], autoattacked["rows"]
+    (worst,) = [row for row in rows if row["attack"] == "autoattack" and row["epsilon"] == 0.1]
+    (table_path,) = (run_dir / "autoattack").glob("*_linf_eps0.1_bptt_*.csv")
+    table = storage.read_csv_rows(table_path)
+    assert worst["accuracy"] == sum(row["robust"] for row in table) / len(table) < 1
+    assert worst["accuracy"] < clean_accuracy(rows)
+    # every kept image, checked from scratch with a network rebuilt from the model file
+    record, _ = records.load_model_file(run_dir)
+    net = robustness.PixelClassifier(records.restore_model(record), "DIGITS", 10, 3, 0.01, 8)
+    indices, pixels, labels, _ = robustness.sample_test_pixels("DIGITS", "./data", False, 40, 0)
+    assert [int(row["index"]) for row in table] == indices.tolist()
+    prefix = table_path.name.split("_")[0]
+    fooled_somewhere = torch.zeros(len(labels), dtype=torch.bool)
+    for component in (run_dir / "autoattack").glob(f"{prefix}_*.pt"):
+        result = storage.safe_load(component, "component")
+        fooled = ~result["robust"] & torch.tensor([bool(row["clean"]) for row in table])
+        kept = result["adversarial"][fooled]
+        assert (kept - pixels[fooled]).abs().max() <= 0.1 + 1e-6
+        assert kept.min() >= 0 and kept.max() <= 1
+        assert (net(kept).argmax(1) != labels[fooled]).all(), component.name
+        fooled_somewhere |= fooled
+    robust_count = sum(row["clean"] for row in table) - int(fooled_somewhere.sum())
+    assert worst["accuracy"] == robust_count / len(table)
+
+
+def test_the_T1_sweep_at_the_runs_own_T1_equals_a_single_evaluation(digits_run, tmp_path,
+                                                                    capsys):  # fmt: skip
+    single, sweep = copy_run(digits_run, tmp_path, "single"), copy_run(digits_run, tmp_path)
+    flags = ["--device", "cpu", "--n-samples", "30", "--attacks", "corruptions", "pgd-linf",
+             "square-linf", "--eps", "0.1", "--steps", "3", "--queries", "5", "--corruptions",
+             "contrast", "--severities", "2"]  # fmt: skip
+    assert robustness.main(["--load-path", str(single), *flags]) == 0
+    assert robustness.main(["--load-path", str(sweep), *flags, "--T1", "4", "10"]) == 0
+    capsys.readouterr()
+    by_sweep = [row for row in without_seconds(sweep) if row["T1"] == 10]
+    assert by_sweep == without_seconds(single)
+    assert {row["T1"] for row in without_seconds(sweep)} == {4.0, 10.0}
+    assert (sweep / robustness.ROBUSTNESS_PNG).read_bytes().startswith(PNG_MAGIC)
+
+
+def test_the_sweep_epsilon_is_the_largest_below_the_first_that_leaves_nothing():
+    def rows(*pairs):
+        return [{"epsilon": eps, "accuracy": acc} for eps, acc in pairs]
+
+    assert data_utils.sweep_epsilon(rows((0.1, 0.5), (0.2, 0.1), (0.3, 0.0), (0.4, 0.0))) == 0.2
+    assert data_utils.sweep_epsilon(rows((0.1, 0.5), (0.3, 0.2))) == 0.3  # never 0%: the largest
+    assert data_utils.sweep_epsilon(rows((0.1, 0.0), (0.3, 0.0))) == 0.1  # 0% from the start
