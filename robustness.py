@@ -74,6 +74,8 @@ from entry import UsageError
 from lca_utils_ep_fast import LCA_CNN
 from robustness_results import (
     AUTOATTACK,
+    CHECK,
+    UNBOUNDED,
     Job,
     ResultsFile,
     job_row,
@@ -81,7 +83,7 @@ from robustness_results import (
     sample_set_id,
     weights_hash,
 )
-from utils_ep_fast import EnergyNet, settle
+from utils_ep_fast import CLAMP_SLOPES, EnergyNet, settle
 
 ROBUSTNESS_CSV = "robustness.csv"
 ROBUSTNESS_PNG = "robustness.png"
@@ -448,6 +450,9 @@ FLAGS: tuple[tuple[str, dict], ...] = (
     ("--T2", {"type": int, "default": None, "help": "EP nudged-phase steps; default: the run's"}),
     ("--beta", {"type": float, "default": 0.01, "help": "nudging of the EP input gradient"}),
     ("--grad-chunk", {"type": int, "default": 16, "help": "images per backpropagated chunk"}),
+    ("--checks", {"action": "store_true",
+                  "help": "adaptive-attack checks at the largest --eps: PGD at 2x, 4x steps and "
+                          "5 restarts, PGD at L-inf eps 1, white-box vs Square"}),
     ("--fresh", {"action": "store_true",
                  "help": "recompute every row, even those robustness.csv already has"}),
 )  # fmt: skip
@@ -531,6 +536,8 @@ def plan_jobs(args: argparse.Namespace, T1_values: Sequence[int]) -> list[Job]:
             jobs += [Job(name, "none", 0.0, s, "none", T1)
                      for name in args.corruptions for s in severities]  # fmt: skip
             jobs.append(Job("corruption_mean", "none", 0.0, 0, "none", T1))
+        if args.checks:
+            jobs += check_jobs(args, T1)
         for attack in args.attacks:
             if attack == AUTOATTACK:
                 jobs += autoattack_jobs(args, T1)
@@ -541,6 +548,39 @@ def plan_jobs(args: argparse.Namespace, T1_values: Sequence[int]) -> list[Job]:
             gradients = ["none"] if attack.startswith("square") else args.gradients
             jobs += [Job(attack, norm, eps, 0, g, T1) for eps in epsilons for g in gradients]
     return jobs
+
+
+def check_jobs(args: argparse.Namespace, T1: int) -> list[Job]:
+    """The adaptive checks' measurements at the largest L-inf epsilon, per white-box gradient:
+    PGD's convergence runs, PGD at L-inf eps 1, and (once) Square at that epsilon."""
+    eps = max(args.eps)
+    jobs = []
+    for gradient in args.gradients:
+        runs = autoattack.convergence_runs(args.steps)
+        jobs += [Job(f"{CHECK}/pgd {label}", "linf", eps, 0, gradient, T1) for label in runs]
+        jobs.append(Job(UNBOUNDED, "linf", autoattack.UNBOUNDED_EPS, 0, gradient, T1))
+    return [*jobs, Job(f"{CHECK}/square", "linf", eps, 0, "none", T1)]
+
+
+def checks_lines(rows: list[dict]) -> list[str]:
+    """Per T1 and gradient, the results line of the adaptive checks in ``rows``."""
+    checks = [row for row in rows if row["attack"].startswith(f"{CHECK}/")]
+    lines = []
+    for T1, gradient in dict.fromkeys((r["T1"], r["gradient"]) for r in checks):
+        if gradient == "none":
+            continue
+        mine = {r["attack"]: r for r in checks if (r["T1"], r["gradient"]) == (T1, gradient)}
+        pgd = {k.removeprefix(f"{CHECK}/pgd "): r["accuracy"] for k, r in mine.items()
+               if k.startswith(f"{CHECK}/pgd ")}  # fmt: skip
+        (square,) = [r for r in checks if r["T1"] == T1 and r["attack"] == f"{CHECK}/square"]
+        pair = (f"pgd ({gradient}) eps {square['epsilon']:g}", pgd["base"], square["accuracy"])
+        results = [
+            autoattack.convergence_check(pgd),
+            autoattack.unbounded_check(mine[UNBOUNDED]["accuracy"]),
+            autoattack.blackbox_check([pair]),
+        ]
+        lines.append(f"T1 {T1:g}, {gradient} gradients: {autoattack.checks_line(results)}")
+    return lines
 
 
 def autoattack_jobs(args: argparse.Namespace, T1: int) -> list[Job]:
@@ -653,9 +693,18 @@ class Measurer:
         if job.kind == AUTOATTACK:
             return self.autoattack(job)
         records.seed_everything(args.seed)
+        if job.attack.startswith(f"{CHECK}/pgd ") or job.attack == UNBOUNDED:
+            label = "base" if job.attack == UNBOUNDED else job.attack.split(" ", 1)[1]
+            steps, restarts = autoattack.convergence_runs(args.steps)[label]
+            adversarial = autoattack.pgd(
+                net, net.cost_gradient(job.gradient), self.pixels, self.labels, "linf",
+                job.epsilon, steps, restarts, args.mbs,
+            )  # fmt: skip
+            return net.accuracy(adversarial, self.labels, args.mbs), len(self.labels)
         classifier = self.classifier(job.gradient, job.T1)
+        name = "square-linf" if job.attack == f"{CHECK}/square" else job.attack
         adversarial = attack_images(
-            job.attack, classifier, job.epsilon, self.budget, self.pixels, self.labels
+            name, classifier, job.epsilon, self.budget, self.pixels, self.labels
         )
         return net.accuracy(adversarial, self.labels, args.mbs), len(self.labels)
 
@@ -751,6 +800,11 @@ def evaluate(args: argparse.Namespace, record: dict, model_path: Path) -> int:
         torch.cuda.set_device(device)  # ART puts its tensors on the current CUDA device
     model = records.restore_model(record, device).eval()
     model.safe_point = entry.raise_if_stopped  # Ctrl-C and SIGTERM stop between steps
+    if "bpda" in args.gradients and model.activation not in CLAMP_SLOPES:
+        raise UsageError(
+            f"--gradients bpda needs a clamp activation ({', '.join(CLAMP_SLOPES)}); this model "
+            f"uses {model.activation}: use --gradients bptt or ep"
+        )
     channels, height, width, _ = data_loading.task_info(task)
     indices, pixels, labels, n_test = sample_test_pixels(
         task, data_dir, not args.no_download, args.n_samples, args.seed
@@ -810,6 +864,9 @@ def evaluate(args: argparse.Namespace, record: dict, model_path: Path) -> int:
             line, table = measurer.autoattack_table(job, indices)
             print(f"{line}\nper-image table: {table}")
             extra.append(line)
+    for line in checks_lines(rows):
+        print(line)
+        extra.append(line)
     write_summary(args, record, model_path, rows, T1_values, T2, extra)
     return entry.EXIT_OK
 

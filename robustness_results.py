@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from torch import Tensor, nn
 
+import autoattack
 import storage
 
 # the columns of the CSVs written before the settings were recorded
@@ -28,6 +29,8 @@ CSV_COLUMNS = (*RESULT_COLUMNS, "T1", *SETTING_COLUMNS)
 KEY_COLUMNS = ("attack", "norm", "epsilon", "severity", "gradient", "T1", *SETTING_COLUMNS)
 NOT_APPLICABLE = "-"
 AUTOATTACK = "autoattack"  # the worst-case row; its components' rows are autoattack/<name>
+CHECK = "check"  # the adaptive checks' rows: check/pgd <run>, check/unbounded, check/square
+UNBOUNDED = f"{CHECK}/unbounded"
 
 
 @dataclass(frozen=True)
@@ -59,7 +62,8 @@ class Job:
 def settings_of(job: Job, evaluation: dict) -> dict:
     """The settings that change ``job``'s result, by CSV column; the others are ``-``. Always
     the batch size, seed, sample set and model; the steps and restarts of a white-box attack
-    (with T2 and beta for the EP gradient); the queries and restarts of Square."""
+    (with T2 and beta for the EP gradient; a check's PGD its own, ``convergence_runs``); the
+    queries and restarts of Square; AutoAttack's budget."""
     relevant = {"batch_size", "seed", "sample_set", "model"}
     if job.kind == "white-box":
         relevant |= {"steps", "restarts"} | ({"T2", "beta"} if job.gradient == "ep" else set())
@@ -69,6 +73,10 @@ def settings_of(job: Job, evaluation: dict) -> dict:
         relevant |= {"steps", "queries", "restarts", "targets"}
         relevant |= {"T2", "beta"} if job.gradient == "ep" else set()
         evaluation = {**evaluation, **evaluation[AUTOATTACK]}
+    if job.attack.startswith(f"{CHECK}/pgd ") or job.attack == UNBOUNDED:
+        label = job.attack.removeprefix(f"{CHECK}/pgd ") if job.attack != UNBOUNDED else "base"
+        steps, restarts = autoattack.convergence_runs(evaluation["steps"])[label]
+        evaluation = {**evaluation, "steps": steps, "restarts": restarts}
     return {
         column: evaluation[column] if column in relevant else NOT_APPLICABLE
         for column in SETTING_COLUMNS

@@ -577,3 +577,33 @@ def test_the_sweep_epsilon_is_the_largest_below_the_first_that_leaves_nothing():
     assert data_utils.sweep_epsilon(rows((0.1, 0.5), (0.2, 0.1), (0.3, 0.0), (0.4, 0.0))) == 0.2
     assert data_utils.sweep_epsilon(rows((0.1, 0.5), (0.3, 0.2))) == 0.3  # never 0%: the largest
     assert data_utils.sweep_epsilon(rows((0.1, 0.0), (0.3, 0.0))) == 0.1  # 0% from the start
+
+
+def test_the_adaptive_checks_line_follows_the_measured_rows(digits_run, tmp_path, capsys):
+    run_dir = copy_run(digits_run, tmp_path)
+    argv = ["--load-path", str(run_dir), "--device", "cpu", "--n-samples", "30", "--attacks",
+            "pgd-linf", "--gradients", "bptt", "--eps", "0.1", "--steps", "3", "--queries",
+            "10", "--checks"]  # fmt: skip
+    assert robustness.main(argv) == 0
+    capsys.readouterr()
+    rows = {row["attack"]: row for row in storage.read_csv_rows(run_dir / "robustness.csv")}
+    base = rows["check/pgd base"]["accuracy"]
+    assert base == rows["pgd-linf"]["accuracy"]  # the same PGD as the attack's own row
+    assert (rows["check/pgd 4x steps"]["steps"], rows["check/pgd 5 restarts"]["restarts"]) == (
+        12, 5
+    )  # fmt: skip
+    verdicts = {
+        "convergence": all(
+            base - rows[f"check/pgd {label}"]["accuracy"] <= 0.01 + 1e-9
+            for label in ("2x steps", "4x steps", "5 restarts")
+        ),
+        "unbounded": rows["check/unbounded"]["accuracy"] <= 0.01,
+        "white-box vs square": base <= rows["check/square"]["accuracy"],
+    }
+    (line,) = [line for line in (run_dir / "robustness.txt").read_text().splitlines()
+               if "adaptive checks" in line]  # fmt: skip
+    passed = line.split("passed: ", 1)[1].split(";")[0].split(", ")
+    assert sorted(passed) == sorted(name for name, ok in verdicts.items() if ok) or (
+        passed == ["none"] and not any(verdicts.values())
+    )
+    assert ("gradient masking suspected" in line) == (not all(verdicts.values()))
