@@ -18,8 +18,18 @@ images drawn with ``--seed`` it measures:
   (``EnergyNet.input_gradient_ep``) from two nudged phases at +-``--beta``, with no graph
   through the dynamics (for an LCACNN it gives the gradient w.r.t. the LCA code, which is then
   backpropagated through the LCA encode alone);
+  ``bpda``, backpropagation with every clamp and LCA threshold straight-through;
 * ``square-linf``, ``square-l2``: ART's Square attack, query-based and gradient-free, with
-  ``--queries`` iterations.
+  ``--queries`` iterations;
+* ``autoattack``: AutoAttack's standard version (``autoattack.py``) per norm, epsilon and
+  gradient, a row per component and the worst case, each component's per-image results saved
+  under ``autoattack/`` so that a resumed run gives the same worst case;
+* with ``--checks``, the adaptive-attack checks (convergence in steps and restarts, PGD at
+  L-inf eps 1, white-box vs Square) and their results line.
+
+A cross-entropy model's white-box attacks ascend the CE of the logits through the chosen
+gradient (``attacks.attack_classifier``; EP nudged by that cost); an MSE model's its own loss.
+Without ``--eps`` / ``--eps-l2`` the task's benchmark epsilons are used.
 
 A white-box attack that leaves a higher accuracy than the Square attack at the same norm and
 epsilon points to gradient masking: those cases are flagged. Everything is measured at each T1
@@ -53,7 +63,6 @@ import hashlib
 import shlex
 import sys
 import time
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,6 +78,13 @@ import data_loading
 import data_utils
 import records
 import storage
+from corruptions import (
+    CORRUPTIONS,
+    SEVERITIES,
+    generate_corruption,
+    read_release,
+    release_folder,
+)
 from distributed import resolve_device
 from entry import UsageError
 from lca_utils_ep_fast import LCA_CNN
@@ -96,14 +112,6 @@ ATTACKS = (*DEFAULT_ATTACKS, "autoattack")
 AUTOATTACK_FOLDER = "autoattack"  # per-component results (.pt) and per-image tables (.csv)
 GRADIENTS = ("bptt", "bpda", "ep")
 DEFAULT_GRADIENTS = ("bptt", "ep")
-# The 15 corruptions of CIFAR-10-C, then its 4 extra ones.
-CORRUPTIONS = (
-    "gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur",
-    "zoom_blur", "snow", "frost", "fog", "brightness", "contrast", "elastic_transform", "pixelate",
-    "jpeg_compression", "speckle_noise", "gaussian_blur", "spatter", "saturate",
-)  # fmt: skip
-SEVERITIES = (1, 2, 3, 4, 5)
-RELEASE_FOLDERS = {"CIFAR10": "CIFAR-10-C", "CIFAR100": "CIFAR-100-C"}
 STORAGE_FIX = "free space or make the run folder writable; robustness.csv keeps the rows so far"
 KEPT_NOTE = "; robustness.csv keeps the rows measured so far"
 
@@ -342,76 +350,6 @@ def attack_images(
             x=pixels.cpu().numpy(), y=labels.cpu().numpy()
         )
     return torch.as_tensor(adversarial, dtype=torch.float32, device=pixels.device)
-
-
-# --------------------------------------------------------------------------------------------
-# Corruptions
-# --------------------------------------------------------------------------------------------
-
-
-def release_folder(task: str, data_dir: str | Path) -> Path | None:
-    """``<data_dir>/CIFAR-10-C`` (or ``CIFAR-100-C``) when it exists for ``task``, else None."""
-    name = RELEASE_FOLDERS.get(task)
-    folder = Path(data_dir) / name if name else None
-    return folder if folder is not None and folder.is_dir() else None
-
-
-def read_release(
-    folder: Path, name: str, n_test: int, image_shape: tuple[int, int, int], indices: Tensor
-) -> dict[int, tuple[Tensor, Tensor]]:
-    """Severity -> (pixels (n, C, H, W) in [0, 1], labels (n,)) of the test images ``indices``
-    from the released ``folder/<name>.npy``: uint8 (5 * n_test, H, W, C), severity ``s`` in rows
-    ``(s - 1) * n_test .. s * n_test``, with ``folder/labels.npy`` (5 * n_test,).
-
-    Raises UsageError for a file that is missing, unreadable or of another shape or type."""
-    channels, height, width = image_shape
-    expected = (len(SEVERITIES) * n_test, height, width, channels)
-    images = _load_npy(folder / f"{name}.npy", expected, np.uint8)
-    labels = _load_npy(folder / "labels.npy", expected[:1], None)
-    by_severity = {}
-    for severity in SEVERITIES:
-        rows = (severity - 1) * n_test + indices.numpy()
-        block = torch.from_numpy(np.ascontiguousarray(images[rows]))
-        pixels = block.permute(0, 3, 1, 2).float() / 255.0
-        by_severity[severity] = pixels, torch.from_numpy(np.asarray(labels[rows])).long()
-    return by_severity
-
-
-def _load_npy(path: Path, shape: tuple[int, ...], dtype) -> np.ndarray:
-    """The array of ``path`` (memory-mapped), checked to have ``shape`` (and ``dtype``)."""
-    if not path.is_file():
-        raise UsageError(f"{path} is missing: put the whole release in {path.parent}")
-    try:
-        array = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError) as error:
-        raise UsageError(f"cannot read {path}: {entry.first_line(error)}") from error
-    if array.shape != shape or (dtype is not None and array.dtype != dtype):
-        wanted = f"{np.dtype(dtype).name} " if dtype is not None else ""
-        raise UsageError(
-            f"{path} holds {array.dtype.name} {array.shape}, expected {wanted}{shape} "
-            f"(severities 1-5 of the test set in blocks): replace it with the released file"
-        )
-    return array
-
-
-def generate_corruption(pixels: Tensor, name: str, severity: int, seed: int) -> Tensor:
-    """``pixels`` (N, C, H, W) in [0, 1] corrupted by ``corrupt_tta`` (which takes RGB uint8
-    images: a grey image is repeated over 3 channels, and the result averaged back), in [0, 1].
-    NumPy's global generator is seeded with ``seed`` first."""
-    from corrupt_tta import corrupt
-
-    np.random.seed(seed)
-    images = (pixels * 255.0).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    grey = images.shape[-1] == 1
-    out = np.empty(images.shape, dtype=np.float32)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for i, image in enumerate(images):
-            rgb = np.repeat(image, 3, axis=2) if grey else image
-            corrupted = np.asarray(corrupt(rgb, severity=severity, corruption_name=name))
-            corrupted = np.clip(corrupted.astype(np.float32), 0.0, 255.0)
-            out[i] = corrupted.mean(2, keepdims=True) if grey else corrupted
-    return torch.from_numpy(out / 255.0).permute(0, 3, 1, 2).contiguous()
 
 
 # --------------------------------------------------------------------------------------------
