@@ -676,6 +676,8 @@ class Measurer:
                 state = storage.safe_load(path, "AutoAttack component result")
                 done[name] = autoattack.ComponentResult.from_state(state)
         own = job.attack.split("/", 1)[1] if "/" in job.attack else None
+        if run_missing and self.args.fresh:  # recompute the job's own component
+            done.pop(own, None)
         wanted = [own] if run_missing and own is not None else [n for n in names if n in done]
         net = self.net(job.T1)
         budget = autoattack.AutoAttackBudget(
