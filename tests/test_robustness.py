@@ -607,3 +607,18 @@ def test_the_adaptive_checks_line_follows_the_measured_rows(digits_run, tmp_path
         passed == ["none"] and not any(verdicts.values())
     )
     assert ("gradient masking suspected" in line) == (not all(verdicts.values()))
+
+
+def test_a_resumed_autoattack_reuses_saved_components_to_the_same_worst_case(autoattacked, capsys):
+    run_dir = autoattacked["dir"]
+    before = without_seconds(run_dir)
+    argv = ["--load-path", str(run_dir), *AA_FLAGS]
+    capsys.readouterr()
+    assert robustness.main(argv) == 0
+    assert reused_line(capsys.readouterr().out).endswith("; 0 to compute")
+    (table_path,) = (run_dir / "autoattack").glob("*_linf_eps0.1_bptt_*.csv")
+    (apgd_t,) = (run_dir / "autoattack").glob(f"{table_path.name.split('_')[0]}_apgd-t.pt")
+    apgd_t.unlink()  # as if stopped during APGD-T: its row is not reused without its results
+    assert robustness.main(argv) == 0
+    assert reused_line(capsys.readouterr().out).endswith("; 1 to compute")
+    assert without_seconds(run_dir) == before
