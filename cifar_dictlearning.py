@@ -418,9 +418,7 @@ class OutputFolder:
             records.save_dictionary(self.dict_path, lca, subset_indices=self.subset)
             rewritten.append(DICTIONARY_FILE)
         if not self.csv_matches(rows):
-            storage.write_csv_rows(
-                self.csv_path, [{n: row[n] for n in CSV_COLUMNS} for row in rows]
-            )
+            storage.write_csv_rows(self.csv_path, rows, CSV_COLUMNS)
             rewritten.append(CSV_FILE)
         if not all(os.path.isfile(os.path.join(self.out_dir, f)) for f in (GRID_FILE, CURVES_FILE)):
             self.draw(lca, rows)

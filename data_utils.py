@@ -217,59 +217,104 @@ def plot_dictlearning_curves(rows: list[dict[str, float]], metrics: Sequence[str
 
 def plot_robustness(rows: list[dict]) -> Figure:
     """The rows of ``robustness.csv``: accuracy against epsilon for every attack, norm and input
-    gradient (one panel per norm, the clean accuracy dotted), then accuracy per corruption and
-    severity (one line per severity, the mean over corruptions dashed) when there are any."""
-    attacked = [row for row in rows if row["norm"] in ("linf", "l2")]
-    corrupted = [row for row in rows if row["norm"] == "none" and row["attack"] != "clean"]
+    gradient (one panel per norm, the clean accuracy dotted; at the first T1 when there are
+    several), then accuracy per corruption and severity (one line per severity, the mean over
+    corruptions dashed) when there are any, then, with several T1 values, accuracy against T1
+    per attack and gradient at ``sweep_epsilon`` of its curve."""
+    T1_values = list(dict.fromkeys(row.get("T1") for row in rows))
+    first = [row for row in rows if row.get("T1") == T1_values[0]] if T1_values else rows
+    attacked = [row for row in first if row["norm"] in ("linf", "l2")]
+    corrupted = [row for row in first if row["norm"] == "none" and row["attack"] != "clean"]
     corrupted = [row for row in corrupted if row["attack"] != "corruption_mean"]
-    clean = [row["accuracy"] for row in rows if row["attack"] == "clean"]
+    clean = [row["accuracy"] for row in first if row["attack"] == "clean"]
     norms = [norm for norm in ("linf", "l2") if any(row["norm"] == norm for row in attacked)]
-    panels = len(norms) + (1 if corrupted else 0)
+    sweep = len(T1_values) > 1
+    panels = len(norms) + (1 if corrupted else 0) + (1 if sweep else 0)
     fig = Figure(figsize=(6.5 * max(panels, 1), 4.5))
+    at_T1 = f" at T1 {T1_values[0]:g}" if sweep else ""
     for i, norm in enumerate(norms):
         ax = fig.add_subplot(1, max(panels, 1), i + 1)
-        curves = dict.fromkeys((row["attack"], row["gradient"]) for row in attacked)
-        for attack, gradient in curves:
-            points = sorted(
-                (row["epsilon"], row["accuracy"])
-                for row in attacked
-                if (row["norm"], row["attack"], row["gradient"]) == (norm, attack, gradient)
-            )
-            if points:
-                label = attack if gradient == "none" else f"{attack} ({gradient})"
-                ax.plot(*zip(*points, strict=True), marker="o", markersize=4, label=label)
+        for (attack, gradient), points in _curves(attacked, norm, "epsilon").items():
+            label = attack if gradient == "none" else f"{attack} ({gradient})"
+            ax.plot(*zip(*points, strict=True), marker="o", markersize=4, label=label)
         if clean:
             ax.axhline(clean[0], color="grey", linestyle=":", label="clean")
         name = "L-inf" if norm == "linf" else "L2"
-        ax.set(title=f"{name} attacks", xlabel="epsilon", ylabel="accuracy", ylim=(-0.02, 1.02))
+        ax.set(title=f"{name} attacks{at_T1}", xlabel="epsilon", ylabel="accuracy",
+               ylim=(-0.02, 1.02))  # fmt: skip
         ax.grid(True, alpha=0.4)
         ax.legend(fontsize=8)
     if corrupted:
-        ax = fig.add_subplot(1, panels, panels)
-        names = list(dict.fromkeys(row["attack"] for row in corrupted))
-        for severity in sorted({int(row["severity"]) for row in corrupted}):
-            by_name = {
-                row["attack"]: row["accuracy"]
-                for row in corrupted
-                if int(row["severity"]) == severity
-            }
-            ax.plot(
-                range(len(names)),
-                [by_name.get(name, math.nan) for name in names],
-                marker="o",
-                markersize=4,
-                linestyle="none",
-                label=f"severity {severity}",
-            )
-        means = [row["accuracy"] for row in rows if row["attack"] == "corruption_mean"]
-        if means:
-            ax.axhline(means[0], color="black", linestyle="--", label="mean")
-        ax.set_xticks(range(len(names)), [n.replace("_", " ") for n in names], rotation=70)
-        ax.set(title="Corruptions", ylabel="accuracy", ylim=(-0.02, 1.02))
-        ax.grid(True, alpha=0.4)
-        ax.legend(fontsize=8)
+        _plot_corruptions(fig.add_subplot(1, panels, len(norms) + 1), corrupted, first)
+    if sweep:
+        _plot_T1_sweep(fig.add_subplot(1, panels, panels), rows)
     fig.tight_layout()
     return fig
+
+
+def _curves(rows: list[dict], norm: str, along: str) -> dict[tuple, list[tuple]]:
+    """(attack, gradient) -> sorted ``(row[along], accuracy)`` points of ``norm``'s rows."""
+    curves: dict[tuple, list[tuple]] = {}
+    for row in rows:
+        if row["norm"] == norm:
+            curves.setdefault((row["attack"], row["gradient"]), []).append(
+                (row[along], row["accuracy"])
+            )
+    return {key: sorted(points) for key, points in curves.items()}
+
+
+def sweep_epsilon(rows: list[dict]) -> float:
+    """The epsilon a T1 sweep is shown at, for the rows of one attack, norm and gradient: the
+    largest below the smallest epsilon that leaves 0% at some T1 (the largest of all when
+    none does, the smallest when the smallest already does)."""
+    epsilons = sorted({row["epsilon"] for row in rows})
+    zero = [row["epsilon"] for row in rows if row["accuracy"] == 0.0]
+    below = [eps for eps in epsilons if not zero or eps < min(zero)]
+    return below[-1] if below else epsilons[0]
+
+
+def _plot_T1_sweep(ax, rows: list[dict]) -> None:
+    """Accuracy against T1 per attack, norm and gradient, at ``sweep_epsilon``."""
+    attacked = [row for row in rows if row["norm"] in ("linf", "l2")]
+    keys = dict.fromkeys((row["attack"], row["norm"], row["gradient"]) for row in attacked)
+    for attack, norm, gradient in keys:
+        key = (attack, norm, gradient)
+        curve = [row for row in attacked if (row["attack"], row["norm"], row["gradient"]) == key]
+        eps = sweep_epsilon(curve)
+        points = sorted((row["T1"], row["accuracy"]) for row in curve if row["epsilon"] == eps)
+        label = f"{attack} {'' if gradient == 'none' else f'({gradient}) '}eps {eps:g}"
+        ax.plot(*zip(*points, strict=True), marker="o", markersize=4, label=label)
+    clean = sorted((row["T1"], row["accuracy"]) for row in rows if row["attack"] == "clean")
+    if clean:
+        ax.plot(*zip(*clean, strict=True), color="grey", linestyle=":", label="clean")
+    ax.set(title="Accuracy against T1", xlabel="T1 (free steps)", ylabel="accuracy",
+           ylim=(-0.02, 1.02))  # fmt: skip
+    ax.grid(True, alpha=0.4)
+    ax.legend(fontsize=7)
+
+
+def _plot_corruptions(ax, corrupted: list[dict], rows: list[dict]) -> None:
+    """Accuracy per corruption, one line per severity, the mean dashed."""
+    names = list(dict.fromkeys(row["attack"] for row in corrupted))
+    for severity in sorted({int(row["severity"]) for row in corrupted}):
+        by_name = {
+            row["attack"]: row["accuracy"] for row in corrupted if int(row["severity"]) == severity
+        }
+        ax.plot(
+            range(len(names)),
+            [by_name.get(name, math.nan) for name in names],
+            marker="o",
+            markersize=4,
+            linestyle="none",
+            label=f"severity {severity}",
+        )
+    means = [row["accuracy"] for row in rows if row["attack"] == "corruption_mean"]
+    if means:
+        ax.axhline(means[0], color="black", linestyle="--", label="mean")
+    ax.set_xticks(range(len(names)), [n.replace("_", " ") for n in names], rotation=70)
+    ax.set(title="Corruptions", ylabel="accuracy", ylim=(-0.02, 1.02))
+    ax.grid(True, alpha=0.4)
+    ax.legend(fontsize=8)
 
 
 def energy_gaps(trace: dict) -> tuple[Tensor, Tensor]:

@@ -77,7 +77,9 @@ def ep_phases(
 
 
 @torch.no_grad()
-def input_gradient(model, x: Tensor, y: Tensor, free: list[Tensor], T2: int, beta: float) -> Tensor:
+def input_gradient(
+    model, x: Tensor, y: Tensor, free: list[Tensor], T2: int, beta: float, nudge=None
+) -> Tensor:
     """EP estimate of ``dL/dx`` per sample, (B, *x.shape[1:]), with no graph.
 
     The fixed input enters ``Phi`` only through ``<F_0(x), s_1>``, so ``dPhi/dx = F_0^T(s_1)``
@@ -88,9 +90,18 @@ def input_gradient(model, x: Tensor, y: Tensor, free: list[Tensor], T2: int, bet
         dL/dx ~ -(F_0^T(s_1^{+beta}) - F_0^T(s_1^{-beta})) / (2 beta)
 
     ``L`` is the per-sample loss of ``loss``. For the LCA front end ``x`` is the LCA code.
+    With ``nudge`` (``s_L -> -dA/ds_L``, shaped like ``s_L``) the phases are nudged by
+    ``beta nudge(s_L)`` instead, and the estimate is ``dA/dx`` of that cost ``A`` (an attack's);
+    a compiled phase runner, which knows only the loss's nudge, is set aside for them.
     """
-    plus = model(x, y, free, T2, beta=beta)
-    minus = model(x, y, free, T2, beta=-beta)
+    runner = model.phase_runner
+    if nudge is not None:
+        model.output_nudge, model.phase_runner = nudge, None
+    try:
+        plus = model(x, y, free, T2, beta=beta)
+        minus = model(x, y, free, T2, beta=-beta)
+    finally:
+        model.output_nudge, model.phase_runner = None, runner
     x = in_memory_format(x)
     first = model.links[0]
     _, cache = first.drive(x)

@@ -4,10 +4,11 @@
   and renamed onto it, so a reader sees the old file or the complete new one.
 - ``safe_load``: ``torch.load(..., weights_only=True)``, tensors and plain containers only.
 - ``FolderLock``: the advisory lock (``.lock``) of the one process writing a folder; taking
-  it removes the temp files a killed writer left (``remove_temp_files``).
+  it removes the temp files a killed writer left (``remove_temp_files``). A lock of another
+  name can sit beside it and leave them alone (an evaluation's, beside a training run's).
 - ``check_writable``: a folder is created and probed before long work starts.
 - ``append_text``, ``append_csv_row``, ``read_csv_rows``: text and CSV logs, fsynced rows;
-  ``write_csv_rows`` replaces a CSV whole, atomically.
+  ``write_csv_rows`` rewrites a whole CSV atomically.
 - ``StorageError`` (exit status 74) and ``FolderBusyError`` (75); ``ERROR_STATUSES`` maps
   them, and ``UsageError``, to their exit statuses for ``entry.run_script``.
 
@@ -22,7 +23,7 @@ import math
 import os
 import socket
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -182,15 +183,18 @@ class FolderLock:
     ``kill -9``; the file also names the holder (``pid host``) and is emptied on release, so a
     non-empty file with a free lock is a stale lock, taken over with a notice. Where ``flock``
     is missing or unsupported (some network filesystems) a lock on this host whose process is
-    gone is taken over too. Taking the lock removes the temporary files a killed writer left.
+    gone is taken over too. Taking the lock removes the temporary files a killed writer left,
+    unless ``clean_temp_files`` is False: a lock of another name (``name``) beside a writer's
+    ``.lock``, such as an evaluation's, must leave that writer's half-written files alone.
 
     Raises:
         FolderBusyError: another live process holds the lock.
     """
 
-    def __init__(self, folder: str | Path):
+    def __init__(self, folder: str | Path, name: str = LOCK_FILE, clean_temp_files: bool = True):
         self.folder = Path(folder)
-        self.path = self.folder / LOCK_FILE
+        self.path = self.folder / name
+        self.clean_temp_files = clean_temp_files
         self._fd: int | None = None
 
     def __enter__(self) -> FolderLock:
@@ -212,7 +216,7 @@ class FolderLock:
         os.ftruncate(fd, 0)
         os.lseek(fd, 0, os.SEEK_SET)
         os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
-        for leftover in remove_temp_files(self.folder):
+        for leftover in remove_temp_files(self.folder) if self.clean_temp_files else []:
             print(f"notice: removed {leftover.name}, left by an interrupted write")
         return self
 
@@ -280,15 +284,6 @@ def append_csv_row(path: str | Path, row: dict) -> None:
         os.fsync(f.fileno())
 
 
-def write_csv_rows(path: str | Path, rows: list[dict]) -> None:
-    """Replace the CSV file ``path`` by ``rows`` (header: the keys of the first), atomically."""
-    text = io.StringIO(newline="")
-    writer = csv.writer(text)
-    writer.writerow(list(rows[0]))
-    writer.writerows([_plain(row[k]) for k in rows[0]] for row in rows)
-    atomic_write(path, lambda f: f.write(text.getvalue().encode()))
-
-
 def _parse_cell(text: str) -> float | str:
     if text == "":
         return math.nan
@@ -296,6 +291,20 @@ def _parse_cell(text: str) -> float | str:
         return float(text)
     except ValueError:
         return text
+
+
+def write_csv_rows(path: str | Path, rows: Sequence[dict], columns: Sequence[str]) -> None:
+    """``rows`` as the whole CSV file ``path`` (header ``columns``, a missing cell empty),
+    written atomically: a reader sees the previous rows or all of these."""
+
+    def write(f: IO[bytes]) -> None:
+        text = io.StringIO(newline="")
+        writer = csv.writer(text)
+        writer.writerow(columns)
+        writer.writerows([_plain(row.get(k, "")) for k in columns] for row in rows)
+        f.write(text.getvalue().encode())
+
+    atomic_write(path, write)
 
 
 def read_csv_rows(path: str | Path) -> list[dict]:

@@ -152,6 +152,8 @@ class EnergyNet(nn.Module):
         # runs forward's phases in its loop's place when set (see forward)
         self.phase_runner: Callable[..., list[Tensor] | None] | None = None
         self.safe_point: Callable[[], None] | None = None
+        # the nudge of another cost than the loss (``input_gradient_ep``'s ``nudge``), when set
+        self.output_nudge: Callable[[Tensor], Tensor] | None = None
 
     def set_dynamics(
         self, dynamics: str = "sync", tol: float | None = None, tol_every: int = TOL_EVERY
@@ -284,7 +286,12 @@ class EnergyNet(nn.Module):
         """The last layer's new state from its drive ``grad`` and the nudge ``-beta dL/ds_L``:
         ``beta W_out^T (onehot - softmax)`` with the softmax readout, ``beta (onehot - s_L)``
         with ``mse``; with ``cel`` and no readout the output units take ``dPhi/ds_L`` itself,
-        without the activation."""
+        without the activation. With ``output_nudge`` set, the nudge is ``beta
+        output_nudge(s_L)`` (``-beta dA/ds_L`` of another cost ``A``) in place of the loss's."""
+        if beta != 0.0 and self.output_nudge is not None:
+            grad = grad + beta * self.output_nudge(state)
+            no_activation = not self.softmax and self.loss_name == "cel"
+            return grad if no_activation else self.sigma(grad)
         if self.softmax:
             if beta != 0.0:
                 readout = self.readout
@@ -366,10 +373,18 @@ class EnergyNet(nn.Module):
         return error.t() @ last, error.sum(0)
 
     def input_gradient_ep(
-        self, x: Tensor, y: Tensor, free: list[Tensor], T2: int, beta: float
+        self,
+        x: Tensor,
+        y: Tensor,
+        free: list[Tensor],
+        T2: int,
+        beta: float,
+        nudge: Callable[[Tensor], Tensor] | None = None,
     ) -> Tensor:
-        """EP estimate of ``dL/dx`` per sample (``estimators.input_gradient``)."""
-        return estimators.input_gradient(self, x, y, free, T2, beta)
+        """EP estimate of ``dL/dx`` per sample (``estimators.input_gradient``); with ``nudge``
+        (``s_L -> -dA/ds_L``) the nudged phases follow the cost ``A`` instead, giving
+        ``dA/dx``."""
+        return estimators.input_gradient(self, x, y, free, T2, beta, nudge)
 
 
 def _as_pair(size: int | tuple[int, int]) -> tuple[int, int]:

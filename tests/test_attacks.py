@@ -1,7 +1,7 @@
-"""attacks.py: the attack costs against hand-worked values and autograd, AutoAttack's
-per-image worst case checked image by image from scratch, every white-box component really
-following the classifier's own input gradient, the straight-through gradient against
-backpropagation and a hand-worked clamped network, and the adaptive checks' verdicts."""
+"""attacks.py and autoattack.py: the attack costs against hand-worked values and autograd,
+AutoAttack's per-image worst case checked image by image from scratch, every white-box
+component really following the classifier's own input gradient, the straight-through gradient
+against backpropagation and a hand-worked clamped network, and the adaptive checks' verdicts."""
 
 from __future__ import annotations
 
@@ -14,7 +14,9 @@ from sklearn.datasets import load_digits
 from torch import nn
 
 import attacks
-from attacks import AutoAttackBudget, LogitCost
+import autoattack
+from attacks import LogitCost
+from autoattack import AutoAttackBudget
 from lca import LCAConv2D, soft_threshold
 from utils_ep_fast import P_MLP, my_hard_sig
 
@@ -52,11 +54,11 @@ def autograd_gradient(model: nn.Module):
 
 
 def attack_digits(digits, norm: str, eps: float, gradient=None, **options):
-    """``attacks.autoattack`` on the digits fixture with the test budget (autograd gradients
+    """``autoattack.autoattack`` on the digits fixture with the test budget (autograd gradients
     unless ``gradient`` is given)."""
     model, pixels, labels = digits
     gradient = gradient or autograd_gradient(model)
-    return attacks.autoattack(model, gradient, pixels, labels, norm, eps, BUDGET, **options)
+    return autoattack.autoattack(model, gradient, pixels, labels, norm, eps, BUDGET, **options)
 
 
 class RecordingGradient:
@@ -142,12 +144,12 @@ def test_default_epsilons_follow_the_benchmark():
 def test_at_epsilon_zero_every_component_leaves_the_clean_accuracy(digits):
     model, pixels, labels = digits
     clean = int((model(pixels).argmax(1) == labels).sum()) / N_IMAGES
-    for norm in attacks.NORMS:
+    for norm in autoattack.NORMS:
         result = attack_digits(digits, norm, 0.0)
         assert result.robust_accuracy == clean
         assert set(result.component_accuracies().values()) == {clean}
         assert torch.equal(result.adversarial(), pixels)
-    zero_pgd = attacks.pgd(model, autograd_gradient(model), pixels, labels, "linf", 0.0, 5)
+    zero_pgd = autoattack.pgd(model, autograd_gradient(model), pixels, labels, "linf", 0.0, 5)
     assert torch.equal(zero_pgd, pixels)
 
 
@@ -155,7 +157,7 @@ def test_at_epsilon_zero_every_component_leaves_the_clean_accuracy(digits):
 def test_kept_adversarials_are_valid_and_the_worst_case_is_the_table_count(digits, norm, eps):
     model, pixels, labels = digits
     result = attack_digits(digits, norm, eps)
-    expected = [name for name in attacks.COMPONENTS if name not in result.missing]
+    expected = [name for name in autoattack.COMPONENTS if name not in result.missing]
     assert list(result.components) == expected and len(expected) >= 3
     clean_correct = model(pixels).argmax(1) == labels
     worst_case = 0
@@ -184,7 +186,7 @@ def test_a_resumed_run_reuses_saved_components_and_gives_the_same_worst_case(dig
     saved = []
     first = attack_digits(digits, "linf", 0.1, components=("apgd-ce",), on_component=saved.append)
     torch.save(saved[0].state(), tmp_path / "apgd-ce.pt")
-    loaded = attacks.ComponentResult.from_state(
+    loaded = autoattack.ComponentResult.from_state(
         torch.load(tmp_path / "apgd-ce.pt", weights_only=True)
     )
     recording = RecordingGradient(model)
@@ -199,7 +201,7 @@ def test_a_resumed_run_reuses_saved_components_and_gives_the_same_worst_case(dig
 
 
 def test_a_missing_component_is_named_in_the_result_and_the_summary(digits, monkeypatch):
-    monkeypatch.setattr(attacks, "fab_available", lambda: False)
+    monkeypatch.setattr(autoattack, "fab_available", lambda: False)
     result = attack_digits(digits, "linf", 0.05, components=("fab-t", "square"))
     assert result.missing == ("fab-t",) and list(result.components) == ["square"]
     line = result.summary_line()
@@ -207,7 +209,7 @@ def test_a_missing_component_is_named_in_the_result_and_the_summary(digits, monk
     assert f"clean accuracy {result.clean_accuracy:.2%}" in line
 
 
-NEEDS_FAB = pytest.mark.skipif(not attacks.fab_available(), reason="pyautoattack not installed")
+NEEDS_FAB = pytest.mark.skipif(not autoattack.fab_available(), reason="pyautoattack not installed")
 
 
 @pytest.mark.parametrize(
@@ -345,18 +347,18 @@ def test_bpda_refuses_a_smooth_activation():
 
 
 def test_convergence_check_allows_one_point():
-    runs = attacks.convergence_runs(10)
+    runs = autoattack.convergence_runs(10)
     assert runs == {
         "base": (10, 1),
         "2x steps": (20, 1),
         "4x steps": (40, 1),
         "5 restarts": (10, 5),
     }
-    held = attacks.convergence_check(
+    held = autoattack.convergence_check(
         {"base": 0.52, "2x steps": 0.51, "4x steps": 0.515, "5 restarts": 0.52}
     )
     assert held.passed
-    dropped = attacks.convergence_check(
+    dropped = autoattack.convergence_check(
         {"base": 0.52, "2x steps": 0.51, "4x steps": 0.49, "5 restarts": 0.52}
     )
     assert not dropped.passed and "4x steps" in dropped.detail and "2x" not in dropped.detail
@@ -364,17 +366,17 @@ def test_convergence_check_allows_one_point():
 
 def test_unbounded_and_blackbox_checks_and_the_results_line(digits):
     model, pixels, labels = digits
-    adversarial = attacks.pgd(
-        model, autograd_gradient(model), pixels, labels, "linf", attacks.UNBOUNDED_EPS, steps=5
+    adversarial = autoattack.pgd(
+        model, autograd_gradient(model), pixels, labels, "linf", autoattack.UNBOUNDED_EPS, steps=5
     )
     accuracy = (model(adversarial).argmax(1) == labels).float().mean().item()
-    unbounded = attacks.unbounded_check(accuracy)
+    unbounded = autoattack.unbounded_check(accuracy)
     assert unbounded.passed
-    assert not attacks.unbounded_check(0.02).passed and attacks.unbounded_check(0.01).passed
-    blackbox = attacks.blackbox_check(
+    assert not autoattack.unbounded_check(0.02).passed and autoattack.unbounded_check(0.01).passed
+    blackbox = autoattack.blackbox_check(
         [("pgd-linf bptt eps 0.1", 0.40, 0.35), ("pgd-linf ep eps 0.1", 0.30, 0.35)]
     )
     assert not blackbox.passed and "ep eps" not in blackbox.detail
-    line = attacks.checks_line([unbounded, blackbox])
+    line = autoattack.checks_line([unbounded, blackbox])
     assert line.startswith("adaptive checks: passed: unbounded; gradient masking suspected: ")
     assert "white-box vs square (pgd-linf bptt eps 0.1: 0.400 > square 0.350)" in line

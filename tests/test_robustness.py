@@ -5,6 +5,11 @@ one line."""
 
 from __future__ import annotations
 
+import os
+import shlex
+import shutil
+import signal
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -12,10 +17,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 from fake_datasets import write_fake_cifar10
+from helpers import DIGITS_CNN
 
+import attacks
+import autoattack
+import data_utils
+import entry
 import main_fast
 import records
 import robustness
+import robustness_results
 import runs
 import storage
 from lca_utils_ep_fast import LCA_CNN
@@ -62,7 +73,7 @@ def test_every_attack_at_epsilon_zero_leaves_the_clean_accuracy(evaluated):
     attacks = {(row["attack"], row["gradient"]) for row in at_zero}
     assert attacks == {
         (attack, gradient)
-        for attack in robustness.ATTACKS[1:]
+        for attack in robustness.DEFAULT_ATTACKS[1:]
         for gradient in (("none",) if attack.startswith("square") else ("bptt", "ep"))
     }
     for row in at_zero:
@@ -87,7 +98,7 @@ def test_pgd_accuracy_falls_as_epsilon_grows(evaluated):
 
 def test_output_files(evaluated):
     run_dir, rows = evaluated["dir"], evaluated["rows"]
-    assert list(rows[0]) == list(robustness.CSV_COLUMNS)
+    assert list(rows[0]) == list(robustness_results.CSV_COLUMNS)
     assert all(row["samples"] == 60 and row["seconds"] >= 0 for row in rows)
     corruptions = [row for row in rows if row["attack"] in ("gaussian_noise", "contrast")]
     assert sorted((row["attack"], row["severity"]) for row in corruptions) == [
@@ -96,7 +107,8 @@ def test_output_files(evaluated):
     (mean,) = [row["accuracy"] for row in rows if row["attack"] == "corruption_mean"]
     assert mean == pytest.approx(np.mean([row["accuracy"] for row in corruptions]))
     assert (run_dir / robustness.ROBUSTNESS_PNG).read_bytes().startswith(PNG_MAGIC)
-    summary = (run_dir / runs.HYPERPARAMETERS_TXT).read_text()
+    summary = (run_dir / robustness.ROBUSTNESS_TXT).read_text()
+    assert "robustness model.pt" not in (run_dir / runs.HYPERPARAMETERS_TXT).read_text()
     assert f"robustness model.pt (epoch {records.load_model_file(run_dir)[0]['epoch']}" in summary
     assert f"clean: {clean_accuracy(rows):.4f}" in summary
 
@@ -248,21 +260,365 @@ def test_generated_corruptions_keep_the_image_size(shape):
     "extra, message",
     [
         (["--attacks", "fgsm"], "--attacks: unknown 'fgsm'"),
-        (["--eps", "0.1", "-0.1"], "--eps takes epsilons >= 0, got -0.1"),
-        (["--eps-l2", "-1"], "--eps-l2 takes epsilons >= 0, got -1.0"),
+        (["--eps", "0.1", "-0.1"], "--eps takes finite epsilons >= 0, got -0.1"),
+        (["--eps-l2", "-1"], "--eps-l2 takes finite epsilons >= 0, got -1.0"),
+        (["--eps-l2", "inf"], "--eps-l2 takes finite epsilons >= 0, got inf"),
+        (["--eps-l2", "0.5", "nan"], "--eps-l2 takes finite epsilons >= 0, got nan"),
+        (["--eps", "nan"], "--eps takes finite epsilons >= 0, got nan"),
+        (["--eps", "inf"], "--eps takes finite epsilons >= 0, got inf"),
+        (["--T1", "5", "5"], "--T1 lists a value twice"),
+        (["--restarts", "0"], "--restarts must be at least 1"),
         (["--corruptions", "rain"], "--corruptions: unknown 'rain'"),
         (["--severities", "6"], "--severities: unknown 6"),
         (["--steps", "0"], "--steps must be at least 1"),
         (["--beta", "0"], "--beta must be > 0"),
     ],
 )
-def test_bad_flags_stop_with_one_line(extra, message, tmp_path, capsys):
-    assert robustness.main(["--load-path", str(tmp_path), *extra]) == 2
+def test_bad_flags_stop_with_one_line(extra, message, lifecycle_run, tmp_path, capsys):
+    run_dir = copy_run(lifecycle_run, tmp_path)
+    before = sorted(run_dir.iterdir())
+    assert robustness.main(["--load-path", str(run_dir), *extra]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err, err
+    assert sorted(run_dir.iterdir()) == before  # nothing written
 
 
 def test_missing_run_folder(tmp_path, capsys):
     assert robustness.main(["--load-path", str(tmp_path / "nowhere"), "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "model file not found" in err
+
+
+# ---- the lifecycle: resume, reuse, locks, exit statuses --------------------------------------
+
+LIFECYCLE_FLAGS = ["--device", "cpu", "--n-samples", "12", "--attacks", "corruptions",
+                   "pgd-linf", "square-linf", "--gradients", "bptt", "ep", "--eps", "0", "0.2",
+                   "--steps", "2", "--queries", "2", "--corruptions", "gaussian_noise",
+                   "--severities", "1", "3"]  # fmt: skip
+# clean, 2 corruptions and their mean, pgd at 2 epsilons x 2 gradients, square at 2 epsilons
+LIFECYCLE_ROWS = 1 + 2 + 1 + 4 + 2
+PGD_ROWS = 4
+
+
+@pytest.fixture(scope="module")
+def lifecycle_run(tmp_path_factory) -> Path:
+    """The tiny digits CNN of the helpers, trained one epoch (one batch) at T1 3."""
+    results = tmp_path_factory.mktemp("lifecycle_runs")
+    argv = [
+        *DIGITS_CNN,
+        "--epochs",
+        "1",
+        "--device",
+        "cpu",
+        "--save",
+        "--results-dir",
+        str(results),
+    ]
+    assert main_fast.main(argv) == 0
+    (run_dir,) = runs.find_runs(results)
+    return run_dir
+
+
+def copy_run(run_dir: Path, tmp_path: Path, name: str = "run") -> Path:
+    """A copy of the training run's files (none of an evaluation's)."""
+    ignore = shutil.ignore_patterns("robustness.*", ".robustness.lock", "autoattack")
+    return Path(shutil.copytree(run_dir, tmp_path / name, ignore=ignore))
+
+
+def evaluate(run_dir: Path, capsys, *extra: str, status: int = 0) -> tuple[str, str]:
+    """robustness.py on ``run_dir`` with the lifecycle flags; its (stdout, stderr)."""
+    assert robustness.main(["--load-path", str(run_dir), *LIFECYCLE_FLAGS, *extra]) == status
+    captured = capsys.readouterr()
+    return captured.out, captured.err
+
+
+def without_seconds(run_dir: Path) -> list[dict]:
+    rows = storage.read_csv_rows(run_dir / robustness.ROBUSTNESS_CSV)
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
+
+
+def reused_line(out: str) -> str:
+    (line,) = [line for line in out.splitlines() if line.startswith("reused ")]
+    return line
+
+
+def test_resumed_evaluation_equals_the_uninterrupted_one(lifecycle_run, tmp_path, capsys,
+                                                         monkeypatch):  # fmt: skip
+    whole, stopped = copy_run(lifecycle_run, tmp_path, "whole"), copy_run(lifecycle_run, tmp_path)
+    real = entry.raise_if_stopped
+    calls = {"n": 0, "stop_at": None}
+
+    def counting_safe_point() -> None:  # SIGTERM recorded at the chosen safe point
+        calls["n"] += 1
+        if calls["n"] == calls["stop_at"]:
+            entry.request_stop(signal.SIGTERM)
+        real()
+
+    monkeypatch.setattr(entry, "raise_if_stopped", counting_safe_point)
+    evaluate(whole, capsys)
+    calls.update(n=0, stop_at=calls["n"] // 2)  # in the middle: inside an attack's dynamics
+    _, err = evaluate(stopped, capsys, status=143)
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert lines[-2].startswith("terminated (SIGTERM); robustness.csv keeps the rows measured")
+    command = shlex.split(lines[-1])
+    assert command[:2] == ["python", "robustness.py"]
+    kept = len(storage.read_csv_rows(stopped / robustness.ROBUSTNESS_CSV))
+    assert 0 < kept < LIFECYCLE_ROWS
+    assert robustness.main(command[2:]) == 0  # the printed command continues it
+    assert reused_line(capsys.readouterr().out).startswith(f"reused {kept} rows")
+    assert without_seconds(stopped) == without_seconds(whole)
+
+
+def test_a_repeated_evaluation_reuses_every_row(lifecycle_run, tmp_path, capsys):
+    run_dir = copy_run(lifecycle_run, tmp_path)
+    evaluate(run_dir, capsys)
+    written = (run_dir / robustness.ROBUSTNESS_CSV).read_bytes()
+    out, _ = evaluate(run_dir, capsys)
+    assert reused_line(out) == f"reused {LIFECYCLE_ROWS} rows of robustness.csv; 0 to compute"
+    assert (run_dir / robustness.ROBUSTNESS_CSV).read_bytes() == written
+
+
+def test_a_changed_setting_recomputes_the_rows_it_changes(lifecycle_run, tmp_path, capsys):
+    run_dir = copy_run(lifecycle_run, tmp_path)
+    evaluate(run_dir, capsys)
+    out, _ = evaluate(run_dir, capsys, "--steps", "3")  # PGD's rows only
+    assert reused_line(out) == (
+        f"reused {LIFECYCLE_ROWS - PGD_ROWS} rows of robustness.csv; {PGD_ROWS} to compute"
+    )
+    out, _ = evaluate(run_dir, capsys, "--beta", "0.02")  # the EP gradient's rows only
+    assert reused_line(out).endswith(f"; {PGD_ROWS // 2} to compute")
+    out, _ = evaluate(run_dir, capsys, "--seed", "1")  # another sample set: everything
+    assert reused_line(out).startswith("reused 0 rows")
+    rows = storage.read_csv_rows(run_dir / robustness.ROBUSTNESS_CSV)
+    assert len(rows) == 2 * LIFECYCLE_ROWS + PGD_ROWS + PGD_ROWS // 2
+
+    # the model rewritten (training went on): its rows are recomputed
+    record, model_path = records.load_model_file(run_dir)
+    record["model_state"] = {k: v + 1e-3 for k, v in record["model_state"].items()}
+    storage.atomic_save(record, model_path)
+    out, _ = evaluate(run_dir, capsys)
+    assert reused_line(out).startswith("reused 0 rows")
+
+
+def test_fresh_recomputes_every_row_in_place(lifecycle_run, tmp_path, capsys):
+    run_dir = copy_run(lifecycle_run, tmp_path)
+    evaluate(run_dir, capsys)
+    before = without_seconds(run_dir)
+    seconds = [r["seconds"] for r in storage.read_csv_rows(run_dir / robustness.ROBUSTNESS_CSV)]
+    out, _ = evaluate(run_dir, capsys, "--fresh")
+    assert reused_line(out) == f"reused 0 rows of robustness.csv; {LIFECYCLE_ROWS} to compute"
+    assert without_seconds(run_dir) == before  # recomputed: the same results, the same rows
+    again = [r["seconds"] for r in storage.read_csv_rows(run_dir / robustness.ROBUSTNESS_CSV)]
+    assert again != seconds
+
+
+def test_an_older_eight_column_csv_is_read_and_kept(lifecycle_run, tmp_path, capsys):
+    run_dir = copy_run(lifecycle_run, tmp_path)
+    old = "attack,norm,epsilon,severity,gradient,accuracy,samples,seconds\n"
+    old += "clean,none,0.0,0,none,0.25,12,0.5\npgd-linf,linf,0.2,0,bptt,0.125,12,1.5\n"
+    (run_dir / robustness.ROBUSTNESS_CSV).write_text(old)
+    out, _ = evaluate(run_dir, capsys)
+    assert reused_line(out).startswith("reused 0 rows")  # no settings recorded: no match
+    rows = storage.read_csv_rows(run_dir / robustness.ROBUSTNESS_CSV)
+    assert len(rows) == 2 + LIFECYCLE_ROWS
+    assert (rows[1]["attack"], rows[1]["accuracy"], rows[1]["seconds"]) == ("pgd-linf", 0.125, 1.5)
+    assert np.isnan(rows[1]["T1"]) and list(rows[0]) == list(robustness_results.CSV_COLUMNS)
+
+
+def test_an_unwritable_run_folder_exits_74_before_any_attack(lifecycle_run, tmp_path, capsys,
+                                                             monkeypatch):  # fmt: skip
+    folder = tmp_path / "mounted"
+    folder.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(folder)]).returncode:
+        pytest.skip("this machine cannot mount a tmpfs to make read-only")
+    try:
+        run_dir = copy_run(lifecycle_run, folder)
+        subprocess.run(["mount", "-o", "remount,ro", str(folder)], check=True)
+        monkeypatch.setattr(robustness, "attack_images", lambda *a: pytest.fail("attacked"))
+        monkeypatch.setattr(robustness, "sample_test_pixels", lambda *a: pytest.fail("read"))
+        _, err = evaluate(run_dir, capsys, status=74)
+        (line,) = err.strip().splitlines()
+        assert line.startswith(f"error: cannot write or read a file ({run_dir}")
+        assert "Read-only file system" in line and "pass a writable --load-path" in line
+    finally:
+        subprocess.run(["umount", str(folder)], capture_output=True)
+
+
+def test_two_evaluations_of_one_run_cannot_interleave(lifecycle_run, tmp_path, capsys):
+    run_dir = copy_run(lifecycle_run, tmp_path)
+    with storage.FolderLock(run_dir, robustness.LOCK_FILE, clean_temp_files=False):
+        _, err = evaluate(run_dir, capsys, status=75)
+    assert f"{run_dir} is being written by process {os.getpid()}" in err
+    assert not (run_dir / robustness.ROBUSTNESS_CSV).exists()
+
+
+def test_an_evaluation_leaves_a_live_training_runs_files_alone(lifecycle_run, tmp_path, capsys):
+    run_dir = copy_run(lifecycle_run, tmp_path)
+    half_written = run_dir / ".checkpoint.pt.abc123.tmp"
+    training_files = {name: (run_dir / name).read_bytes()
+                      for name in ("hyperparameters.txt", "results.csv", "model.pt")}  # fmt: skip
+    with storage.FolderLock(run_dir):  # a training run holds its folder
+        half_written.write_bytes(b"half a checkpoint")
+        lock_line = (run_dir / storage.LOCK_FILE).read_text()
+        evaluate(run_dir, capsys)
+        assert (run_dir / storage.LOCK_FILE).read_text() == lock_line
+        assert half_written.read_bytes() == b"half a checkpoint"
+    for name, content in training_files.items():
+        assert (run_dir / name).read_bytes() == content, name
+    assert (run_dir / robustness.ROBUSTNESS_TXT).read_text().startswith("robustness model.pt")
+
+
+# ---- input gradients of an attack's own cost -------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["ce", "dlr", "dlr-targeted"])
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: P_CNN(8, 1, [4, 8], [3, 3], [1, 1], [1, 1], "mm", [10], softmax=True, loss="cel"),
+        lambda: P_CNN(8, 1, [4], [3], [1], [1], "a", [10], activation="mysig"),
+    ],
+    ids=["cnn-softmax", "cnn-mse"],
+)
+def test_ep_gradient_of_an_attack_cost_follows_that_cost(build, kind):
+    """EP nudged by the cost's own ``-dA/ds_L`` estimates ``dA/dp``: autograd of that cost
+    through the settled dynamics, not the gradient of the model's loss. (DLR's small
+    denominators curve it sharply: a small beta keeps the finite difference accurate.)"""
+    torch.manual_seed(0)
+    model = build().double()
+    net = robustness.PixelClassifier(model, "DIGITS", T1=300, T2=150, beta=1e-5, chunk=4)
+    net = net.double()
+    pixels = torch.rand(6, 1, 8, 8, dtype=torch.float64)
+    labels = torch.arange(6) % 10
+    targets = (labels + 3) % 10 if kind == "dlr-targeted" else None
+    cost = attacks.LogitCost(kind, labels, targets)
+    by_ep = net.ep_gradient(pixels, cost)
+    tracked = pixels.clone().requires_grad_(True)
+    (exact,) = torch.autograd.grad(cost.value(net.logits_with_graph(tracked)).sum(), tracked)
+    sizable = exact.flatten(1).norm(dim=1) > 1e-6 * exact.flatten(1).norm(dim=1).max()
+    assert cosines(by_ep, exact)[sizable].min() >= 0.99  # saturated samples: ~1e-11, noise
+    lengths = by_ep.flatten(1).norm(dim=1) / exact.flatten(1).norm(dim=1)
+    assert torch.median(lengths).item() == pytest.approx(1.0, rel=2e-2)
+    if kind != "ce":  # the model's own loss has another gradient
+        by_loss = net.input_gradient(pixels, labels, "ep")
+        assert cosines(by_loss, exact).min() < 0.99
+
+
+# ---- AutoAttack and the T1 sweep on the trained digits RCNN --------------------------------
+
+AA_FLAGS = ["--device", "cpu", "--n-samples", "40", "--attacks", "autoattack", "--gradients",
+            "bptt", "--eps", "0", "0.1", "--eps-l2", "0", "--aa-iterations", "5",
+            "--aa-queries", "20", "--aa-targets", "2"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def autoattacked(digits_run, tmp_path_factory) -> dict:
+    """robustness.py --attacks autoattack on a copy of the trained digits RCNN."""
+    run_dir = copy_run(digits_run, tmp_path_factory.mktemp("autoattack"))
+    assert robustness.main(["--load-path", str(run_dir), *AA_FLAGS]) == 0
+    return {"dir": run_dir, "rows": storage.read_csv_rows(run_dir / robustness.ROBUSTNESS_CSV)}
+
+
+def test_autoattack_at_epsilon_zero_leaves_the_clean_accuracy(autoattacked):
+    rows = autoattacked["rows"]
+    at_zero = [row for row in rows if row["attack"].startswith("autoattack") and
+               row["epsilon"] == 0]  # fmt: skip
+    components = [n for n in autoattack.COMPONENTS if n != "fab-t" or autoattack.fab_available()]
+    assert len(at_zero) == 2 * (len(components) + 1)  # L-inf and L2
+    assert all(row["accuracy"] == clean_accuracy(rows) for row in at_zero)
+
+
+def test_autoattack_keeps_valid_misclassified_images_and_the_table_counts(autoattacked):
+    run_dir, rows = autoattacked["dir"], autoattacked["rows"]
+    (worst,) = [row for row in rows if row["attack"] == "autoattack" and row["epsilon"] == 0.1]
+    (table_path,) = (run_dir / "autoattack").glob("*_linf_eps0.1_bptt_*.csv")
+    table = storage.read_csv_rows(table_path)
+    assert worst["accuracy"] == sum(row["robust"] for row in table) / len(table) < 1
+    assert worst["accuracy"] < clean_accuracy(rows)
+    # every kept image, checked from scratch with a network rebuilt from the model file
+    record, _ = records.load_model_file(run_dir)
+    net = robustness.PixelClassifier(records.restore_model(record), "DIGITS", 10, 3, 0.01, 8)
+    indices, pixels, labels, _ = robustness.sample_test_pixels("DIGITS", "./data", False, 40, 0)
+    assert [int(row["index"]) for row in table] == indices.tolist()
+    prefix = table_path.name.split("_")[0]
+    fooled_somewhere = torch.zeros(len(labels), dtype=torch.bool)
+    for component in (run_dir / "autoattack").glob(f"{prefix}_*.pt"):
+        result = storage.safe_load(component, "component")
+        fooled = ~result["robust"] & torch.tensor([bool(row["clean"]) for row in table])
+        kept = result["adversarial"][fooled]
+        assert (kept - pixels[fooled]).abs().max() <= 0.1 + 1e-6
+        assert kept.min() >= 0 and kept.max() <= 1
+        assert (net(kept).argmax(1) != labels[fooled]).all(), component.name
+        fooled_somewhere |= fooled
+    robust_count = sum(row["clean"] for row in table) - int(fooled_somewhere.sum())
+    assert worst["accuracy"] == robust_count / len(table)
+
+
+def test_the_T1_sweep_at_the_runs_own_T1_equals_a_single_evaluation(digits_run, tmp_path,
+                                                                    capsys):  # fmt: skip
+    single, sweep = copy_run(digits_run, tmp_path, "single"), copy_run(digits_run, tmp_path)
+    flags = ["--device", "cpu", "--n-samples", "30", "--attacks", "corruptions", "pgd-linf",
+             "square-linf", "--eps", "0.1", "--steps", "3", "--queries", "5", "--corruptions",
+             "contrast", "--severities", "2"]  # fmt: skip
+    assert robustness.main(["--load-path", str(single), *flags]) == 0
+    assert robustness.main(["--load-path", str(sweep), *flags, "--T1", "4", "10"]) == 0
+    capsys.readouterr()
+    by_sweep = [row for row in without_seconds(sweep) if row["T1"] == 10]
+    assert by_sweep == without_seconds(single)
+    assert {row["T1"] for row in without_seconds(sweep)} == {4.0, 10.0}
+    assert (sweep / robustness.ROBUSTNESS_PNG).read_bytes().startswith(PNG_MAGIC)
+
+
+def test_the_sweep_epsilon_is_the_largest_below_the_first_that_leaves_nothing():
+    def rows(*pairs):
+        return [{"epsilon": eps, "accuracy": acc} for eps, acc in pairs]
+
+    assert data_utils.sweep_epsilon(rows((0.1, 0.5), (0.2, 0.1), (0.3, 0.0), (0.4, 0.0))) == 0.2
+    assert data_utils.sweep_epsilon(rows((0.1, 0.5), (0.3, 0.2))) == 0.3  # never 0%: the largest
+    assert data_utils.sweep_epsilon(rows((0.1, 0.0), (0.3, 0.0))) == 0.1  # 0% from the start
+
+
+def test_the_adaptive_checks_line_follows_the_measured_rows(digits_run, tmp_path, capsys):
+    run_dir = copy_run(digits_run, tmp_path)
+    argv = ["--load-path", str(run_dir), "--device", "cpu", "--n-samples", "30", "--attacks",
+            "pgd-linf", "--gradients", "bptt", "--eps", "0.1", "--steps", "3", "--queries",
+            "10", "--checks"]  # fmt: skip
+    assert robustness.main(argv) == 0
+    capsys.readouterr()
+    rows = {row["attack"]: row for row in storage.read_csv_rows(run_dir / "robustness.csv")}
+    base = rows["check/pgd base"]["accuracy"]
+    assert base == rows["pgd-linf"]["accuracy"]  # the same PGD as the attack's own row
+    assert (rows["check/pgd 4x steps"]["steps"], rows["check/pgd 5 restarts"]["restarts"]) == (
+        12, 5
+    )  # fmt: skip
+    verdicts = {
+        "convergence": all(
+            base - rows[f"check/pgd {label}"]["accuracy"] <= 0.01 + 1e-9
+            for label in ("2x steps", "4x steps", "5 restarts")
+        ),
+        "unbounded": rows["check/unbounded"]["accuracy"] <= 0.01,
+        "white-box vs square": base <= rows["check/square"]["accuracy"],
+    }
+    (line,) = [line for line in (run_dir / "robustness.txt").read_text().splitlines()
+               if "adaptive checks" in line]  # fmt: skip
+    passed = line.split("passed: ", 1)[1].split(";")[0].split(", ")
+    assert sorted(passed) == sorted(name for name, ok in verdicts.items() if ok) or (
+        passed == ["none"] and not any(verdicts.values())
+    )
+    assert ("gradient masking suspected" in line) == (not all(verdicts.values()))
+
+
+def test_a_resumed_autoattack_reuses_saved_components_to_the_same_worst_case(autoattacked, capsys):
+    run_dir = autoattacked["dir"]
+    before = without_seconds(run_dir)
+    argv = ["--load-path", str(run_dir), *AA_FLAGS]
+    capsys.readouterr()
+    assert robustness.main(argv) == 0
+    assert reused_line(capsys.readouterr().out).endswith("; 0 to compute")
+    (table_path,) = (run_dir / "autoattack").glob("*_linf_eps0.1_bptt_*.csv")
+    (apgd_t,) = (run_dir / "autoattack").glob(f"{table_path.name.split('_')[0]}_apgd-t.pt")
+    apgd_t.unlink()  # as if stopped during APGD-T: its row is not reused without its results
+    assert robustness.main(argv) == 0
+    assert reused_line(capsys.readouterr().out).endswith("; 1 to compute")
+    assert without_seconds(run_dir) == before
