@@ -150,7 +150,7 @@ def robustness_row_tag(row: Mapping[str, Any]) -> str:
     """The tag of a robustness.csv row: ``tensorboard_log.robustness_tag`` of its attack,
     gradient and epsilon, with ``/severity_<s>`` for a corruption."""
     tag = robustness_tag(row["attack"], row["gradient"], float(row["epsilon"]))
-    return f"{tag}/severity_{row['severity']}" if int(row["severity"]) else tag
+    return f"{tag}/severity_{int(row['severity'])}" if int(row["severity"]) else tag
 
 
 def log_robustness_row(log: TensorBoardLog, row: Mapping[str, Any], T1: int) -> None:

@@ -141,9 +141,12 @@ def test_sigterm_stops_robustness_keeping_the_rows_measured(tmp_path, capsys):
     finally:
         child.kill()
     assert child.returncode == 143 and "Traceback" not in err, err
-    assert err.strip().splitlines()[-1] == (
-        "terminated (SIGTERM); robustness.csv keeps the rows measured so far"
+    note, command = err.strip().splitlines()[-2:]
+    assert (
+        note
+        == "terminated (SIGTERM); robustness.csv keeps the rows measured so far; continue with:"
     )
+    assert command.strip().startswith("python robustness.py --load-path")
     rows = storage.read_csv_rows(csv_path)
     assert rows[0]["attack"] == "clean" and rows[1]["attack"] == "pgd-linf"
 
@@ -151,10 +154,10 @@ def test_sigterm_stops_robustness_keeping_the_rows_measured(tmp_path, capsys):
 def test_robustness_reports_a_failed_write_in_one_line(tmp_path, capsys, monkeypatch):
     run_dir = saved_run(tmp_path, capsys)
 
-    def disk_full(path, row):
+    def disk_full(path, rows, columns):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr(storage, "append_csv_row", disk_full)
+    monkeypatch.setattr(storage, "write_csv_rows", disk_full)
     assert robustness.main(robustness_argv(run_dir, "--steps", "1", "--eps", "0")[1:]) == 74
     line = one_error_line(capsys.readouterr().err)
     assert line.startswith(f"error: cannot write or read a file ({run_dir / 'robustness.csv'})")
