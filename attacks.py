@@ -395,7 +395,17 @@ def attack_classifier(
             losses = {"mean": losses.mean(), "sum": losses.sum()}.get(reduction, losses)
             return losses.cpu().numpy() if isinstance(x, np.ndarray) else losses
 
-    return CostClassifier(
+    return art_wrapped(CostClassifier, net, input_shape, classes, device)
+
+
+def art_wrapped(
+    classifier_class: type, net: nn.Module, input_shape: Sequence[int], classes: int, device
+):
+    """An instance of ``classifier_class`` (an ART ``PyTorchClassifier`` subclass) over ``net``,
+    for images of ``input_shape`` (C, H, W) with pixels in [0, 1] and ``classes`` classes. The
+    loss given to ART is a placeholder: the subclass's ``loss_gradient`` and ``compute_loss``
+    stand in for it."""
+    return classifier_class(
         model=net,
         loss=nn.CrossEntropyLoss(),
         input_shape=tuple(input_shape),

@@ -15,7 +15,7 @@ images drawn with ``--seed`` it measures:
   once per input gradient of ``--gradients``:
   ``bptt``, backpropagation through the LCA encode and all T1 steps (in chunks of
   ``--grad-chunk`` images to bound memory); ``ep``, the EP estimate of the engine
-  (``EnergyNet.input_gradient_ep``) from two nudged phases at +-``--beta``, with no graph
+  (``estimators.input_gradient``) from two nudged phases at +-``--beta``, with no graph
   through the dynamics (for an LCACNN it gives the gradient w.r.t. the LCA code, which is then
   backpropagated through the LCA encode alone);
   ``bpda``, backpropagation with every clamp and LCA threshold straight-through;
@@ -77,6 +77,7 @@ import attacks
 import autoattack
 import data_loading
 import data_utils
+import estimators
 import records
 import run_board
 import storage
@@ -265,7 +266,9 @@ class PixelClassifier(nn.Module):
             code = self.code_with_graph(pixels)
         fixed = code.detach()
         free = self.model(fixed, labels, self.model.init_neurons(fixed), self.T1)
-        code_gradient = self.model.input_gradient_ep(fixed, labels, free, self.T2, self.beta, nudge)
+        code_gradient = estimators.input_gradient(
+            self.model, fixed, labels, free, self.T2, self.beta, nudge
+        )
         return torch.autograd.grad(code, pixels, code_gradient.reshape(code.shape))[0]
 
     @torch.no_grad()
@@ -302,14 +305,7 @@ def art_classifier(net: PixelClassifier, gradient: str, input_shape, classes: in
             losses = {"mean": losses.mean(), "sum": losses.sum()}.get(reduction, losses)
             return losses.cpu().numpy() if isinstance(x, np.ndarray) else losses
 
-    return EnergyClassifier(
-        model=net,
-        loss=nn.CrossEntropyLoss(),
-        input_shape=tuple(input_shape),
-        nb_classes=classes,
-        clip_values=(0.0, 1.0),
-        device_type="gpu" if device.type == "cuda" else "cpu",
-    )
+    return attacks.art_wrapped(EnergyClassifier, net, input_shape, classes, device)
 
 
 def make_attack(name: str, classifier, eps: float, budget: AttackBudget):

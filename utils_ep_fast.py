@@ -38,7 +38,6 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 import dynamics
-import estimators
 from dynamics import (
     CLAMP_SLOPES,
     DYNAMICS,
@@ -152,7 +151,7 @@ class EnergyNet(nn.Module):
         # runs forward's phases in its loop's place when set (see forward)
         self.phase_runner: Callable[..., list[Tensor] | None] | None = None
         self.safe_point: Callable[[], None] | None = None
-        # the nudge of another cost than the loss (``input_gradient_ep``'s ``nudge``), when set
+        # the nudge of another cost than the loss (``estimators.input_gradient``'s ``nudge``)
         self.output_nudge: Callable[[Tensor], Tensor] | None = None
 
     def set_dynamics(
@@ -360,31 +359,20 @@ class EnergyNet(nn.Module):
             pair = slice(k, k + 2)
             link.write_estimate(layers_1[pair], layers_2[pair], anchor[pair], scale)
         if self.softmax:
-            weight_2, bias_2 = self._readout_loss_grads(neurons_2, y)
-            weight_1, bias_1 = self._readout_loss_grads(neurons_1, y)
+            weight_2, bias_2 = readout_loss_grads(self, neurons_2, y)
+            weight_1, bias_1 = readout_loss_grads(self, neurons_1, y)
             self.readout.weight.grad = (beta_1 * weight_1 - beta_2 * weight_2) * scale
             self.readout.bias.grad = (beta_1 * bias_1 - beta_2 * bias_2) * scale
 
-    def _readout_loss_grads(self, neurons: list[Tensor], y: Tensor) -> tuple[Tensor, Tensor]:
-        """Batch sums of ``dCE/dW_out = (softmax - onehot)^T s_L`` and ``dCE/db_out``."""
-        last = neurons[-1].flatten(1)
-        logits = F.linear(last, self.readout.weight, self.readout.bias)
-        error = logits.softmax(1) - F.one_hot(y, self.num_classes).to(last.dtype)
-        return error.t() @ last, error.sum(0)
 
-    def input_gradient_ep(
-        self,
-        x: Tensor,
-        y: Tensor,
-        free: list[Tensor],
-        T2: int,
-        beta: float,
-        nudge: Callable[[Tensor], Tensor] | None = None,
-    ) -> Tensor:
-        """EP estimate of ``dL/dx`` per sample (``estimators.input_gradient``); with ``nudge``
-        (``s_L -> -dA/ds_L``) the nudged phases follow the cost ``A`` instead, giving
-        ``dA/dx``."""
-        return estimators.input_gradient(self, x, y, free, T2, beta, nudge)
+def readout_loss_grads(model: EnergyNet, neurons: list[Tensor], y: Tensor) -> tuple[Tensor, Tensor]:
+    """Batch sums of ``dCE/dW_out = (softmax - onehot)^T s_L`` and ``dCE/db_out`` of
+    ``model``'s readout at the states ``neurons``."""
+    last = neurons[-1].flatten(1)
+    readout = model.readout
+    logits = F.linear(last, readout.weight, readout.bias)
+    error = logits.softmax(1) - F.one_hot(y, model.num_classes).to(last.dtype)
+    return error.t() @ last, error.sum(0)
 
 
 def _as_pair(size: int | tuple[int, int]) -> tuple[int, int]:

@@ -23,6 +23,7 @@ import attacks
 import autoattack
 import data_utils
 import entry
+import estimators
 import main_fast
 import records
 import robustness
@@ -146,7 +147,7 @@ def test_ep_input_gradient_matches_backpropagation(build):
     x = torch.rand(6, 1, 8, 8, dtype=torch.float64)
     y = torch.randint(0, 10, (6,))
     free = model(x, y, model.init_neurons(x), 300)
-    estimate = model.input_gradient_ep(x, y, free, 100, 1e-3)
+    estimate = estimators.input_gradient(model, x, y, free, 100, 1e-3)
     x_tracked = x.clone().requires_grad_(True)
     final = model(x_tracked, y, model.init_neurons(x), 300, track_grad=True)
     (exact,) = torch.autograd.grad(model.loss(final, y).sum(), x_tracked)
