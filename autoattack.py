@@ -94,6 +94,11 @@ def fab_available() -> bool:
     return True
 
 
+def available_components() -> tuple[str, ...]:
+    """The components of ``COMPONENTS`` that can be had here, in AutoAttack's order."""
+    return tuple(name for name in COMPONENTS if name != "fab-t" or fab_available())
+
+
 def batched_logits(net: nn.Module, pixels: Tensor, batch_size: int) -> Tensor:
     """``net``'s logits (N, K) of ``pixels``, evaluated from scratch without a graph."""
     with torch.no_grad():

@@ -1,10 +1,14 @@
 """Helpers the test files share: command lines of tiny runs, their run folders and outputs,
-the seed README's commands, failures injected into training."""
+the seed README's commands, failures injected into training, child processes and the events
+that tests wait on."""
 
 from __future__ import annotations
 
 import csv
 import shlex
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import torch
@@ -13,6 +17,7 @@ import main_fast
 import utils_ep_fast
 
 ROOT = Path(__file__).resolve().parents[1]
+WAIT = 180  # seconds any child process may take (a slow, busy machine imports torch slowly)
 
 # The seed README's four training commands, verbatim.
 SEED_COMMANDS = {
@@ -93,3 +98,20 @@ def fail_in_epoch(monkeypatch, epoch: int, failure) -> None:
         return free
 
     monkeypatch.setattr(utils_ep_fast, "train_batch", train_batch)
+
+
+def start(argv: list[str], cwd: Path = ROOT, env: dict | None = None) -> subprocess.Popen:
+    """A child ``python`` process running ``argv``, its output captured as text."""
+    return subprocess.Popen(
+        [sys.executable, *argv], cwd=cwd, env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+def wait_for(condition, what: str) -> None:
+    """Poll ``condition`` (an event: a file appearing, a line printed) until it holds, for at
+    most ``WAIT`` seconds."""
+    deadline = time.monotonic() + WAIT
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.02)

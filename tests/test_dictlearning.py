@@ -7,11 +7,11 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import WAIT, start, wait_for
 
 import cifar_dictlearning
 import entry
@@ -131,7 +131,6 @@ def test_user_errors_are_one_line_with_exit_code_2(tmp_path, capsys, extra, need
 # --------------------------------------------------------------------------------------------
 
 ROOT = Path(__file__).resolve().parents[1]
-WAIT = 180  # seconds a child process may take (a busy machine imports torch slowly)
 # Two epochs of two batches: seven safe points (the start, a boundary before each batch, one
 # once each epoch's files are written)
 TWO_BY_TWO = [
@@ -421,15 +420,11 @@ def test_sigterm_to_a_child_process_stops_it_and_the_printed_command_continues(
     argv = THREE_EPOCHS
     out_dir = tmp_path / "stopped"
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
-    child = subprocess.Popen(
-        [sys.executable, "cifar_dictlearning.py", *argv, "--out-dir", str(out_dir)],
-        cwd=ROOT, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    child = start(["cifar_dictlearning.py", *argv, "--out-dir", str(out_dir)], env=environment)
     try:
-        deadline = time.monotonic() + WAIT
-        while not (out_dir / "dictlearning_state.pt").exists():
-            assert child.poll() is None and time.monotonic() < deadline, "no first epoch"
-            time.sleep(0.02)
+        first_epoch = out_dir / "dictlearning_state.pt"
+        wait_for(lambda: first_epoch.exists() or child.poll() is not None, "the first epoch")
+        assert child.poll() is None, child.communicate()
         child.send_signal(signal.SIGTERM)
         _, err = child.communicate(timeout=WAIT)
     finally:

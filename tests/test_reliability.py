@@ -11,13 +11,13 @@ import math
 import os
 import pickle
 import re
+import shlex
 import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tarfile
-import time
 from pathlib import Path
 
 import matplotlib.image
@@ -26,7 +26,17 @@ import pytest
 import torch
 import torchvision.datasets.cifar as tv_cifar
 from fake_datasets import write_fake_cifar10
-from helpers import DIGITS_CNN, LCACNN, fail_in_epoch, read_csv, run_dir_of, run_failing
+from helpers import (
+    DIGITS_CNN,
+    LCACNN,
+    WAIT,
+    fail_in_epoch,
+    read_csv,
+    run_dir_of,
+    run_failing,
+    start,
+    wait_for,
+)
 from matplotlib.figure import Figure
 
 import cifar_dictlearning
@@ -39,21 +49,6 @@ import runs
 import storage
 
 ROOT = Path(__file__).resolve().parents[1]
-WAIT = 180  # seconds any child process may take (a slow, busy machine imports torch slowly)
-
-
-def start(argv: list[str], cwd: Path = ROOT) -> subprocess.Popen:
-    """A child ``python`` process running ``argv``, its output captured as text."""
-    return subprocess.Popen(
-        [sys.executable, *argv], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-
-
-def wait_for(condition, what: str) -> None:
-    deadline = time.monotonic() + WAIT
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def saved_run(results: Path, capsys, *extra: str) -> Path:
@@ -180,11 +175,13 @@ def test_sigterm_stops_dictionary_learning_keeping_the_last_dictionary(tmp_path)
     assert torch.isfinite(weights).all()
 
 
-# A script whose import of module argv[1] sends the signal argv[2] to itself, then runs
-# main_fast.py with argv[3:] as the command line: a signal while the libraries load.
+# A script whose import of module argv[2] sends the signal argv[3] to itself, then runs the
+# script argv[1] with argv[4:] as its command line: a signal while the libraries load.
 SIGNAL_ON_IMPORT = """
 import os, runpy, signal, sys
-module, signame, sys.argv = sys.argv[1], sys.argv[2], ["main_fast.py", *sys.argv[3:]]
+script, module, signame = sys.argv[1:4]
+sys.argv = [script, *sys.argv[4:]]
+sys.path.insert(0, os.getcwd())
 class SignalOnImport:
     def find_spec(self, name, path=None, target=None):
         if name == module:
@@ -192,8 +189,15 @@ class SignalOnImport:
             os.kill(os.getpid(), getattr(signal, signame))
         return None
 sys.meta_path.insert(0, SignalOnImport())
-runpy.run_path("main_fast.py", run_name="__main__")
+runpy.run_path(script, run_name="__main__")
 """
+
+
+def signal_on_import(script: str, module: str, signame: str, *argv: str):
+    return subprocess.run(
+        [sys.executable, "-c", SIGNAL_ON_IMPORT, script, module, signame, *argv], cwd=ROOT,
+        capture_output=True, text=True, timeout=WAIT,
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -203,12 +207,27 @@ runpy.run_path("main_fast.py", run_name="__main__")
 )  # fmt: skip
 def test_a_signal_while_the_libraries_load_stops_quietly(module, signame, status, said, tmp_path):
     argv = [*DIGITS_CNN, "--save", "--results-dir", str(tmp_path)]
-    done = subprocess.run(
-        [sys.executable, "-c", SIGNAL_ON_IMPORT, module, signame, *argv], cwd=ROOT,
-        capture_output=True, text=True, timeout=WAIT,
-    )  # fmt: skip
+    done = signal_on_import("main_fast.py", module, signame, *argv)
     assert done.returncode == status and done.stderr.strip() == said, done.stderr
     assert list(tmp_path.iterdir()) == [], "it stopped before any work"
+
+
+@pytest.mark.parametrize(
+    ("script", "module", "signame", "status", "argv"),
+    [("robustness.py", "torch", "SIGTERM", 143, ["--load-path", "RUN", "--device", "cpu"]),
+     ("cifar_dictlearning.py", "matplotlib", "SIGINT", 130, ["--task", "DIGITS", "--out-dir",
+                                                              "RUN"])],
+)  # fmt: skip
+def test_the_other_scripts_stop_quietly_while_the_libraries_load(
+    script, module, signame, status, argv, tmp_path
+):
+    run = tmp_path / "run"
+    done = signal_on_import(script, module, signame, *[str(run) if a == "RUN" else a for a in argv])
+    assert done.returncode == status and "Traceback" not in done.stderr, done.stderr
+    first, *_, command = done.stderr.strip().splitlines()
+    assert first.startswith("terminated (SIGTERM)" if status == 143 else "interrupted")
+    assert command.endswith(f"python {script} {shlex.join(argv).replace('RUN', str(run))}")
+    assert not run.exists(), "it stopped before any work"
 
 
 # ----------------------------------------------- 2b. a stop at every kind of safe point, in-process

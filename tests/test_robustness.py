@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from fake_datasets import write_fake_cifar10
-from helpers import DIGITS_CNN
+from helpers import DIGITS_CNN, WAIT, start, wait_for
 
 import attacks
 import autoattack
@@ -525,8 +525,7 @@ def test_autoattack_at_epsilon_zero_leaves_the_clean_accuracy(autoattacked):
     rows = autoattacked["rows"]
     at_zero = [row for row in rows if row["attack"].startswith("autoattack") and
                row["epsilon"] == 0]  # fmt: skip
-    components = [n for n in autoattack.COMPONENTS if n != "fab-t" or autoattack.fab_available()]
-    assert len(at_zero) == 2 * (len(components) + 1)  # L-inf and L2
+    assert len(at_zero) == 2 * (len(autoattack.available_components()) + 1)  # L-inf and L2
     assert all(row["accuracy"] == clean_accuracy(rows) for row in at_zero)
 
 
@@ -554,6 +553,12 @@ def test_autoattack_keeps_valid_misclassified_images_and_the_table_counts(autoat
         fooled_somewhere |= fooled
     robust_count = sum(row["clean"] for row in table) - int(fooled_somewhere.sum())
     assert worst["accuracy"] == robust_count / len(table)
+
+
+def test_the_summary_states_the_budget_of_the_attacks_that_ran(autoattacked):
+    header = (autoattacked["dir"] / robustness.ROBUSTNESS_TXT).read_text().splitlines()[0]
+    assert "AutoAttack 5 iterations, 20 queries, 2 targets, 1 restarts" in header
+    assert " steps" not in header, "no PGD or Square ran, so their budget is not stated"
 
 
 def test_the_T1_sweep_at_the_runs_own_T1_equals_a_single_evaluation(digits_run, tmp_path,
@@ -619,7 +624,30 @@ def test_a_resumed_autoattack_reuses_saved_components_to_the_same_worst_case(aut
     assert reused_line(capsys.readouterr().out).endswith("; 0 to compute")
     (table_path,) = (run_dir / "autoattack").glob("*_linf_eps0.1_bptt_*.csv")
     (apgd_t,) = (run_dir / "autoattack").glob(f"{table_path.name.split('_')[0]}_apgd-t.pt")
-    apgd_t.unlink()  # as if stopped during APGD-T: its row is not reused without its results
-    assert robustness.main(argv) == 0
-    assert reused_line(capsys.readouterr().out).endswith("; 1 to compute")
+    apgd_t.unlink()  # as if stopped during APGD-T: neither its row nor the worst case is
+    assert robustness.main(argv) == 0  # reused without its per-image results
+    assert reused_line(capsys.readouterr().out).endswith("; 2 to compute")
     assert without_seconds(run_dir) == before
+
+
+def test_ctrl_c_to_an_autoattack_process_exits_130_and_its_command_continues(
+    digits_run, autoattacked, tmp_path
+):
+    """A real SIGINT, sent when the first component's results appear; the printed command,
+    run as written, ends with the rows of the evaluation that was never stopped."""
+    run_dir = copy_run(digits_run, tmp_path)
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    child = start(["robustness.py", "--load-path", str(run_dir), *AA_FLAGS], env=environment)
+    try:
+        components = run_dir / robustness.AUTOATTACK_FOLDER
+        wait_for(lambda: any(components.glob("*.pt")) or child.poll() is not None, "a component")
+        assert child.poll() is None, child.communicate()
+        child.send_signal(signal.SIGINT)
+        _, err = child.communicate(timeout=WAIT)
+    finally:
+        child.kill()
+    assert child.returncode == 130 and "Traceback" not in err, err
+    note, command = err.strip().splitlines()[-2:]
+    assert note == "interrupted; robustness.csv keeps the rows measured so far; continue with:"
+    assert robustness.main(shlex.split(command)[2:]) == 0
+    assert without_seconds(run_dir) == without_seconds(autoattacked["dir"])
