@@ -25,8 +25,9 @@ A flag that would change the result is refused (exit 2; ``--fresh`` starts over)
 may grow, and a finished run says so and exits 0, rewriting any of its files that are missing.
 
 One process writes an output folder at a time. Exit statuses and one-line errors are those of
-``entry.py``: 0 done, 2 bad input, 74 a file could not be written, 75 another process writes
-the folder, 130 Ctrl-C, 143 SIGTERM. Signals are honoured at safe points (between batches, and
+``entry.py``: 0 done, 1 the dictionary or its metrics stopped being finite (the last finite
+epoch is kept), 2 bad input, 74 a file could not be written, 75 another process writes the
+folder, 130 Ctrl-C, 143 SIGTERM. Signals are honoured at safe points (between batches, and
 once an epoch's files are written), which keeps the last finished epoch and prints the command
 that continues.
 
@@ -85,6 +86,13 @@ FLOAT_RANGES = {
     "lca_eta": (0, False, None, False),
 }
 FLAGS = {"subset_fraction": "subset-fraction", "lambda_increment": "lambda-increment"}
+
+
+class DictionaryDivergenceError(RuntimeError):
+    """The dictionary or an epoch's metrics stopped being finite: learning cannot go on."""
+
+
+ERROR_STATUSES = ((DictionaryDivergenceError, entry.EXIT_DIVERGED), *storage.ERROR_STATUSES)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -256,6 +264,7 @@ def learn(args: argparse.Namespace, held: contextlib.ExitStack) -> LCAConv2D:
         start = time.perf_counter()
         metrics = learn_one_epoch(lca, batches, device, args.max_batches,
                                   desc=f"epoch {epoch + 1}/{args.epochs}")  # fmt: skip
+        check_finite(lca, metrics, epoch + 1, out_dir, kept=len(rows))
         row = {"epoch": epoch + 1, "lambda": lca.lambda_, **metrics}
         row["seconds"] = time.perf_counter() - start
         rows.append(row)
@@ -269,6 +278,20 @@ def learn(args: argparse.Namespace, held: contextlib.ExitStack) -> LCAConv2D:
         )
         distributed.stop_agreed()  # a safe point: the epoch is kept
     return lca
+
+
+def check_finite(lca: LCAConv2D, metrics: dict, epoch: int, out_dir: str, kept: int) -> None:
+    """Raise DictionaryDivergenceError if epoch ``epoch`` left a non-finite dictionary or metric;
+    nothing of it has been written, so the folder keeps epoch ``kept``."""
+    bad = [name for name, value in metrics.items() if not math.isfinite(value)]
+    if not torch.isfinite(lca.get_weights()).all():
+        bad.insert(0, "the dictionary")
+    if bad:
+        where = f"epoch {kept}'s dictionary is kept in {out_dir}" if kept else "nothing was kept"
+        raise DictionaryDivergenceError(
+            f"dictionary learning diverged in epoch {epoch}: {', '.join(bad)} not finite; "
+            f"{where}; start again with --fresh and a smaller --lca_eta"
+        )
 
 
 def build_lca(args: argparse.Namespace, in_channels: int, device: torch.device) -> LCAConv2D:
@@ -490,7 +513,7 @@ def learn_reporting(args: argparse.Namespace, argv: Sequence[str]) -> int:
     """:func:`run`, every failure reported as one line (``entry``), an interruption with the
     command that continues the run; returns the exit status."""
     work = functools.partial(run, args)
-    status = entry.run_script(work, storage.ERROR_STATUSES, STORAGE_FIX, KEPT_NOTE)
+    status = entry.run_script(work, ERROR_STATUSES, STORAGE_FIX, KEPT_NOTE)
     if status in (entry.EXIT_INTERRUPTED, entry.EXIT_TERMINATED):
         print(f"continue with: {continue_command(argv, args.fresh)}", file=sys.stderr)
     return status

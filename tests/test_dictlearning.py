@@ -480,3 +480,31 @@ def test_a_fresh_run_stopped_continues_itself_not_the_earlier_one(
     assert learn(argv, None) == 0
     state = torch.load(out_dir / "dictlearning_state.pt", weights_only=True)
     assert state["epoch"] == 2 and state["settings"]["lca_iters"] == 20
+
+
+def test_a_dictionary_that_stops_being_finite_exits_1_keeping_the_last_finite_epoch(
+    tmp_path, monkeypatch, capsys
+):
+    out_dir = tmp_path / "diverged"
+    real = cifar_dictlearning.learn_one_epoch
+    epochs = []
+
+    def diverging_in_epoch_two(lca, *args, **kwargs):
+        metrics = real(lca, *args, **kwargs)
+        epochs.append(len(epochs) + 1)
+        if len(epochs) == 2:
+            with torch.no_grad():
+                lca.weights[0, 0, 0, 0] = float("nan")
+        return metrics
+
+    monkeypatch.setattr(cifar_dictlearning, "learn_one_epoch", diverging_in_epoch_two)
+    assert learn(TWO_BY_TWO, out_dir) == 1
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert line == (
+        "error: dictionary learning diverged in epoch 2: the dictionary not finite; epoch 1's "
+        f"dictionary is kept in {out_dir}; start again with --fresh and a smaller --lca_eta"
+    )
+    state = torch.load(out_dir / "dictlearning_state.pt", weights_only=True)
+    saved = torch.load(out_dir / "dictionary.pt", weights_only=True)["weights"]
+    assert state["epoch"] == 1 and torch.isfinite(saved).all()
+    assert [row["epoch"] for row in csv.DictReader((out_dir / "dictlearning.csv").open())] == ["1"]

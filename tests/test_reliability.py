@@ -438,6 +438,30 @@ def test_second_writer_is_refused_and_a_stale_lock_is_taken_over(tmp_path, capsy
     assert epochs == ["epoch", "1", "2"]
 
 
+def test_a_second_dictionary_writer_is_refused_with_status_75(tmp_path, capsys):
+    out_dir = tmp_path / "dictionary"
+    out_dir.mkdir()
+    holder = start(["-c", HOLD_LOCK, str(out_dir)])
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        argv = [
+            "--task",
+            "DIGITS",
+            "--lca_feats",
+            "4",
+            "--lca-iters",
+            "5",
+            "--out-dir",
+            str(out_dir),
+        ]
+        assert cifar_dictlearning.main(argv) == 75
+        line = one_error_line(capsys.readouterr().err)
+        assert f"{out_dir} is being written by process {holder.pid} on " in line
+        assert sorted(p.name for p in out_dir.iterdir()) == [".lock"], "nothing written"
+    finally:
+        holder.kill()
+
+
 def test_without_flock_a_lock_is_judged_by_the_process_it_names(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(storage, "fcntl", None)  # as on a filesystem or system without flock
     host, lock_file = socket.gethostname(), tmp_path / ".lock"
