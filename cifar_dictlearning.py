@@ -531,4 +531,4 @@ def continue_command(argv: Sequence[str], fresh: bool) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry.exit_after_work(main())

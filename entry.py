@@ -36,7 +36,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 EXIT_OK = 0
 EXIT_DIVERGED = 1  # training diverged to NaN/inf; the last good checkpoint is kept
@@ -166,6 +166,18 @@ def with_signals(work: Callable[[], Any]) -> Any:
     with stop_handlers():
         raise_if_stopped()
         return work()
+
+
+def exit_after_work(status: int) -> NoReturn:
+    """Exit with ``status`` once the script's work is over (everything is saved), SIGINT and
+    SIGTERM ignored from here on. The interpreter's shutdown gives the handled signals their
+    default action back before the libraries are torn down, so a late SIGTERM (a scheduler's
+    preemption arriving as the job ends) would otherwise kill the finished process (-15);
+    ignored signals stay ignored."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    sys.exit(status)
 
 
 def note_interrupts(note: Callable[[], None]) -> None:

@@ -240,7 +240,11 @@ def run_train(args: argparse.Namespace, explicit: set[str], argv: list[str]) -> 
     """
     main_process = distributed.is_main_process()
     with contextlib.ExitStack() as held:
-        settings, checkpoint, changed, run_dir = train_settings(args, explicit, held)
+        try:
+            settings, checkpoint, changed, run_dir = train_settings(args, explicit, held)
+        except RunComplete as complete:  # a requeue of a job that had finished
+            print(complete)
+            return entry.EXIT_OK
         note_unsaved(settings)
         device = distributed.device_for(settings.run.device)
         records.seed_everything(settings.run.seed)
@@ -309,17 +313,32 @@ def train_settings(
     return (*load_checkpoint(given, explicit), run_dir)
 
 
+class RunComplete(Exception):  # noqa: N818 (the normal end of a requeued job, not an error)
+    """``--save --load-path`` of a run that has all its epochs and final files: a requeued job
+    that had finished, with nothing left to do (its message says so)."""
+
+
 def load_checkpoint(
     typed: Mapping[str, Any], explicit: set[str]
 ) -> tuple[Settings, dict, list[str]]:
     """The checkpoint of the run folder ``--load-path``, the settings to resume it with, and
-    which of ``--lrs`` / ``--wds`` the command line changes (``config.resume_flags``)."""
+    which of ``--lrs`` / ``--wds`` the command line changes (``config.resume_flags``).
+    RunComplete when ``--save`` (the requeue pattern) finds the run complete."""
     checkpoint = records.load_checkpoint(typed["load_path"])
     n_synapses = records.synapse_count(checkpoint)
     model_config = checkpoint["model_config"]
     model_name = str(model_config.get("model", "")) if isinstance(model_config, dict) else ""
-    finished = runs.is_finished(typed["load_path"], checkpoint["epoch"], model_name)
-    flags, changed = config.resume_flags(checkpoint, typed, explicit, n_synapses, finished)
+    done = checkpoint["epoch"]
+    finished = runs.is_finished(typed["load_path"], done, model_name)
+    requeue = bool(typed["save"])
+    flags, changed = config.resume_flags(
+        checkpoint, typed, explicit, n_synapses, finished and not requeue
+    )
+    if finished and flags["epochs"] == done:
+        raise RunComplete(
+            f"{typed['load_path']}: the run is complete ({done} epochs); nothing to do (pass "
+            f"--epochs N with N > {done} to train further)"
+        )
     return config.settings(flags), checkpoint, changed
 
 
@@ -423,4 +442,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry.exit_after_work(main())

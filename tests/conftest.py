@@ -1,5 +1,9 @@
-"""Shared test setup: the repository root importable, a headless matplotlib, and two torch
-threads unless OMP_NUM_THREADS says otherwise."""
+"""Shared test setup: the repository root importable, a headless matplotlib, and one torch
+thread, for the tests and the processes they start, unless OMP_NUM_THREADS says otherwise.
+
+The suite's tensors are tiny (8x8 digits, a few channels): a second thread only adds
+synchronisation, and when the machine is busy (a second copy of the suite beside it, a
+two-process torchrun test) threads that wait on each other make a test many times slower."""
 
 import os
 import sys
@@ -16,4 +20,5 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 if "OMP_NUM_THREADS" not in os.environ:
-    torch.set_num_threads(2)
+    os.environ["OMP_NUM_THREADS"] = "1"  # the child processes read it
+    torch.set_num_threads(1)

@@ -137,6 +137,23 @@ def test_resume_of_a_finished_run_asks_for_more_epochs(tmp_path, capsys):
     assert "already has 1 epochs; pass --epochs N with N > 1" in err
 
 
+def test_a_requeue_of_a_finished_run_exits_0_writing_nothing(tmp_path, capsys):
+    assert main_fast.main(DIGITS_CNN + ["--save", "--results-dir", str(tmp_path)]) == 0
+    run_dir = run_dir_of(tmp_path)
+    files = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+    capsys.readouterr()
+    assert main_fast.main(DIGITS_CNN + ["--save", "--load-path", str(run_dir)]) == 0
+    assert (
+        capsys.readouterr()
+        .out.strip()
+        .endswith(
+            f"{run_dir}: the run is complete (1 epochs); nothing to do (pass --epochs N with N > 1 "
+            "to train further)"
+        )
+    )
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == files
+
+
 def test_divergence_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
     def poison(model):
         with torch.no_grad():

@@ -30,12 +30,7 @@ SMALL_RUN = [
 def small_run(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("digits_dict")
     args = cifar_dictlearning.build_parser().parse_args(SMALL_RUN + ["--out-dir", str(out_dir)])
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tensors this small only pay for thread synchronisation
-    try:
-        lca = cifar_dictlearning.run(args)
-    finally:
-        torch.set_num_threads(threads)
+    lca = cifar_dictlearning.run(args)
     with open(out_dir / "dictlearning.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     return out_dir, lca, rows
@@ -143,14 +138,9 @@ TWO_BY_TWO = [
 
 def learn(argv: list[str], out_dir: Path | None, capsys=None) -> int:
     """``cifar_dictlearning.main`` on ``argv`` (into ``out_dir`` unless None: ``argv`` names
-    it) at one thread; its output is read away when ``capsys`` is given."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        where = [] if out_dir is None else ["--out-dir", str(out_dir)]
-        status = cifar_dictlearning.main([*argv, *where])
-    finally:
-        torch.set_num_threads(threads)
+    it); its output is read away when ``capsys`` is given."""
+    where = [] if out_dir is None else ["--out-dir", str(out_dir)]
+    status = cifar_dictlearning.main([*argv, *where])
     if capsys is not None:
         capsys.readouterr()
     return status

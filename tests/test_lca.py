@@ -16,15 +16,6 @@ from lca import (
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tensors are tiny: a second thread would only add synchronisation."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def f64(values) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float64)
 

@@ -1,6 +1,5 @@
 """EP learns real data: scikit-learn's bundled handwritten digits, offline, on the CPU."""
 
-import pytest
 import torch
 from math_checks import digits_loaders
 
@@ -8,16 +7,6 @@ import data_loading
 from utils_ep_fast import P_CNN, EPConfig, make_optimizer, train
 
 EPOCHS = 10
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """On 8x8 images every operation is tiny, and one thread beats several (no hand-offs
-    between threads), which keeps each test well under a minute on two idle cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_symmetric_ep_with_softmax_readout_learns_digits():

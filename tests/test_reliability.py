@@ -21,7 +21,6 @@ import tarfile
 from pathlib import Path
 
 import matplotlib.image
-import numpy as np
 import pytest
 import torch
 import torchvision.datasets.cifar as tv_cifar
@@ -228,6 +227,35 @@ def test_the_other_scripts_stop_quietly_while_the_libraries_load(
     assert first.startswith("terminated (SIGTERM)" if status == 143 else "interrupted")
     assert command.endswith(f"python {script} {shlex.join(argv).replace('RUN', str(run))}")
     assert not run.exists(), "it stopped before any work"
+
+
+# A script that installs the handlers and ends with argv[1] ("entry": entry.exit_after_work,
+# "sys": sys.exit), an object torn down with the modules sending it SIGTERM as it goes: the
+# signal lands in the interpreter's shutdown, after the work, once Python gave the handled
+# signals their default action back.
+SIGTERM_AT_SHUTDOWN = """
+import os, signal, sys, types
+sys.path.insert(0, os.getcwd())
+import entry
+entry.install_stop_handlers()
+class SendsSigtermWhenTornDown:
+    def __del__(self, kill=os.kill, pid=os.getpid(), sigterm=signal.SIGTERM):
+        kill(pid, sigterm)
+holder = types.ModuleType("holder")
+holder.late = SendsSigtermWhenTornDown()
+sys.modules["holder"] = holder
+entry.exit_after_work(0) if sys.argv[1] == "entry" else sys.exit(0)
+"""
+
+
+def test_a_sigterm_in_the_interpreters_shutdown_leaves_a_finished_scripts_status():
+    def ending_with(how: str) -> int:
+        done = subprocess.run([sys.executable, "-c", SIGTERM_AT_SHUTDOWN, how], cwd=ROOT,
+                              capture_output=True, text=True, timeout=WAIT)  # fmt: skip
+        return done.returncode
+
+    assert ending_with("sys") == -signal.SIGTERM, "the signal lands after Python's handlers"
+    assert ending_with("entry") == 0
 
 
 # ----------------------------------------------- 2b. a stop at every kind of safe point, in-process
@@ -714,12 +742,15 @@ def test_modified_cifar_files_are_checked_before_torchvision_unpickles_them(tmp_
 # --------------------------------------------------------------- test setup
 
 
-def test_conftest_keeps_a_given_omp_num_threads():
-    code = "import conftest, torch; print(torch.get_num_threads())"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+@pytest.mark.parametrize(("given", "threads"), [("2", "2 2"), (None, "1 1")])
+def test_conftest_gives_one_thread_unless_omp_num_threads_is_set(given, threads):
+    code = (
+        "import conftest, os, torch; print(torch.get_num_threads(), os.environ['OMP_NUM_THREADS'])"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    env.update({} if given is None else {"OMP_NUM_THREADS": given})
     result = subprocess.run(
         [sys.executable, "-c", code], cwd=ROOT / "tests", env=env, capture_output=True, text=True,
         timeout=WAIT,
     )  # fmt: skip
-    assert result.stdout.strip() == "1", result.stderr
-    assert np.isfinite(float(result.stdout))
+    assert result.stdout.strip() == threads, result.stderr
