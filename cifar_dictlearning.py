@@ -14,8 +14,9 @@ Written to ``--out-dir`` (default ``./dictionaries/<task>``):
                           total_energy (means over the epoch's training samples), seconds
     dictionary.png        the features as a grid
     dictlearning_curves.png  the four metrics against the epoch
-    dictlearning_state.pt what an interrupted run continues from (``records.py``), after every
-                          epoch: dictionary, epochs done, flags, CSV rows, RNG states
+    dictlearning_state.pt what an interrupted run continues from (``experiment/records.py``),
+                          after every epoch: dictionary, epochs done, flags, CSV rows, RNG
+                          states
     tb/                   with --tensorboard, the TensorBoard log (``run_board``)
 
 An interrupted run continues: the same command with the same ``--out-dir`` goes on from the
@@ -25,45 +26,45 @@ A flag that would change the result is refused (exit 2; ``--fresh`` starts over)
 may grow, and a finished run says so and exits 0, rewriting any of its files that are missing.
 
 One process writes an output folder at a time. Exit statuses and one-line errors are those of
-``entry.py``: 0 done, 1 the dictionary or its metrics stopped being finite (the last finite
-epoch is kept), 2 bad input, 74 a file could not be written, 75 another process writes the
-folder, 130 Ctrl-C, 143 SIGTERM. Signals are honoured at safe points (between batches, and
+``experiment/entry.py``: 0 done, 1 the dictionary or its metrics stopped being finite (the last
+finite epoch is kept), 2 bad input, 74 a file could not be written, 75 another process writes
+the folder, 130 Ctrl-C, 143 SIGTERM. Signals are honoured at safe points (between batches, and
 once an epoch's files are written), which keeps the last finished epoch and prints the command
 that continues.
 
 Under ``torchrun --nproc_per_node N cifar_dictlearning.py ...`` every batch of ``--mbs`` images
 is split over the N processes, which sum the rule's batch terms before each update, so the
-dictionary is the one a single process learns (``distributed.py``); rank 0 writes the files.
+dictionary is the one a single process learns (``experiment/distributed.py``); rank 0 writes
+the files.
 """
 
 from __future__ import annotations
 
-import entry
+from experiment import entry
 
 if __name__ == "__main__":  # Ctrl-C or SIGTERM while the libraries load: no traceback
     entry.install_stop_handlers()
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import math
 import os
 import shlex
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from itertools import islice
+from typing import Any
 
 import torch
 from tqdm import tqdm
 
 import data_utils
-import distributed
-import records
-import run_board
-import storage
-from data_loading import TASKS, build_datasets, canonical_task, make_loader, task_info
-from entry import UsageError
+from experiment import distributed, records, run_board, storage
+from experiment.data_loading import TASKS, build_datasets, canonical_task, make_loader, task_info
+from experiment.entry import UsageError
 from lca import LCAConv2D, compute_frac_active, compute_l1_sparsity, compute_l2_error
 
 DICTIONARY_FILE = "dictionary.pt"
@@ -93,6 +94,68 @@ class DictionaryDivergenceError(RuntimeError):
 
 
 ERROR_STATUSES = ((DictionaryDivergenceError, entry.EXIT_DIVERGED), *storage.ERROR_STATUSES)
+
+
+@dataclasses.dataclass(frozen=True)
+class DictionaryConfig:
+    """Every setting of one dictionary-learning run: the checked flags, resolved
+    (:func:`dictionary_config`).
+
+    task              dataset, spelled as in ``TASKS``
+    data_dir          where the datasets are (or go)
+    download          whether a missing dataset may be downloaded (no ``--no-download``)
+    out_dir           output folder (``--out-dir``, or ``dictionaries/<task>``)
+    fresh             start over even if ``out_dir`` holds an earlier run (``--fresh``)
+    device            the ``--device`` spec: GPU index, cuda[:N], auto or cpu
+    seed              seed of the subset, the data order and the initial dictionary
+    num_workers       data loader worker processes
+    epochs            passes over the subset
+    mbs               images per dictionary update
+    subset_fraction   fraction of the training set learnt on, drawn at random
+    max_batches       batches per epoch at most (None: all of them)
+    lca_feats         dictionary features
+    lca_ksize         feature size (odd)
+    lca_stride        feature stride
+    lca_lambda        LCA threshold of the first epoch
+    lambda_increment  added to the threshold every ``lambda_every`` epochs
+    lambda_every      epochs between threshold raises (0: never), resolved
+    lambda_every_from_epochs  whether ``lambda_every`` is ``epochs // 7`` (no ``--lambda-every``)
+    lca_iters         LCA iterations per batch
+    lca_tau           LCA time constant
+    lca_eta           dictionary learning rate
+    d_update_clip     bound on each entry of a dictionary update (inf: none)
+    tensorboard       whether to write a TensorBoard log in ``out_dir/tb/``
+    """
+
+    task: str
+    data_dir: str
+    download: bool
+    out_dir: str
+    fresh: bool
+    device: str
+    seed: int
+    num_workers: int
+    epochs: int
+    mbs: int
+    subset_fraction: float
+    max_batches: int | None
+    lca_feats: int
+    lca_ksize: int
+    lca_stride: int
+    lca_lambda: float
+    lambda_increment: float
+    lambda_every: int
+    lambda_every_from_epochs: bool
+    lca_iters: int
+    lca_tau: float
+    lca_eta: float
+    d_update_clip: float
+    tensorboard: bool
+
+    def result_settings(self) -> dict:
+        """The settings that change the dictionary learnt (``RESULT_FLAGS``), as plain values:
+        what ``dictlearning_state.pt`` keeps, and a continued run must match."""
+        return {name: getattr(self, name) for name in RESULT_FLAGS}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -141,20 +204,56 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def check_args(args: argparse.Namespace) -> None:
-    """UsageError for settings that cannot run."""
+def check_flags(flags: dict[str, Any]) -> None:
+    """UsageError for flag values (parsed, by dest) that cannot run."""
     positive = ("epochs", "mbs", "lca_feats", "lca_ksize", "lca_stride", "lca_iters")
     for name in positive:
-        if getattr(args, name) < 1:
+        if flags[name] < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1")
-    if args.max_batches is not None and args.max_batches < 1:
+    if flags["max_batches"] is not None and flags["max_batches"] < 1:
         raise UsageError("--max-batches must be at least 1")
-    entry.check_numbers(args, FLOAT_RANGES, FLAGS)
-    entry.check_number("d-update-clip", args.d_update_clip, 0, low_open=True, allow_inf=True)
-    if args.lca_ksize % 2 == 0:
+    entry.check_numbers(flags, FLOAT_RANGES, FLAGS)
+    entry.check_number("d-update-clip", flags["d_update_clip"], 0, low_open=True, allow_inf=True)
+    if flags["lca_ksize"] % 2 == 0:
         raise UsageError("--lca_ksize must be odd (LCA uses 'same' padding)")
-    if args.lambda_every is not None and args.lambda_every < 0:
+    if flags["lambda_every"] is not None and flags["lambda_every"] < 0:
         raise UsageError("--lambda-every must be >= 0")
+
+
+def dictionary_config(flags: Mapping[str, Any]) -> DictionaryConfig:
+    """The configuration of the parsed flag values ``flags`` (by dest, left unchanged), checked
+    once (:func:`check_flags`, then the task's name): the task in its ``TASKS`` spelling, the
+    default ``--out-dir`` and ``--lambda-every`` resolved."""
+    flags = dict(flags)
+    check_flags(flags)
+    task = canonical_task(flags["task"])
+    lambda_every = flags["lambda_every"]
+    return DictionaryConfig(
+        task=task,
+        data_dir=flags["data_dir"],
+        download=not flags["no_download"],
+        out_dir=flags["out_dir"] or os.path.join("dictionaries", task),
+        fresh=flags["fresh"],
+        device=flags["device"],
+        seed=flags["seed"],
+        num_workers=flags["num_workers"],
+        epochs=flags["epochs"],
+        mbs=flags["mbs"],
+        subset_fraction=flags["subset_fraction"],
+        max_batches=flags["max_batches"],
+        lca_feats=flags["lca_feats"],
+        lca_ksize=flags["lca_ksize"],
+        lca_stride=flags["lca_stride"],
+        lca_lambda=flags["lca_lambda"],
+        lambda_increment=flags["lambda_increment"],
+        lambda_every=flags["epochs"] // 7 if lambda_every is None else lambda_every,
+        lambda_every_from_epochs=lambda_every is None,
+        lca_iters=flags["lca_iters"],
+        lca_tau=flags["lca_tau"],
+        lca_eta=flags["lca_eta"],
+        d_update_clip=flags["d_update_clip"],
+        tensorboard=flags["tensorboard"],
+    )
 
 
 def lambda_at_epoch(epoch: int, start: float, increment: float, every: int) -> float:
@@ -206,25 +305,25 @@ def learn_one_epoch(
     return {name: totals[name] / totals["seen"] for name in sums}
 
 
-def run(args: argparse.Namespace) -> LCAConv2D:
-    """Learn the dictionary (writing the files listed at the top), continuing the run that
-    ``--out-dir`` holds unless ``--fresh``; returns the LCA layer."""
+def run(config: DictionaryConfig, earlier_run_gone: Callable[[], None] = lambda: None) -> LCAConv2D:
+    """Learn the dictionary of ``config`` (writing the files listed at the top), continuing the
+    run that its ``out_dir`` holds unless ``fresh``; returns the LCA layer. ``earlier_run_gone``
+    is called once nothing of an earlier run is left to discard (``--fresh`` is moot)."""
     with contextlib.ExitStack() as held:
-        return learn(args, held)
+        return learn(config, held, earlier_run_gone)
 
 
-def learn(args: argparse.Namespace, held: contextlib.ExitStack) -> LCAConv2D:
+def learn(
+    config: DictionaryConfig, held: contextlib.ExitStack, earlier_run_gone: Callable[[], None]
+) -> LCAConv2D:
     """:func:`run`, holding the lock of the output folder in ``held``."""
-    check_args(args)
-    task = canonical_task(args.task)
-    in_channels, height, width, _ = task_info(task)
-    out_dir = args.out_dir or os.path.join("dictionaries", task)
-    device = distributed.device_for(args.device)
-    every = args.epochs // 7 if args.lambda_every is None else args.lambda_every
-    if args.lca_ksize > min(height, width):
+    in_channels, height, width, _ = task_info(config.task)
+    out_dir = config.out_dir
+    device = distributed.device_for(config.device)
+    if config.lca_ksize > min(height, width):
         print(
-            f"warning: {args.lca_ksize}x{args.lca_ksize} features are larger than the "
-            f"{height}x{width} images of {task}",
+            f"warning: {config.lca_ksize}x{config.lca_ksize} features are larger than the "
+            f"{height}x{width} images of {config.task}",
             file=sys.stderr,
         )
 
@@ -232,38 +331,40 @@ def learn(args: argparse.Namespace, held: contextlib.ExitStack) -> LCAConv2D:
     writes = distributed.is_main_process()
     if writes:
         held.enter_context(storage.FolderLock(out_dir))
-    settings = result_settings(args, task, every)
-    state = previous_state(args, out_dir, settings)
+    settings = config.result_settings()
+    state = previous_state(config)
     train_set, _ = build_datasets(
-        task, args.data_dir, data_aug=False, download=not args.no_download
+        config.task, config.data_dir, data_aug=False, download=config.download
     )
-    subset = draw_subset(len(train_set), args.subset_fraction, args.seed)
-    loader = make_loader(train_set, args.mbs, shuffle=True, seed=args.seed,
-                         num_workers=args.num_workers, indices=subset)  # fmt: skip
+    subset = draw_subset(len(train_set), config.subset_fraction, config.seed)
+    loader = make_loader(train_set, config.mbs, shuffle=True, seed=config.seed,
+                         num_workers=config.num_workers, indices=subset)  # fmt: skip
     batches = distributed.split_batches(loader)
-    lca = build_lca(args, in_channels, device)
-    files = OutputFolder(out_dir, task, subset)
+    lca = build_lca(config, in_channels, device)
+    files = OutputFolder(out_dir, config.task, subset)
     rows = [] if state is None else continue_from(state, lca, loader, files.state_path)
     if writes:
         files.prepare(lca, rows)
-    board = run_board.dictionary_board(out_dir, args.tensorboard and writes, len(rows))
+    board = run_board.dictionary_board(out_dir, config.tensorboard and writes, len(rows))
     board = held.enter_context(board)
-    args.fresh = False  # the earlier run is gone: the same command now continues this one
-    if len(rows) == args.epochs:
-        print(f"{out_dir}: the run is complete ({args.epochs} epochs); nothing to do (--fresh "
+    earlier_run_gone()  # the same command now continues this run
+    if len(rows) == config.epochs:
+        print(f"{out_dir}: the run is complete ({config.epochs} epochs); nothing to do (--fresh "
               f"learns it again)")  # fmt: skip
         return lca
     print(
-        f"{task}: learning {args.lca_feats} features of {in_channels}x{args.lca_ksize}x"
-        f"{args.lca_ksize} (stride {args.lca_stride}) on {len(subset)} of {len(train_set)} "
-        f"training images, device {device}; writing to {out_dir}"
+        f"{config.task}: learning {config.lca_feats} features of {in_channels}x"
+        f"{config.lca_ksize}x{config.lca_ksize} (stride {config.lca_stride}) on {len(subset)} of "
+        f"{len(train_set)} training images, device {device}; writing to {out_dir}"
         + (f"; continuing after epoch {len(rows)}" if rows else "")
     )
-    for epoch in range(len(rows), args.epochs):
-        lca.lambda_ = lambda_at_epoch(epoch, args.lca_lambda, args.lambda_increment, every)
+    for epoch in range(len(rows), config.epochs):
+        lca.lambda_ = lambda_at_epoch(
+            epoch, config.lca_lambda, config.lambda_increment, config.lambda_every
+        )
         start = time.perf_counter()
-        metrics = learn_one_epoch(lca, batches, device, args.max_batches,
-                                  desc=f"epoch {epoch + 1}/{args.epochs}")  # fmt: skip
+        metrics = learn_one_epoch(lca, batches, device, config.max_batches,
+                                  desc=f"epoch {epoch + 1}/{config.epochs}")  # fmt: skip
         check_finite(lca, metrics, epoch + 1, out_dir, kept=len(rows))
         row = {"epoch": epoch + 1, "lambda": lca.lambda_, **metrics}
         row["seconds"] = time.perf_counter() - start
@@ -272,7 +373,7 @@ def learn(args: argparse.Namespace, held: contextlib.ExitStack) -> LCAConv2D:
             files.save_epoch(lca, rows, epoch_state(lca, rows, settings, loader))
             run_board.log_dictionary_epoch(board, row, lca.get_weights())
         print(
-            f"epoch {epoch + 1}/{args.epochs}  lambda {lca.lambda_:.2f}  "
+            f"epoch {epoch + 1}/{config.epochs}  lambda {lca.lambda_:.2f}  "
             + "  ".join(f"{name} {metrics[name]:.4f}" for name in METRICS)
             + f"  ({row['seconds']:.1f} s)"
         )
@@ -294,21 +395,21 @@ def check_finite(lca: LCAConv2D, metrics: dict, epoch: int, out_dir: str, kept: 
         )
 
 
-def build_lca(args: argparse.Namespace, in_channels: int, device: torch.device) -> LCAConv2D:
-    """The LCA layer to learn, its dictionary drawn after seeding torch with ``--seed``."""
-    torch.manual_seed(args.seed)
+def build_lca(config: DictionaryConfig, in_channels: int, device: torch.device) -> LCAConv2D:
+    """The LCA layer to learn, its dictionary drawn after seeding torch with ``config.seed``."""
+    torch.manual_seed(config.seed)
     return LCAConv2D(
-        args.lca_feats,
+        config.lca_feats,
         in_channels,
-        kernel_size=args.lca_ksize,
-        stride=args.lca_stride,
-        lambda_=args.lca_lambda,
-        tau=args.lca_tau,
-        eta=args.lca_eta,
-        lca_iters=args.lca_iters,
+        kernel_size=config.lca_ksize,
+        stride=config.lca_stride,
+        lambda_=config.lca_lambda,
+        tau=config.lca_tau,
+        eta=config.lca_eta,
+        lca_iters=config.lca_iters,
         pad="same",
         return_vars=["inputs", "acts", "recons", "recon_errors"],
-        d_update_clip=args.d_update_clip,
+        d_update_clip=config.d_update_clip,
     ).to(device)
 
 
@@ -317,48 +418,41 @@ def build_lca(args: argparse.Namespace, in_channels: int, device: torch.device) 
 # --------------------------------------------------------------------------------------------
 
 
-def result_settings(args: argparse.Namespace, task: str, every: int) -> dict:
-    """The flags that change the dictionary learnt (``RESULT_FLAGS``), as plain values, with
-    the canonical ``task`` and the resolved ``--lambda-every``."""
-    settings = {name: getattr(args, name) for name in RESULT_FLAGS}
-    settings.update(task=task, lambda_every=every)
-    return settings
-
-
-def previous_state(args: argparse.Namespace, out_dir: str, settings: dict) -> dict | None:
-    """The state of the run in ``out_dir`` that this command continues (None: none, or
-    ``--fresh``), checked to be learnt with ``settings``. Every process reads it."""
-    path = os.path.join(out_dir, STATE_FILE)
+def previous_state(config: DictionaryConfig) -> dict | None:
+    """The state of the run in ``config.out_dir`` that this command continues (None: none, or
+    ``fresh``), checked to be learnt with ``config``'s settings. Every process reads it."""
+    path = os.path.join(config.out_dir, STATE_FILE)
     state = None
-    if not args.fresh and os.path.exists(path):
+    if not config.fresh and os.path.exists(path):
         state = records.load_dictlearning_state(path)
-        check_continues(state, settings, args, path)
-    check_processes_agree(0 if state is None else state["epoch"], out_dir)
+        check_continues(state, config, path)
+    check_processes_agree(0 if state is None else state["epoch"], config.out_dir)
     return state
 
 
-def check_continues(state: dict, settings: dict, args: argparse.Namespace, path: str) -> None:
-    """UsageError unless this command continues the run of ``state``: the same
-    ``RESULT_FLAGS``, and ``--epochs`` at least the epochs it has."""
+def check_continues(state: dict, config: DictionaryConfig, path: str) -> None:
+    """UsageError unless ``config`` continues the run of ``state`` (read from ``path``): the
+    same ``RESULT_FLAGS``, and ``epochs`` at least the epochs it has."""
+    settings = config.result_settings()
     for name in RESULT_FLAGS:
         saved, given = state["settings"].get(name), settings[name]
         if saved != given:
-            raise UsageError(changed_flag_message(name, saved, given, args, path))
+            raise UsageError(changed_flag_message(name, saved, given, config, path))
     done = state["epoch"]
-    if done > args.epochs:
+    if done > config.epochs:
         raise UsageError(
-            f"{path} holds {done} finished epochs, more than --epochs {args.epochs}: pass "
+            f"{path} holds {done} finished epochs, more than --epochs {config.epochs}: pass "
             f"--epochs {done} (or more) to continue that run, or --fresh to start over"
         )
 
 
 def changed_flag_message(
-    name: str, saved: object, given: object, args: argparse.Namespace, path: str
+    name: str, saved: object, given: object, config: DictionaryConfig, path: str
 ) -> str:
     """One line: which flag differs from the run in ``path``, and the two ways out."""
     flag = f"--{name.replace('_', '-')}"
-    if name == "lambda_every" and args.lambda_every is None:
-        now = f"--epochs {args.epochs} raises lambda every {given} epochs (epochs // 7)"
+    if name == "lambda_every" and config.lambda_every_from_epochs:
+        now = f"--epochs {config.epochs} raises lambda every {given} epochs (epochs // 7)"
     else:
         now = f"this command has {f'no {flag}' if given is None else f'{flag} {given}'}"
     was = f"no {flag}" if saved is None else f"{flag} {saved}"
@@ -499,23 +593,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     distributed.quiet_unless_rank_zero()
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        args = build_parser().parse_args(argv)
+        flags = build_parser().parse_args(argv)
     except UsageError as error:
         return entry.fail(str(error), entry.EXIT_USAGE)
+    work = functools.partial(learn_reporting, vars(flags), argv)
     if distributed.launched():
-        typed = args.device != "auto"
-        work = functools.partial(learn_reporting, args, argv)
-        return distributed.run(work, args.device, typed, args.dist_timeout)
-    return learn_reporting(args, argv)
+        typed = flags.device != "auto"
+        return distributed.run(work, flags.device, typed, flags.dist_timeout)
+    return work()
 
 
-def learn_reporting(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    """:func:`run`, every failure reported as one line (``entry``), an interruption with the
-    command that continues the run; returns the exit status."""
-    work = functools.partial(run, args)
+def learn_reporting(flags: Mapping[str, Any], argv: Sequence[str]) -> int:
+    """Check the parsed flag values ``flags`` into a :class:`DictionaryConfig` and :func:`run`
+    it, every failure reported as one line (``entry``), an interruption with the command that
+    continues the run; returns the exit status. The flags are checked inside
+    ``entry.run_script``, after its first safe point (a stop requested while the libraries
+    loaded comes first) and, under torchrun, once the processes have joined."""
+    keeps_fresh = flags["fresh"]  # until nothing of the earlier run is left to discard
+
+    def earlier_run_gone() -> None:
+        nonlocal keeps_fresh
+        keeps_fresh = False
+
+    def work() -> LCAConv2D:
+        return run(dictionary_config(flags), earlier_run_gone)
+
     status = entry.run_script(work, ERROR_STATUSES, STORAGE_FIX, KEPT_NOTE)
     if status in (entry.EXIT_INTERRUPTED, entry.EXIT_TERMINATED):
-        print(f"continue with: {continue_command(argv, args.fresh)}", file=sys.stderr)
+        print(f"continue with: {continue_command(argv, keeps_fresh)}", file=sys.stderr)
     return status
 
 

@@ -14,9 +14,8 @@ import torch
 from helpers import WAIT, start, wait_for
 
 import cifar_dictlearning
-import entry
-import storage
-from records import load_dictionary, load_subset_indices
+from experiment import entry, storage
+from experiment.records import load_dictionary, load_subset_indices
 
 SMALL_RUN = [
     "--task", "DIGITS", "--features", "16", "--kernel-size", "3", "--stride", "1",
@@ -29,8 +28,8 @@ SMALL_RUN = [
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp("digits_dict")
-    args = cifar_dictlearning.build_parser().parse_args(SMALL_RUN + ["--out-dir", str(out_dir)])
-    lca = cifar_dictlearning.run(args)
+    flags = cifar_dictlearning.build_parser().parse_args(SMALL_RUN + ["--out-dir", str(out_dir)])
+    lca = cifar_dictlearning.run(cifar_dictlearning.dictionary_config(vars(flags)))
     with open(out_dir / "dictlearning.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     return out_dir, lca, rows
