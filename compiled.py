@@ -40,7 +40,7 @@ import torch
 from torch import Tensor
 
 from dynamics import sync_step
-from entry import first_line
+from experiment.entry import first_line
 from lca import LCAConv2D
 from utils_ep_fast import EnergyNet
 

@@ -11,16 +11,16 @@ optimizer and the scheduler, and hands them to the engine (``utils_ep_fast``) an
 (the run folder: one writer at a time, per-epoch records, resume). Every flag accepts its dash
 and underscore spellings. ``VFCNN``, ``VFMLP`` and ``LCACNN --vf`` are the vector-field models.
 
-Under ``torchrun`` the same command runs data-parallel (``distributed.py``). Exit statuses and
-the one-line errors are those of ``entry.py``; Ctrl-C and SIGTERM save the weights and print
-the command that resumes. On a cluster, one command line both starts and, requeued after a
-preemption, resumes a run: ``--save --load-path DIR`` starts a new run in DIR while it holds
+Under ``torchrun`` the same command runs data-parallel (``experiment/distributed.py``). Exit
+statuses and the one-line errors are those of ``experiment/entry.py``; Ctrl-C and SIGTERM save the
+weights and print the command that resumes. On a cluster, one command line both starts and, requeued
+after a preemption, resumes a run: ``--save --load-path DIR`` starts a new run in DIR while it holds
 no checkpoint, and resumes it once it does.
 """
 
 from __future__ import annotations
 
-import entry
+from experiment import entry
 
 if __name__ == "__main__":  # Ctrl-C or SIGTERM while the libraries load: no traceback
     entry.install_stop_handlers()
@@ -36,16 +36,11 @@ from typing import Any
 import torch
 
 import compiled
-import config
-import data_loading
 import data_utils
-import distributed
 import precision
-import records
-import runs
-import storage
-from config import DynamicsConfig, Settings
-from entry import UsageError
+from experiment import config, data_loading, distributed, records, runs, storage
+from experiment.config import DynamicsConfig, Settings
+from experiment.entry import UsageError
 from lca_utils_ep_fast import DICT_MODES
 from utils_ep_fast import (
     ACTIVATIONS,

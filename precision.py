@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from compiled import PhaseRunner
-from entry import UsageError, warn
+from experiment.entry import UsageError, warn
 from utils_ep_fast import EnergyNet, EPConfig, ep_phases
 
 PRECISIONS = ("fp32", "tf32", "bf16")

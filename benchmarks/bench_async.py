@@ -38,7 +38,7 @@ from functools import partial
 import common as bench
 import torch
 
-import data_loading
+from experiment import data_loading
 from lca_utils_ep_fast import LCA_CNN
 from utils_ep_fast import P_CNN, EPConfig, make_optimizer, max_change, train, train_epoch
 

@@ -29,8 +29,10 @@ import time
 
 from common import ROOT, load_average, print_table
 
-import data_loading
-import distributed  # noqa: E402
+from experiment import (
+    data_loading,
+    distributed,  # noqa: E402
+)
 from utils_ep_fast import P_CNN, EPConfig, make_optimizer, train_epoch  # noqa: E402
 
 MODEL = dict(in_size=8, in_channels=1, channels=[16, 32], kernels=[3, 3], strides=[1, 1],

@@ -49,8 +49,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 import compiled
-import data_loading
 import precision
+from experiment import data_loading
 from utils_ep_fast import EnergyNet, EPConfig, in_memory_format, make_optimizer, settle, train_batch
 
 SEED_TRAIN_IMAGES = {"RCNN": 50_000, "LCACNN": 25_000}

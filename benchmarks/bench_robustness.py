@@ -34,7 +34,7 @@ def child(model_name: str, kind: str, T1: int, threads: int | None) -> None:
     from common import cifar_like_batch, seed_cnn, seed_lcacnn, set_threads
     from torch.profiler import ProfilerActivity, profile
 
-    from robustness import PixelClassifier
+    from robust_eval.pixel_classifier import PixelClassifier
 
     set_threads(threads)
     model = (seed_cnn() if model_name == "CNN" else seed_lcacnn()).eval()

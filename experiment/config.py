@@ -28,8 +28,8 @@ from typing import Any
 
 import torch
 
-from data_loading import canonical_task, task_info
-from entry import UsageError, check_numbers, warn
+from experiment.data_loading import canonical_task, task_info
+from experiment.entry import UsageError, check_numbers, warn
 from utils_ep_fast import POOLS, EPConfig
 
 VF_MODELS = ("VFCNN", "VFMLP")

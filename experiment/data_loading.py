@@ -30,7 +30,7 @@ from torchvision import datasets as tv_datasets
 from torchvision import transforms
 from torchvision.datasets.utils import check_integrity, extract_archive
 
-from entry import UsageError, first_line
+from experiment.entry import UsageError, first_line
 
 # --------------------------------------------------------------------------------------------
 # Tasks

@@ -48,8 +48,8 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.utils.data import DataLoader, SequentialSampler
 
-import entry
-from entry import UsageError, first_line
+from experiment import entry
+from experiment.entry import UsageError, first_line
 
 FAILURE_KEY = "failure"
 STOPPED_KEY = "stopped"  # how many other ranks have seen the failure and are exiting

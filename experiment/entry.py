@@ -12,7 +12,7 @@ table of exit statuses holds for each of them:
 A failure the user can act on is one ``error:`` line on stderr, naming the problem and the fix.
 This module imports the standard library only: a script calls :func:`install_stop_handlers`
 before it imports torch, and then :func:`run_script` around its work. Every signal handler of
-the scripts is installed here (``distributed.py`` hooks ``note_interrupts``).
+the scripts is installed here (``experiment/distributed.py`` hooks ``note_interrupts``).
 
 Signals set a flag; the work stops at its next safe point. The handlers of SIGINT and SIGTERM
 only record the request. The loops call :func:`raise_if_stopped` where stopping is safe

@@ -5,7 +5,7 @@ A model record (``model.pt``: the best test accuracy, ``final_model.pt``: the la
 ``interrupted.pt``: the weights at a Ctrl-C or SIGTERM) holds ``model_config`` ({"model": a
 name of ``MODEL_CLASSES``, "kwargs": constructor arguments}), ``model_state``, ``epoch``,
 ``test_acc``, ``args`` (every flag of the run, plain values), ``config`` (the run's typed
-configurations of ``config.py`` as plain dicts; absent in runs saved before them) and
+configurations of ``experiment/config.py`` as plain dicts; absent in runs saved before them) and
 ``train_indices`` (the training images EP uses, int64, or None for all). A checkpoint
 (``checkpoint.pt``) holds the same but ``test_acc``, plus ``optimizer_state``,
 ``scheduler_state`` (or None), ``rng_state`` ({"global": ``get_rng_state()``,
@@ -38,11 +38,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from config import ModelConfig
-from entry import UsageError, first_line
+from experiment.config import ModelConfig
+from experiment.entry import UsageError, first_line
+from experiment.storage import atomic_save, safe_load
 from lca import LCAConv2D
 from lca_utils_ep_fast import LCA_CNN
-from storage import atomic_save, safe_load
 from utils_ep_fast import P_CNN, P_MLP, EnergyNet
 from vf_utils_ep_fast import VF_CNN, VF_LCA_CNN, VF_MLP
 

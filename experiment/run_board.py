@@ -24,7 +24,7 @@ import torch
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from tensorboard_log import (
+from experiment.tensorboard_log import (
     TensorBoardLog,
     batch_step,
     epoch_end_step,

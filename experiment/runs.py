@@ -14,10 +14,10 @@ One run of ``main_fast.py --save`` lives in
     tb/                   with --tensorboard, the TensorBoard log (``run_board``)
     .lock                 the advisory lock of the process writing the folder (pid and host)
 
-``records.py`` describes what the ``.pt`` files hold; ``storage.py`` writes every file
-atomically and holds the lock (one writer per folder). Here: making and finding run folders,
-the per-epoch ``RunRecorder``, and ``train_run``, which trains, records and says how to carry
-on after a divergence, a failed write, Ctrl-C or SIGTERM.
+``experiment/records.py`` describes what the ``.pt`` files hold; ``experiment/storage.py`` writes
+every file atomically and holds the lock (one writer per folder). Here: making and finding run
+folders, the per-epoch ``RunRecorder``, and ``train_run``, which trains, records and says how to
+carry on after a divergence, a failed write, Ctrl-C or SIGTERM.
 """
 
 from __future__ import annotations
@@ -38,13 +38,19 @@ from matplotlib.figure import Figure
 from torch import Tensor
 
 import data_utils
-import entry
-from config import DynamicsConfig, Settings
-from entry import warn
-from lca_utils_ep_fast import LCA_CNN
-from records import BEST_MODEL, CHECKPOINT, FINAL_MODEL, INTERRUPTED, get_rng_state, model_record
-from run_board import TrainingBoard
-from storage import (
+from experiment import entry
+from experiment.config import DynamicsConfig, Settings
+from experiment.entry import warn
+from experiment.records import (
+    BEST_MODEL,
+    CHECKPOINT,
+    FINAL_MODEL,
+    INTERRUPTED,
+    get_rng_state,
+    model_record,
+)
+from experiment.run_board import TrainingBoard
+from experiment.storage import (
     FolderLock,
     StorageError,
     append_csv_row,
@@ -53,6 +59,7 @@ from storage import (
     read_csv_rows,
     save_figure,
 )
+from lca_utils_ep_fast import LCA_CNN
 from utils_ep_fast import (
     DivergenceError,
     EnergyNet,

@@ -36,8 +36,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-import entry
-from entry import UsageError, first_line, storage_message, warn
+from experiment import entry
+from experiment.entry import UsageError, first_line, storage_message, warn
 
 LOCK_FILE = ".lock"
 TEMP_SUFFIX = ".tmp"

@@ -17,7 +17,7 @@ by ``LogitCost.logit_gradient``) is what every white-box component follows.
 * The pixel classifier as an ART classifier whose loss and input gradient are one cost's
   (``attack_classifier``), so every ART attack given it follows the chosen gradient.
 
-AutoAttack and the adaptive-attack checks built on these are in ``autoattack.py``.
+AutoAttack and the adaptive-attack checks built on these are in ``robust_eval/autoattack.py``.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """AutoAttack's standard version and the adaptive-attack checks, on a pixel classifier.
 
-Built on ``attacks.py`` (the costs on the logits, the input gradients, the ART classifier of
-one cost):
+Built on ``robust_eval/attacks.py`` (the costs on the logits, the input gradients, the ART
+classifier of one cost):
 
 * AutoAttack (Croce & Hein 2020, ``autoattack``): APGD-CE, APGD-T (targeted DLR over the top
   classes) and Square from ART, FAB-T from ``pyautoattack`` when it is installed, each with its
@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from attacks import InputGradient, LogitCost, attack_classifier, encode_labels
+from robust_eval.attacks import InputGradient, LogitCost, attack_classifier, encode_labels
 
 # --------------------------------------------------------------------------------------------
 # AutoAttack's components

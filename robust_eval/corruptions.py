@@ -11,8 +11,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-import entry
-from entry import UsageError
+from experiment import entry
+from experiment.entry import UsageError
 
 # The 15 corruptions of CIFAR-10-C, then its 4 extra ones.
 CORRUPTIONS = (

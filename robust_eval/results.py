@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 from torch import Tensor, nn
 
-import autoattack
-import storage
+from experiment import storage
+from robust_eval import autoattack
 
 # the columns of the CSVs written before the settings were recorded
 RESULT_COLUMNS = ("attack", "norm", "epsilon", "severity", "gradient", "accuracy", "samples",

@@ -47,7 +47,7 @@ python - "$OUT" <<'PY'
 import sys
 from pathlib import Path
 
-import runs
+from experiment import runs
 
 for run_dir in runs.find_runs(sys.argv[1]):
     rows = runs.read_results(run_dir)

@@ -4,7 +4,7 @@ and the tensor comparisons (test files import from here, never from each other).
 import torch
 from torch import Tensor
 
-import data_loading
+from experiment import data_loading
 from utils_ep_fast import P_CNN, P_MLP
 
 

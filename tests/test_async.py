@@ -339,7 +339,7 @@ def test_settling_trace_and_its_figure(activation, tmp_path):
     """The diagnostic behind settling.png: per step of each dynamics, the mean energy (async:
     never up in the free phase) and max|ds| (async: 0 once settled); tanh has no energy."""
     import data_utils
-    import storage
+    from experiment import storage
     from utils_ep_fast import settling_trace
 
     model = make_model("cnn", 2.0, activation=activation)

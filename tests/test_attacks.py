@@ -1,5 +1,5 @@
-"""attacks.py and autoattack.py: the attack costs against hand-worked values and autograd,
-AutoAttack's per-image worst case checked image by image from scratch, every white-box
+"""robust_eval/attacks.py and robust_eval/autoattack.py: the attack costs against hand-worked values
+and autograd, AutoAttack's per-image worst case checked image by image from scratch, every white-box
 component really following the classifier's own input gradient, the straight-through gradient
 against backpropagation and a hand-worked clamped network, and the adaptive checks' verdicts."""
 
@@ -13,11 +13,10 @@ import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from torch import nn
 
-import attacks
-import autoattack
-from attacks import LogitCost
-from autoattack import AutoAttackBudget
 from lca import LCAConv2D, soft_threshold
+from robust_eval import attacks, autoattack
+from robust_eval.attacks import LogitCost
+from robust_eval.autoattack import AutoAttackBudget
 from utils_ep_fast import P_MLP, my_hard_sig
 
 BUDGET = AutoAttackBudget(iterations=10, restarts=1, targets=3, queries=40, batch_size=64)

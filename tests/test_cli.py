@@ -17,9 +17,9 @@ from helpers import DIGITS_CNN_BATCHED, ROOT, SEED_COMMANDS, load, only_run_dir,
 
 import cifar_dictlearning
 import main_fast
-import records
+from experiment import records
+from experiment.records import save_dictionary
 from lca import LCAConv2D
-from records import save_dictionary
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*official checksums")
 

@@ -9,8 +9,8 @@ from helpers import DIGITS_CNN_BATCHED as DIGITS_CNN
 from helpers import ROOT, load, only_run_dir, read_csv
 
 import main_fast
-import records
 from dynamics import TOL_EVERY, half_step
+from experiment import records
 
 HARD = DIGITS_CNN + ["--act", "my_hard_sig", "--epochs", "1", "--save"]
 

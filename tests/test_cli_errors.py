@@ -13,8 +13,8 @@ import torch
 from helpers import DIGITS_CNN, LCACNN, ROOT, fail_in_epoch, run_dir_of, run_failing
 
 import main_fast
+from experiment.records import save_dictionary
 from lca import LCAConv2D
-from records import save_dictionary
 
 
 def with_flag(argv: list[str], flag: str, *values: str) -> list[str]:

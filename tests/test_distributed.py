@@ -19,8 +19,8 @@ import pytest
 import torch
 
 import cifar_dictlearning
-import distributed
 import main_fast
+from experiment import distributed
 from lca import LCAConv2D
 
 ROOT = Path(__file__).resolve().parents[1]

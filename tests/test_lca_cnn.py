@@ -6,9 +6,9 @@ import torch.nn.functional as F
 from math_checks import LCA_SMALL as SMALL
 from math_checks import digit_like_batch as batch
 
+from experiment.records import ep_training_indices, load_model_dictionary, save_dictionary
 from lca import LCAConv2D
 from lca_utils_ep_fast import LCA_CNN
-from records import ep_training_indices, load_model_dictionary, save_dictionary
 from utils_ep_fast import EPConfig, make_optimizer, train_batch
 
 

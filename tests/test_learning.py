@@ -3,7 +3,7 @@
 import torch
 from math_checks import digits_loaders
 
-import data_loading
+from experiment import data_loading
 from utils_ep_fast import P_CNN, EPConfig, make_optimizer, train
 
 EPOCHS = 10
@@ -40,8 +40,8 @@ def test_lca_front_end_with_pretrained_dictionary_learns_digits(tmp_path):
     the training images. LCACNN: code 16@8x8 -> copy layer -> conv 32@3x3 + maxpool -> softmax
     readout; feedback scale 0.01; EP on the other 70% as in the seed's pretrained runs."""
     import cifar_dictlearning
+    from experiment.records import ep_training_indices, load_model_dictionary
     from lca_utils_ep_fast import LCA_CNN
-    from records import ep_training_indices, load_model_dictionary
 
     cifar_dictlearning.main(
         ["--task", "DIGITS", "--features", "16", "--kernel-size", "3", "--stride", "1",

@@ -19,8 +19,8 @@ from nbclient import NotebookClient
 import cifar_dictlearning
 import main_fast
 import robustness
-import runs
-import storage
+from experiment import runs, storage
+from robust_eval.evaluation import ROBUSTNESS_CSV
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "eval_lcanet.ipynb"
@@ -178,7 +178,7 @@ def test_notebook_on_cnn_and_finetune_runs(tiny_runs, tmp_path):
     robust = read_csv(figures / "robustness_comparison.csv")
     assert len(robust) == 2
     for row, run_dir in zip(robust, (tiny_runs["cnn"], tiny_runs["lcacnn"]), strict=True):
-        saved = storage.read_csv_rows(run_dir / robustness.ROBUSTNESS_CSV)
+        saved = storage.read_csv_rows(run_dir / ROBUSTNESS_CSV)
         by_attack = {(r["attack"], r["epsilon"], r["gradient"]): r["accuracy"] for r in saved}
         assert float(row["clean"]) == pytest.approx(by_attack[("clean", 0.0, "none")])
         assert float(row["pgd-linf eps 0.1 ep"]) == pytest.approx(

@@ -39,13 +39,9 @@ from helpers import (
 from matplotlib.figure import Figure
 
 import cifar_dictlearning
-import data_loading
-import entry
 import main_fast
-import records
 import robustness
-import runs
-import storage
+from experiment import data_loading, entry, records, runs, storage
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -236,7 +232,7 @@ def test_the_other_scripts_stop_quietly_while_the_libraries_load(
 SIGTERM_AT_SHUTDOWN = """
 import os, signal, sys, types
 sys.path.insert(0, os.getcwd())
-import entry
+from experiment import entry
 entry.install_stop_handlers()
 class SendsSigtermWhenTornDown:
     def __del__(self, kill=os.kill, pid=os.getpid(), sigterm=signal.SIGTERM):
@@ -437,8 +433,8 @@ def test_one_command_line_starts_and_after_a_preemption_resumes(tmp_path, monkey
 # --------------------------------------------------------------- 3. one writer per run folder
 
 HOLD_LOCK = (
-    "import sys, time, storage; storage.FolderLock(sys.argv[1]).__enter__(); "
-    "print('locked', flush=True); time.sleep(600)"
+    "import sys, time; from experiment import storage; "
+    "storage.FolderLock(sys.argv[1]).__enter__(); print('locked', flush=True); time.sleep(600)"
 )
 
 

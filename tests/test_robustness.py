@@ -19,18 +19,20 @@ import torch.nn.functional as F
 from fake_datasets import write_fake_cifar10
 from helpers import DIGITS_CNN, WAIT, start, wait_for
 
-import attacks
-import autoattack
 import data_utils
-import entry
 import estimators
 import main_fast
-import records
 import robustness
-import robustness_results
-import runs
-import storage
+from experiment import entry, records, runs, storage
 from lca_utils_ep_fast import LCA_CNN
+from robust_eval import attacks, autoattack, evaluation, measure
+from robust_eval.config import DEFAULT_ATTACKS
+from robust_eval.corruptions import CORRUPTIONS, generate_corruption, read_release
+from robust_eval.evaluation import LOCK_FILE, ROBUSTNESS_CSV, ROBUSTNESS_PNG, ROBUSTNESS_TXT
+from robust_eval.jobs import masking_flags
+from robust_eval.measure import AUTOATTACK_FOLDER, sample_test_pixels
+from robust_eval.pixel_classifier import PixelClassifier
+from robust_eval.results import CSV_COLUMNS
 from utils_ep_fast import P_CNN, P_MLP
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -59,7 +61,7 @@ def evaluated(digits_run) -> dict:
             "--queries", "5", "--corruptions", "gaussian_noise", "contrast",
             "--severities", "1", "5"]  # fmt: skip
     assert robustness.main(argv) == 0
-    rows = storage.read_csv_rows(digits_run / robustness.ROBUSTNESS_CSV)
+    rows = storage.read_csv_rows(digits_run / ROBUSTNESS_CSV)
     return {"dir": digits_run, "rows": rows}
 
 
@@ -74,7 +76,7 @@ def test_every_attack_at_epsilon_zero_leaves_the_clean_accuracy(evaluated):
     attacks = {(row["attack"], row["gradient"]) for row in at_zero}
     assert attacks == {
         (attack, gradient)
-        for attack in robustness.DEFAULT_ATTACKS[1:]
+        for attack in DEFAULT_ATTACKS[1:]
         for gradient in (("none",) if attack.startswith("square") else ("bptt", "ep"))
     }
     for row in at_zero:
@@ -99,7 +101,7 @@ def test_pgd_accuracy_falls_as_epsilon_grows(evaluated):
 
 def test_output_files(evaluated):
     run_dir, rows = evaluated["dir"], evaluated["rows"]
-    assert list(rows[0]) == list(robustness_results.CSV_COLUMNS)
+    assert list(rows[0]) == list(CSV_COLUMNS)
     assert all(row["samples"] == 60 and row["seconds"] >= 0 for row in rows)
     corruptions = [row for row in rows if row["attack"] in ("gaussian_noise", "contrast")]
     assert sorted((row["attack"], row["severity"]) for row in corruptions) == [
@@ -107,8 +109,8 @@ def test_output_files(evaluated):
     ]  # fmt: skip
     (mean,) = [row["accuracy"] for row in rows if row["attack"] == "corruption_mean"]
     assert mean == pytest.approx(np.mean([row["accuracy"] for row in corruptions]))
-    assert (run_dir / robustness.ROBUSTNESS_PNG).read_bytes().startswith(PNG_MAGIC)
-    summary = (run_dir / robustness.ROBUSTNESS_TXT).read_text()
+    assert (run_dir / ROBUSTNESS_PNG).read_bytes().startswith(PNG_MAGIC)
+    summary = (run_dir / ROBUSTNESS_TXT).read_text()
     assert "robustness model.pt" not in (run_dir / runs.HYPERPARAMETERS_TXT).read_text()
     assert f"robustness model.pt (epoch {records.load_model_file(run_dir)[0]['epoch']}" in summary
     assert f"clean: {clean_accuracy(rows):.4f}" in summary
@@ -121,7 +123,7 @@ def test_masking_flag_names_white_box_attacks_weaker_than_square():
 
     rows = [row("square-linf", "none", 0.4), row("pgd-linf", "bptt", 0.3),
             row("pgd-linf", "ep", 0.6)]  # fmt: skip
-    (flag,) = robustness.masking_flags(rows)
+    (flag,) = masking_flags(rows)
     assert flag.startswith("pgd-linf (ep) at eps 0.1: 0.600 > square 0.400")
 
 
@@ -164,7 +166,7 @@ def test_ep_pixel_gradient_of_trained_cnn_and_lcacnn(digits_run):
     pixels = torch.rand(8, 1, 8, 8, dtype=torch.float64)
     labels = torch.arange(8) % 10
     for model in (trained, lca_model):
-        net = robustness.PixelClassifier(model, "DIGITS", T1=300, T2=150, beta=1e-3, chunk=3)
+        net = PixelClassifier(model, "DIGITS", T1=300, T2=150, beta=1e-3, chunk=3)
         net = net.double()
         through_dynamics = net.input_gradient(pixels, labels, "bptt")
         by_ep = net.input_gradient(pixels, labels, "ep")
@@ -191,7 +193,7 @@ def test_release_files_are_read_by_severity_block(tmp_path):
     folder = tmp_path / "CIFAR-10-C"
     write_release(folder, "fog", n_test=6)
     indices = torch.tensor([1, 4])
-    read = robustness.read_release(folder, "fog", 6, (3, 32, 32), indices)
+    read = read_release(folder, "fog", 6, (3, 32, 32), indices)
     assert sorted(read) == [1, 2, 3, 4, 5]
     for severity, (pixels, labels) in read.items():
         assert pixels.shape == (2, 3, 32, 32)
@@ -223,32 +225,32 @@ def test_cli_reads_the_release_and_rejects_a_wrong_shape(tmp_path, capsys):
     argv = ["--load-path", str(run_dir), "--device", "cpu", "--attacks", "corruptions",
             "--corruptions", "fog"]  # fmt: skip
     assert robustness.main(argv) == 0
-    rows = storage.read_csv_rows(run_dir / robustness.ROBUSTNESS_CSV)
+    rows = storage.read_csv_rows(run_dir / ROBUSTNESS_CSV)
     assert [row["severity"] for row in rows if row["attack"] == "fog"] == [1, 2, 3, 4, 5]
     assert "read from" in capsys.readouterr().out
     # each block scored against its own labels: severity 1's images, checked by hand
     record, _ = records.load_model_file(run_dir)
-    net = robustness.PixelClassifier(records.restore_model(record), "CIFAR10", 3, 2, 0.01, 4)
+    net = PixelClassifier(records.restore_model(record), "CIFAR10", 3, 2, 0.01, 4)
     block = torch.from_numpy(np.load(release / "fog.npy")[:6]).permute(0, 3, 1, 2) / 255.0
     expected = net.accuracy(block.float(), torch.from_numpy(labels[:6]), 6)
     (severity_1,) = [row for row in rows if row["attack"] == "fog" and row["severity"] == 1]
     assert severity_1["accuracy"] == pytest.approx(expected)
 
     np.save(release / "fog.npy", np.zeros((25, 32, 32, 3), dtype=np.uint8))
-    before = (run_dir / robustness.ROBUSTNESS_CSV).read_bytes()
+    before = (run_dir / ROBUSTNESS_CSV).read_bytes()
     assert robustness.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1
     assert "fog.npy holds uint8 (25, 32, 32, 3), expected uint8 (30, 32, 32, 3)" in err
-    assert (run_dir / robustness.ROBUSTNESS_CSV).read_bytes() == before
+    assert (run_dir / ROBUSTNESS_CSV).read_bytes() == before
 
 
 @pytest.mark.parametrize("shape", [(8, 8, 1), (32, 32, 3)])
 def test_generated_corruptions_keep_the_image_size(shape):
     rng = np.random.default_rng(0)
     pixels = torch.from_numpy(rng.random((2, *shape), dtype=np.float32)).permute(0, 3, 1, 2)
-    for name in robustness.CORRUPTIONS:
-        corrupted = robustness.generate_corruption(pixels, name, 5, seed=0)
+    for name in CORRUPTIONS:
+        corrupted = generate_corruption(pixels, name, 5, seed=0)
         assert corrupted.shape == pixels.shape, name
         assert corrupted.min() >= 0 and corrupted.max() <= 1, name
         assert not torch.equal(corrupted, pixels), name
@@ -334,7 +336,7 @@ def evaluate(run_dir: Path, capsys, *extra: str, status: int = 0) -> tuple[str, 
 
 
 def without_seconds(run_dir: Path) -> list[dict]:
-    rows = storage.read_csv_rows(run_dir / robustness.ROBUSTNESS_CSV)
+    rows = storage.read_csv_rows(run_dir / ROBUSTNESS_CSV)
     return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
 
 
@@ -364,7 +366,7 @@ def test_resumed_evaluation_equals_the_uninterrupted_one(lifecycle_run, tmp_path
     assert lines[-2].startswith("terminated (SIGTERM); robustness.csv keeps the rows measured")
     command = shlex.split(lines[-1])
     assert command[:2] == ["python", "robustness.py"]
-    kept = len(storage.read_csv_rows(stopped / robustness.ROBUSTNESS_CSV))
+    kept = len(storage.read_csv_rows(stopped / ROBUSTNESS_CSV))
     assert 0 < kept < LIFECYCLE_ROWS
     assert robustness.main(command[2:]) == 0  # the printed command continues it
     assert reused_line(capsys.readouterr().out).startswith(f"reused {kept} rows")
@@ -374,10 +376,10 @@ def test_resumed_evaluation_equals_the_uninterrupted_one(lifecycle_run, tmp_path
 def test_a_repeated_evaluation_reuses_every_row(lifecycle_run, tmp_path, capsys):
     run_dir = copy_run(lifecycle_run, tmp_path)
     evaluate(run_dir, capsys)
-    written = (run_dir / robustness.ROBUSTNESS_CSV).read_bytes()
+    written = (run_dir / ROBUSTNESS_CSV).read_bytes()
     out, _ = evaluate(run_dir, capsys)
     assert reused_line(out) == f"reused {LIFECYCLE_ROWS} rows of robustness.csv; 0 to compute"
-    assert (run_dir / robustness.ROBUSTNESS_CSV).read_bytes() == written
+    assert (run_dir / ROBUSTNESS_CSV).read_bytes() == written
 
 
 def test_a_changed_setting_recomputes_the_rows_it_changes(lifecycle_run, tmp_path, capsys):
@@ -391,7 +393,7 @@ def test_a_changed_setting_recomputes_the_rows_it_changes(lifecycle_run, tmp_pat
     assert reused_line(out).endswith(f"; {PGD_ROWS // 2} to compute")
     out, _ = evaluate(run_dir, capsys, "--seed", "1")  # another sample set: everything
     assert reused_line(out).startswith("reused 0 rows")
-    rows = storage.read_csv_rows(run_dir / robustness.ROBUSTNESS_CSV)
+    rows = storage.read_csv_rows(run_dir / ROBUSTNESS_CSV)
     assert len(rows) == 2 * LIFECYCLE_ROWS + PGD_ROWS + PGD_ROWS // 2
 
     # the model rewritten (training went on): its rows are recomputed
@@ -406,11 +408,11 @@ def test_fresh_recomputes_every_row_in_place(lifecycle_run, tmp_path, capsys):
     run_dir = copy_run(lifecycle_run, tmp_path)
     evaluate(run_dir, capsys)
     before = without_seconds(run_dir)
-    seconds = [r["seconds"] for r in storage.read_csv_rows(run_dir / robustness.ROBUSTNESS_CSV)]
+    seconds = [r["seconds"] for r in storage.read_csv_rows(run_dir / ROBUSTNESS_CSV)]
     out, _ = evaluate(run_dir, capsys, "--fresh")
     assert reused_line(out) == f"reused 0 rows of robustness.csv; {LIFECYCLE_ROWS} to compute"
     assert without_seconds(run_dir) == before  # recomputed: the same results, the same rows
-    again = [r["seconds"] for r in storage.read_csv_rows(run_dir / robustness.ROBUSTNESS_CSV)]
+    again = [r["seconds"] for r in storage.read_csv_rows(run_dir / ROBUSTNESS_CSV)]
     assert again != seconds
 
 
@@ -418,13 +420,13 @@ def test_an_older_eight_column_csv_is_read_and_kept(lifecycle_run, tmp_path, cap
     run_dir = copy_run(lifecycle_run, tmp_path)
     old = "attack,norm,epsilon,severity,gradient,accuracy,samples,seconds\n"
     old += "clean,none,0.0,0,none,0.25,12,0.5\npgd-linf,linf,0.2,0,bptt,0.125,12,1.5\n"
-    (run_dir / robustness.ROBUSTNESS_CSV).write_text(old)
+    (run_dir / ROBUSTNESS_CSV).write_text(old)
     out, _ = evaluate(run_dir, capsys)
     assert reused_line(out).startswith("reused 0 rows")  # no settings recorded: no match
-    rows = storage.read_csv_rows(run_dir / robustness.ROBUSTNESS_CSV)
+    rows = storage.read_csv_rows(run_dir / ROBUSTNESS_CSV)
     assert len(rows) == 2 + LIFECYCLE_ROWS
     assert (rows[1]["attack"], rows[1]["accuracy"], rows[1]["seconds"]) == ("pgd-linf", 0.125, 1.5)
-    assert np.isnan(rows[1]["T1"]) and list(rows[0]) == list(robustness_results.CSV_COLUMNS)
+    assert np.isnan(rows[1]["T1"]) and list(rows[0]) == list(CSV_COLUMNS)
 
 
 def test_an_unwritable_run_folder_exits_74_before_any_attack(lifecycle_run, tmp_path, capsys,
@@ -436,8 +438,8 @@ def test_an_unwritable_run_folder_exits_74_before_any_attack(lifecycle_run, tmp_
     try:
         run_dir = copy_run(lifecycle_run, folder)
         subprocess.run(["mount", "-o", "remount,ro", str(folder)], check=True)
-        monkeypatch.setattr(robustness, "attack_images", lambda *a: pytest.fail("attacked"))
-        monkeypatch.setattr(robustness, "sample_test_pixels", lambda *a: pytest.fail("read"))
+        monkeypatch.setattr(measure, "attack_images", lambda *a: pytest.fail("attacked"))
+        monkeypatch.setattr(evaluation, "sample_test_pixels", lambda *a: pytest.fail("read"))
         _, err = evaluate(run_dir, capsys, status=74)
         (line,) = err.strip().splitlines()
         assert line.startswith(f"error: cannot write or read a file ({run_dir}")
@@ -448,10 +450,10 @@ def test_an_unwritable_run_folder_exits_74_before_any_attack(lifecycle_run, tmp_
 
 def test_two_evaluations_of_one_run_cannot_interleave(lifecycle_run, tmp_path, capsys):
     run_dir = copy_run(lifecycle_run, tmp_path)
-    with storage.FolderLock(run_dir, robustness.LOCK_FILE, clean_temp_files=False):
+    with storage.FolderLock(run_dir, LOCK_FILE, clean_temp_files=False):
         _, err = evaluate(run_dir, capsys, status=75)
     assert f"{run_dir} is being written by process {os.getpid()}" in err
-    assert not (run_dir / robustness.ROBUSTNESS_CSV).exists()
+    assert not (run_dir / ROBUSTNESS_CSV).exists()
 
 
 def test_an_evaluation_leaves_a_live_training_runs_files_alone(lifecycle_run, tmp_path, capsys):
@@ -467,7 +469,7 @@ def test_an_evaluation_leaves_a_live_training_runs_files_alone(lifecycle_run, tm
         assert half_written.read_bytes() == b"half a checkpoint"
     for name, content in training_files.items():
         assert (run_dir / name).read_bytes() == content, name
-    assert (run_dir / robustness.ROBUSTNESS_TXT).read_text().startswith("robustness model.pt")
+    assert (run_dir / ROBUSTNESS_TXT).read_text().startswith("robustness model.pt")
 
 
 # ---- input gradients of an attack's own cost -------------------------------------------------
@@ -488,7 +490,7 @@ def test_ep_gradient_of_an_attack_cost_follows_that_cost(build, kind):
     denominators curve it sharply: a small beta keeps the finite difference accurate.)"""
     torch.manual_seed(0)
     model = build().double()
-    net = robustness.PixelClassifier(model, "DIGITS", T1=300, T2=150, beta=1e-5, chunk=4)
+    net = PixelClassifier(model, "DIGITS", T1=300, T2=150, beta=1e-5, chunk=4)
     net = net.double()
     pixels = torch.rand(6, 1, 8, 8, dtype=torch.float64)
     labels = torch.arange(6) % 10
@@ -518,7 +520,7 @@ def autoattacked(digits_run, tmp_path_factory) -> dict:
     """robustness.py --attacks autoattack on a copy of the trained digits RCNN."""
     run_dir = copy_run(digits_run, tmp_path_factory.mktemp("autoattack"))
     assert robustness.main(["--load-path", str(run_dir), *AA_FLAGS]) == 0
-    return {"dir": run_dir, "rows": storage.read_csv_rows(run_dir / robustness.ROBUSTNESS_CSV)}
+    return {"dir": run_dir, "rows": storage.read_csv_rows(run_dir / ROBUSTNESS_CSV)}
 
 
 def test_autoattack_at_epsilon_zero_leaves_the_clean_accuracy(autoattacked):
@@ -538,8 +540,8 @@ def test_autoattack_keeps_valid_misclassified_images_and_the_table_counts(autoat
     assert worst["accuracy"] < clean_accuracy(rows)
     # every kept image, checked from scratch with a network rebuilt from the model file
     record, _ = records.load_model_file(run_dir)
-    net = robustness.PixelClassifier(records.restore_model(record), "DIGITS", 10, 3, 0.01, 8)
-    indices, pixels, labels, _ = robustness.sample_test_pixels("DIGITS", "./data", False, 40, 0)
+    net = PixelClassifier(records.restore_model(record), "DIGITS", 10, 3, 0.01, 8)
+    indices, pixels, labels, _ = sample_test_pixels("DIGITS", "./data", False, 40, 0)
     assert [int(row["index"]) for row in table] == indices.tolist()
     prefix = table_path.name.split("_")[0]
     fooled_somewhere = torch.zeros(len(labels), dtype=torch.bool)
@@ -556,7 +558,7 @@ def test_autoattack_keeps_valid_misclassified_images_and_the_table_counts(autoat
 
 
 def test_the_summary_states_the_budget_of_the_attacks_that_ran(autoattacked):
-    header = (autoattacked["dir"] / robustness.ROBUSTNESS_TXT).read_text().splitlines()[0]
+    header = (autoattacked["dir"] / ROBUSTNESS_TXT).read_text().splitlines()[0]
     assert "AutoAttack 5 iterations, 20 queries, 2 targets, 1 restarts" in header
     assert " steps" not in header, "no PGD or Square ran, so their budget is not stated"
 
@@ -573,7 +575,7 @@ def test_the_T1_sweep_at_the_runs_own_T1_equals_a_single_evaluation(digits_run, 
     by_sweep = [row for row in without_seconds(sweep) if row["T1"] == 10]
     assert by_sweep == without_seconds(single)
     assert {row["T1"] for row in without_seconds(sweep)} == {4.0, 10.0}
-    assert (sweep / robustness.ROBUSTNESS_PNG).read_bytes().startswith(PNG_MAGIC)
+    assert (sweep / ROBUSTNESS_PNG).read_bytes().startswith(PNG_MAGIC)
 
 
 def test_the_sweep_epsilon_is_the_largest_below_the_first_that_leaves_nothing():
@@ -639,7 +641,7 @@ def test_ctrl_c_to_an_autoattack_process_exits_130_and_its_command_continues(
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
     child = start(["robustness.py", "--load-path", str(run_dir), *AA_FLAGS], env=environment)
     try:
-        components = run_dir / robustness.AUTOATTACK_FOLDER
+        components = run_dir / AUTOATTACK_FOLDER
         wait_for(lambda: any(components.glob("*.pt")) or child.poll() is not None, "a component")
         assert child.poll() is None, child.communicate()
         child.send_signal(signal.SIGINT)

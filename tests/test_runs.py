@@ -16,12 +16,15 @@ import torch
 from fake_datasets import CodeRunningPickle
 
 import data_utils as du
-import records
-import runs
-import storage
-from entry import UsageError
+from experiment import records, runs, storage
+from experiment.entry import UsageError
+from experiment.records import (
+    DictionaryError,
+    load_dictionary,
+    load_subset_indices,
+    save_dictionary,
+)
 from lca import LCAConv2D
-from records import DictionaryError, load_dictionary, load_subset_indices, save_dictionary
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

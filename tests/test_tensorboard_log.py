@@ -23,8 +23,8 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 from tensorboard.summary.writer.record_writer import RecordWriter
 from tensorboard.util import tensor_util
 
-import tensorboard_log as tbl
-from tensorboard_log import TensorBoardLog
+from experiment import tensorboard_log as tbl
+from experiment.tensorboard_log import TensorBoardLog
 
 ROOT = Path(__file__).resolve().parents[1]
 KEEP_ALL = {ea.SCALARS: 0, ea.IMAGES: 0, ea.HISTOGRAMS: 0, ea.TENSORS: 0}
@@ -335,7 +335,7 @@ def test_a_disabled_log_writes_nothing_and_imports_nothing(tmp_path):
         import sys
         from pathlib import Path
         import torch
-        from tensorboard_log import TensorBoardLog
+        from experiment.tensorboard_log import TensorBoardLog
 
         run = Path({str(tmp_path)!r})
         off = TensorBoardLog(run / "off", enabled=False)

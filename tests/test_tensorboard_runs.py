@@ -20,11 +20,11 @@ from tensorboard.backend.event_processing import event_accumulator as ea
 
 import cifar_dictlearning
 import data_utils
-import entry
 import main_fast
 import robustness
-import storage
 import utils_ep_fast
+from experiment import entry, storage
+from robust_eval.evaluation import ROBUSTNESS_CSV
 from utils_ep_fast import settling_trace
 
 BATCHES = 6  # DIGITS_CNN_BATCHED: 1437 training images in batches of 256
@@ -172,7 +172,7 @@ def test_robustness_logs_one_tag_per_setting_at_step_t1(tmp_path):
                "--tensorboard"]  # fmt: skip
     assert robustness.main(measure) == 0
     log = events(run_dir / "tb" / "robustness")
-    rows = storage.read_csv_rows(run_dir / robustness.ROBUSTNESS_CSV)
+    rows = storage.read_csv_rows(run_dir / ROBUSTNESS_CSV)
     accuracy = {(row["attack"], row["epsilon"], row["severity"]): row["accuracy"] for row in rows}
     expected = {
         "robustness/clean": accuracy["clean", 0.0, 0],

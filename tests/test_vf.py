@@ -15,7 +15,7 @@ from math_checks import LCA_SMALL as SMALL
 from math_checks import digit_like_batch as batch
 
 import main_fast
-import records
+from experiment import records
 from links import AvgPool, CopyLink, MaxPool
 from utils_ep_fast import EPConfig, make_optimizer, train, train_batch
 from vf_utils_ep_fast import VF_CNN, VF_LCA_CNN, VF_MLP

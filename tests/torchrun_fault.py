@@ -19,13 +19,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import entry  # noqa: E402
+from experiment import entry  # noqa: E402
 
 entry.install_stop_handlers()  # as main_fast.py does when it is the script
 
 import main_fast  # noqa: E402
-import runs  # noqa: E402
 import utils_ep_fast  # noqa: E402
+from experiment import runs  # noqa: E402
 
 train_batch = utils_ep_fast.train_batch
 save_figure = runs.save_figure
