@@ -1,10 +1,12 @@
 """Helpers the test files share: command lines of tiny runs, their run folders and outputs,
 the seed README's commands, failures injected into training, child processes and the events
-that tests wait on."""
+that tests wait on, two-process runs under ``torchrun``, and the small classifier the attack
+tests share."""
 
 from __future__ import annotations
 
 import csv
+import os
 import shlex
 import subprocess
 import sys
@@ -12,12 +14,16 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from sklearn.datasets import load_digits
+from torch import nn
 
 import main_fast
 import utils_ep_fast
 
 ROOT = Path(__file__).resolve().parents[1]
 WAIT = 180  # seconds any child process may take (a slow, busy machine imports torch slowly)
+TORCHRUN_TIMEOUT = 300  # seconds a two-process torchrun run may take
 
 # The seed README's four training commands, verbatim.
 SEED_COMMANDS = {
@@ -115,3 +121,66 @@ def wait_for(condition, what: str) -> None:
     while not condition():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.02)
+
+
+def saved_run(results: Path, capsys, *extra: str) -> Path:
+    """A finished one-epoch DIGITS run folder under ``results`` (its output read away)."""
+    assert main_fast.main(DIGITS_CNN + ["--save", "--results-dir", str(results), *extra]) == 0
+    capsys.readouterr()
+    return run_dir_of(results)
+
+
+def one_error_line(err: str) -> str:
+    """The error message that ends ``err`` (after any progress bars), asserting that it is
+    one ``error:`` line and the only one."""
+    lines = err.strip().splitlines()
+    assert lines[-1].startswith(("error: ", "cifar_dictlearning.py: error: ")), err
+    assert err.count("error: ") == 1, err
+    return lines[-1]
+
+
+def robustness_argv(run_dir: Path, *extra: str) -> list[str]:
+    return ["robustness.py", "--load-path", str(run_dir), "--device", "cpu", "--n-samples",
+            "20", "--attacks", "pgd-linf", "--gradients", "bptt", *extra]  # fmt: skip
+
+
+def torchrun(
+    nproc: int, argv: list[str], cwd: Path, script: Path = ROOT / "main_fast.py", env=None
+) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc_per_node nproc script argv`` in ``cwd``, one thread per
+    process, killed after TORCHRUN_TIMEOUT seconds."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               "--nproc_per_node", str(nproc), str(script), *argv]  # fmt: skip
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run(
+        command, cwd=cwd, env=environment, capture_output=True, text=True,
+        timeout=TORCHRUN_TIMEOUT,
+    )  # fmt: skip
+
+
+def digits_classifier(n_images: int) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """A logistic regression on the 8x8 digits (float32), and ``n_images`` held-out images in
+    [0, 1] with their labels."""
+    data = load_digits()
+    pixels = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    labels = torch.tensor(data.target)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
+    for _ in range(150):
+        optimizer.zero_grad()
+        F.cross_entropy(model(pixels[:1500]), labels[:1500]).backward()
+        optimizer.step()
+    model.requires_grad_(False)
+    return model.eval(), pixels[1500 : 1500 + n_images], labels[1500 : 1500 + n_images]
+
+
+def autograd_gradient(model: nn.Module):
+    """The reference input gradient: autograd of ``sum_b A(z_b)`` through ``model``."""
+
+    def gradient(pixels, cost):
+        pixels = pixels.detach().requires_grad_(True)
+        with torch.enable_grad():
+            return torch.autograd.grad(cost.value(model(pixels)).sum(), pixels)[0]
+
+    return gradient

@@ -497,3 +497,16 @@ def test_a_dictionary_that_stops_being_finite_exits_1_keeping_the_last_finite_ep
     saved = torch.load(out_dir / "dictionary.pt", weights_only=True)["weights"]
     assert state["epoch"] == 1 and torch.isfinite(saved).all()
     assert [row["epoch"] for row in csv.DictReader((out_dir / "dictlearning.csv").open())] == ["1"]
+
+
+# --------------------------------------------------------------------------------- bad numbers
+
+
+@pytest.mark.parametrize("flag", ["--lambda", "--tau", "--eta", "--d-update-clip"])
+def test_dictionary_learning_refuses_nan(tmp_path, capsys, flag):
+    out = tmp_path / "out"
+    argv = ["--task", "DIGITS", "--epochs", "1", "--lca-iters", "2", "--out-dir", str(out)]
+    assert cifar_dictlearning.main([*argv, flag, "nan"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "must be a" in err and "got nan" in err
+    assert not (out / "dictionary.pt").exists()

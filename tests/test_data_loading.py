@@ -1,9 +1,14 @@
-"""Tests of data_loading: datasets from real on-disk formats and loaders. Nothing here touches
-the network (run folders and figures: test_runs.py)."""
+"""Tests of experiment/data_loading.py: datasets from real on-disk formats and loaders, and, through
+main_fast.py, archives and pickles from elsewhere (unsafe members, pickles checked before
+torchvision unpickles them), a missing dataset and an unwritable data folder, each one line.
+Nothing here touches the network (run folders: test_runs.py; figures: test_data_utils.py)."""
 
 from __future__ import annotations
 
+import errno
 import gzip
+import io
+import os
 import pickle
 import tarfile
 from pathlib import Path
@@ -15,9 +20,10 @@ import torch
 import torchvision.datasets.cifar as tv_cifar
 import torchvision.datasets.mnist as tv_mnist
 from fake_datasets import CodeRunningPickle, write_fake_cifar10, write_fake_mnist, write_fake_svhn
+from helpers import DIGITS_CNN, one_error_line, run_failing
 from torch.utils.data import Subset, TensorDataset
 
-from experiment import data_loading
+from experiment import data_loading, entry
 from experiment.entry import UsageError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -320,3 +326,66 @@ def test_make_loader_seeded_order_and_subsets():
     sub = data_loading.make_loader(data, 2, shuffle=True, seed=0, indices=torch.tensor([3, 9, 11]))
     assert sorted(_order(sub)) == [3, 9, 11]
     assert plain.pin_memory == torch.cuda.is_available()
+
+
+# ---------------------------------------- archives, pickles and missing data from a run's view
+
+
+@pytest.mark.parametrize("unsafe", ["../escaped.txt", "/tmp/absolute.txt", "link"])
+def test_archive_member_outside_the_data_folder_is_refused(tmp_path, unsafe):
+    data = tmp_path / "data"
+    data.mkdir()
+    with tarfile.open(data / "cifar-10-python.tar.gz", "w:gz") as tar:
+        ok = tarfile.TarInfo("cifar-10-batches-py/readme.txt")
+        ok.size = 2
+        tar.addfile(ok, io.BytesIO(b"ok"))
+        member = tarfile.TarInfo(unsafe)
+        if unsafe == "link":  # a symlink pointing outside, then a file written through it
+            member.type, member.linkname = tarfile.SYMTYPE, str(tmp_path)
+            tar.addfile(member)
+        else:
+            member.size = 4
+            tar.addfile(member, io.BytesIO(b"evil"))
+    with pytest.raises(entry.UsageError, match="refusing to unpack .* is unsafe"):
+        data_loading.build_datasets("CIFAR10", data, download=False)
+    assert not (tmp_path / "escaped.txt").exists() and not Path("/tmp/absolute.txt").exists()
+    assert not (data / "cifar-10-batches-py").exists(), "nothing is unpacked from such an archive"
+
+
+def test_modified_cifar_files_are_checked_before_torchvision_unpickles_them(tmp_path, monkeypatch):
+    write_fake_cifar10(tmp_path, n_train_per_batch=2, n_test=2)
+    order = []
+    real_check = data_loading._DataOnlyUnpickler.load
+    real_load = pickle.load
+
+    def checked(self):
+        order.append("restricted")
+        return real_check(self)
+
+    def unrestricted(*args, **kwargs):
+        order.append("unrestricted")
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(data_loading._DataOnlyUnpickler, "load", checked)
+    monkeypatch.setattr(tv_cifar.pickle, "load", unrestricted)
+    with pytest.warns(UserWarning, match="official checksums"):
+        data_loading.build_datasets("CIFAR10", tmp_path, download=False)
+    assert order[:7] == ["restricted"] * 7 and "unrestricted" in order
+
+
+def test_missing_dataset_is_one_line(tmp_path, capsys):
+    argv = with_cifar = DIGITS_CNN + ["--task", "CIFAR10", "--no-download"]
+    argv = [*with_cifar, "--data-dir", str(tmp_path), "--channels", "4", "--kernels", "3"]
+    line = one_error_line(run_failing(argv, capsys))
+    assert f"CIFAR10 data not found in {tmp_path} (downloading is off): put data_batch_1" in line
+    assert "--task DIGITS" in line
+
+
+def test_download_into_an_unwritable_data_dir_is_a_storage_error(tmp_path, monkeypatch, capsys):
+    def denied(url, download_root, *args, **kwargs):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), download_root)
+
+    monkeypatch.setattr(tv_cifar, "download_and_extract_archive", denied)
+    argv = DIGITS_CNN + ["--task", "CIFAR10", "--data-dir", str(tmp_path), "--channels", "4"]
+    line = one_error_line(run_failing([*argv, "--kernels", "3"], capsys, status=74))
+    assert f"({tmp_path}): Permission denied [EACCES]" in line

@@ -12,11 +12,11 @@ import csv
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import torchrun
 
 import cifar_dictlearning
 import main_fast
@@ -24,7 +24,6 @@ from experiment import distributed
 from lca import LCAConv2D
 
 ROOT = Path(__file__).resolve().parents[1]
-TORCHRUN_TIMEOUT = 300
 TOLERANCE = 1e-5
 
 # 1437 training images in batches of 64: the last one (29) splits 15 / 14
@@ -45,20 +44,6 @@ DIGITS_LCACNN_FINETUNE = [
     "--lca_eta", "0.5", "--dict_training", "finetune", "--random-sign", "--device", "cpu",
     "--save",
 ]  # fmt: skip
-
-
-def torchrun(
-    nproc: int, argv: list[str], cwd: Path, script: Path = ROOT / "main_fast.py", env=None
-) -> subprocess.CompletedProcess:
-    """``torchrun --standalone --nproc_per_node nproc script argv`` in ``cwd``, one thread per
-    process, killed after TORCHRUN_TIMEOUT seconds."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               "--nproc_per_node", str(nproc), str(script), *argv]  # fmt: skip
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run(
-        command, cwd=cwd, env=environment, capture_output=True, text=True,
-        timeout=TORCHRUN_TIMEOUT,
-    )  # fmt: skip
 
 
 def run_folders(results: Path) -> list[Path]:

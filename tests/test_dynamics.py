@@ -233,7 +233,7 @@ def test_ep_updates_from_async_fixed_points_equal_those_from_sync(kind):
 
 
 def test_gdu_theorem_holds_with_async_dynamics_once_the_nudged_phase_settled():
-    """The GDU check of test_engine with async steps in every phase and in BPTT's graph. EP's
+    """The GDU check of test_utils_ep_fast with async steps in every phase and in BPTT's graph. EP's
     update after the nudged phase equals BPTT's gradient through as many steps from the free
     fixed point (the fixed-point form of the theorem). The step-by-step identity of the
     transient is a property of the synchronous map: with async steps the first layer's curve

@@ -1,35 +1,27 @@
-"""Tests of run folders (runs), text and CSV logs, atomic saves and safe loading (storage), RNG
-state and dictionary files (records); and of the figures of data_utils, written the way a run
-writes them."""
+"""experiment/runs.py: run folders (layout and numbering), hyperparameters.txt and
+results.csv, one command line that starts a run and, after a preemption, resumes it, and resumes
+that change the learning rates and weight decays."""
 
 from __future__ import annotations
 
 import datetime
-import os
-import random
+import math
 import shlex
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from fake_datasets import CodeRunningPickle
-
-import data_utils as du
-from experiment import records, runs, storage
-from experiment.entry import UsageError
-from experiment.records import (
-    DictionaryError,
-    load_dictionary,
-    load_subset_indices,
-    save_dictionary,
+from helpers import (
+    DIGITS_CNN,
+    fail_in_epoch,
+    saved_run,
 )
-from lca import LCAConv2D
 
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+import main_fast
+from experiment import entry, runs, storage
+from experiment.entry import UsageError
 
-
-# ------------------------------------------------------------------------------------- runs, logs
+# ------------------------------------------------------------------------ run folders and logs
 
 
 def test_make_run_dir_layout_and_numbering(tmp_path):
@@ -86,193 +78,63 @@ def test_results_csv_round_trip(tmp_path):
         runs.read_results(tmp_path / "elsewhere")
 
 
-# ------------------------------------------------------------------------------------- file I/O
+# ------------------------------------------------------------------------------------- resumes
 
 
-class _FailsToPickle:
-    def __reduce__(self):
-        raise RuntimeError("cannot pickle this")
+def test_one_command_line_starts_and_after_a_preemption_resumes(tmp_path, monkeypatch, capsys):
+    def preempt(model):
+        raise entry.Terminated
+
+    run_dir = tmp_path / "job"
+    argv = DIGITS_CNN + ["--mbs", "1437", "--epochs", "3", "--save", "--load-path", str(run_dir)]
+    fail_in_epoch(monkeypatch, 2, preempt)
+    assert main_fast.main(argv) == 143
+    assert torch.load(run_dir / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    monkeypatch.undo()
+    capsys.readouterr()
+    assert main_fast.main(argv) == 0  # the requeued job: the same line
+    out, err = capsys.readouterr()
+    assert "ignored" not in err and "notice: --lrs" not in out
+    assert [row["epoch"] for row in runs.read_results(run_dir)] == [1, 2, 3]
 
 
-def test_atomic_save_round_trip_and_failure_keeps_old_file(tmp_path):
-    path = tmp_path / "ckpt" / "model.pt"
-    storage.atomic_save({"w": torch.arange(4.0), "epoch": 3}, path)
-    assert os.listdir(path.parent) == ["model.pt"]
-    loaded = storage.safe_load(path, "checkpoint")
-    assert loaded["epoch"] == 3 and torch.equal(loaded["w"], torch.arange(4.0))
+def test_resume_applies_typed_learning_rates_and_weight_decays(tmp_path, capsys):
+    run_dir = saved_run(tmp_path, capsys, "--lr-decay")
+    argv = ["--load-path", str(run_dir), "--epochs", "2", "--lrs", "0.05", "0.02"]
+    assert main_fast.main([*argv, "--wds", "1e-3", "2e-3"]) == 0
+    out, err = capsys.readouterr()
+    assert "notice: --lrs 0.05 0.02 replaces the saved values from epoch 1 on" in out
+    assert "ignored" not in err
 
-    with pytest.raises(RuntimeError, match="cannot pickle"):
-        storage.atomic_save({"w": torch.ones(2), "bad": _FailsToPickle()}, path)
-    assert os.listdir(path.parent) == ["model.pt"]
-    assert torch.equal(storage.safe_load(path, "checkpoint")["w"], torch.arange(4.0))
+    def cosine(lr: float, epoch: int) -> float:  # CosineAnnealingLR(T_max=100, eta_min=1e-5)
+        return 1e-5 + (lr - 1e-5) * (1 + math.cos(math.pi * epoch / 100)) / 2
 
-
-def test_safe_load_errors_name_the_file(tmp_path):
-    missing = tmp_path / "absent.pt"
-    with pytest.raises(UsageError, match="checkpoint not found") as err:
-        storage.safe_load(missing, "checkpoint")
-    assert str(missing) in str(err.value)
-
-    corrupt = tmp_path / "corrupt.pt"
-    corrupt.write_bytes(b"\x00\x01garbage")
-    with pytest.raises(UsageError, match="corrupt or not a dictionary") as err:
-        storage.safe_load(corrupt, "dictionary")
-    assert str(corrupt) in str(err.value)
-
-    # A pickled object of an arbitrary class is refused rather than executed.
-    with_object = tmp_path / "object.pt"
-    torch.save({"obj": CodeRunningPickle(str(tmp_path / "code_ran"))}, with_object)
-    with pytest.raises(UsageError, match="not a checkpoint"):
-        storage.safe_load(with_object, "checkpoint")
-    assert not (tmp_path / "code_ran").exists()
-
-    with pytest.raises(UsageError, match="folder"):
-        storage.safe_load(tmp_path, "checkpoint")
+    checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    groups = checkpoint["optimizer_state"]["param_groups"]
+    assert [g["lr"] for g in groups] == pytest.approx([cosine(0.05, 2), cosine(0.02, 2)])
+    assert [g["weight_decay"] for g in groups] == [1e-3, 2e-3]
+    assert checkpoint["scheduler_state"]["base_lrs"] == [0.05, 0.02]
+    assert checkpoint["args"]["lrs"] == [0.05, 0.02]
+    rows = runs.read_results(run_dir)
+    assert rows[1]["lr"] == pytest.approx(cosine(0.05, 1))  # the rate epoch 2 trained with
+    text = (run_dir / "hyperparameters.txt").read_text()
+    assert "lrs: [0.05, 0.02] (from epoch 1)\nwds: [0.001, 0.002] (from epoch 1)" in text
 
 
-def _draws() -> tuple:
-    return (
-        [random.random() for _ in range(3)] + [random.gauss(0, 1)],
-        np.random.standard_normal(3).tolist(),
-        torch.rand(3).tolist(),
-    )
-
-
-def test_rng_state_round_trips_through_weights_only_load(tmp_path):
-    random.seed(1)
-    np.random.seed(2)
-    torch.manual_seed(3)
-    random.gauss(0, 1)  # leaves a cached second normal in Python's generator
-    np.random.standard_normal(1)  # and in numpy's
-    storage.atomic_save(records.get_rng_state(), tmp_path / "rng.pt")
-    expected = _draws()
-    _draws()
-    state = torch.load(tmp_path / "rng.pt", map_location="cpu", weights_only=True)
-    records.set_rng_state(state)
-    assert _draws() == expected
-    assert _draws() != expected
-
-
-# ------------------------------------------------------------------------------------- dictionaries
-
-
-def test_save_and_load_round_trip(tmp_path):
-    lca = LCAConv2D(6, 3, kernel_size=5, stride=2, lambda_=0.3, tau=50, eta=0.02, lca_iters=7)
-    path = tmp_path / "dicts" / "dictionary.pt"
-    indices = torch.tensor([5, 1, 9], dtype=torch.int64)
-    save_dictionary(str(path), lca, subset_indices=indices)
-
-    weights, config = load_dictionary(str(path), expected_shape=(6, 3, 5, 5))
-    assert torch.equal(weights, lca.weights.detach())
-    assert config == {
-        "out_neurons": 6, "in_neurons": 3, "kernel_size": 5, "stride": 2, "lambda_": 0.3,
-        "tau": 50.0, "eta": 0.02, "lca_iters": 7, "pad": "same", "nonneg": True,
-        "transfer_func": "soft_threshold", "input_zero_mean": True, "input_unit_var": True,
-    }  # fmt: skip
-    assert torch.equal(load_subset_indices(str(path)), indices)
-    assert sorted(os.listdir(path.parent)) == ["dictionary.pt", "subset_indices.pt"]
-
-
-def test_load_errors_name_the_file_and_the_fix(tmp_path):
-    missing = tmp_path / "nothing.pt"
-    with pytest.raises(DictionaryError, match="run cifar_dictlearning.py first"):
-        load_dictionary(str(missing))
-    with pytest.raises(DictionaryError, match="subset_indices.pt"):
-        load_subset_indices(str(missing))
-
-    garbage = tmp_path / "garbage.pt"
-    garbage.write_bytes(b"this is not a torch file")
-    with pytest.raises(DictionaryError, match="garbage.pt"):
-        load_dictionary(str(garbage))
-
-    bare = tmp_path / "bare.pt"
-    torch.save(torch.zeros(2, 1, 3, 3), bare)
-    with pytest.raises(DictionaryError, match="does not hold a dictionary record"):
-        load_dictionary(str(bare))
-
-    lca = LCAConv2D(4, 1, kernel_size=3)
-    good = tmp_path / "good.pt"
-    save_dictionary(str(good), lca)
-    with pytest.raises(
-        DictionaryError, match=r"expected shape \(64, 3, 9, 9\), found \(4, 1, 3, 3\)"
-    ):
-        load_dictionary(str(good), expected_shape=(64, 3, 9, 9))
-
-
-class _NotAllowed:
-    pass
-
-
-def test_load_refuses_arbitrary_pickles(tmp_path):
-    path = tmp_path / "pickle.pt"
-    torch.save({"weights": _NotAllowed(), "config": {}}, path)
-    with pytest.raises(DictionaryError, match="could not be read"):
-        load_dictionary(str(path))
-
-
-# ------------------------------------------------------------------------------------- figures
-
-
-def _assert_png(path: Path) -> None:
-    data = path.read_bytes()
-    assert data[:8] == PNG_MAGIC and len(data) > 2000
-
-
-def test_plot_metrics_writes_the_plots_for_present_columns(tmp_path):
-    lca_run, plain_run = tmp_path / "lca", tmp_path / "plain"
-    lca_run.mkdir()
-    plain_run.mkdir()
-    for epoch in range(1, 4):
-        acc = {"epoch": epoch, "train_acc": 0.2 * epoch, "test_acc": 0.15 * epoch, "lr": 0.1}
-        lca = {"lca_frac_active": 0.1 / epoch, "lca_recon_error": 1.0 / epoch}
-        runs.append_results_row(lca_run, {**acc, **lca})
-        runs.append_results_row(plain_run, acc)
-    figures = du.plot_metrics(runs.read_results(lca_run))
-    assert list(figures) == ["accuracy.png", "sparsity.png", "recon_error.png"]
-    for name, fig in figures.items():
-        storage.save_figure(fig, lca_run / name)
-        _assert_png(lca_run / name)
-    assert list(du.plot_metrics(runs.read_results(plain_run))) == ["accuracy.png"]
-    assert du.plot_metrics([]) == {}
-    assert sorted(f for f in os.listdir(lca_run) if f.startswith(".")) == []
-
-
-def test_rescale_each_image_independently():
-    images = torch.tensor([[[[1.0, 3.0]]], [[[5.0, 5.0]]], [[[-2.0, 2.0]]]])
-    assert du._rescale_each(images).flatten().tolist() == [0.0, 1.0, 0.5, 0.5, 0.0, 1.0]
-
-
-def test_dictionary_grid_layout():
-    weights = torch.randn(16, 3, 5, 5)
-    grid = du.dictionary_grid(weights)
-    # 4 x 4 tiles of 5 px with 1 px borders: 4 * (5 + 1) + 1 = 25
-    assert grid.shape == (25, 25, 3)
-    assert grid.min() >= 0 and grid.max() <= 1
-    # each feature is scaled on its own: every tile spans [0, 1]
-    tile = grid[1:6, 1:6]
-    assert tile.min() == 0 and tile.max() == 1
-    # 10 features: ceil(sqrt(10)) = 4 per row, 3 rows; gray features become RGB
-    assert du.dictionary_grid(torch.randn(10, 1, 3, 3)).shape == (3 * 4 + 1, 4 * 4 + 1, 3)
-
-
-def test_activity_dictionary_and_reconstruction_plots(tmp_path):
-    torch.manual_seed(0)
-    neurons = [torch.rand(4, 8, 6, 6), torch.rand(4, 10)]
-    storage.save_figure(du.plot_neural_activity(neurons, names=["conv", "fc"]), tmp_path / "a.png")
-    _assert_png(tmp_path / "a.png")
-    storage.save_figure(du.plot_neural_activity(neurons), tmp_path / "activity_default.png")
-    _assert_png(tmp_path / "activity_default.png")
-
-    storage.save_figure(du.plot_dictionary(torch.randn(16, 3, 9, 9), "D"), tmp_path / "rgb.png")
-    storage.save_figure(du.plot_dictionary(torch.randn(10, 1, 5, 5)), tmp_path / "gray.png")
-    _assert_png(tmp_path / "rgb.png")
-    _assert_png(tmp_path / "gray.png")
-    with pytest.raises(ValueError):
-        du.plot_dictionary(torch.randn(4, 64, 3, 3))
-
-    x = torch.rand(5, 3, 32, 32)
-    recon = du.plot_reconstructions(x, {"before": x * 0.5, "after": x + 0.1})
-    storage.save_figure(recon, tmp_path / "recon.png")
-    _assert_png(tmp_path / "recon.png")
-    with pytest.raises(ValueError, match="before"):
-        du.plot_reconstructions(x, {"before": torch.rand(5, 1, 32, 32)})
+def test_resume_of_a_vector_field_run_gives_backward_weights_their_synapse_rates(tmp_path, capsys):
+    """VFCNN here: conv W_0, readout W_1 and the readout's backward weights B_1, three param
+    groups for two synapses. ``--lrs`` / ``--wds`` on a resume take one value per synapse, and
+    B_1 takes W_1's (as a new run gives it)."""
+    run_dir = saved_run(tmp_path, capsys, "--model", "VFCNN", "--lr-decay")
+    saved = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    assert len(saved["optimizer_state"]["param_groups"]) == 3
+    assert "backward_synapses.0.weight" in saved["model_state"]
+    argv = ["--load-path", str(run_dir), "--epochs", "2", "--lrs", "0.05", "0.02"]
+    assert main_fast.main([*argv, "--wds", "1e-3", "2e-3"]) == 0
+    checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    groups = checkpoint["optimizer_state"]["param_groups"]
+    decayed = (1 + math.cos(math.pi * 2 / 100)) / 2  # CosineAnnealingLR(T_max=100) at epoch 2
+    expected = [1e-5 + (lr - 1e-5) * decayed for lr in (0.05, 0.02, 0.02)]
+    assert [g["lr"] for g in groups] == pytest.approx(expected, abs=1e-15)
+    assert [g["weight_decay"] for g in groups] == [1e-3, 2e-3, 2e-3]
+    assert checkpoint["scheduler_state"]["base_lrs"] == [0.05, 0.02, 0.02]

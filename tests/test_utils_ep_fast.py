@@ -1,10 +1,12 @@
-"""The explicit EP engine against autograd of Phi, and EP against BPTT (the GDU theorem)."""
+"""The explicit EP engine against autograd of Phi, EP against BPTT (the GDU theorem), and the
+settling trace against a long async settle."""
 
 import pytest
 import torch
 from math_checks import ARCHITECTURES, MLPS, build, converged_case, cosine, random_case
 
-from utils_ep_fast import P_MLP, EPConfig, gdu_check
+import data_utils
+from utils_ep_fast import P_MLP, EPConfig, gdu_check, settling_trace
 
 
 @pytest.mark.parametrize("beta", [0.0, 0.7])
@@ -120,3 +122,32 @@ def test_safe_point_runs_between_the_steps_of_every_phase_and_before_every_batch
     assert set(model.state_dict()) == {
         f"synapses.{i}.{p}" for i in (0, 1) for p in ("weight", "bias")
     }
+
+
+def test_settling_gap_is_measured_against_a_long_async_settle():
+    """The reference is the lowest energy of 4 T1 async free steps from zero, then 4 T2 nudged
+    ones (computed here step by step); an async free phase of T1 steps never goes below it,
+    and an unsettled phase ends above it instead of at 1e-12."""
+    _, layers, shape = ARCHITECTURES[3]  # 4 convs and 2 fc layers
+    model = build({**layers, "activation": "my_hard_sig", "scale": 2.0})
+    x, y, _ = random_case(model, shape, batch=4)
+    T1, T2, betas = 3, 2, (0.0, 0.5)
+    traces = settling_trace(model, x, y, T1, T2, betas)
+    model.set_dynamics("async")
+    neurons = model.init_neurons(x)
+    lowest = []
+    with torch.no_grad():
+        for steps, beta in ((4 * T1, betas[0]), (4 * T2, betas[1])):
+            energies = [model.energy(x, y, neurons, beta).mean().item()]
+            for _ in range(steps):
+                neurons = model(x, y, neurons, 1, beta=beta)
+                energies.append(model.energy(x, y, neurons, beta).mean().item())
+            lowest.append(min(energies))
+    for trace in traces.values():
+        assert trace["free_reference"].item() == pytest.approx(lowest[0], rel=1e-12)
+        assert trace["nudged_reference"].item() == pytest.approx(lowest[1], rel=1e-12)
+    async_free = traces["async"]["free_energy"]
+    assert (async_free >= lowest[0] - 1e-12 * abs(lowest[0])).all()
+    free_gap, _ = data_utils.energy_gaps(traces["async"])
+    assert free_gap[-1].item() == pytest.approx(async_free[-1].item() - lowest[0], rel=1e-9)
+    assert free_gap[-1].item() > 1e-3  # 3 steps do not settle this network
