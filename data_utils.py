@@ -317,12 +317,25 @@ def _plot_corruptions(ax, corrupted: list[dict], rows: list[dict]) -> None:
     ax.legend(fontsize=8)
 
 
-def energy_gaps(trace: dict) -> tuple[Tensor, Tensor]:
+def energy_gaps(trace: dict, floors: tuple[float, float] = (1e-12, 1e-12)) -> tuple[Tensor, Tensor]:
     """The free and nudged phases' ``E_t - E_ref`` of one dynamics of ``settling_trace``,
-    floored at 1e-12 for a log scale (a phase can pass below a reference that had not
-    settled either)."""
+    floored at ``floors`` (default 1e-12) for a log scale (a phase can pass below a reference
+    that had not settled either); ``plot_settling`` floors them at ``energy_resolution``."""
     return tuple(
-        (trace[f"{phase}_energy"] - trace[f"{phase}_reference"]).clamp_min(1e-12)
+        (trace[f"{phase}_energy"] - trace[f"{phase}_reference"]).clamp_min(floor)
+        for phase, floor in zip(("free", "nudged"), floors, strict=True)
+    )
+
+
+def energy_resolution(trace: dict) -> tuple[float, float]:
+    """The float resolution of the free and nudged phases' energies of one dynamics of
+    ``settling_trace``: ``eps * |E_ref|``, with ``eps = torch.finfo(dtype).eps`` of the traces'
+    dtype and ``E_ref`` the phase's reference (at least the dtype's smallest normal number, for
+    a log scale). E is a float near ``E_ref``: a gap ``E_t - E_ref`` below this is rounding of
+    E (float32 near E = 100: about 1e-5), not the energy moving."""
+    finfo = torch.finfo(trace["free_energy"].dtype)
+    return tuple(
+        max(finfo.eps * abs(float(trace[f"{phase}_reference"])), finfo.tiny)
         for phase in ("free", "nudged")
     )
 
@@ -331,9 +344,17 @@ def plot_settling(traces: dict, title: str = "") -> Figure:
     """``utils_ep_fast.settling_trace`` drawn: one column per dynamics (sync and
     async side by side), the gap ``E_t - E_ref`` of the mean energy to the phase's reference
     (``free_reference`` / ``nudged_reference``: the lowest energy of a long async settle;
-    top, log scale, floored at 1e-12; absent without an energy) and ``max |s_t - s_(t-1)|``
-    (bottom, log scale) against the step, the free phase then the nudged phase after it
-    (each phase with its own beta)."""
+    top, log scale; absent without an energy) and ``max |s_t - s_(t-1)|`` (bottom, log scale)
+    against the step, the free phase then the nudged phase after it (each phase with its own
+    beta).
+
+    The energy gap is drawn only down to the float resolution of E, ``eps * |E_ref|``
+    (``energy_resolution``: ``eps = torch.finfo(dtype).eps`` of the traces' dtype, ``E_ref``
+    the phase's reference): a smaller gap, or a negative one, is drawn at that floor, since
+    below it the gap is the rounding of E, not the energy moving (float32 near E = 100: gaps
+    of 1e-12 and 1e-5 are the same energy). The floor of each phase is a grey dashed line
+    over its steps, labelled ``"<dtype> resolution of E (eps |E_ref|)"`` (the nudged phase's
+    label starts with ``_``, out of the legend)."""
     names = list(traces)
     has_energy = traces[names[0]]["free_energy"] is not None
     nrows = 2 if has_energy else 1
@@ -346,10 +367,20 @@ def plot_settling(traces: dict, title: str = "") -> Figure:
         ]
         if has_energy:
             free, nudged = trace["free_energy"], trace["nudged_energy"]
-            gaps = energy_gaps(trace)
+            floors = energy_resolution(trace)
+            gaps = energy_gaps(trace, floors)
             axes[0].semilogy(range(len(free)), gaps[0].numpy(), label="free phase")
             nudged_steps = range(free_steps, free_steps + len(nudged))
             axes[0].semilogy(nudged_steps, gaps[1].numpy(), label="nudged phase")
+            floor_label = f"{str(free.dtype).removeprefix('torch.')} resolution of E (eps |E_ref|)"
+            for steps, floor, label in (
+                (range(len(free)), floors[0], floor_label),
+                (nudged_steps, floors[1], f"_{floor_label}"),
+            ):
+                axes[0].plot(
+                    [steps[0], steps[-1]], [floor, floor], color="grey", linestyle="--",
+                    linewidth=1, label=label,
+                )  # fmt: skip
             axes[0].set(
                 title=f"{name}: E - E_ref (lowest E of a long async settle)", ylabel="energy gap"
             )
