@@ -109,6 +109,16 @@ class LCA_CNN(P_CNN):
         images, acts, recon_errors = self.lca(x)
         return Encoding(images=images, code=acts, recon_errors=recon_errors)
 
+    def code_with_graph(self, x: Tensor) -> Tensor:
+        """The LCA code (B, F, H', W') of ``x`` with an autograd graph back to ``x``: the LCA
+        loop run with a graph (``LCAConv2D`` builds one, inputs included, only when asked)."""
+        tracked = self.lca.req_grad
+        self.lca.req_grad = True
+        try:
+            return self.lca(x)[1]
+        finally:
+            self.lca.req_grad = tracked
+
     @torch.no_grad()
     def after_update(self, encoding: Encoding, nudged: list[Tensor]) -> None:
         """finetune / learn: the LCA update on ``(acts, recon error)`` and on

@@ -38,10 +38,9 @@ import torch
 import compiled
 import data_utils
 import precision
-from experiment import config, data_loading, distributed, records, runs, storage
+from experiment import config, data_loading, distributed, models, records, runs, storage
 from experiment.config import DynamicsConfig, Settings
 from experiment.entry import UsageError
-from lca_utils_ep_fast import DICT_MODES
 from utils_ep_fast import (
     ACTIVATIONS,
     DYNAMICS,
@@ -53,8 +52,6 @@ from utils_ep_fast import (
     make_scheduler,
 )
 
-# --model choices; --model LCACNN --vf builds the model_config name VFLCACNN
-MODELS = tuple(name for name in records.MODEL_CLASSES if name != "VFLCACNN")
 TODOS = ("train", "evaluate", "gducheck")
 PROBE_IMAGES = 32
 
@@ -78,18 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
         dest = name[2:].replace("-", "_")
         parser.add_argument(*entry.flag_spellings(name), dest=dest, **kwargs)
 
-    add("--model", choices=MODELS, default="MLP", help="network")
+    add("--model", choices=tuple(models.MODELS), default="MLP", help="network")
     add("--task", default="DIGITS", help=f"dataset, one of {', '.join(data_loading.TASKS)}")
     add("--data-aug", action="store_true", help="augment the training images")
     add("--lr-decay", action="store_true", help="cosine learning-rate decay")
     add("--scale", type=float, default=None, help="multiplier of the default weight init")
-    add("--archi", type=int, nargs="+", default=None, help="MLP sizes; pixels 512 classes")
-    add("--channels", type=int, nargs="+", default=[32, 64], help="feature maps per layer")
-    add("--pools", default="mm", help="pool per layer: m max, a average, i none")
-    add("--kernels", type=int, nargs="+", default=[5, 5], help="kernel size per conv")
-    add("--strides", type=int, nargs="+", default=[1, 1], help="stride per conv")
-    add("--paddings", type=int, nargs="+", default=[0, 0], help="padding per conv")
-    add("--fc", type=int, nargs="+", default=[10], help="fully connected layer sizes")
     add("--act", choices=list(ACTIVATIONS), default="mysig", help="neuron activation")
     add("--todo", choices=TODOS, default="train", help="what to do")
     add("--alg", choices=("EP", "BPTT"), default="EP", help="training algorithm")
@@ -106,17 +96,6 @@ def build_parser() -> argparse.ArgumentParser:
     add("--lrs", type=float, nargs="+", default=None, help="learning rate per synapse")
     add("--wds", type=float, nargs="+", default=None, help="weight decay per synapse")
     add("--mmt", type=float, default=0.0, help="SGD momentum")
-    add("--lca_feats", type=int, default=64, help="LCA dictionary features")
-    add("--lca_lambda", type=float, default=0.25, help="LCA threshold")
-    add("--lca_tau", type=float, default=100.0, help="LCA time constant")
-    add("--lca_eta", type=float, default=0.05, help="LCA dictionary learning rate")
-    add("--lca_stride", type=int, default=2, help="LCA stride")
-    add("--lca_iters", type=int, default=600, help="LCA iterations")
-    add("--lca_ksize", type=int, default=9, help="LCA feature size (odd)")
-    add("--scale_feedback", type=float, default=0.01, help="feedback scale into the LCA copy")
-    add("--dict_training", choices=("", *DICT_MODES), default="", help="LCA dictionary mode")
-    add("--vf", action="store_true", help="LCACNN with separate backward weights")
-    add("--same-update", action="store_true", help="VF models: average forward/backward updates")
     add("--epochs", type=int, default=1, help="epochs to train (in total, when resuming)")
     add("--mbs", type=int, default=20, help="minibatch size")
     add("--device", default="0", help="GPU index (the CPU when CUDA is absent) or 'cpu'")
@@ -125,7 +104,6 @@ def build_parser() -> argparse.ArgumentParser:
     add("--load-path", default=None, help="run folder to resume, evaluate or check")
     add("--data-dir", default="./data", help="where the datasets are")
     add("--results-dir", default="./results", help="where run folders go")
-    add("--dict-path", default=None, help="dictionary file; ./dictionaries/<task>/dictionary.pt")
     add("--num-workers", type=int, default=None, help="loader workers (None: 4 on CUDA, else 0)")
     add("--compile", action="store_true", help="compiled phases (CUDA: replayed CUDA graphs)")
     add("--precision", choices=precision.PRECISIONS, default=None, help="None: torch's own")
@@ -133,6 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
     add("--dist-timeout", type=float, default=600.0, help="torchrun: collective timeout (s)")
     add("--tensorboard", action="store_true", help="with --save, a TensorBoard log in RUN/tb/")
     add("--log-every", type=int, default=50, help="--tensorboard: batches between running means")
+    model_flags = {}  # each model's own flags (experiment/models.py), once each
+    for model in models.MODELS.values():
+        model_flags.update({name: keywords for name, keywords in model.FLAGS})
+    for name, keywords in model_flags.items():
+        add(name, **keywords)
     return parser
 
 
@@ -160,21 +143,24 @@ def note_unsaved(settings: Settings) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def build_training(settings: Settings, model_config: dict, device: torch.device) -> runs.Training:
-    """Model (on ``device``), optimizer and scheduler; architecture errors become UsageErrors."""
+def build_training(settings: Settings, network: dict, device: torch.device) -> runs.Training:
+    """The ``network`` (``{"model": name, "kwargs": ...}``) on ``device``, its optimizer and
+    scheduler; architecture errors become UsageErrors."""
     optim = settings.optim
     try:
-        model = records.build_model(model_config).to(device)
+        model = records.build_model(network).to(device)
         optimizer = make_optimizer(model, optim.optim, optim.lrs, optim.wds, optim.mmt)
     except ValueError as error:
         raise UsageError(str(error)) from error
-    return runs.Training(model, model_config, optimizer, make_scheduler(optimizer, optim.lr_decay))
+    return runs.Training(model, optimizer, make_scheduler(optimizer, optim.lr_decay))
 
 
 def load_pretrained_dictionary(model: EnergyNet, settings: Settings) -> None:
-    """``pretrained`` and ``finetune`` start from the dictionary file; ``learn`` from random."""
-    if settings.model.model == "LCACNN" and settings.model.dict_training != "learn":
-        records.load_model_dictionary(model, settings.model.dict_path)
+    """A front end starts from its dictionary file, when its model has one to load (an
+    LCACNN's ``pretrained`` and ``finetune``; ``learn`` starts from random)."""
+    dict_path = settings.model.dictionary_to_load()
+    if dict_path is not None:
+        records.load_model_dictionary(model, dict_path)
 
 
 def set_dynamics(model: EnergyNet, dynamics: DynamicsConfig) -> None:
@@ -214,10 +200,10 @@ def build_data(
             data.task, data.data_dir, data_aug=train_aug, download=not data.no_download
         )
     where = f"{data.task} in {data.data_dir}"
-    indices = records.training_indices(len(train_set), settings.model, where, record)
+    indices = records.training_indices(len(train_set), settings.model, data.task, where, record)
     workers = data_loading.loader_workers(data.num_workers, device)
     return data_loading.run_loaders(
-        train_set, test_set, data.mbs, shuffle, data.seed, workers, indices, PROBE_IMAGES
+        train_set, test_set, data.mbs, shuffle, settings.run.seed, workers, indices, PROBE_IMAGES
     )
 
 
@@ -243,8 +229,8 @@ def run_train(args: argparse.Namespace, explicit: set[str], argv: list[str]) -> 
         note_unsaved(settings)
         device = distributed.device_for(settings.run.device)
         records.seed_everything(settings.run.seed)
-        model_config = checkpoint["model_config"] if checkpoint else settings.model.model_config()
-        training = build_training(settings, model_config, device)
+        network = records.network_config(checkpoint) if checkpoint else settings.network_config()
+        training = build_training(settings, network, device)
         model, optim = training.model, settings.optim
         if checkpoint:
             records.restore_training_state(
@@ -321,13 +307,13 @@ def load_checkpoint(
     RunComplete when ``--save`` (the requeue pattern) finds the run complete."""
     checkpoint = records.load_checkpoint(typed["load_path"])
     n_synapses = records.synapse_count(checkpoint)
-    model_config = checkpoint["model_config"]
-    model_name = str(model_config.get("model", "")) if isinstance(model_config, dict) else ""
     done = checkpoint["epoch"]
-    finished = runs.is_finished(typed["load_path"], done, model_name)
+    final_files = records.run_model(checkpoint).FINAL_FILES
+    finished = runs.is_finished(typed["load_path"], done, final_files)
     requeue = bool(typed["save"])
+    saved = records.run_flags(checkpoint)
     flags, changed = config.resume_flags(
-        checkpoint, typed, explicit, n_synapses, finished and not requeue
+        saved, done, typed, explicit, n_synapses, finished and not requeue
     )
     if finished and flags["epochs"] == done:
         raise RunComplete(
@@ -348,7 +334,8 @@ def run_evaluate(args: argparse.Namespace, explicit: set[str], argv: list[str]) 
     if not args.load_path:
         raise UsageError("--todo evaluate needs --load-path RUN_DIR (a folder of a saved run)")
     record, path = records.load_model_file(args.load_path)
-    flags = config.saved_flags(record["args"], vars(args), explicit, config.EVALUATE_OVERRIDES)
+    saved = records.run_flags(record)
+    flags = config.saved_flags(saved, vars(args), explicit, config.EVALUATE_OVERRIDES)
     config.check_positive(flags, ("T1", "mbs"))
     settings = config.settings(flags)
     dynamics = settings.dynamics
@@ -376,7 +363,8 @@ def run_gducheck(args: argparse.Namespace, explicit: set[str], argv: list[str]) 
     record = None
     if args.load_path:
         record, _ = records.load_model_file(args.load_path)
-        flags = config.saved_flags(record["args"], vars(args), explicit, config.GDUCHECK_OVERRIDES)
+        saved = records.run_flags(record)
+        flags = config.saved_flags(saved, vars(args), explicit, config.GDUCHECK_OVERRIDES)
         config.check_betas(flags)
         settings = config.settings(flags)
         device = distributed.device_for(settings.run.device)
@@ -386,7 +374,7 @@ def run_gducheck(args: argparse.Namespace, explicit: set[str], argv: list[str]) 
         note_unsaved(settings)
         device = distributed.device_for(settings.run.device)
         records.seed_everything(settings.run.seed)
-        model = build_training(settings, settings.model.model_config(), device).model
+        model = build_training(settings, settings.network_config(), device).model
         load_pretrained_dictionary(model, settings)
     if settings.run.save:
         storage.check_writable(settings.run.results_dir, "results-dir")

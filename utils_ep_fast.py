@@ -192,6 +192,11 @@ class EnergyNet(nn.Module):
         """The batch ``x`` as the system takes it: its own fixed input (the LCA model encodes)."""
         return Encoding(images=x, code=x)
 
+    def code_with_graph(self, x: Tensor) -> Tensor:
+        """The system's fixed input for ``x`` (B, C, H, W) with an autograd graph back to ``x``
+        (for input gradients): ``x`` itself here."""
+        return x
+
     def after_update(self, encoding: Encoding, nudged: list[Tensor]) -> None:
         """Run after every optimizer step with the batch's encoding and the states that carried
         the learning signal (the LCA front end updates its dictionary)."""

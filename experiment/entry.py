@@ -357,3 +357,26 @@ def check_number(
         right = "inf)" if high is None else f"{high:g}{')' if high_open else ']'}"
         kind = "a number" if allow_inf else "a finite number"
         raise UsageError(f"--{flag} must be {kind} in {left}, {right}, got {value}")
+
+
+def fit_list(flag: str, values, needed: int, why: str):
+    """The first ``needed`` of ``values`` (a list or a string of letters).
+
+    Fewer is a UsageError; extra trailing values (as in the seed's commands) are dropped with
+    a one-line warning.
+    """
+    if len(values) < needed:
+        raise UsageError(f"--{flag} needs {needed} values ({why}), got {len(values)}: {values}")
+    if len(values) > needed:
+        extra = values[needed:]
+        shown = extra if isinstance(extra, str) else " ".join(str(v) for v in extra)
+        warn(f"--{flag}: {why}, so the first {needed} values are used; ignoring {shown}")
+    return values[:needed]
+
+
+def check_positive(flags: dict, names: Sequence[str], minimum: int = 1) -> None:
+    """UsageError unless every value of the flags ``names`` (numbers or lists) is >= minimum."""
+    for name in names:
+        values = flags[name] if isinstance(flags[name], list) else [flags[name]]
+        if any(v < minimum for v in values):
+            raise UsageError(f"--{name} must be at least {minimum}, got {flags[name]}")

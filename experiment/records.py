@@ -2,11 +2,13 @@
 them back into a model.
 
 A model record (``model.pt``: the best test accuracy, ``final_model.pt``: the last epoch,
-``interrupted.pt``: the weights at a Ctrl-C or SIGTERM) holds ``model_config`` ({"model": a
-name of ``MODEL_CLASSES``, "kwargs": constructor arguments}), ``model_state``, ``epoch``,
-``test_acc``, ``args`` (every flag of the run, plain values), ``config`` (the run's typed
-configurations of ``experiment/config.py`` as plain dicts; absent in runs saved before them) and
-``train_indices`` (the training images EP uses, int64, or None for all). A checkpoint
+``interrupted.pt``: the weights at a Ctrl-C or SIGTERM) holds ``config`` (the run's typed
+configuration, ``config.Settings.plain``: the one description of the run, from which its
+network is rebuilt), ``model_state``, ``epoch``, ``test_acc`` and ``train_indices`` (the
+training images EP uses, int64, or None for all). Records saved before the typed configuration
+held ``args`` (every flag) and ``model_config`` ({"model": a network name, "kwargs": its
+constructor arguments}) instead; ``run_config`` translates them, and their network is rebuilt
+from their ``model_config`` as before (``network_config``). A checkpoint
 (``checkpoint.pt``) holds the same but ``test_acc``, plus ``optimizer_state``,
 ``scheduler_state`` (or None), ``rng_state`` ({"global": ``get_rng_state()``,
 "train_loader": the loader generator's state or None}), ``history`` (the results.csv rows)
@@ -26,6 +28,7 @@ Also here: the RNG state a checkpoint carries (``get_rng_state`` / ``set_rng_sta
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import random
@@ -38,30 +41,26 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from experiment.config import ModelConfig
+from experiment import config, models
 from experiment.entry import UsageError, first_line
+from experiment.models import NETWORK_CLASSES, ModelConfig
 from experiment.storage import atomic_save, safe_load
 from lca import LCAConv2D
 from lca_utils_ep_fast import LCA_CNN
-from utils_ep_fast import P_CNN, P_MLP, EnergyNet
-from vf_utils_ep_fast import VF_CNN, VF_LCA_CNN, VF_MLP
+from utils_ep_fast import EnergyNet
 
 CHECKPOINT = "checkpoint.pt"
 BEST_MODEL = "model.pt"
 FINAL_MODEL = "final_model.pt"
 INTERRUPTED = "interrupted.pt"
 SUBSET_FILENAME = "subset_indices.pt"
-# The --model names, and VFLCACNN for --model LCACNN --vf (vector-field models: VF*)
-MODEL_CLASSES: dict[str, type[EnergyNet]] = {
-    "CNN": P_CNN,
-    "LCACNN": LCA_CNN,
-    "MLP": P_MLP,
-    "VFCNN": VF_CNN,
-    "VFMLP": VF_MLP,
-    "VFLCACNN": VF_LCA_CNN,
-}
-MODEL_KEYS = ("model_config", "model_state", "epoch", "args")  # test_acc: absent in checkpoints
+MODEL_KEYS = ("model_state", "epoch")  # and config, or args and model_config; no test_acc
 CHECKPOINT_KEYS = (*MODEL_KEYS, "optimizer_state", "rng_state", "history", "best_test_acc")
+LEGACY_KEYS = ("model_config", "args")
+# flags that runs saved before them lack, and the value those runs ran with
+LEGACY_DEFAULTS = {"dynamics": "sync", "tol": None, "precision": None, "compile": False,
+                   "num_workers": None, "no_download": False, "dist_timeout": 600.0,
+                   "tensorboard": False, "log_every": 50}  # fmt: skip
 DICTLEARNING_STATE = "dictlearning_state.pt"
 DICTLEARNING_STATE_KEYS = ("epoch", "settings", "weights", "rows", "rng_state")
 
@@ -276,7 +275,7 @@ def load_subset_indices(dict_path: str | Path) -> Tensor:
 
 
 def training_indices(
-    n_train: int, model: ModelConfig, dataset: str, record: dict | None = None
+    n_train: int, model: ModelConfig, task: str, dataset: str, record: dict | None = None
 ) -> Tensor | None:
     """Which training images EP uses: those a saved ``record`` names; else, with a pretrained or
     finetuned dictionary, those it was not learnt on; otherwise all of them (None). ``dataset``
@@ -289,21 +288,23 @@ def training_indices(
                 f"{dataset} has {n_train}: is it the same dataset?"
             )
         return indices
-    if model.model != "LCACNN":
+    source = model.dictionary_source()
+    if source is None:
         return None
-    if model.dict_training == "learn":
-        if Path(subset_indices_path(model.dict_path)).is_file():
+    dict_training, dict_path = source
+    if dict_training == "learn":
+        if Path(subset_indices_path(dict_path)).is_file():
             print(f"learn: training on all {n_train} images (the dictionary subset is not used)")
         return None
     try:
-        indices = ep_training_indices(n_train, model.dict_path)
+        indices = ep_training_indices(n_train, dict_path)
     except IndexError as error:
         raise UsageError(
-            f"the subset indices next to {model.dict_path} do not fit the {n_train} training "
-            f"images of {model.task}: was the dictionary learnt on another task?"
+            f"the subset indices next to {dict_path} do not fit the {n_train} training "
+            f"images of {task}: was the dictionary learnt on another task?"
         ) from error
     if len(indices) == 0:
-        raise UsageError(f"the dictionary {model.dict_path} was learnt on every training image")
+        raise UsageError(f"the dictionary {dict_path} was learnt on every training image")
     print(
         f"EP trains on {len(indices)} of {n_train} training images (the other "
         f"{n_train - len(indices)} were used to learn the dictionary)"
@@ -334,33 +335,61 @@ def ep_training_indices(num_train: int, dict_path: str | Path) -> Tensor:
 # --------------------------------------------------------------------------------------------
 
 
-def build_model(model_config: dict) -> EnergyNet:
-    """The network described by ``model_config`` ({"model": name, "kwargs": arguments})."""
+def build_model(network_config: dict) -> EnergyNet:
+    """The network described by ``network_config`` ({"model": network name, "kwargs":
+    constructor arguments})."""
     try:
-        return MODEL_CLASSES[model_config["model"]](**model_config["kwargs"])
+        return NETWORK_CLASSES[network_config["model"]](**network_config["kwargs"])
     except TypeError as error:  # arguments the class does not take: a damaged record
         raise UsageError(f"the saved model does not rebuild: {first_line(error)}") from error
 
 
-def model_record(
-    model: EnergyNet,
-    model_config: dict,
-    epoch: int,
-    test_acc,
-    args: dict,
-    config: dict | None = None,
-) -> dict:
+def model_record(model: EnergyNet, epoch: int, test_acc, run_config: dict) -> dict:
     """What ``model.pt``, ``final_model.pt`` and ``interrupted.pt`` hold (``train_indices``
-    is added by the recorder): ``args`` the run's flags, ``config`` its configurations
-    (``config.Settings.plain``)."""
+    is added by the recorder): ``run_config`` is the run's ``config.Settings.plain``."""
     return {
-        "model_config": model_config,
+        "config": run_config,
         "model_state": model.state_dict(),
         "epoch": epoch,
         "test_acc": test_acc,
-        "args": dict(args),
-        "config": config,
     }
+
+
+def is_legacy(record: dict) -> bool:
+    """Whether ``record`` was saved before the typed configuration (``args``, ``model_config``)."""
+    plain = record.get("config")
+    return not (isinstance(plain, dict) and plain.get("version") == config.CONFIG_VERSION)
+
+
+def run_config(record: dict) -> dict:
+    """The saved run's typed configuration as plain dicts (``config.Settings.plain``). A record
+    saved before it is translated from its ``args``: the flags runs then lacked take the values
+    those runs ran with (``LEGACY_DEFAULTS``), and the model's fields its class's defaults."""
+    if not is_legacy(record):
+        return record["config"]
+    flags = {**LEGACY_DEFAULTS, **record["args"]}
+    model_fields = dataclasses.fields(models.model_class(flags["model"]))
+    flags.update({f.name: f.default for f in model_fields if f.name not in flags})
+    return config.settings(flags).plain()
+
+
+def run_flags(record: dict) -> dict:
+    """The saved run's flag values (``config.flags_of`` of ``run_config``)."""
+    return config.flags_of(run_config(record))
+
+
+def run_model(record: dict) -> ModelConfig:
+    """The saved run's model configuration."""
+    return models.from_plain(run_config(record)["model"])
+
+
+def network_config(record: dict) -> dict:
+    """The network of a saved record: from its configuration, or from the ``model_config`` a
+    record saved before the typed configuration holds."""
+    if is_legacy(record):
+        return record["model_config"]
+    plain = record["config"]
+    return models.from_plain(plain["model"]).network_config(plain["data"]["task"])
 
 
 def _is_count(value: Any) -> bool:
@@ -391,22 +420,44 @@ def rng_state_problem(state: Any) -> str | None:
     return None
 
 
+def config_problem(record: dict) -> str | None:
+    """What is wrong with a record's description of its run: its typed ``config``, or (saved
+    before it) its ``model_config`` and ``args``; None when it reads back."""
+    if is_legacy(record):
+        network, args = record.get("model_config"), record.get("args")
+        if not (
+            isinstance(network, dict)
+            and network.get("model") in NETWORK_CLASSES
+            and isinstance(network.get("kwargs"), dict)
+        ):
+            return f"model_config does not name one of the models {', '.join(NETWORK_CLASSES)}"
+        if not isinstance(args, dict) or not {"task", "model"} <= set(args):
+            return "args is not the dict of the run's arguments"
+    plain = record.get("config") if not is_legacy(record) else None
+    if plain is not None:
+        sections = ("model", "dynamics", "optim", "data", "run")
+        if not all(isinstance(plain.get(name), dict) for name in sections):
+            return f"config lacks one of its sections {', '.join(sections)}"
+        if plain["model"].get("name") not in models.MODELS:
+            return f"config does not name one of the models {', '.join(models.MODELS)}"
+    try:
+        run_model(record)
+    except (KeyError, TypeError, UsageError) as error:
+        return f"config does not describe a model: {first_line(error)}"
+    return None
+
+
 def record_problem(record: dict, checkpoint: bool) -> str | None:
     """What is wrong with the contents of a loaded model record or (``checkpoint``) checkpoint,
     or None: every entry of the module docstring has its type."""
-    config, state = record["model_config"], record["model_state"]
-    if not (
-        isinstance(config, dict)
-        and config.get("model") in MODEL_CLASSES
-        and isinstance(config.get("kwargs"), dict)
-    ):
-        return f"model_config does not name one of the models {', '.join(MODEL_CLASSES)}"
+    problem = config_problem(record)
+    if problem:
+        return problem
+    state = record["model_state"]
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         return "model_state is not a dict of tensors"
     if not _is_count(record["epoch"]):
         return f"epoch is {record['epoch']!r}, not a number of epochs"
-    if not isinstance(record["args"], dict) or not {"task", "model"} <= set(record["args"]):
-        return "args is not the dict of the run's arguments"
     indices = record.get("train_indices")
     if indices is not None and not (
         isinstance(indices, Tensor) and indices.dim() == 1 and indices.dtype == torch.int64
@@ -431,7 +482,10 @@ def load_record(path: str | Path, what: str, keys: Sequence[str]) -> dict:
     """A dict saved by ``main_fast.py`` at ``path``, checked to hold ``keys`` of the right
     types (a UsageError names the first problem)."""
     record = safe_load(path, what)
-    if not isinstance(record, dict) or any(key not in record for key in keys):
+    described = isinstance(record, dict) and (
+        "config" in record or all(key in record for key in LEGACY_KEYS)
+    )
+    if not described or any(key not in record for key in keys):
         raise UsageError(f"{path} is not a {what} written by main_fast.py (keys missing)")
     problem = record_problem(record, checkpoint="optimizer_state" in keys)
     if problem:
@@ -456,12 +510,12 @@ def load_checkpoint(run_dir: str | Path) -> dict:
 def restore_model(record: dict, device: torch.device | str = "cpu") -> EnergyNet:
     """The model of a saved record, rebuilt from its configuration, on ``device``."""
     try:
-        model = build_model(record["model_config"])
+        model = build_model(network_config(record))
         model.load_state_dict(record["model_state"])
     except (ValueError, RuntimeError, KeyError, TypeError) as error:
         raise UsageError(f"the saved model does not rebuild: {first_line(error)}") from error
-    saved = record["args"]  # runs saved before --dynamics and --tol existed: the defaults
-    model.set_dynamics(saved.get("dynamics", "sync"), saved.get("tol"))
+    dynamics = run_config(record)["dynamics"]
+    model.set_dynamics(dynamics["dynamics"], dynamics["tol"])
     return model.to(device)
 
 

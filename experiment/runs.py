@@ -41,6 +41,7 @@ import data_utils
 from experiment import entry
 from experiment.config import DynamicsConfig, Settings
 from experiment.entry import warn
+from experiment.models import ModelConfig
 from experiment.records import (
     BEST_MODEL,
     CHECKPOINT,
@@ -59,7 +60,6 @@ from experiment.storage import (
     read_csv_rows,
     save_figure,
 )
-from lca_utils_ep_fast import LCA_CNN
 from utils_ep_fast import (
     DivergenceError,
     EnergyNet,
@@ -72,7 +72,6 @@ from utils_ep_fast import (
 
 RESULTS_CSV = "results.csv"
 HYPERPARAMETERS_TXT = "hyperparameters.txt"
-RECON_IMAGES = 8
 SETTLING_IMAGES = 8
 TB_ONLY_METRICS = ("train_loss", "test_loss")  # logged, not in results.csv (old runs resume)
 
@@ -138,16 +137,16 @@ def new_run_dir(settings: Settings) -> Path:
     """A fresh ``<results-dir>/<task>/<alg>/<model>/<dict_training|none>/<date>/run_<N>``."""
     model = settings.model
     return make_run_dir(
-        settings.run.results_dir, model.task, settings.dynamics.alg, model.model,
-        model.dict_training,
+        settings.run.results_dir, settings.data.task, settings.dynamics.alg, model.NAME,
+        model.folder_mode,
     )  # fmt: skip
 
 
-def is_finished(folder: str | Path, epoch: int, model_name: str) -> bool:
+def is_finished(folder: str | Path, epoch: int, final_files: Sequence[str] = ()) -> bool:
     """Whether the run in ``folder`` wrote its final files after ``epoch``, its last one:
-    ``final_model.pt`` of that epoch and, with an LCA front end, ``reconstructions.png``. A
-    run stopped during its last epoch's saves or its final ones has all its epochs but not
-    these; resuming it writes them."""
+    ``final_model.pt`` of that epoch and its model's ``final_files`` (an LCA front end's
+    ``reconstructions.png``). A run stopped during its last epoch's saves or its final ones has
+    all its epochs but not these; resuming it writes them."""
     final = Path(folder) / FINAL_MODEL
     try:
         record = torch.load(final, map_location="cpu", weights_only=True)
@@ -155,7 +154,7 @@ def is_finished(folder: str | Path, epoch: int, model_name: str) -> bool:
         return False
     if not isinstance(record, dict) or record.get("epoch") != epoch:
         return False
-    return "LCA" not in model_name or (Path(folder) / "reconstructions.png").is_file()
+    return all((Path(folder) / name).is_file() for name in final_files)
 
 
 def is_unstarted(folder: str | Path) -> bool:
@@ -204,15 +203,13 @@ def settle_probe(model: EnergyNet, probe: tuple[Tensor, Tensor], T: int) -> tupl
     return settle(model, probe[0].to(device), probe[1].to(device), T)
 
 
-def neural_activity_figure(model: EnergyNet, encoding, neurons: list[Tensor]) -> Figure:
-    """Histograms of the free-phase states ``neurons`` (and the LCA code of ``encoding``)."""
-    names = [
-        f"layer {k + 1} ({link.name}, {'x'.join(map(str, link.shape))})"
-        for k, link in enumerate(model.links)
-    ]
-    if isinstance(model, LCA_CNN):
-        neurons, names = [encoding.code, *neurons], ["LCA code", *names]
-    return data_utils.plot_neural_activity(neurons, names)
+def neural_activity_figure(
+    model_config: ModelConfig, model: EnergyNet, encoding, neurons: list[Tensor]
+) -> Figure:
+    """Histograms of the free-phase states ``neurons`` and whatever else the model shows (an
+    LCA front end's code of ``encoding``)."""
+    states, names = model_config.activity_layers(model, encoding, neurons)
+    return data_utils.plot_neural_activity(states, names)
 
 
 def settling_figure(
@@ -228,29 +225,12 @@ def settling_figure(
     return data_utils.plot_settling(traces, title)
 
 
-@torch.no_grad()
-def reconstructions_figure(model: LCA_CNN, images: Tensor) -> Figure:
-    """Test images and their LCA reconstructions with the initial and the final dictionary."""
-    images = images[:RECON_IMAGES].to(model.initial_dictionary.device)
-    final = model.lca.get_weights()
-    inputs, final_recon = model.reconstruct(images)
-    if model.dict_training == "pretrained":
-        rows = {"LCA reconstruction": final_recon}
-    else:
-        model.lca.assign_weight_values(model.initial_dictionary.clone(), normalize=False)
-        _, initial_recon = model.reconstruct(images)
-        model.lca.assign_weight_values(final, normalize=False)
-        rows = {"initial dictionary": initial_recon, "final dictionary": final_recon}
-    return data_utils.plot_reconstructions(inputs, rows, n_images=RECON_IMAGES)
-
-
 @dataclass
 class Training:
-    """What a run trains: the model, its configuration (``records.build_model``'s input), the
-    optimizer and the scheduler (None without ``--lr-decay``)."""
+    """What a run trains: the model, the optimizer and the scheduler (None without
+    ``--lr-decay``)."""
 
     model: EnergyNet
-    model_config: dict
     optimizer: torch.optim.Optimizer
     scheduler: Any
 
@@ -295,15 +275,8 @@ class RunRecorder:
     def start(self, command: list[str]) -> None:
         """The files of a new run: its command line and flags, the starting dictionary."""
         write_hyperparameters(self.run_dir, command, self.settings.args())
-        if isinstance(self.model, LCA_CNN):
-            pretrained = self.settings.model.dict_training == "pretrained"
-            filename = "dictionary.png" if pretrained else "dictionary_epoch0.png"
-            self.plot_dictionary(filename, "initial dictionary")
-
-    def plot_dictionary(self, filename: str, title: str) -> None:
-        """The LCA dictionary as it is now, as a grid of features."""
-        fig = data_utils.plot_dictionary(self.model.lca.get_weights(), title)
-        save_figure(fig, self.run_dir / filename)
+        for filename, fig in self.settings.model.start_figures(self.model).items():
+            save_figure(fig, self.run_dir / filename)
 
     def __call__(self, epoch: int, metrics: dict) -> None:
         """Record ``epoch``: its row, checkpoint and figures; a stop requested meanwhile is
@@ -331,17 +304,13 @@ class RunRecorder:
             save_figure(fig, self.run_dir / filename)
         dynamics = self.settings.dynamics
         encoding, neurons = settle_probe(self.model, self.probe, dynamics.T1)
-        activity = neural_activity_figure(self.model, encoding, neurons)
+        activity = neural_activity_figure(self.settings.model, self.model, encoding, neurons)
         save_figure(activity, self.run_dir / "neural_activity.png")
         settling = settling_figure(self.model, self.probe, dynamics)
         save_figure(settling, self.run_dir / "settling.png")
-        if self.trains_dictionary:
-            self.plot_dictionary(f"dictionary_epoch{epoch}.png", f"dictionary after epoch {epoch}")
+        for filename, fig in self.settings.model.epoch_figures(self.model, epoch).items():
+            save_figure(fig, self.run_dir / filename)
         return encoding, neurons, settling
-
-    @property
-    def trains_dictionary(self) -> bool:
-        return isinstance(self.model, LCA_CNN) and self.settings.model.dict_training != "pretrained"
 
     def open_board(self) -> None:
         """The TensorBoard log (inactive without ``--tensorboard``), carrying on after the
@@ -351,8 +320,9 @@ class RunRecorder:
             self.run_dir, run.tensorboard, len(self.train_loader), self.epoch, run.log_every,
             self.training.optimizer,
         )  # fmt: skip
-        if isinstance(self.model, LCA_CNN) and self.epoch == 0:
-            self.board.dictionary(self.model.lca.get_weights(), 0)
+        dictionary = self.settings.model.dictionary(self.model)
+        if dictionary is not None and self.epoch == 0:
+            self.board.dictionary(dictionary, 0)
 
     def log_epoch(
         self, epoch: int, metrics: dict, encoding, neurons: list[Tensor], settling: Figure
@@ -363,11 +333,11 @@ class RunRecorder:
         if board is None or not board.active:
             return
         board.epoch(epoch, metrics)
-        code = encoding.code if isinstance(self.model, LCA_CNN) else None
-        board.free_states(neurons, code, epoch)
+        model_config = self.settings.model
+        board.free_states(neurons, model_config.code(encoding), epoch)
         board.figure("settling", settling, epoch)
-        if self.trains_dictionary:
-            board.dictionary(self.model.lca.get_weights(), epoch)
+        if model_config.trains_dictionary:
+            board.dictionary(model_config.dictionary(self.model), epoch)
         board.hparams(self.settings.args(), self.best_test_acc, epoch)
         board.flush()
 
@@ -376,7 +346,7 @@ class RunRecorder:
         generator = self.train_loader.generator
         training = self.training
         return {
-            "model_config": training.model_config,
+            "config": self.settings.plain(),
             "model_state": training.model.state_dict(),
             "optimizer_state": training.optimizer.state_dict(),
             "scheduler_state": training.scheduler.state_dict() if training.scheduler else None,
@@ -387,8 +357,6 @@ class RunRecorder:
             },
             "history": self.history,
             "best_test_acc": self.best_test_acc,
-            "args": self.settings.args(),
-            "config": self.settings.plain(),
             "train_indices": self.train_indices(),
         }
 
@@ -401,10 +369,7 @@ class RunRecorder:
 
     def save_model(self, filename: str, epoch: int, test_acc) -> None:
         """The current weights and configuration, written atomically to ``filename``."""
-        record = model_record(
-            self.model, self.training.model_config, epoch, test_acc, self.settings.args(),
-            self.settings.plain(),
-        )  # fmt: skip
+        record = model_record(self.model, epoch, test_acc, self.settings.plain())
         record["train_indices"] = self.train_indices()
         atomic_save(record, self.run_dir / filename)
 
@@ -414,11 +379,12 @@ class RunRecorder:
         test_acc = self.history[-1]["test_acc"] if self.history else None
         with entry.holding_stops():
             self.save_model(FINAL_MODEL, self.epoch, test_acc)
-            if isinstance(self.model, LCA_CNN):
-                fig = reconstructions_figure(self.model, self.probe[0])
-                save_figure(fig, self.run_dir / "reconstructions.png")
+            model_config = self.settings.model
+            for filename, fig in model_config.final_figures(self.model, self.probe[0]).items():
+                save_figure(fig, self.run_dir / filename)
                 if self.board is not None:
-                    self.board.figure("lca/reconstructions", fig, self.epoch)
+                    tag = f"{model_config.BOARD_PREFIX}{Path(filename).stem}"
+                    self.board.figure(tag, fig, self.epoch)
 
     def on_batch(self, batch: int, accuracy: float, loss: float) -> None:
         """The running means after a batch, for the board (``TrainingBoard.on_batch``)."""

@@ -46,7 +46,7 @@ def evaluate_run(config: RobustnessConfig) -> int:
 
 def evaluate(config: RobustnessConfig, record: dict, model_path: Path) -> int:
     """The evaluation proper, under the folder's evaluation lock."""
-    saved = record["args"]
+    saved = records.run_flags(record)
     task = data_loading.canonical_task(saved["task"])
     try:
         config = config.with_task_epsilons(task)

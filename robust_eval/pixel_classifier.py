@@ -13,7 +13,6 @@ from torch import Tensor, nn
 
 import estimators
 from experiment import data_loading
-from lca_utils_ep_fast import LCA_CNN
 from robust_eval import attacks
 from utils_ep_fast import EnergyNet, settle
 
@@ -62,16 +61,7 @@ class PixelClassifier(nn.Module):
     def code_with_graph(self, pixels: Tensor) -> Tensor:
         """The system's fixed input for ``pixels``, with an autograd graph back to them: the
         normalised images, or for an LCACNN their LCA code (the LCA loop run with a graph)."""
-        images = self.normalise(pixels)
-        if not isinstance(self.model, LCA_CNN):
-            return images
-        lca = self.model.lca
-        tracked = lca.req_grad
-        lca.req_grad = True  # LCAConv2D builds its graph (inputs included) only when asked
-        try:
-            return lca(images)[1]
-        finally:
-            lca.req_grad = tracked
+        return self.model.code_with_graph(self.normalise(pixels))
 
     def logits_with_graph(self, pixels: Tensor) -> Tensor:
         """The logits (B, classes) with an autograd graph back to ``pixels`` through the

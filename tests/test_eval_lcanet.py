@@ -211,7 +211,8 @@ def test_notebook_on_cnn_and_finetune_runs(tiny_runs, tmp_path):
     correct = sum(int(row["correct"]) for row in per_class)
     assert seen == DIGITS_TEST_IMAGES
     assert correct / seen == pytest.approx(best["test_acc"], abs=1e-12)
-    assert f"T1 = {best['args']['T1']}: test accuracy {best['test_acc']:.4f}" in printed(notebook)
+    T1 = best["config"]["dynamics"]["T1"]
+    assert f"T1 = {T1}: test accuracy {best['test_acc']:.4f}" in printed(notebook)
 
     # Section 4: how far the fine-tuned dictionary moved, measured from final_model.pt.
     (drift,) = read_csv(figures / "dictionary_drift.csv")

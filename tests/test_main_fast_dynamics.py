@@ -26,8 +26,9 @@ def test_default_flags_are_the_sync_dynamics_bit_for_bit(tmp_path, capsys):
     sync = trained_weights(tmp_path, "sync", ["--dynamics", "sync"])
     asyn = trained_weights(tmp_path, "async", ["--dynamics", "async"])
     capsys.readouterr()
-    assert default["args"]["dynamics"] == "sync" and default["args"]["tol"] is None
-    assert asyn["args"]["dynamics"] == "async"
+    default_dynamics = records.run_config(default)["dynamics"]
+    assert default_dynamics["dynamics"] == "sync" and default_dynamics["tol"] is None
+    assert records.run_config(asyn)["dynamics"]["dynamics"] == "async"
     for key, value in default["model_state"].items():
         assert torch.equal(value, sync["model_state"][key]), key
     changed = [
@@ -69,9 +70,10 @@ def test_tol_run_stops_each_phase_at_its_first_settled_check(tmp_path, capsys):
     for figure in ("phase_steps.png", "phases_at_cap.png", "settling.png"):
         assert (run_dir / figure).is_file(), figure
     record = load(run_dir / "final_model.pt")
-    model = records.build_model(record["model_config"])
+    model = records.build_model(records.network_config(record))
     model.load_state_dict(record["model_state"])
-    model.set_dynamics(record["args"]["dynamics"], record["args"]["tol"])
+    saved = records.run_config(record)["dynamics"]
+    model.set_dynamics(saved["dynamics"], saved["tol"])
     generator = torch.Generator().manual_seed(0)
     x, y = torch.rand(16, 1, 8, 8, generator=generator), torch.arange(16) % 10
     want = first_settled_async_step(model, x, y, 40, 1e-3, TOL_EVERY)
@@ -88,10 +90,13 @@ def test_runs_saved_before_the_flags_resume_and_evaluate_with_the_defaults(tmp_p
     run_dir = only_run_dir(tmp_path)
     for name in ("checkpoint.pt", "model.pt", "final_model.pt"):
         record = load(run_dir / name)
-        del record["args"]["dynamics"], record["args"]["tol"]
+        flags = records.run_flags(record)  # the record as saved then: flags and model_config
+        del flags["dynamics"], flags["tol"]
+        record["args"], record["model_config"] = flags, records.network_config(record)
+        del record["config"]
         torch.save(record, run_dir / name)
     assert main_fast.main(["--load-path", str(run_dir), "--epochs", "2"]) == 0
-    assert load(run_dir / "checkpoint.pt")["args"]["dynamics"] == "sync"
+    assert records.run_flags(load(run_dir / "checkpoint.pt"))["dynamics"] == "sync"
     assert "free_steps" not in read_csv(run_dir)[1]
     assert main_fast.main(["--todo", "evaluate", "--load-path", str(run_dir)]) == 0
     assert "T1 3, sync): train_acc" in capsys.readouterr().out

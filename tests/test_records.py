@@ -150,9 +150,10 @@ def rng_without_torch(checkpoint):
 @pytest.mark.parametrize(
     "damage, message",
     [
-        (lambda c: c["model_config"].update(model="RNN"), "model_config does not name one of"),
-        (lambda c: c["model_config"]["kwargs"].update(bogus=1), "the saved model does not rebuild"),
-        (lambda c: c.update(args=[1, 2]), "args is not the dict of the run's arguments"),
+        (lambda c: c["config"]["model"].update(name="RNN"), "config does not name one of"),
+        (lambda c: c["config"]["model"].pop("channels"), "config does not describe a model"),
+        (lambda c: c["config"].pop("optim"), "config lacks one of its sections"),
+        (lambda c: c["config"].update(version=1), "model_config does not name one of"),
         (lambda c: c.update(epoch="1"), "epoch is '1', not a number of epochs"),
         (lambda c: c.update(epoch=0.5), "epoch is 0.5, not a number of epochs"),
         (lambda c: c.update(rng_state={}), "rng_state is not"),

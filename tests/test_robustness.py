@@ -206,13 +206,13 @@ def cifar_run(tmp_path: Path) -> Path:
     """A run folder holding an untrained CIFAR-10 RCNN's model.pt, reading ``tmp_path/data``."""
     run_dir = tmp_path / "run_1"
     run_dir.mkdir()
-    kwargs = {"in_size": 32, "in_channels": 3, "channels": [4], "kernels": [5], "strides": [2],
-              "paddings": [0], "pools": "m", "fc": [10]}  # fmt: skip
-    config = {"model": "CNN", "kwargs": kwargs}
-    args = {"task": "CIFAR10", "model": "CNN", "T1": 3, "T2": 2, "data_dir": str(tmp_path / "data")}
-    model = records.build_model(config)
+    argv = ["--model", "CNN", "--task", "CIFAR10", "--channels", "4", "--kernels", "5",
+            "--strides", "2", "--paddings", "0", "--pools", "m", "--fc", "10", "--lrs", "0.1",
+            "0.1", "--T1", "3", "--T2", "2", "--data-dir", str(tmp_path / "data")]  # fmt: skip
+    settings = main_fast.check_args(vars(main_fast.parse_args(argv)[0]))
+    model = records.build_model(settings.network_config())
     storage.atomic_save(
-        records.model_record(model, config, 1, 0.1, args), run_dir / records.BEST_MODEL
+        records.model_record(model, 1, 0.1, settings.plain()), run_dir / records.BEST_MODEL
     )
     write_fake_cifar10(tmp_path / "data", n_test=6)
     return run_dir

@@ -18,7 +18,7 @@ from helpers import (
 )
 
 import main_fast
-from experiment import entry, runs, storage
+from experiment import entry, records, runs, storage
 from experiment.entry import UsageError
 
 # ------------------------------------------------------------------------ run folders and logs
@@ -114,7 +114,7 @@ def test_resume_applies_typed_learning_rates_and_weight_decays(tmp_path, capsys)
     assert [g["lr"] for g in groups] == pytest.approx([cosine(0.05, 2), cosine(0.02, 2)])
     assert [g["weight_decay"] for g in groups] == [1e-3, 2e-3]
     assert checkpoint["scheduler_state"]["base_lrs"] == [0.05, 0.02]
-    assert checkpoint["args"]["lrs"] == [0.05, 0.02]
+    assert records.run_flags(checkpoint)["lrs"] == [0.05, 0.02]
     rows = runs.read_results(run_dir)
     assert rows[1]["lr"] == pytest.approx(cosine(0.05, 1))  # the rate epoch 2 trained with
     text = (run_dir / "hyperparameters.txt").read_text()

@@ -374,8 +374,8 @@ def test_cli_vfmlp_logs_and_plots_angles_and_resumes(tmp_path, capsys):
     assert len(rows) == 2 and {"angle_syn1", "angle_syn2"} <= set(rows[0])
     assert all(0 < float(row["angle_syn1"]) < 180 for row in rows)
     record = torch.load(run_dir / "final_model.pt", weights_only=True)
-    assert record["model_config"]["model"] == "VFMLP"
-    assert record["model_config"]["kwargs"]["same_update"] is True
+    network = records.network_config(record)
+    assert network["model"] == "VFMLP" and network["kwargs"]["same_update"] is True
     assert "backward_synapses.1.weight" in record["model_state"]
     assert main_fast.main(["--load-path", str(run_dir), "--epochs", "3"]) == 0
     assert main_fast.main(["--todo", "evaluate", "--load-path", str(run_dir)]) == 0
@@ -390,7 +390,7 @@ def test_cli_vf_flag_checks(capsys):
             "--channels", "64", "8", "--kernels", "3", "--pools", "im",
             "--lrs", "1", "1"]  # fmt: skip
     args, _ = main_fast.parse_args(argv)
-    config = main_fast.check_args(vars(args)).model.model_config()
+    config = main_fast.check_args(vars(args)).network_config()
     assert config["model"] == "VFLCACNN" and config["kwargs"]["same_update"] is True
     assert isinstance(records.build_model(config), VF_LCA_CNN)
 
@@ -405,7 +405,7 @@ def test_run_scripts_build_laborieux_vfcnn(script, same_update):
     text = (Path(__file__).resolve().parents[1] / "run" / script).read_text()
     (command,) = [line for line in text.splitlines() if line.startswith("python main_fast.py")]
     args, _ = main_fast.parse_args(shlex.split(command)[2:-1])
-    config = main_fast.check_args(vars(args)).model.model_config()
+    config = main_fast.check_args(vars(args)).network_config()
     assert (config["model"], config["kwargs"]["same_update"]) == ("VFCNN", same_update)
     model = records.build_model(config)
     assert [b.weight.shape for b in model.backward_synapses] == [
