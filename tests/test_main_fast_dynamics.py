@@ -85,6 +85,7 @@ def test_tol_run_stops_each_phase_at_its_first_settled_check(tmp_path, capsys):
     assert model.last_phase == (want, True)
 
 
+@pytest.mark.slow
 def test_runs_saved_before_the_flags_resume_and_evaluate_with_the_defaults(tmp_path, capsys):
     """A run folder whose saved arguments lack dynamics and tol (as written before they
     existed) resumes and evaluates with sync steps and fixed T1/T2."""

@@ -90,6 +90,7 @@ TB_RUN = [*DIGITS_CNN_BATCHED, "--lr-decay", "--epochs", "3", "--save", "--tenso
           "--log-every", "2"]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_three_epochs_give_three_points_per_tag_equal_to_results_csv(tmp_path):
     run_dir = train(TB_RUN, tmp_path)
     log = check_epoch_tags(run_dir, 3)
@@ -106,6 +107,7 @@ def test_three_epochs_give_three_points_per_tag_equal_to_results_csv(tmp_path):
     assert curve(log, "test/loss")[-1][1] == pytest.approx(expected.item(), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_stopped_in_epoch_three_and_resumed_keeps_one_point_per_step(tmp_path, monkeypatch):
     """A SIGTERM after batch 3 of epoch 3 (running means of epoch 3 already written), then a
     resume: the purge drops epoch 3's first events and every tag has one point per step."""
