@@ -17,6 +17,9 @@ import cifar_dictlearning
 from experiment import entry, storage
 from experiment.records import load_dictionary, load_subset_indices
 
+# one worker builds the dictionaries learnt once for many tests
+pytestmark = pytest.mark.xdist_group("cifar_dictlearning")
+
 SMALL_RUN = [
     "--task", "DIGITS", "--features", "16", "--kernel-size", "3", "--stride", "1",
     "--lca-iters", "30", "--tau", "5", "--lambda", "0.2", "--lambda-every", "0",

@@ -38,6 +38,9 @@ from experiment import data_loading, records, runs, storage
 from lca import LCAConv2D
 from utils_ep_fast import settling_trace
 
+# one worker builds the four small runs whose figures are read back
+pytestmark = pytest.mark.xdist_group("data_utils_figures")
+
 # Two epochs that learn (the curves move), in about 3 s a run.
 TINY = ["--task", "DIGITS", "--device", "cpu", "--save", "--epochs", "2", "--T1", "10",
         "--T2", "3", "--mbs", "32", "--mmt", "0.9", "--seed", "0", "--act", "my_hard_sig",

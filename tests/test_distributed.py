@@ -159,6 +159,7 @@ def cnn_reference(tmp_path_factory) -> Path:
     return train_one_process(DIGITS_CNN + ["--epochs", "2"], tmp_path_factory.mktemp("one"))
 
 
+@pytest.mark.xdist_group("distributed_cnn_reference")
 @pytest.mark.slow
 def test_two_processes_train_the_cnn_like_one(cnn_reference, tmp_path):
     run_dir = train_two_processes(DIGITS_CNN + ["--epochs", "2"], tmp_path / "results", tmp_path)
@@ -174,6 +175,7 @@ def test_two_processes_train_the_cnn_with_bptt_like_one(tmp_path):
     assert_same_run(train_two_processes(argv, tmp_path / "two", tmp_path), reference)
 
 
+@pytest.mark.xdist_group("distributed_cnn_reference")
 @pytest.mark.slow
 def test_evaluate_under_torchrun_gives_the_one_process_accuracies(cnn_reference, tmp_path, capsys):
     assert main_fast.main(["--todo", "evaluate", "--load-path", str(cnn_reference)]) == 0
@@ -185,6 +187,7 @@ def test_evaluate_under_torchrun_gives_the_one_process_accuracies(cnn_reference,
     assert log.count(expected) == 2  # one line per evaluation: only rank 0 appended
 
 
+@pytest.mark.xdist_group("distributed_cnn_reference")
 @pytest.mark.slow
 @pytest.mark.parametrize("first, then", [(2, 1), (1, 2)], ids=["2-then-1", "1-then-2"])
 def test_resume_with_another_number_of_processes(cnn_reference, tmp_path, first, then):

@@ -268,6 +268,7 @@ MOMENTS = {
 }
 
 
+@pytest.mark.xdist_group("entry_uninterrupted")
 @pytest.mark.parametrize("moment", list(MOMENTS))
 def test_a_stop_at_any_safe_point_saves_and_the_same_command_resumes_bit_for_bit(
     moment, uninterrupted, tmp_path, monkeypatch, capsys
@@ -291,6 +292,7 @@ def test_a_stop_at_any_safe_point_saves_and_the_same_command_resumes_bit_for_bit
     assert_same_weights_and_rows(tmp_path / "job", reference)
 
 
+@pytest.mark.xdist_group("entry_uninterrupted")
 @pytest.mark.parametrize("signals", [1, 2], ids=["one signal", "two signals"])
 @pytest.mark.parametrize("writer", ["savefig", "torch.save"])
 def test_sigterm_while_a_file_is_written_lets_the_write_finish(

@@ -22,7 +22,8 @@ import robustness
 from experiment import runs, storage
 from robust_eval.evaluation import ROBUSTNESS_CSV
 
-pytestmark = pytest.mark.slow  # the notebook, executed in a fresh kernel
+# the notebook, executed in a fresh kernel, on runs one worker trains once
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("eval_lcanet")]
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "eval_lcanet.ipynb"

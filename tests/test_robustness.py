@@ -35,6 +35,9 @@ from robust_eval.pixel_classifier import PixelClassifier
 from robust_eval.results import CSV_COLUMNS
 from utils_ep_fast import P_CNN, P_MLP
 
+# one worker builds the trained digits runs and their evaluations
+pytestmark = pytest.mark.xdist_group("robustness")
+
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TRAIN_FLAGS = ["--model", "CNN", "--task", "DIGITS", "--channels", "8", "--kernels", "3",
                "--strides", "1", "--paddings", "1", "--pools", "m", "--fc", "10",
