@@ -10,6 +10,7 @@ import os
 import shlex
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -112,6 +113,17 @@ def start(argv: list[str], cwd: Path = ROOT, env: dict | None = None) -> subproc
         [sys.executable, *argv], cwd=cwd, env=env, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
+
+
+def first_line(child: subprocess.Popen) -> str:
+    """The first line ``child`` prints (text mode), waited for at most ``WAIT`` seconds: a
+    reader thread, so that a child that never prints fails the test instead of hanging it."""
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.append(child.stdout.readline()), daemon=True)
+    reader.start()
+    reader.join(WAIT)
+    assert lines, "timed out waiting for the child's first line"
+    return lines[0]
 
 
 def wait_for(condition, what: str) -> None:

@@ -19,6 +19,7 @@ from fake_datasets import CodeRunningPickle
 from helpers import (
     DIGITS_CNN,
     WAIT,
+    first_line,
     one_error_line,
     robustness_argv,
     run_dir_of,
@@ -110,7 +111,7 @@ def test_second_writer_is_refused_and_a_stale_lock_is_taken_over(tmp_path, capsy
     }
     holder = start(["-c", HOLD_LOCK, str(run_dir)])
     try:
-        assert holder.stdout.readline().strip() == "locked"
+        assert first_line(holder).strip() == "locked"
         err = run_failing(["--load-path", str(run_dir), "--epochs", "2"], capsys, status=75)
         line = one_error_line(err)
         assert f"{run_dir} is being written by process {holder.pid} on " in line
@@ -132,7 +133,7 @@ def test_a_second_dictionary_writer_is_refused_with_status_75(tmp_path, capsys):
     out_dir.mkdir()
     holder = start(["-c", HOLD_LOCK, str(out_dir)])
     try:
-        assert holder.stdout.readline().strip() == "locked"
+        assert first_line(holder).strip() == "locked"
         argv = [
             "--task",
             "DIGITS",
