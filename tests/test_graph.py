@@ -7,6 +7,11 @@ parity, so a, b, c make a triangle), then a softmax readout of c with 3 classes.
 no bias; every layer has one of its own, one per channel of a map.
 """
 
+import re
+import sys
+import types
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -257,3 +262,88 @@ def test_the_input_gradient_at_small_beta_matches_backpropagation_of_the_loss():
     final = model(leaf, y, free, 200, track_grad=True)
     (bptt,) = torch.autograd.grad(model.loss(final, y).sum(), leaf)
     assert cosine(ep, bptt) >= 0.9999
+
+
+# ---- the coupling kind of docs/extending.md, run as written there ------------------------------
+
+
+@pytest.fixture(scope="module")
+def docs_example():
+    """The docs' gated skip and its network, executed from the page."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "extending.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    (block,) = [block for block in blocks if "class GatedSkipLink" in block]
+    module = types.ModuleType("coupling_example")
+    sys.modules[module.__name__] = module
+    try:
+        exec(compile(block, "docs/extending.md", "exec"), module.__dict__)
+        yield module
+    finally:
+        del sys.modules[module.__name__]
+
+
+def skip_cnn(docs_example):
+    torch.manual_seed(1)
+    model = docs_example.SkipCNN(classes=3).double()
+    with torch.no_grad():
+        model.synapses[3].weight.uniform_(-1.0, 1.0)
+        for bias in model.layer_biases.values():
+            bias.uniform_(-0.2, 0.2)
+    return model
+
+
+def skip_cnn_phi(model, x, y, states, beta: float):
+    """Phi of the docs' SkipCNN by hand: three convs, the gain on a paired with c, biases."""
+    a, b, c = states
+    w_a, w_b, w_c, gain, readout = (s.weight for s in model.synapses)
+    phi = (F.conv2d(x, w_a, None, 1, 1) * a).sum((1, 2, 3))
+    phi = phi + (F.conv2d(a, w_b, None, 1, 1) * b).sum((1, 2, 3))
+    phi = phi + (F.conv2d(b, w_c, None, 1, 1) * c).sum((1, 2, 3))
+    phi = phi + (gain.view(-1, 1, 1) * a * c).sum((1, 2, 3))
+    for state, bias in zip(states, model.layer_biases.values(), strict=True):
+        phi = phi + (state * bias.view(-1, 1, 1)).sum((1, 2, 3))
+    logits = F.linear(c.flatten(1), readout, model.synapses[-1].bias)
+    return phi - beta * F.cross_entropy(logits, y, reduction="none")
+
+
+def skip_cnn_case(model, seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.rand(BATCH, 1, 8, 8, generator=generator, dtype=torch.float64)
+    states = [torch.rand(BATCH, 4, 8, 8, generator=generator, dtype=torch.float64)
+              for _ in range(3)]  # fmt: skip
+    return x, torch.tensor([0, 2, 1]), states
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.7])
+def test_the_docs_skip_link_steps_as_sigma_of_its_hand_phi(docs_example, beta):
+    model = skip_cnn(docs_example)
+    assert model.groups == [[0], [1], [2]]
+    x, y, states = skip_cnn_case(model, 0)
+    leaves = [state.clone().requires_grad_(True) for state in states]
+    grads = torch.autograd.grad(skip_cnn_phi(model, x, y, leaves, beta).sum(), leaves)
+    with torch.no_grad():
+        stepped = model.step(x, y, states, beta)
+    for got, grad in zip(stepped, grads, strict=True):
+        torch.testing.assert_close(got, model.sigma(grad), atol=1e-12, rtol=0)
+
+
+def test_the_docs_skip_link_estimate_is_autograd_of_its_hand_phi(docs_example):
+    model = skip_cnn(docs_example)
+    x, y, first = skip_cnn_case(model, 1)
+    _, _, second = skip_cnn_case(model, 2)
+    difference = skip_cnn_phi(model, x, y, second, 0.5) - skip_cnn_phi(model, x, y, first, 0.0)
+    expected = torch.autograd.grad(difference.mean() / -0.5, list(model.parameters()))
+    model.compute_syn_grads(x, y, first, second, (0.0, 0.5))
+    for (name, param), want in zip(model.named_parameters(), expected, strict=True):
+        torch.testing.assert_close(param.grad, want, atol=1e-12, rtol=0, msg=name)
+
+
+def test_the_docs_skip_network_trains_every_parameter(docs_example):
+    model = skip_cnn(docs_example)
+    model.set_dynamics("async")
+    x, y, _ = skip_cnn_case(model, 3)
+    optimizer = make_optimizer(model, "sgd", [0.05] * 8)
+    before = {name: param.detach().clone() for name, param in model.named_parameters()}
+    train_batch(model, optimizer, x, y, EPConfig(T1=10, T2=4, betas=(0.0, 0.5), thirdphase=True))
+    for name, param in model.named_parameters():
+        assert torch.isfinite(param).all() and not torch.equal(param, before[name]), name
