@@ -63,6 +63,7 @@ if __name__ == "__main__":  # Ctrl-C or SIGTERM while the libraries load: no tra
     entry.install_stop_handlers()
 
 import argparse
+import dataclasses
 import functools
 import shlex
 import sys
@@ -162,35 +163,13 @@ def build_config(args: argparse.Namespace) -> RobustnessConfig:
     if not args.beta > 0.0:
         raise UsageError(f"--beta must be > 0, got {args.beta}")
 
-    return RobustnessConfig(
-        load_path=args.load_path,
-        data_dir=args.data_dir,
-        download=not args.no_download,
-        n_samples=args.n_samples,
-        mbs=args.mbs,
-        device=args.device,
-        seed=args.seed,
-        attacks=tuple(args.attacks),
-        gradients=tuple(args.gradients),
-        eps=None if args.eps is None else tuple(args.eps),
-        eps_l2=None if args.eps_l2 is None else tuple(args.eps_l2),
-        steps=args.steps,
-        queries=args.queries,
-        restarts=args.restarts,
-        corruptions=tuple(args.corruptions),
-        severities=tuple(args.severities),
-        T1=None if args.T1 is None else tuple(args.T1),
-        T2=args.T2,
-        beta=args.beta,
-        grad_chunk=args.grad_chunk,
-        aa_iterations=args.aa_iterations,
-        aa_restarts=args.aa_restarts,
-        aa_targets=args.aa_targets,
-        aa_queries=args.aa_queries,
-        checks=args.checks,
-        tensorboard=args.tensorboard,
-        fresh=args.fresh,
-    )
+    values = {
+        field.name: getattr(args, field.name)
+        for field in dataclasses.fields(RobustnessConfig)
+        if field.name != "download"  # the flag is --no-download
+    }
+    frozen = {name: tuple(v) if isinstance(v, list) else v for name, v in values.items()}
+    return RobustnessConfig(**frozen, download=not args.no_download)
 
 
 def _check_names(flag: str, given: Sequence, known: Sequence) -> None:

@@ -217,13 +217,12 @@ class MLP(ModelConfig):
         return {"archi": list(self.archi), **self._common_kwargs()}
 
 
-@register
 @dataclass(frozen=True)
-class VFMLP(MLP):
-    """The MLP with backward weights of their own (a vector field); ``same_update`` averages
-    the forward and backward updates. Its results add the forward/backward angles."""
+class VectorField:
+    """Backward weights of their own (a vector field, not an energy); ``same_update``
+    averages the forward and backward updates. The results add the forward/backward angles.
+    Mixed in before the model it gives backward weights to."""
 
-    NAME: ClassVar[str] = "VFMLP"
     FLAGS: ClassVar[tuple[tuple[str, dict], ...]] = (
         ("--same-update", {"action": "store_true",
                            "help": "VF models: average forward/backward updates"}),
@@ -234,6 +233,14 @@ class VFMLP(MLP):
 
     def network_kwargs(self, task: str) -> dict:
         return {**super().network_kwargs(task), "same_update": self.same_update}
+
+
+@register
+@dataclass(frozen=True)
+class VFMLP(VectorField, MLP):
+    """The MLP with backward weights (``VectorField``)."""
+
+    NAME: ClassVar[str] = "VFMLP"
 
 
 # --------------------------------------------------------------------------------------------
@@ -306,18 +313,10 @@ class CNN(ModelConfig):
 
 @register
 @dataclass(frozen=True)
-class VFCNN(CNN):
-    """The CNN with backward weights of their own (a vector field); ``same_update`` averages
-    the forward and backward updates. Its results add the forward/backward angles."""
+class VFCNN(VectorField, CNN):
+    """The CNN with backward weights (``VectorField``)."""
 
     NAME: ClassVar[str] = "VFCNN"
-    FLAGS: ClassVar[tuple[tuple[str, dict], ...]] = VFMLP.FLAGS
-    RESULTS_COLUMNS: ClassVar[tuple[str, ...]] = ("angle_syn<k>",)
-
-    same_update: bool = False
-
-    def network_kwargs(self, task: str) -> dict:
-        return {**super().network_kwargs(task), "same_update": self.same_update}
 
 
 @register
@@ -345,7 +344,7 @@ class LCACNN(CNN):
         ("--dict-path", {"default": None,
                          "help": "dictionary file; ./dictionaries/<task>/dictionary.pt"}),
         ("--vf", {"action": "store_true", "help": "LCACNN with separate backward weights"}),
-        *VFMLP.FLAGS,
+        *VectorField.FLAGS,
     )  # fmt: skip
     RESULTS_COLUMNS: ClassVar[tuple[str, ...]] = (
         "lca_frac_active", "lca_recon_error", "dict_cosine",
@@ -402,7 +401,7 @@ class LCACNN(CNN):
         return {**kwargs, **{name: getattr(self, name) for name in self.LCA_ARGUMENTS}}
 
     def results_columns(self) -> tuple[str, ...]:
-        return (*self.RESULTS_COLUMNS, *(VFCNN.RESULTS_COLUMNS if self.vf else ()))
+        return (*self.RESULTS_COLUMNS, *(VectorField.RESULTS_COLUMNS if self.vf else ()))
 
     @property
     def folder_mode(self) -> str:

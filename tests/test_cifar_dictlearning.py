@@ -400,6 +400,7 @@ def test_a_damaged_state_is_refused_naming_the_file_and_fresh(
     assert_same_result(out_dir, reference)
 
 
+@pytest.mark.slow
 def test_sigterm_to_a_child_process_stops_it_and_the_printed_command_continues(
     three_epochs, tmp_path
 ):
@@ -429,6 +430,7 @@ def test_sigterm_to_a_child_process_stops_it_and_the_printed_command_continues(
     assert_same_result(out_dir, three_epochs)
 
 
+@pytest.mark.slow
 def test_two_processes_continue_a_run_of_one(two_by_two, tmp_path, monkeypatch):
     """Every process reads the state; the dictionary is the one-process one up to the order of
     floating-point sums, and the CSV keeps the first epoch's row as it was."""

@@ -72,6 +72,7 @@ def final_weights(results: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)["model_state"]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(NO_COMPILER, reason="inductor needs a C++ compiler on the CPU; none here")
 def test_compiled_phases_give_the_eager_states_and_weights(tmp_path, capsys):
     """torch.compile of the EP step and of the LCA iteration: the same states as the engine's

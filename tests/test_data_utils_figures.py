@@ -187,6 +187,7 @@ def load(path: Path) -> dict:
 # ---- 1. curve figures against the CSV files --------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("run", ["cnn", "vf", "lca"])
 def test_curve_figures_plot_the_columns_of_results_csv(run, request):
     run_dir, saved = request.getfixturevalue(run)
@@ -216,6 +217,7 @@ def test_curve_figures_plot_the_columns_of_results_csv(run, request):
     assert rows[-1]["train_acc"] != rows[-1]["test_acc"]  # and differ: so would a swap
 
 
+@pytest.mark.slow
 def test_dictlearning_curves_plot_dictlearning_csv(dictlearning):
     out_dir, saved = dictlearning
     rows = storage.read_csv_rows(out_dir / cifar_dictlearning.CSV_FILE)
@@ -242,6 +244,7 @@ def test_dictlearning_curves_plot_dictlearning_csv(dictlearning):
 # ---- 2. the other figures against what the run saved ----------------------------------------
 
 
+@pytest.mark.slow
 def test_dictionary_images_show_the_saved_dictionaries(dictlearning, lca):
     out_dir, learnt = dictlearning
     weights, _ = records.load_dictionary(str(out_dir / "dictionary.pt"))
@@ -257,6 +260,7 @@ def test_dictionary_images_show_the_saved_dictionaries(dictlearning, lca):
         assert np.array_equal(shown_image(fig), tiled(record["model_state"]["lca.weights"]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("run", ["cnn", "vf", "lca"])
 def test_activity_histograms_count_the_free_states_of_the_saved_model(run, request):
     run_dir, saved = request.getfixturevalue(run)
@@ -275,6 +279,7 @@ def test_activity_histograms_count_the_free_states_of_the_saved_model(run, reque
         assert f"(mean {values.mean():.3f})" in ax.get_title()
 
 
+@pytest.mark.slow
 def test_reconstructions_are_the_lca_of_the_saved_dictionaries(lca):
     run_dir, saved = lca
     record = load(run_dir / "final_model.pt")
@@ -364,6 +369,7 @@ def test_energy_gap_is_drawn_down_to_the_float_resolution_of_E(dtype):
             assert nudged_drawn[1] == eps * (reference + 0.5)
 
 
+@pytest.mark.slow
 def test_the_runs_settling_figure_is_its_saved_models_trace_floored(cnn):
     run_dir, saved = cnn
     record = load(run_dir / "final_model.pt")

@@ -159,12 +159,14 @@ def cnn_reference(tmp_path_factory) -> Path:
     return train_one_process(DIGITS_CNN + ["--epochs", "2"], tmp_path_factory.mktemp("one"))
 
 
+@pytest.mark.slow
 def test_two_processes_train_the_cnn_like_one(cnn_reference, tmp_path):
     run_dir = train_two_processes(DIGITS_CNN + ["--epochs", "2"], tmp_path / "results", tmp_path)
     assert_same_run(run_dir, cnn_reference)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results"]  # rank 0 wrote, only there
 
 
+@pytest.mark.slow
 def test_two_processes_train_the_cnn_with_bptt_like_one(tmp_path):
     """BPTT's autograd gradients go through the same all-reduce as EP's estimate."""
     argv = DIGITS_CNN + ["--epochs", "1", "--alg", "BPTT"]
@@ -172,6 +174,7 @@ def test_two_processes_train_the_cnn_with_bptt_like_one(tmp_path):
     assert_same_run(train_two_processes(argv, tmp_path / "two", tmp_path), reference)
 
 
+@pytest.mark.slow
 def test_evaluate_under_torchrun_gives_the_one_process_accuracies(cnn_reference, tmp_path, capsys):
     assert main_fast.main(["--todo", "evaluate", "--load-path", str(cnn_reference)]) == 0
     expected = re.search(r"train_acc \S+ test_acc \S+", capsys.readouterr().out).group(0)
@@ -182,6 +185,7 @@ def test_evaluate_under_torchrun_gives_the_one_process_accuracies(cnn_reference,
     assert log.count(expected) == 2  # one line per evaluation: only rank 0 appended
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("first, then", [(2, 1), (1, 2)], ids=["2-then-1", "1-then-2"])
 def test_resume_with_another_number_of_processes(cnn_reference, tmp_path, first, then):
     results = tmp_path / "results"
@@ -199,6 +203,7 @@ def test_resume_with_another_number_of_processes(cnn_reference, tmp_path, first,
     assert_same_run(run_dir, cnn_reference)
 
 
+@pytest.mark.slow
 def test_two_processes_learn_and_finetune_the_dictionary_like_one(tmp_path):
     """cifar_dictlearning.py, then LCACNN finetune, each with two processes and with one."""
     dictionary = tmp_path / "dict" / "dictionary.pt"
@@ -227,6 +232,7 @@ def test_two_processes_learn_and_finetune_the_dictionary_like_one(tmp_path):
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("fault", "batch", "status"),
     [("raise", 30, "1"), ("interrupt", 30, "130"), ("hang", 10, "69"), ("kill", 30, "69")],
@@ -272,6 +278,7 @@ def project_frames(stderr: str) -> list[str]:
     return [name for name in re.findall(r'File "(.*?)"', stderr) if name.startswith(str(ROOT))]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("fault", "fault_rank", "moment", "in_save"),
     [("sigterm-launcher", "1", "30", ""), ("sigterm", "1", "30", ""), ("sigterm", "0", "2", "1")],

@@ -36,6 +36,7 @@ from experiment import entry, records, storage
 # ------------------------------------------------------- SIGTERM and SIGINT to a child process
 
 
+@pytest.mark.slow
 def test_sigterm_saves_the_weights_and_prints_the_resume_command(tmp_path):
     argv = DIGITS_CNN + ["--epochs", "100000", "--save", "--results-dir", str(tmp_path)]
     child = start(["main_fast.py", *argv])
@@ -55,6 +56,7 @@ def test_sigterm_saves_the_weights_and_prints_the_resume_command(tmp_path):
     assert main_fast.main(["--load-path", str(run_dir), "--epochs", str(done + 1)]) == 0
 
 
+@pytest.mark.slow
 def test_sigterm_stops_robustness_keeping_the_rows_measured(tmp_path, capsys):
     run_dir = saved_run(tmp_path, capsys)
     epsilons = [f"{0.01 * i:g}" for i in range(100)]
@@ -83,6 +85,7 @@ def test_sigterm_stops_robustness_keeping_the_rows_measured(tmp_path, capsys):
     assert rows[0]["attack"] == "clean" and rows[1]["attack"] == "pgd-linf"
 
 
+@pytest.mark.slow
 def test_sigterm_stops_dictionary_learning_keeping_the_last_dictionary(tmp_path):
     argv = ["--task", "DIGITS", "--lca_feats", "4", "--lca_ksize", "3", "--lca_stride", "1",
             "--lca-iters", "5", "--epochs", "100000", "--out-dir", str(tmp_path)]  # fmt: skip
@@ -99,6 +102,7 @@ def test_sigterm_stops_dictionary_learning_keeping_the_last_dictionary(tmp_path)
     assert torch.isfinite(weights).all()
 
 
+@pytest.mark.slow
 def test_sigint_mid_training_exits_130_and_saves(tmp_path):
     argv = DIGITS_CNN + ["--epochs", "100000", "--save", "--results-dir", str(tmp_path)]
     child = start(["main_fast.py", *argv])
@@ -141,6 +145,7 @@ def signal_on_import(script: str, module: str, signame: str, *argv: str):
     )  # fmt: skip
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("module", "signame", "status", "said"),
     [("torch", "SIGTERM", 143, "terminated (SIGTERM)"), ("matplotlib", "SIGTERM", 143,
@@ -153,6 +158,7 @@ def test_a_signal_while_the_libraries_load_stops_quietly(module, signame, status
     assert list(tmp_path.iterdir()) == [], "it stopped before any work"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("script", "module", "signame", "status", "argv"),
     [("robustness.py", "torch", "SIGTERM", 143, ["--load-path", "RUN", "--device", "cpu"]),
@@ -190,6 +196,7 @@ entry.exit_after_work(0) if sys.argv[1] == "entry" else sys.exit(0)
 """
 
 
+@pytest.mark.slow
 def test_a_sigterm_in_the_interpreters_shutdown_leaves_a_finished_scripts_status():
     def ending_with(how: str) -> int:
         done = subprocess.run([sys.executable, "-c", SIGTERM_AT_SHUTDOWN, how], cwd=ROOT,
@@ -327,6 +334,7 @@ runpy.run_path("main_fast.py", run_name="__main__")
 """
 
 
+@pytest.mark.slow
 def test_a_third_sigterm_ends_the_process_at_once(tmp_path):
     argv = [*TWO_EPOCHS, "--load-path", str(tmp_path / "job")]
     done = subprocess.run(

@@ -22,6 +22,8 @@ import robustness
 from experiment import runs, storage
 from robust_eval.evaluation import ROBUSTNESS_CSV
 
+pytestmark = pytest.mark.slow  # the notebook, executed in a fresh kernel
+
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOK = ROOT / "eval_lcanet.ipynb"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -1,10 +1,13 @@
 """EP learns real data: scikit-learn's bundled handwritten digits, offline, on the CPU."""
 
+import pytest
 import torch
 from math_checks import digits_loaders
 
 from experiment import data_loading
 from utils_ep_fast import P_CNN, EPConfig, make_optimizer, train
+
+pytestmark = pytest.mark.slow  # training runs of several epochs to an accuracy
 
 EPOCHS = 10
 

@@ -75,6 +75,7 @@ def rebuilt(record: dict) -> torch.nn.Module:
     return model
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(SEED_COMMANDS))
 def test_seed_command_writes_the_results_folder(name, cifar, tmp_path, capsys):
     results = tmp_path / "results"
@@ -131,6 +132,7 @@ def test_seed_command_writes_the_results_folder(name, cifar, tmp_path, capsys):
         assert (moved < 1e-6) == (name == "pretrained")
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly(cifar, tmp_path, capsys):
     """2 epochs straight == 1 epoch, then --load-path to 2 epochs: same weights, same rows."""
     small = ["--lca_feats", "8", "--channels", "8", "16", "32", "--random-sign"]

@@ -4,6 +4,7 @@ import os
 import shlex
 import subprocess
 
+import pytest
 import torch
 from helpers import DIGITS_CNN_BATCHED as DIGITS_CNN
 from helpers import ROOT, load, only_run_dir, read_csv
@@ -21,6 +22,7 @@ def trained_weights(tmp_path, name: str, extra: list[str]) -> dict:
     return load(only_run_dir(results) / "final_model.pt")
 
 
+@pytest.mark.slow
 def test_default_flags_are_the_sync_dynamics_bit_for_bit(tmp_path, capsys):
     default = trained_weights(tmp_path, "default", [])
     sync = trained_weights(tmp_path, "sync", ["--dynamics", "sync"])

@@ -209,6 +209,7 @@ def test_interrupt_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, m
     assert not [p.name for p in run_dir.iterdir() if p.name.endswith(".tmp")]
 
 
+@pytest.mark.slow
 def test_entry_point_exits_non_zero_without_traceback():
     result = subprocess.run(
         [sys.executable, "main_fast.py", *DIGITS_CNN, "--betas", "0.0", "0.0"],

@@ -114,6 +114,7 @@ def test_load_refuses_arbitrary_pickles(tmp_path):
         load_dictionary(str(path))
 
 
+@pytest.mark.slow
 def test_run_with_a_moved_dictionary_folder_evaluates_and_resumes(tmp_path, capsys):
     dictionary = tmp_path / "dictionary"
     learn = ["--task", "DIGITS", "--lca_feats", "4", "--lca_ksize", "3", "--lca_stride", "1",

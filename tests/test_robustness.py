@@ -382,6 +382,7 @@ def test_a_repeated_evaluation_reuses_every_row(lifecycle_run, tmp_path, capsys)
     assert (run_dir / ROBUSTNESS_CSV).read_bytes() == written
 
 
+@pytest.mark.slow
 def test_a_changed_setting_recomputes_the_rows_it_changes(lifecycle_run, tmp_path, capsys):
     run_dir = copy_run(lifecycle_run, tmp_path)
     evaluate(run_dir, capsys)
@@ -617,6 +618,7 @@ def test_the_adaptive_checks_line_follows_the_measured_rows(digits_run, tmp_path
     assert ("gradient masking suspected" in line) == (not all(verdicts.values()))
 
 
+@pytest.mark.slow
 def test_a_resumed_autoattack_reuses_saved_components_to_the_same_worst_case(autoattacked, capsys):
     run_dir = autoattacked["dir"]
     before = without_seconds(run_dir)
@@ -632,6 +634,7 @@ def test_a_resumed_autoattack_reuses_saved_components_to_the_same_worst_case(aut
     assert without_seconds(run_dir) == before
 
 
+@pytest.mark.slow
 def test_ctrl_c_to_an_autoattack_process_exits_130_and_its_command_continues(
     digits_run, autoattacked, tmp_path
 ):

@@ -196,6 +196,7 @@ def test_a_log_that_cannot_be_written_warns_and_keeps_the_checkpoints(tmp_path, 
     assert load(run_dir / "checkpoint.pt")["epoch"] == 2 and len(read_csv(run_dir)) == 2
 
 
+@pytest.mark.slow
 def test_without_the_flag_no_log_and_no_tensorboard_import(tmp_path):
     argv = [*DIGITS_CNN_BATCHED, "--epochs", "1", "--save", "--device", "cpu",
             "--results-dir", str(tmp_path)]  # fmt: skip
@@ -213,6 +214,7 @@ def test_without_the_flag_no_log_and_no_tensorboard_import(tmp_path):
     assert not (only_run_dir(tmp_path) / "tb").exists()
 
 
+@pytest.mark.slow
 def test_two_processes_write_one_event_stream(tmp_path):
     argv = [*DIGITS_CNN_BATCHED, "--epochs", "2", "--save", "--tensorboard", "--log-every", "3",
             "--device", "cpu", "--results-dir", str(tmp_path / "results")]  # fmt: skip

@@ -102,6 +102,7 @@ HOLD_LOCK = (
 )
 
 
+@pytest.mark.slow
 def test_second_writer_is_refused_and_a_stale_lock_is_taken_over(tmp_path, capsys):
     run_dir = saved_run(tmp_path, capsys)
     before = {

@@ -308,6 +308,7 @@ def test_scale_multiplies_backward_init():
         assert a.weight.abs().max() > 0.5 * bound >= b.weight.abs().max()
 
 
+@pytest.mark.slow
 def test_vfcnn_with_same_update_learns_digits():
     """8x8x1 -> conv 16@3x3 + maxpool -> conv 32@3x3 + maxpool (its own backward weights) ->
     softmax readout; my_hard_sig, T1 = 20, T2 = 5, beta = 0.5 with a third phase, SGD momentum
@@ -365,6 +366,7 @@ DIGITS_VFMLP = ["--model", "VFMLP", "--task", "DIGITS", "--archi", "64", "32", "
                 "--mbs", "256", "--seed", "0", "--same-update", "--epochs", "2"]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_cli_vfmlp_logs_and_plots_angles_and_resumes(tmp_path, capsys):
     assert main_fast.main(DIGITS_VFMLP + ["--save", "--results-dir", str(tmp_path)]) == 0
     (run_dir,) = [p.parent for p in tmp_path.rglob("results.csv")]
