@@ -1,6 +1,7 @@
 """Captured phases: how a phase runs under ``--compile`` (and ``--precision bf16``).
 
-A phase is ``T`` calls of the engine's step ``s <- step(y, s, beta, F_0(x))``
+A phase is ``T`` calls of the engine's step ``s <- step(y, s, beta, [F_e(x)])`` (one drive per
+edge leaving the input)
 (``dynamics.sync_step``), and an LCA encode is ``lca_iters`` calls of
 ``LCAConv2D.iterate``. On a GPU each step of the seed RCNN is about twenty small kernel
 launches from Python, so launch overhead rather than arithmetic can set the cost. This module
@@ -11,7 +12,7 @@ runs those loops from the outside, through two hooks: ``EnergyNet.phase_runner``
   mode, static shapes), which fuses the elementwise work between the convolutions; the loop
   calls the compiled function ``T`` times. This is the CPU path.
 * Captured (CUDA): the compiled step is recorded once in a CUDA graph that updates static
-  state buffers in place, ``s <- step(s)``. A phase copies its input, labels, ``F_0(x)`` and
+  state buffers in place, ``s <- step(s)``. A phase copies its input, labels, ``F_e(x)`` and
   starting states into the buffers, replays the graph ``T`` times (one launch per step) and
   hands back copies of the states, so later phases never overwrite states a caller holds. The
   LCA encode is captured the same way (one graph per iteration, replayed ``lca_iters`` times).
@@ -145,7 +146,7 @@ def _layout(tensor: Tensor) -> tuple:
 
 
 class StepGraph:
-    """One engine step ``s <- step(y, s, beta, F_0(x))`` captured on static buffers."""
+    """One engine step ``s <- step(y, s, beta, [F_e(x)])`` captured on static buffers."""
 
     def __init__(
         self,
@@ -154,15 +155,15 @@ class StepGraph:
         y: Tensor,
         neurons: list[Tensor],
         beta: float,
-        input_drive: Tensor,
+        input_drives: list[Tensor],
         pool,
     ) -> None:
-        self.inputs = [y.clone(), input_drive.clone()]
+        self.inputs = [y.clone(), *(drive.clone() for drive in input_drives)]
         self.states = [state.clone() for state in neurons]
-        static_y, static_drive = self.inputs
+        static_y, *static_drives = self.inputs
 
         def one_step() -> None:
-            updated = step(model, static_y, self.states, beta, static_drive)
+            updated = step(model, static_y, self.states, beta, static_drives)
             for state, value in zip(self.states, updated, strict=True):
                 state.copy_(value)
 
@@ -172,13 +173,13 @@ class StepGraph:
         self,
         y: Tensor,
         neurons: list[Tensor],
-        input_drive: Tensor,
+        input_drives: list[Tensor],
         T: int,
         safe_point: Callable[[], None] | None = None,
     ) -> list[Tensor]:
         """``T`` steps from ``neurons`` (``safe_point``, if any, between them); fresh tensors
         come back (the buffers stay here)."""
-        for static, value in zip(self.inputs, (y, input_drive), strict=True):
+        for static, value in zip(self.inputs, (y, *input_drives), strict=True):
             static.copy_(value)
         for state, value in zip(self.states, neurons, strict=True):
             state.copy_(value)
@@ -279,35 +280,36 @@ class PhaseRunner(Capturer):
         dtype = neurons[0].dtype
         safe_point = self.model.safe_point
         with self._autocast(x.device):
-            input_drive = self.model.links[0].drive(x)[0]
+            input_drives = self.model.input_drives(x)
             if self.autocast_dtype is not None:
-                x, input_drive = x.to(self.autocast_dtype), input_drive.to(self.autocast_dtype)
+                x = x.to(self.autocast_dtype)
+                input_drives = [drive.to(self.autocast_dtype) for drive in input_drives]
                 neurons = [state.to(self.autocast_dtype) for state in neurons]
             graph = None
             if self._use_graphs(x.device):
-                graph = self._graph_for(x, y, neurons, beta, input_drive)
+                graph = self._graph_for(x, y, neurons, beta, input_drives)
             if graph is not None:
-                neurons = graph.run(y, neurons, input_drive, T, safe_point)
+                neurons = graph.run(y, neurons, input_drives, T, safe_point)
             else:
                 for step in range(T):
                     if safe_point is not None and step > 0:
                         safe_point()
-                    neurons = self.function(self.model, y, neurons, beta, input_drive)
+                    neurons = self.function(self.model, y, neurons, beta, input_drives)
         return [state.to(dtype) for state in neurons]
 
-    def _graph_for(self, x, y, neurons, beta, input_drive) -> StepGraph | None:
-        """The capture of the step on ``x`` (B, ...), ``y`` (B,), ``neurons`` and ``input_drive``
+    def _graph_for(self, x, y, neurons, beta, input_drives) -> StepGraph | None:
+        """The capture of the step on ``x`` (B, ...), ``y`` (B,), ``neurons`` and ``input_drives``
         for these shapes and ``beta`` (made on first use), or ``None`` after a failed capture
         (one notice; the step then runs compiled, without graphs)."""
         addresses = tuple(p.data_ptr() for p in self.model.parameters())
         if addresses != self.parameter_addresses:  # moved parameters: old graphs read old ones
             self.captured.clear()
             self.parameter_addresses = addresses
-        key = (beta, *(_layout(t) for t in (x, y, input_drive, *neurons)))
+        key = (beta, *(_layout(t) for t in (x, y, *input_drives, *neurons)))
         return self._graph(
             key,
             x.device,
-            lambda pool: StepGraph(self.function, self.model, y, neurons, beta, input_drive, pool),
+            lambda pool: StepGraph(self.function, self.model, y, neurons, beta, input_drives, pool),
         )
 
 

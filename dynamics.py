@@ -1,36 +1,46 @@
 """The dynamics: how a phase moves an energy-based network's states, step by step.
 
 A step updates layers ``s_k <- sigma(dPhi/ds_k)`` (``EnergyNet.layer_update``), with
-``dPhi/ds_k = F_{k-1}(s_{k-1}) + F_k^T(s_{k+1})``. Both dynamics are the same two moves over
-groups of layers: *refresh* the links feeding the group (``F_k`` on the current state below,
-and the cache its adjoint needs), then *update* the group's layers from those drives and the
-caches of the links above them.
+``dPhi/ds_k = sum_{e into k} F_e(s_source) + b_k + sum_{e out of k} F_e^T(s_target)`` over the
+edges of the network's graph (``graph``). Both dynamics are the same two moves over groups of
+layers: *refresh* the edges feeding the group (``F_e`` on the current source state, and the
+cache its adjoint needs), then *update* the group's layers from those drives and the caches of
+the edges leaving them.
 
-* ``sync`` (default): one group, every layer, from the old states of both neighbours
+* ``sync`` (default): one group, every layer, from the old states of all its neighbours
   (Jacobi-like).
-* ``async``: two half-steps, first the odd layers ``s_1, s_3, ...`` from the current even ones
-  (``s_0 = x`` counts as even), then the even layers from the new odd ones (Scellier et al.,
-  NeurIPS 2023). ``dPhi/ds_k`` only involves ``s_{k-1}`` and ``s_{k+1}``, which have the other
-  parity, so a half-step updates a whole parity at once, each layer exactly as if it were
-  updated alone. The links a half-step refreshes read states the next half-step leaves alone,
-  so their caches carry over to it: an asynchronous step runs every link's forward pass once,
-  as a synchronous one does.
+* ``async``: one half-step per group of ``EnergyNet.groups``, a colouring of the layer graph
+  (``graph.Graph.colouring``): no edge joins two layers of a group, each group updated from the
+  current states of the others (Scellier et al., NeurIPS 2023, for a chain). ``dPhi/ds_k``
+  only involves the layers ``s_k`` shares an edge with, none of them in its group, so a
+  half-step updates a whole group at once, each layer exactly as if it were updated alone. A
+  chain has two groups, its odd layers ``s_1, s_3, ...`` (1-based; ``x`` counts as even) then
+  its even ones; a graph with a triangle (a skip ``u -> b`` beside ``u -> a -> b``) needs three
+  or more. The edges a half-step refreshes read the states of other groups, which stay as they
+  are until their own half-step, and that half-step reads only the caches of edges leaving it,
+  refreshed after its previous update: an asynchronous step runs every link's forward pass
+  once, as a synchronous one does.
 
   For an activation that is a clamp with slope ``c`` on its linear range (``hard_sigmoid`` and
   ``ctrd_hard_sig``: ``c = 1``; ``my_hard_sig``: ``c = 1/2``) take the energy
   ``E(s) = sum_k ||s_k||^2 / (2c) - Phi(s)`` on the box of the clamp (``energy``).
   ``E`` is quadratic in ``s_k`` for linear, copy, identity- and average-pooled links, and
   ``s_k <- clamp(c dPhi/ds_k)`` is its exact minimiser over the box in ``s_k`` with the other
-  layers fixed: a half-step is exact block-coordinate descent of ``E``. Through a max-pool,
-  ``<P(conv(s_k)), s_{k+1}>`` is convex in ``s_k`` when ``s_{k+1} >= 0`` (as it is for
-  ``hard_sigmoid`` and ``my_hard_sig``), and the update minimises the majoriser of ``E`` that
-  linearises it at the current ``s_k``: ``E`` still never increases (majorise-minimise). Either
-  way the fixed points of ``async`` are those of ``sync``, which updates every layer from old
-  neighbours and can raise ``E`` and oscillate. The copy layer's scaled feedback
-  (``scale_feedback = g > 0``) is the exact minimiser of ``E`` with that layer's own terms
-  ``||s_0||^2 / (2c) - <x, s_0>`` divided by ``g``. The nudge (``beta != 0``) uses the output
-  layer's current state, so the nudged phase is not exact descent. Smooth activations (sigmoid,
-  tanh) follow the same scheme with their own energy, which ``energy`` does not provide.
+  layers fixed; for a group of layers no edge joins, ``E`` is a sum of such terms, one per
+  layer of the group, so a half-step is exact block-coordinate descent of ``E`` on every graph
+  the engine builds. Through a max-pool, ``<P(conv(s_k)), s_target>`` is convex in ``s_k``
+  when ``s_target >= 0`` (as it is for ``hard_sigmoid`` and ``my_hard_sig``), and the update
+  minimises the majoriser of ``E`` that linearises it at the current ``s_k``: ``E`` still never
+  increases (majorise-minimise). Either way the fixed points of ``async`` are those of ``sync``,
+  which updates every layer from old neighbours and can raise ``E`` and oscillate. A grouping
+  that puts two coupled layers together updates each from the other's old state, as ``sync``
+  does, and loses the guarantee. The copy layer's scaled feedback (``scale_feedback = g > 0``)
+  is the exact minimiser of ``E`` with that layer's own terms ``||s_k||^2 / (2c) - <F_e(x),
+  s_k>`` divided by ``g`` (a layer fed by ``x`` only). Where the argument does not hold:
+  the nudge (``beta != 0``) uses the output layer's current state, so the nudged phase is not
+  exact descent; ``ctrd_hard_sig`` takes negative states, so a max-pooled term is no longer
+  convex in its source; smooth activations (sigmoid, tanh) follow the same scheme with their
+  own energy, which ``energy`` does not provide; vector-field models have no energy at all.
 
 A phase (``run_phase``) runs ``T`` steps; with ``EnergyNet.tol`` it stops as soon as
 ``max |s_t - s_(t-1)|`` over every layer and sample is below ``tol``, checked every
@@ -46,6 +56,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from graph import INPUT
 from links import in_memory_format
 
 DYNAMICS = ("sync", "async")
@@ -54,7 +65,7 @@ CLAMP_SLOPES: dict[str, float] = {"hard_sigmoid": 1.0, "my_hard_sig": 0.5, "ctrd
 REFERENCE_FACTOR = 4  # a phase's reference energy comes from a settle this many times longer
 TOL_EVERY = 5  # with a tolerance, a phase checks whether it settled every this many steps
 
-# link k -> (F_k on the state below, its adjoint's cache), for the links refreshed so far
+# edge e -> (F_e on its current source state, its adjoint's cache), for the edges refreshed so far
 Drives = dict[int, tuple[Tensor, tuple | None]]
 
 
@@ -77,35 +88,43 @@ def max_change(before: list[Tensor], after: list[Tensor]) -> float:
 
 
 def parity_group(num_layers: int, parity: int) -> range:
-    """List indices of the layers ``s_k`` (1-based, ``s_0 = x``) with ``k % 2 == parity``."""
+    """List indices of a chain's layers ``s_k`` (1-based, ``s_0 = x``) with ``k % 2 == parity``."""
     return range(1 - parity, num_layers, 2)
 
 
-def refresh(model, neurons: list[Tensor], input_drive: Tensor, layers, drives: Drives) -> None:
-    """Into ``drives``: the link feeding each layer of ``layers`` on the current state below it
-    (link 0's drive ``F_0(x)`` is ``input_drive``, computed once per phase)."""
-    links = model.links
+def refresh(
+    model, neurons: list[Tensor], input_drives: list[Tensor], layers, drives: Drives
+) -> None:
+    """Into ``drives``: every edge feeding a layer of ``layers``, on its current source state
+    (an edge from ``x`` takes its entry of ``input_drives``, ``F_e(x)`` computed once per phase,
+    with no cache: nothing is fed back into ``x``)."""
+    graph, links = model.graph, model.links
+    from_input = dict(zip(graph.input_edges, input_drives, strict=True))
     for k in layers:
-        drives[k] = (input_drive, None) if k == 0 else links[k].drive(neurons[k - 1])
+        for e in graph.incoming[k]:
+            source = graph.edges[e].source
+            if source == INPUT:
+                drives[e] = (from_input[e], None)
+            else:
+                drives[e] = links[e].drive(neurons[source])
 
 
 def update(model, y: Tensor, neurons: list[Tensor], beta: float, layers, drives: Drives) -> None:
     """The layers of ``layers`` in the list ``neurons`` (in place, in increasing order) from
-    their drives and the caches of the links above them. A layer reads only itself and the
-    layer above, so updating in increasing order reads the old states, as a step must."""
-    last = model.num_layers - 1
+    their drives and the caches of the edges leaving them, every one from the states as they
+    were before the first of them changed."""
+    before = list(neurons)
     for k in layers:
-        above_cache = drives[k + 1][1] if k < last else None
-        neurons[k] = model.layer_update(k, drives[k][0], neurons, above_cache, y, beta)
+        neurons[k] = model.layer_update(k, drives, before, y, beta)
 
 
 def sync_step(
-    model, y: Tensor, neurons: list[Tensor], beta: float, input_drive: Tensor
+    model, y: Tensor, neurons: list[Tensor], beta: float, input_drives: list[Tensor]
 ) -> list[Tensor]:
     """One synchronous step: every layer from the old states (the step ``--compile`` runs)."""
     neurons, drives = list(neurons), {}
     every = range(model.num_layers)
-    refresh(model, neurons, input_drive, every, drives)
+    refresh(model, neurons, input_drives, every, drives)
     update(model, y, neurons, beta, every, drives)
     return neurons
 
@@ -115,34 +134,35 @@ def half_steps(
     y: Tensor,
     neurons: list[Tensor],
     beta: float,
-    input_drive: Tensor,
+    input_drives: list[Tensor],
     drives: Drives,
-    parities=(1, 0),
+    groups: list[list[int]],
 ) -> list[Tensor]:
-    """Asynchronous half-steps, one per entry of ``parities`` (a step: odd, then even), on a
-    copy of ``neurons``. ``drives`` must hold the links feeding the other parity of the first;
-    it is left holding those of the last, for the next step."""
+    """Asynchronous half-steps, one per group of ``groups`` in turn (a step: every group of
+    ``model.groups``), on a copy of ``neurons``. ``drives`` must hold the edges feeding the
+    other groups, refreshed since their sources last changed; it is left so for the next."""
     neurons = list(neurons)
-    for parity in parities:
-        group = parity_group(model.num_layers, parity)
-        refresh(model, neurons, input_drive, group, drives)
+    for group in groups:
+        refresh(model, neurons, input_drives, group, drives)
         update(model, y, neurons, beta, group, drives)
     return neurons
 
 
 def stepper(
-    model, y: Tensor, beta: float, input_drive: Tensor
+    model, y: Tensor, beta: float, input_drives: list[Tensor]
 ) -> Callable[[list[Tensor]], list[Tensor]]:
     """The model's step for one phase, ``states -> next states``; the asynchronous one carries
-    its links' drives from step to step."""
+    its edges' drives from step to step."""
     if model.dynamics == "sync":
-        return lambda neurons: sync_step(model, y, neurons, beta, input_drive)
+        return lambda neurons: sync_step(model, y, neurons, beta, input_drives)
     drives: Drives = {}
+    groups = model.groups
 
     def async_step(neurons: list[Tensor]) -> list[Tensor]:
         if not drives:
-            refresh(model, neurons, input_drive, parity_group(model.num_layers, 0), drives)
-        return half_steps(model, y, neurons, beta, input_drive, drives)
+            for group in groups[1:]:
+                refresh(model, neurons, input_drives, group, drives)
+        return half_steps(model, y, neurons, beta, input_drives, drives, groups)
 
     return async_step
 
@@ -159,7 +179,7 @@ def run_phase(
     """
     if T == 0:
         return neurons, PhaseRecord(0, None if model.tol is None or track_grad else False)
-    advance = stepper(model, y, beta, model.links[0].drive(x)[0])
+    advance = stepper(model, y, beta, model.input_drives(x))
     checks = model.tol is not None and not track_grad
     safe_point = model.safe_point
     steps, settled = T, False if checks else None
@@ -175,24 +195,33 @@ def run_phase(
     return neurons, PhaseRecord(steps, settled)
 
 
-def half_step(model, x: Tensor, y: Tensor, neurons: list[Tensor], parity: int, beta: float = 0.0):
-    """One asynchronous half-step on its own: the layers of 1-based ``parity`` from the current
-    states of their neighbours; the others are kept."""
+def group_step(
+    model, x: Tensor, y: Tensor, neurons: list[Tensor], group: list[int], beta: float = 0.0
+) -> list[Tensor]:
+    """One asynchronous half-step on its own: the layers of ``group`` (which no edge should
+    join) from the current states of every other layer; the others are kept."""
     neurons = [in_memory_format(state) for state in neurons]
-    input_drive = model.links[0].drive(in_memory_format(x))[0]
+    input_drives = model.input_drives(in_memory_format(x))
     drives: Drives = {}
-    refresh(model, neurons, input_drive, parity_group(model.num_layers, 1 - parity), drives)
-    return half_steps(model, y, neurons, beta, input_drive, drives, (parity,))
+    others = [k for k in range(model.num_layers) if k not in set(group)]
+    refresh(model, neurons, input_drives, others, drives)
+    return half_steps(model, y, neurons, beta, input_drives, drives, [list(group)])
+
+
+def half_step(model, x: Tensor, y: Tensor, neurons: list[Tensor], parity: int, beta: float = 0.0):
+    """A chain's half-step: ``group_step`` of its layers of 1-based ``parity`` (1: odd)."""
+    return group_step(model, x, y, neurons, list(parity_group(model.num_layers, parity)), beta)
 
 
 def energy(model, x: Tensor, y: Tensor, neurons: list[Tensor], beta: float = 0.0) -> Tensor:
     """``E = sum_k ||s_k||^2 / (2c) - Phi(x, s, beta)`` per sample (B,), for an activation
     that is a clamp with slope ``c`` (``CLAMP_SLOPES``); states must lie in its box.
 
-    Output units without an activation (``cel`` without ``softmax``) take ``c = 1``. With a
-    copy layer whose feedback is scaled by ``g != 1`` its own terms
-    ``||s_0||^2 / (2c) - <x, s_0>`` are divided by ``g``: the dynamics descend that energy
-    (module docstring). The asynchronous free phase never raises ``E``.
+    Output units without an activation (``cel`` without ``softmax``) take ``c = 1``. A layer
+    whose feedback is scaled by ``g != 1`` (the copy layer) has its own terms
+    ``||s_k||^2 / (2c) - sum_{e into k} <F_e(x), s_k>`` divided by ``g``: the dynamics descend
+    that energy (module docstring), for such a layer fed by ``x`` alone. The asynchronous free
+    phase never raises ``E``.
     """
     if not model.has_energy:
         raise ValueError(
@@ -201,15 +230,22 @@ def energy(model, x: Tensor, y: Tensor, neurons: list[Tensor], beta: float = 0.0
         )
     slopes = [CLAMP_SLOPES[model.activation]] * model.num_layers
     if not model.softmax and model.loss_name == "cel":
-        slopes[-1] = 1.0
+        slopes[model.output_index] = 1.0
     squares = [
         state.pow(2).flatten(1).sum(1) / (2 * c) for state, c in zip(neurons, slopes, strict=True)
     ]
     energy = sum(squares) - model.Phi(x, y, neurons, beta)
-    g = model.links[0].feedback_scale
-    if g != 1.0:
-        copy_terms = squares[0] - (x * neurons[0]).flatten(1).sum(1)
-        energy = energy + (1.0 / g - 1.0) * copy_terms
+    graph = model.graph
+    for k, layer in enumerate(graph.layers):
+        g = layer.feedback_scale
+        if g == 1.0:
+            continue
+        own_terms = squares[k]
+        for e in graph.incoming[k]:
+            if graph.edges[e].source != INPUT:
+                raise ValueError(f"layer {k} scales its feedback but is fed by another layer")
+            own_terms = own_terms - model.links[e].phi(x, neurons[k])
+        energy = energy + (1.0 / g - 1.0) * own_terms
     return energy
 
 

@@ -82,12 +82,14 @@ def input_gradient(
 ) -> Tensor:
     """EP estimate of ``dL/dx`` per sample, (B, *x.shape[1:]), with no graph.
 
-    The fixed input enters ``Phi`` only through ``<F_0(x), s_1>``, so ``dPhi/dx = F_0^T(s_1)``
-    (the adjoint of link 0, with the max-pool positions of ``F_0(x)``). Treating ``x`` like a
-    parameter, EP gives ``dL/dx = -d/dbeta dPhi/dx (s^beta)`` at ``beta = 0``, estimated
-    symmetrically from two nudged phases of ``T2`` steps from the free states ``free``::
+    The fixed input enters ``Phi`` only through the edges leaving it, ``<F_e(x), s_target>``,
+    so ``dPhi/dx = sum_{e out of x} F_e^T(s_target)`` (each link's adjoint, with the max-pool
+    positions of its ``F_e(x)``). Treating ``x`` like a parameter, EP gives
+    ``dL/dx = -d/dbeta dPhi/dx (s^beta)`` at ``beta = 0``, estimated symmetrically from two
+    nudged phases of ``T2`` steps from the free states ``free``; the adjoints are linear in the
+    target state, so::
 
-        dL/dx ~ -(F_0^T(s_1^{+beta}) - F_0^T(s_1^{-beta})) / (2 beta)
+        dL/dx ~ -sum_{e out of x} F_e^T(s_target^{+beta} - s_target^{-beta}) / (2 beta)
 
     ``L`` is the per-sample loss of ``loss``. For the LCA front end ``x`` is the LCA code.
     With ``nudge`` (``s_L -> -dA/ds_L``, shaped like ``s_L``) the phases are nudged by
@@ -103,9 +105,14 @@ def input_gradient(
     finally:
         model.output_nudge, model.phase_runner = None, runner
     x = in_memory_format(x)
-    first = model.links[0]
-    _, cache = first.drive(x)
-    return first.adjoint(plus[0] - minus[0], cache, x.shape) / (-2.0 * beta)
+    graph = model.graph
+    total = None
+    for e in graph.input_edges:
+        link, target = model.links[e], graph.edges[e].target
+        _, cache = link.drive(x)
+        term = link.adjoint(plus[target] - minus[target], cache, x.shape)
+        total = term if total is None else total + term
+    return total / (-2.0 * beta)
 
 
 def _snapshot_grads(model) -> dict[str, Tensor]:

@@ -1,27 +1,31 @@
 """The links of an energy-based network: one small module per kind of coupling between layers.
 
-A network is a chain of neuron layers ``s_1 .. s_L`` driven by a fixed input ``s_0 = x``. Link
-``k`` couples the state below it (``x`` for ``k = 0``, else ``s_k``) to layer ``s_{k+1}``, and
-adds the term ``<F_k(s_k), s_{k+1}>`` to the primitive function ``Phi`` (``<.,.>`` sums over
-all non-batch elements, one value per sample). Each link owns, for its term:
+A network is a graph (``graph``) of neuron layers driven by a fixed input ``x``. Each edge
+``e = (source, target)`` has a link ``F_e`` that couples the source state (``x`` or a layer,
+``below`` here) to the target layer (``above``) and adds the term ``<F_e(below), above>`` to the
+primitive function ``Phi`` (``<.,.>`` sums over all non-batch elements, one value per sample).
+Each link owns, for its term:
 
-* ``drive(below)``: the forward drive ``F_k(below)`` and what its adjoint needs (``cache``);
-* ``adjoint(above, cache, below_shape)``: ``F_k^T(above)``, the feedback into the layer below;
-* ``param_grads(below, above)``: ``d<F_k(below), above>/dW_k`` and ``/db_k``, batch sums;
+* ``drive(below)``: the forward drive ``F_e(below)`` and what its adjoint needs (``cache``);
+* ``adjoint(above, cache, below_shape)``: ``F_e^T(above)``, the feedback into the source;
+* ``param_grads(below, above)``: ``d<F_e(below), above>/dW_e`` and ``/db_e``, batch sums;
 * ``phi(below, above)``: the term itself, per sample (B,);
 * ``write_estimate``: its share of the EP estimate, written into its synapse's ``.grad``.
 
 The kinds:
 
-* ``ConvLink``: ``F_k(s) = P_k(conv_k(s))`` with a 2x2/2 pool ``P_k`` (``MaxPool``, ``AvgPool``
-  or ``NoPool``); ``F_k^T`` is the transposed convolution after the pool's adjoint (unpool to
-  the argmax positions of the current forward pass for max, spread ``value / 4`` for avg);
-* ``LinearLink``: ``F_k(s) = W_k flatten(s) + b_k``, ``F_k^T(s) = W_k^T s``;
-* ``CopyLink``: ``F_k(s) = s`` (the LCA front end couples its sparse code to a copy layer this
+* ``ConvLink``: ``F_e(s) = P_e(conv_e(s))`` with a 2x2/2 pool ``P_e`` (``MaxPool``, ``AvgPool``
+  or ``NoPool``); ``F_e^T`` is the transposed convolution after the pool's adjoint (unpool to
+  the argmax positions of the current forward pass for max, spread ``value / 4`` for avg). It
+  computes its target's shape and the output padding that lands ``F_e^T`` on the source's size;
+* ``LinearLink``: ``F_e(s) = W_e flatten(s) + b_e``, ``F_e^T(s) = W_e^T s``;
+* ``CopyLink``: ``F_e(s) = s`` (the LCA front end couples its sparse code to a copy layer this
   way); it has no parameters, and the feedback its layer receives is scaled by ``g``.
 
-A link refers to its synapse (an ``nn.Conv2d`` or ``nn.Linear`` the model's ``synapses`` own)
-without registering it, so the model's parameter names stay ``synapses.<i>.*``.
+A synapse may have no bias (``bias=False``): its link then has the weight term only, and a
+layer's own bias, if any, belongs to the layer (``graph.Layer``). A link refers to its synapse
+(an ``nn.Conv2d`` or ``nn.Linear`` the model's ``synapses`` own) without registering it, so the
+model's parameter names stay ``synapses.<i>.*``.
 Tensor shapes: conv layers are ``(B, C, H, W)``, linear layers ``(B, N)``.
 """
 
@@ -146,7 +150,7 @@ Cache = tuple | None
 
 
 class Link(nn.Module):
-    """Link ``k`` into a layer of per-sample ``shape``, through ``synapse`` (None: no weights).
+    """A link into a layer of per-sample ``shape``, through ``synapse`` (None: no weights).
 
     ``feedback_scale``: the factor on the feedback the layer it feeds receives from above.
     ``argmax_feedback``: whether the adjoint routes through argmax positions of the forward
@@ -164,38 +168,40 @@ class Link(nn.Module):
         object.__setattr__(self, "synapse", synapse)
 
     def drive(self, below: Tensor, synapse: nn.Module | None = None) -> tuple[Tensor, Cache]:
-        """``F_k(below)`` (through ``synapse``, default the link's own) and its adjoint's cache."""
+        """``F_e(below)`` (through ``synapse``, default the link's own) and its adjoint's cache."""
         raise NotImplementedError
 
     def adjoint(
         self, above: Tensor, cache: Cache, below_shape, synapse: nn.Module | None = None
     ) -> Tensor:
-        """``F_k^T(above)`` through ``synapse``'s weights (default the link's own) and the pool
+        """``F_e^T(above)`` through ``synapse``'s weights (default the link's own) and the pool
         positions of ``cache``, in ``below_shape``."""
         raise NotImplementedError
 
     def param_grads(
         self, below: Tensor, above: Tensor, synapse: nn.Module | None = None
     ) -> tuple[Tensor, Tensor]:
-        """``d<F_k(below), above>/dW`` and ``/db`` summed over the batch, with ``F_k`` applied
+        """``d<F_e(below), above>/dW`` and ``/db`` summed over the batch, with ``F_e`` applied
         by ``synapse`` (default the link's own), whose pool positions the gradient follows."""
         raise NotImplementedError
 
     def phi(self, below: Tensor, above: Tensor) -> Tensor:
-        """The link's term of ``Phi``, ``<F_k(below), above>`` per sample (B,)."""
+        """The link's term of ``Phi``, ``<F_e(below), above>`` per sample (B,)."""
         drive, _ = self.drive(below)
         return (drive * above).flatten(1).sum(1)
 
     def write_estimate(
         self, first: tuple[Tensor, Tensor], second: tuple[Tensor, Tensor], free, scale: float
     ) -> None:
-        """Write ``scale (dPhi_k/dtheta(s^2) - dPhi_k/dtheta(s^1))`` into the synapse's
-        ``.grad``; ``first``/``second`` are ``(below, above)`` of the states ``s^1``/``s^2``
-        (``free``, those of the free fixed point, are for the vector-field estimate)."""
+        """Write ``scale (dPhi_e/dtheta(s^2) - dPhi_e/dtheta(s^1))`` into the synapse's
+        ``.grad`` (the weight's, and the bias's when the synapse has one); ``first``/``second``
+        are ``(below, above)`` of the states ``s^1``/``s^2`` (``free``, those of the free fixed
+        point, are for the vector-field estimate)."""
         weight_2, bias_2 = self.param_grads(*second)
         weight_1, bias_1 = self.param_grads(*first)
         self.synapse.weight.grad = (weight_2 - weight_1) * scale
-        self.synapse.bias.grad = (bias_2 - bias_1) * scale
+        if self.synapse.bias is not None:
+            self.synapse.bias.grad = (bias_2 - bias_1) * scale
 
 
 class CopyLink(Link):
@@ -236,19 +242,40 @@ class LinearLink(Link):
 
 
 class ConvLink(Link):
-    """``F(s) = P(conv(s))`` through an ``nn.Conv2d`` and a pool; ``output_padding`` makes the
-    transposed convolution land exactly on the size of the state below."""
+    """``F(s) = P(conv(s))`` through an ``nn.Conv2d`` and a pool, from a source map of per-sample
+    shape ``source_shape`` (C_in, H, W). The link computes its target's shape (C_out, H', W')
+    and the ``output_padding`` that makes the transposed convolution land exactly on (H, W)::
+
+        h = floor((H + 2 p - k) / s) + 1,   H' = pool(h),
+        output_padding = H - ((h - 1) s - 2 p + k)
+
+    (the same for widths); raises ``ValueError`` when the convolution or the pool leaves no
+    pixels."""
 
     name = "conv"
 
     def __init__(
         self,
-        shape: tuple[int, ...],
+        source_shape: tuple[int, int, int],
         synapse: nn.Conv2d,
         pool: MaxPool | AvgPool | NoPool,
-        output_padding: tuple[int, int],
     ) -> None:
-        super().__init__(shape, synapse)
+        _, height, width = source_shape
+        sizes = [
+            conv_output_size(size, synapse.kernel_size[d], synapse.stride[d], synapse.padding[d])
+            for d, size in enumerate((height, width))
+        ]
+        if min(sizes) < 1:
+            raise ValueError(f"leaves no pixels from a {height}x{width} map")
+        output_padding = tuple(
+            size
+            - ((conv - 1) * synapse.stride[d] - 2 * synapse.padding[d] + synapse.kernel_size[d])
+            for d, (size, conv) in enumerate(zip((height, width), sizes, strict=True))
+        )
+        pooled = [pool.size(conv) for conv in sizes]
+        if min(pooled) < 1:
+            raise ValueError("leaves no pixels after its pool: too many poolings for the input")
+        super().__init__((synapse.out_channels, *pooled), synapse)
         self.pool = pool
         self.output_padding = output_padding
         self.argmax_feedback = pool.has_indices

@@ -1,21 +1,28 @@
 """The EP engine: energy-based recurrent networks and how Equilibrium Propagation trains them.
 
-A network is a chain of neuron layers ``s_1 .. s_L`` driven by a fixed input ``s_0 = x``,
-coupled by links (``links``: conv with its pool, linear, copy). The primitive function, one
-value per sample (``<.,.>`` sums over all non-batch elements)::
+A network is a graph (``graph``) of neuron layers ``s_0 .. s_{L-1}`` driven by a fixed input
+``x``: edges ``e = (source, target)`` from ``x`` or a layer to a layer, each with its link
+(``links``: conv with its pool, linear, copy), and optionally a bias ``b_k`` per layer (per
+channel for a map). The primitive function, one value per sample (``<.,.>`` sums over all
+non-batch elements)::
 
-    Phi(x, s, beta) = sum_k < F_k(s_k), s_{k+1} >  -  beta * L(s, y)
+    Phi(x, s, beta) = sum_e < F_e(s_source(e)), s_target(e) >  +  sum_k < b_k, s_k >
+                      -  beta * L(s, y)
 
-With ``softmax=True`` the last linear layer is a readout outside the system and
-``L = CE(softmax(W_out s_L + b_out), y)``; otherwise ``L`` acts on the output units ``s_L``
-(``mse``: ``0.5 ||s_L - onehot(y)||^2``, ``cel``: ``CE(s_L, y)``).
+The output layer ``s_out`` is named (``output_index``). With ``softmax=True`` the readout, a
+linear layer outside the system (``readout``), gives ``L = CE(softmax(W_out s_out + b_out), y)``;
+otherwise ``L`` acts on the output units ``s_out`` (``mse``: ``0.5 ||s_out - onehot(y)||^2``,
+``cel``: ``CE(s_out, y)``).
 
 A step updates every layer ``s_k <- sigma(dPhi/ds_k)``, with the derivative written out::
 
-    dPhi/ds_k = F_{k-1}(s_{k-1}) + F_k^T(s_{k+1})       (+ nudge on the last layer)
+    dPhi/ds_k = sum_{e into k} F_e(s_source) + b_k + g_k sum_{e out of k} F_e^T(s_target)
 
-where ``F^T`` is the link's adjoint; ``dynamics`` runs the steps (sync or async, for ``T``
-steps or to a tolerance). The EP parameter estimate is::
+(``+`` the nudge on the output layer), where ``F^T`` is the link's adjoint and ``g_k`` the
+layer's feedback scale (1 but for the LCA copy layer's ``scale_feedback``). A chain (the models
+built here) has the edges ``(x, s_0), (s_0, s_1), ...``, one term each way.
+``dynamics`` runs the steps (sync, or async over a colouring of the graph, for ``T`` steps or
+to a tolerance). The EP parameter estimate is::
 
     grad(theta) = d/dtheta [ mean_batch(Phi(s^2, beta_2) - Phi(s^1, beta_1)) / (beta_1 - beta_2) ]
 
@@ -27,6 +34,7 @@ with links that carry their feedback through separate backward weights.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterable
 from contextlib import contextmanager
@@ -49,11 +57,13 @@ from dynamics import (
     sync_step,
 )
 from estimators import EPConfig, ep_phases, gdu_check
+from graph import INPUT, Graph, Layer
 from links import (
     POOLS,
     ConvLink,
     CopyLink,
     LinearLink,
+    Link,
     conv_output_size,
     in_memory_format,
     memory_format_for,
@@ -120,11 +130,13 @@ class Encoding(NamedTuple):
 
 
 class EnergyNet(nn.Module):
-    """Chain of links (module docstring). Subclasses fill ``synapses`` (Conv2d then Linear, the
-    readout last with ``softmax``: they own the weights) and ``links`` (one ``links.Link`` per
-    neuron layer: ``links[k]`` feeds layer ``k``, of per-sample shape ``links[k].shape``).
-    ``safe_point``: a stop hook, called between the steps of every phase and before every
-    training batch when set (None: no call, no cost; not module state)."""
+    """A graph of layers and links (module docstring). A subclass builds it: it fills
+    ``synapses`` (they own the weights; ``optimizer_groups`` gives synapse ``i`` the rate entry
+    ``i``), adds layers (``add_layer``) and edges with their links (``couple``: ``links[e]`` is
+    edge ``e``'s), names the readout (``set_readout``) and the output layer (``set_output``;
+    default the last layer added). ``safe_point``: a stop hook, called between the steps of
+    every phase and before every training batch when set (None: no call, no cost; not module
+    state)."""
 
     def __init__(
         self,
@@ -145,7 +157,13 @@ class EnergyNet(nn.Module):
         self.scale_feedback = scale_feedback
         self.synapses = nn.ModuleList()
         self.links = nn.ModuleList()
+        self.graph = Graph()
+        # one bias per layer that has one (``Layer.bias``), under the layer's index
+        self.layer_biases = nn.ParameterDict()
         self.num_classes = 0
+        object.__setattr__(self, "_readout", None)  # a synapse, not registered twice
+        self._output: int | None = None
+        self._groups: list[list[int]] | None = None
         self.set_dynamics()
         self.last_phase = PhaseRecord(0, None)
         # runs forward's phases in its loop's place when set (see forward)
@@ -177,14 +195,73 @@ class EnergyNet(nn.Module):
         finally:
             self.set_dynamics(*saved)
 
+    # ---- the graph ------------------------------------------------------------------------
+
+    def add_layer(
+        self, shape: tuple[int, ...], feedback_scale: float = 1.0, bias: bool = False
+    ) -> int:
+        """Add a layer of per-sample ``shape``; ``feedback_scale`` ``g`` multiplies the sum of
+        the adjoints it receives; ``bias``: a bias of its own (zeros; one per channel of a map).
+        Returns its index."""
+        k = self.graph.add_layer(Layer(tuple(shape), feedback_scale, bias))
+        if bias:
+            self.layer_biases[str(k)] = nn.Parameter(torch.zeros(shape[0]))
+        self._groups = None
+        return k
+
+    def couple(self, source: int, target: int, link: Link) -> int:
+        """Add the edge ``source -> target`` (``source``: ``graph.INPUT`` or a layer) with its
+        ``link``, whose ``shape`` must be the target's. Returns the edge's index."""
+        if tuple(link.shape) != self.graph.layers[target].shape:
+            raise ValueError(
+                f"a link of shape {tuple(link.shape)} cannot feed layer {target} of shape "
+                f"{self.graph.layers[target].shape}"
+            )
+        index = self.graph.add_edge(source, target)
+        self.links.append(link)
+        self._groups = None
+        return index
+
+    def set_readout(self, readout: nn.Linear) -> None:
+        """Name ``readout`` (one of ``synapses``) as the readout outside the system."""
+        object.__setattr__(self, "_readout", readout)
+
+    def set_output(self, k: int) -> None:
+        """Name layer ``k`` as the output layer (the nudged one, read by the readout)."""
+        self._output = k
+
     @property
     def readout(self) -> nn.Linear | None:
-        """The readout ``W_out s_L + b_out`` outside the system, when ``softmax``."""
-        return self.synapses[-1] if self.softmax else None
+        """The readout ``W_out s_out + b_out`` outside the system, when ``softmax``."""
+        return self._readout if self.softmax else None
+
+    @property
+    def output_index(self) -> int:
+        """The output layer's index (the last layer unless ``set_output`` named another)."""
+        return self.num_layers - 1 if self._output is None else self._output
 
     @property
     def num_layers(self) -> int:
-        return len(self.links)
+        return len(self.graph)
+
+    @property
+    def groups(self) -> list[list[int]]:
+        """The asynchronous dynamics' groups: ``graph.colouring()``, computed once."""
+        if self._groups is None:
+            self._groups = self.graph.colouring()
+        return self._groups
+
+    def layer_bias(self, k: int) -> Tensor | None:
+        """Layer ``k``'s bias shaped to broadcast over its states, (C, 1, 1) or (N,); or None."""
+        bias = self.layer_biases[str(k)] if self.graph.layers[k].bias else None
+        if bias is None:
+            return None
+        shape = self.graph.layers[k].shape
+        return bias.view(-1, *([1] * (len(shape) - 1)))
+
+    def input_drives(self, x: Tensor) -> list[Tensor]:
+        """``F_e(x)`` for every edge leaving the input, in edge order (once per phase)."""
+        return [self.links[e].drive(x)[0] for e in self.graph.input_edges]
 
     # ---- hooks for the front ends and the vector-field models ------------------------------
 
@@ -210,24 +287,28 @@ class EnergyNet(nn.Module):
         return {}
 
     def optimizer_groups(self) -> list[tuple[int, list[nn.Parameter]]]:
-        """The optimizer's parameter sets, each with its ``lrs`` / ``wds`` entry (synapse i: i)."""
-        return [(i, list(synapse.parameters())) for i, synapse in enumerate(self.synapses)]
+        """The optimizer's parameter sets, each with its ``lrs`` / ``wds`` entry (synapse i: i;
+        then the layer biases, each its own entry after the synapses')."""
+        groups = [(i, list(synapse.parameters())) for i, synapse in enumerate(self.synapses)]
+        first = len(self.synapses)
+        return groups + [(first + j, [bias]) for j, bias in enumerate(self.layer_biases.values())]
 
     def init_neurons(self, x: Tensor) -> list[Tensor]:
-        """Zero states, one ``(B, *links[k].shape)`` per layer, on ``x``'s device and dtype."""
-        return [x.new_zeros((x.shape[0], *link.shape)) for link in self.links]
+        """Zero states, one ``(B, *shape_k)`` per layer, on ``x``'s device and dtype."""
+        return [x.new_zeros((x.shape[0], *layer.shape)) for layer in self.graph.layers]
 
     # ---- energy, loss, prediction ---------------------------------------------------------
 
     def output_logits(self, neurons: list[Tensor]) -> Tensor:
-        """(B, classes): the readout of ``s_L`` with ``softmax``, else the output units ``s_L``."""
-        last = neurons[-1]
+        """(B, classes): the readout of ``s_out`` with ``softmax``, else the output units."""
+        last = neurons[self.output_index]
         if self.softmax:
             return F.linear(last.flatten(1), self.readout.weight, self.readout.bias)
         return last
 
     def loss(self, neurons: list[Tensor], y: Tensor) -> Tensor:
-        """Per-sample loss (B,): CE of the readout or of ``s_L``, or ``0.5 ||s_L - onehot||^2``."""
+        """Per-sample loss (B,): CE of the readout or of ``s_out``, or
+        ``0.5 ||s_out - onehot||^2``."""
         logits = self.output_logits(neurons)
         if self.softmax or self.loss_name == "cel":
             return F.cross_entropy(logits, y, reduction="none")
@@ -239,11 +320,16 @@ class EnergyNet(nn.Module):
         return self.output_logits(neurons).argmax(1)
 
     def Phi(self, x: Tensor, y: Tensor, neurons: list[Tensor], beta: float) -> Tensor:
-        """The primitive function ``sum_k <F_k(s_k), s_{k+1}> - beta L``, per sample (B,)."""
-        below = [x, *neurons[:-1]]
+        """The primitive function ``sum_e <F_e(s_source), s_target> + sum_k <b_k, s_k> - beta
+        L``, per sample (B,), its terms added in edge order, then layer order."""
         phi = x.new_zeros(x.shape[0])
-        for k, link in enumerate(self.links):
-            phi = phi + link.phi(below[k], neurons[k])
+        for edge, link in zip(self.graph.edges, self.links, strict=True):
+            source = x if edge.source == INPUT else neurons[edge.source]
+            phi = phi + link.phi(source, neurons[edge.target])
+        for k, state in enumerate(neurons):
+            bias = self.layer_bias(k)
+            if bias is not None:
+                phi = phi + (bias * state).flatten(1).sum(1)
         if beta != 0.0:
             phi = phi - beta * self.loss(neurons, y)
         return phi
@@ -262,36 +348,49 @@ class EnergyNet(nn.Module):
     def step(self, x: Tensor, y: Tensor, neurons: list[Tensor], beta: float = 0.0) -> list[Tensor]:
         """One synchronous step ``s_k <- sigma(dPhi/ds_k)`` for every layer, from the old states;
         the new states come back in the layout of ``memory_format_for``."""
-        return sync_step(self, y, neurons, beta, self.links[0].drive(x)[0])
+        return sync_step(self, y, neurons, beta, self.input_drives(x))
 
     def layer_update(
-        self,
-        k: int,
-        drive: Tensor,
-        neurons: list[Tensor],
-        above_cache: tuple | None,
-        y: Tensor,
-        beta: float,
+        self, k: int, drives: dict, neurons: list[Tensor], y: Tensor, beta: float
     ) -> Tensor:
-        """Layer ``k``'s new state ``sigma(F_{k-1}(s_{k-1}) + g F_k^T(s_{k+1}))`` from its drive
-        and ``neurons[k + 1]``, through the adjoint of the link above with ``above_cache`` (its
-        forward pass on ``neurons[k]``); ``g``: the ``feedback_scale`` of layer k's link. The
-        last layer takes the nudge (``_output_update``)."""
-        if k == self.num_layers - 1:
+        """Layer ``k``'s new state ``sigma(drive_k + b_k + g_k feedback_k)`` with::
+
+            drive_k    = sum_{e into k} F_e(s_source)        (``drives[e][0]``, in edge order)
+            feedback_k = sum_{e out of k} F_e^T(s_target)    (through ``drives[e][1]``, the cache
+                                                              of F_e's forward pass on s_k)
+
+        each (B, *shape_k), the targets read from ``neurons``. The output layer takes the nudge
+        instead of ``sigma`` (``_output_update``)."""
+        graph = self.graph
+        drive = None
+        for e in graph.incoming[k]:
+            drive = drives[e][0] if drive is None else drive + drives[e][0]
+        if drive is None:
+            drive = neurons[k].new_zeros(neurons[k].shape)
+        bias = self.layer_bias(k)
+        if bias is not None:
+            drive = drive + bias
+        feedback = None
+        for e in graph.outgoing[k]:
+            above = neurons[graph.edges[e].target]
+            term = self.links[e].adjoint(above, drives[e][1], drive.shape)
+            feedback = term if feedback is None else feedback + term
+        if feedback is not None:
+            scale = graph.layers[k].feedback_scale
+            if scale != 1.0:
+                feedback = feedback * scale
+            drive = drive + feedback
+        if k == self.output_index:
             return in_memory_format(self._output_update(drive, neurons[k], y, beta))
-        links = self.links
-        feedback = links[k + 1].adjoint(neurons[k + 1], above_cache, drive.shape)
-        scale = links[k].feedback_scale
-        if scale != 1.0:
-            feedback = feedback * scale
-        return in_memory_format(self.sigma(drive + feedback))
+        return in_memory_format(self.sigma(drive))
 
     def _output_update(self, grad: Tensor, state: Tensor, y: Tensor, beta: float) -> Tensor:
-        """The last layer's new state from its drive ``grad`` and the nudge ``-beta dL/ds_L``:
-        ``beta W_out^T (onehot - softmax)`` with the softmax readout, ``beta (onehot - s_L)``
-        with ``mse``; with ``cel`` and no readout the output units take ``dPhi/ds_L`` itself,
-        without the activation. With ``output_nudge`` set, the nudge is ``beta
-        output_nudge(s_L)`` (``-beta dA/ds_L`` of another cost ``A``) in place of the loss's."""
+        """The output layer's new state from its drive ``grad`` and the nudge
+        ``-beta dL/ds_out``: ``beta W_out^T (onehot - softmax)`` with the softmax readout,
+        ``beta (onehot - s_out)`` with ``mse``; with ``cel`` and no readout the output units take
+        ``dPhi/ds_out`` itself, without the activation. With ``output_nudge`` set, the nudge is
+        ``beta output_nudge(s_out)`` (``-beta dA/ds_out`` of another cost ``A``) in place of
+        the loss's."""
         if beta != 0.0 and self.output_nudge is not None:
             grad = grad + beta * self.output_nudge(state)
             no_activation = not self.softmax and self.loss_name == "cel"
@@ -351,18 +450,29 @@ class EnergyNet(nn.Module):
         """Write ``d/dtheta [mean(Phi(s^2, b2) - Phi(s^1, b1)) / (b1 - b2)]`` into every ``.grad``.
 
         One-sided EP: ``s^1`` the free fixed point, ``betas = (0, beta)``; symmetric EP:
-        ``s^1 = s^{-beta}``, ``betas = (-beta, beta)``. Each link writes its own share. The
+        ``s^1 = s^{-beta}``, ``betas = (-beta, beta)``. Each edge's link writes its own share
+        from ``(s_source, s_target)`` of each state; a layer's bias gets
+        ``scale (sum s^2_k - sum s^1_k)`` (over the batch, and the positions of a map). The
         readout (``softmax``) only appears in ``-beta L``: ``(b2 dL(s^2) - b1 dL(s^1)) /
-        (b2 - b1)`` with ``dL/dW_out = (softmax - onehot)^T s_L``. ``free`` (default ``s^1``)
-        is read by the vector-field links, which cross the nudged states with it.
+        (b2 - b1)`` with ``dL/dW_out = (softmax - onehot)^T s_out``. ``free`` (default
+        ``s^1``) is read by the vector-field links, which cross the nudged states with it.
         """
         beta_1, beta_2 = betas
         scale = 1.0 / ((beta_1 - beta_2) * max(x.shape[0], 1))  # an empty batch gives zeros
-        layers_1, layers_2 = [x, *neurons_1], [x, *neurons_2]
-        anchor = layers_1 if free is None else [x, *free]
-        for k, link in enumerate(self.links):
-            pair = slice(k, k + 2)
-            link.write_estimate(layers_1[pair], layers_2[pair], anchor[pair], scale)
+        anchor = neurons_1 if free is None else free
+
+        def ends(edge, states: list[Tensor]) -> tuple[Tensor, Tensor]:
+            return (x if edge.source == INPUT else states[edge.source]), states[edge.target]
+
+        for edge, link in zip(self.graph.edges, self.links, strict=True):
+            link.write_estimate(
+                ends(edge, neurons_1), ends(edge, neurons_2), ends(edge, anchor), scale
+            )
+        for name, bias in self.layer_biases.items():
+            k = int(name)
+            sum_2, sum_1 = (states[k].transpose(0, 1).flatten(1).sum(1)
+                            for states in (neurons_2, neurons_1))  # fmt: skip
+            bias.grad = (sum_2 - sum_1) * scale
         if self.softmax:
             weight_2, bias_2 = readout_loss_grads(self, neurons_2, y)
             weight_1, bias_1 = readout_loss_grads(self, neurons_1, y)
@@ -371,9 +481,9 @@ class EnergyNet(nn.Module):
 
 
 def readout_loss_grads(model: EnergyNet, neurons: list[Tensor], y: Tensor) -> tuple[Tensor, Tensor]:
-    """Batch sums of ``dCE/dW_out = (softmax - onehot)^T s_L`` and ``dCE/db_out`` of
+    """Batch sums of ``dCE/dW_out = (softmax - onehot)^T s_out`` and ``dCE/db_out`` of
     ``model``'s readout at the states ``neurons``."""
-    last = neurons[-1].flatten(1)
+    last = neurons[model.output_index].flatten(1)
     readout = model.readout
     logits = F.linear(last, readout.weight, readout.bias)
     error = logits.softmax(1) - F.one_hot(y, model.num_classes).to(last.dtype)
@@ -428,28 +538,28 @@ class P_CNN(EnergyNet):
             raise ValueError(f"pools must be {n_conv} letters among m/a/i, got {pools!r}")
         if not fc:
             raise ValueError("fc must list at least the number of classes")
-        height, width = _as_pair(in_size)
+        shape = (in_channels, *_as_pair(in_size))
         if input_copy:
-            self.links.append(CopyLink((in_channels, height, width), scale_feedback))
+            self._chain(CopyLink(shape, scale_feedback), scale_feedback)
         sizes = [in_channels, *channels]
         for i in range(n_conv):
             conv = nn.Conv2d(sizes[i], sizes[i + 1], kernels[i], strides[i], paddings[i])
-            conv_h = conv_output_size(height, kernels[i], strides[i], paddings[i])
-            conv_w = conv_output_size(width, kernels[i], strides[i], paddings[i])
-            if conv_h < 1 or conv_w < 1:
-                raise ValueError(f"conv layer {i + 1} leaves no pixels from a {height}x{width} map")
-            # the transposed conv must land exactly on the (height, width) of the state below
-            pad_h = height - ((conv_h - 1) * strides[i] - 2 * paddings[i] + kernels[i])
-            pad_w = width - ((conv_w - 1) * strides[i] - 2 * paddings[i] + kernels[i])
-            pool = POOLS[pools[i]]
-            height, width = pool.size(conv_h), pool.size(conv_w)
-            if height < 1 or width < 1:
-                raise ValueError(f"pool {i + 1} leaves no pixels: too many poolings for the input")
+            try:
+                link = ConvLink(shape, conv, POOLS[pools[i]])
+            except ValueError as error:
+                raise ValueError(f"conv layer {i + 1} {error}") from None
             self.synapses.append(conv)
-            shape = (sizes[i + 1], height, width)
-            self.links.append(ConvLink(shape, conv, pool, (pad_h, pad_w)))
-        self._add_linear_layers(sizes[-1] * height * width, fc)
+            self._chain(link)
+            shape = link.shape
+        self._add_linear_layers(math.prod(shape), fc)
         self._apply_scale(scale)
+
+    def _chain(self, link: Link, feedback_scale: float = 1.0) -> None:
+        """A new layer of ``link.shape`` on top of the chain, fed by ``link`` from the last
+        layer (from ``x`` for the first), and named the output layer."""
+        target = self.add_layer(link.shape, feedback_scale)
+        self.couple(target - 1 if target > 0 else INPUT, target, link)
+        self.set_output(target)
 
     def _add_linear_layers(self, in_features: int, fc: list[int]) -> None:
         """Linear layers ``in_features -> fc[0] -> ... -> fc[-1]``; the last is the readout with
@@ -459,8 +569,10 @@ class P_CNN(EnergyNet):
         for i in range(len(fc)):
             linear = nn.Linear(sizes[i], sizes[i + 1])
             self.synapses.append(linear)
-            if not (self.softmax and i == len(fc) - 1):
-                self.links.append(LinearLink((sizes[i + 1],), linear))
+            if self.softmax and i == len(fc) - 1:
+                self.set_readout(linear)
+            else:
+                self._chain(LinearLink((sizes[i + 1],), linear))
         if not self.links:
             raise ValueError("with softmax the network needs at least one layer before the readout")
 
@@ -516,13 +628,14 @@ def make_optimizer(
     synapses = list(model.synapses)
     if len(lrs) < len(synapses):
         raise ValueError(f"{len(synapses)} synapses need {len(synapses)} learning rates")
-    wds = wds or [0.0] * len(synapses)
+    wds = wds or [0.0] * len(lrs)
     if len(wds) < len(synapses):
         raise ValueError(f"{len(synapses)} synapses need {len(synapses)} weight decays")
-    groups = [
-        {"params": params, "lr": lrs[i], "weight_decay": wds[i]}
-        for i, params in model.optimizer_groups()
-    ]
+    entries = model.optimizer_groups()
+    needed = max((i for i, _ in entries), default=-1) + 1
+    if len(lrs) < needed or len(wds) < needed:
+        raise ValueError(f"{needed} parameter groups need {needed} rates and weight decays")
+    groups = [{"params": params, "lr": lrs[i], "weight_decay": wds[i]} for i, params in entries]
     if optim == "sgd":
         return torch.optim.SGD(groups, momentum=mmt)
     if optim == "adam":
@@ -547,7 +660,8 @@ def check_finite(model: EnergyNet, neurons: list[Tensor] | None = None) -> None:
     if neurons is not None:
         for k, state in enumerate(neurons):
             if not torch.isfinite(state).all():
-                name = model.links[k].name
+                incoming = model.graph.incoming[k]
+                name = model.links[incoming[0]].name if incoming else "no incoming link"
                 raise DivergenceError(f"neurons of layer {k + 1} ({name}) are NaN/inf")
     for name, param in model.named_parameters():
         if not torch.isfinite(param).all():

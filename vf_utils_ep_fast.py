@@ -71,6 +71,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from graph import INPUT
 from lca_utils_ep_fast import LCA_CNN
 from links import CopyLink, Link
 from utils_ep_fast import P_CNN, P_MLP
@@ -91,8 +92,8 @@ def _backward_synapse(forward: nn.Module) -> nn.Module:
 
 
 class VectorFieldLink(Link):
-    """A conv or linear link ``base`` with backward weights ``B_k`` (None for link 0, whose
-    feedback is never taken), and the vector-field estimate (module docstring).
+    """A conv or linear link ``base`` with backward weights ``B_k`` (None for a link from ``x``,
+    whose feedback is never taken), and the vector-field estimate (module docstring).
 
     ``drive`` takes the feedback's max-pool positions from ``P_k(conv(below, B_k))``, ``adjoint``
     goes through ``B_k``; ``same_update`` averages the forward and backward updates.
@@ -131,7 +132,8 @@ class VectorFieldLink(Link):
         else:
             weight, bias = self.param_grads(free[0], second[1] - first[1])
             synapse.weight.grad = weight * scale
-            synapse.bias.grad = bias * scale
+            if synapse.bias is not None:
+                synapse.bias.grad = bias * scale
         backward = self.backward
         if backward is None:
             return
@@ -160,15 +162,16 @@ class VectorField:
         self._add_backward_synapses(same_update, scale)
 
     def _add_backward_synapses(self, same_update: bool, scale: float | None) -> None:
-        """One ``B_k`` per link ``k >= 1`` that is not a copy; ``--scale g`` multiplies their
-        default init by ``g`` like the forward weights'."""
+        """One ``B_k`` per link that is not a copy and whose source is a layer (nothing is fed
+        back into ``x``), in edge order; ``--scale g`` multiplies their default init by ``g``
+        like the forward weights'."""
         self.same_update = same_update
         self.backward_synapses = nn.ModuleList()
-        for k, link in enumerate(self.links):
+        for k, (edge, link) in enumerate(zip(self.graph.edges, self.links, strict=True)):
             if isinstance(link, CopyLink):
                 continue
             backward = None
-            if k > 0:
+            if edge.source != INPUT:
                 backward = _backward_synapse(link.synapse)
                 self.backward_synapses.append(backward)
             self.links[k] = VectorFieldLink(link, backward, same_update)

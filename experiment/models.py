@@ -167,9 +167,13 @@ class ModelConfig:
     def activity_layers(
         self, network: EnergyNet, encoding, neurons: list[Tensor]
     ) -> tuple[list[Tensor], list[str]]:
-        """The states of the activity histograms and their names: every layer of ``neurons``."""
-        names = [f"layer {k + 1} ({link.name}, {'x'.join(map(str, link.shape))})"
-                 for k, link in enumerate(network.links)]  # fmt: skip
+        """The states of the activity histograms and their names: every layer of the network's
+        graph, named by the kinds of the links that feed it and its shape."""
+        graph = network.graph
+        names = []
+        for k, layer in enumerate(graph.layers):
+            kinds = "+".join(network.links[e].name for e in graph.incoming[k]) or "no link"
+            names.append(f"layer {k + 1} ({kinds}, {'x'.join(map(str, layer.shape))})")
         return list(neurons), names
 
 

@@ -533,10 +533,12 @@ def restore_training_state(checkpoint: dict, model, optimizer, scheduler) -> Non
 
 
 def synapse_count(record: dict) -> int:
-    """How many synapses (``synapses.<i>``, each with its ``--lrs`` and ``--wds`` entry) the
-    saved model has; a vector-field model's backward weights are not synapses of their own."""
-    found = {match.group(1) for key in record["model_state"]
-             if (match := re.match(r"synapses\.(\d+)\.", key))}  # fmt: skip
+    """How many ``--lrs`` and ``--wds`` entries the saved model takes: one per synapse
+    (``synapses.<i>``) and one per layer bias (``layer_biases.<k>``) of its graph, as
+    ``EnergyNet.optimizer_groups`` gives them; a vector-field model's backward weights are not
+    synapses of their own."""
+    found = {match.group(0) for key in record["model_state"]
+             if (match := re.match(r"(synapses\.\d+\.|layer_biases\.\d+$)", key))}  # fmt: skip
     return len(found)
 
 
