@@ -79,7 +79,13 @@ def build_parser() -> argparse.ArgumentParser:
     add("--task", default="DIGITS", help=f"dataset, one of {', '.join(data_loading.TASKS)}")
     add("--data-aug", action="store_true", help="augment the training images")
     add("--lr-decay", action="store_true", help="cosine learning-rate decay")
-    add("--scale", type=float, default=None, help="multiplier of the default weight init")
+    add(
+        "--scale",
+        type=float,
+        nargs="+",
+        default=None,
+        help="gain of the default weight init: one, or one per weight tensor",
+    )
     add("--act", choices=list(ACTIVATIONS), default="mysig", help="neuron activation")
     add("--todo", choices=TODOS, default="train", help="what to do")
     add("--alg", choices=("EP", "BPTT"), default="EP", help="training algorithm")
@@ -93,8 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--loss", choices=("mse", "cel"), default="mse", help="loss")
     add("--softmax", action="store_true", help="softmax readout outside the system")
     add("--optim", choices=("sgd", "adam"), default="sgd", help="optimizer")
-    add("--lrs", type=float, nargs="+", default=None, help="learning rate per synapse")
-    add("--wds", type=float, nargs="+", default=None, help="weight decay per synapse")
+    add("--lrs", type=float, nargs="+", default=None, help="learning rate per synapse (or one)")
+    add("--wds", type=float, nargs="+", default=None, help="weight decay per synapse (or one)")
     add("--mmt", type=float, default=0.0, help="SGD momentum")
     add("--epochs", type=int, default=1, help="epochs to train (in total, when resuming)")
     add("--mbs", type=int, default=20, help="minibatch size")

@@ -229,13 +229,31 @@ def check_new_run(given: Mapping[str, Any]) -> dict:
     if flags["lrs"] is None:
         raise UsageError(f"--lrs is required: one learning rate per synapse ({n_synapses} here)")
     why = f"one per synapse, {n_synapses} here"
-    flags["lrs"] = fit_list("lrs", flags["lrs"], n_synapses, why)
+    flags["lrs"] = fit_rates("lrs", flags["lrs"], n_synapses, why)
     if flags["wds"] is not None:
-        flags["wds"] = fit_list("wds", flags["wds"], n_synapses, why)
+        flags["wds"] = fit_rates("wds", flags["wds"], n_synapses, why)
+    flags["scale"] = fit_scale(flags["scale"], n_synapses)
     if flags["dict_path"] is None:
         flags["dict_path"] = str(Path("dictionaries") / flags["task"] / "dictionary.pt")
     flags["dict_path"] = dictionary_file(flags["dict_path"])
     return flags
+
+
+def fit_rates(flag: str, values: list[float], needed: int, why: str) -> list[float]:
+    """``--lrs`` / ``--wds``: one value per synapse (``fit_list``), or one value for all."""
+    if len(values) == 1:
+        return list(values) * needed
+    return fit_list(flag, values, needed, why)
+
+
+def fit_scale(scale: list[float] | float | None, needed: int) -> float | list[float] | None:
+    """``--scale``: one gain, kept a number (every synapse's, as before per-tensor gains), or
+    one per weight tensor (``fit_list``)."""
+    if scale is None or isinstance(scale, (int, float)):
+        return scale
+    if len(scale) == 1:
+        return scale[0]
+    return fit_list("scale", scale, needed, f"one gain per weight tensor, {needed} here")
 
 
 def dictionary_file(path: str | Path) -> str:
@@ -247,13 +265,18 @@ def check_front_end(flags: dict, model: type[ModelConfig]) -> None:
     """The flags of a front end or a vector field that ``model`` does not have: ``--vf`` is
     refused; ``--dict_training`` and ``--same-update`` are ignored (and switched off)."""
     has = {field.name for field in dataclasses.fields(model)}
+    if flags["vf"] and model.NO_VECTOR_FIELD:
+        raise UsageError(f"--vf refused: {model.NO_VECTOR_FIELD} ({flags['model']})")
     if flags["vf"] and "vf" not in has:
         raise UsageError(
             f"--vf makes LCACNN a vector-field model; for {flags['model']} use --model VFCNN "
             f"or VFMLP"
         )
     if flags["dict_training"] and "dict_training" not in has:
-        warn(f"--dict_training {flags['dict_training']} ignored: only LCACNN has a dictionary")
+        warn(
+            f"--dict_training {flags['dict_training']} ignored: only LCACNN and LCAResCNN "
+            f"have a dictionary"
+        )
         flags["dict_training"] = ""
     vector_field = flags["vf"] if "vf" in has else "same_update" in has
     if flags["same_update"] and not vector_field:
@@ -336,7 +359,7 @@ def resume_flags(
     changed = []
     for name in sorted({"lrs", "wds"} & explicit):
         why = f"one per synapse, {n_synapses}"
-        flags[name] = values = fit_list(name, flags[name], n_synapses, why)
+        flags[name] = values = fit_rates(name, flags[name], n_synapses, why)
         if values != saved.get(name):  # a requeued command line changes nothing
             changed.append(name)
             print(f"notice: --{name} {' '.join(map(str, values))} replaces the saved values "

@@ -536,9 +536,13 @@ def synapse_count(record: dict) -> int:
     """How many ``--lrs`` and ``--wds`` entries the saved model takes: one per synapse
     (``synapses.<i>``) and one per layer bias (``layer_biases.<k>``) of its graph, as
     ``EnergyNet.optimizer_groups`` gives them; a vector-field model's backward weights are not
-    synapses of their own."""
+    synapses of their own, and a model whose biases share their synapse's rate
+    (``BIASES_OWN_RATES`` False) counts its synapses only."""
+    pattern = r"(synapses\.\d+\.|layer_biases\.\d+$)"
+    if not is_legacy(record) and not run_model(record).BIASES_OWN_RATES:
+        pattern = r"synapses\.\d+\."  # a ResCNN's layer biases share their conv's rate
     found = {match.group(0) for key in record["model_state"]
-             if (match := re.match(r"(synapses\.\d+\.|layer_biases\.\d+$)", key))}  # fmt: skip
+             if (match := re.match(pattern, key))}  # fmt: skip
     return len(found)
 
 
