@@ -650,10 +650,11 @@ def make_optimizer(
     lrs: list[float],
     wds: list[float] | None = None,
     mmt: float = 0.0,
+    nesterov: bool = False,
 ) -> torch.optim.Optimizer:
-    """SGD (momentum ``mmt``) or Adam with one learning rate / weight decay per synapse (the
-    groups of ``model.optimizer_groups``: a vector-field model's backward weights take the
-    rates of their forward synapse)."""
+    """SGD (momentum ``mmt``, Nesterov's with ``nesterov``) or Adam with one learning rate /
+    weight decay per synapse (the groups of ``model.optimizer_groups``: a vector-field model's
+    backward weights take the rates of their forward synapse)."""
     synapses = list(model.synapses)
     if len(lrs) < len(synapses):
         raise ValueError(f"{len(synapses)} synapses need {len(synapses)} learning rates")
@@ -666,17 +667,19 @@ def make_optimizer(
         raise ValueError(f"{needed} parameter groups need {needed} rates and weight decays")
     groups = [{"params": params, "lr": lrs[i], "weight_decay": wds[i]} for i, params in entries]
     if optim == "sgd":
-        return torch.optim.SGD(groups, momentum=mmt)
+        return torch.optim.SGD(groups, momentum=mmt, nesterov=nesterov)
     if optim == "adam":
         return torch.optim.Adam(groups)
     raise ValueError(f"unknown optimizer {optim!r}; choose sgd or adam")
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, lr_decay: bool):
-    """``--lr-decay``: cosine annealing over 100 epochs down to 1e-5; else None."""
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, lr_decay: bool, epochs: int = 100, floor: float = 1e-5
+):
+    """``--lr-decay``: cosine annealing over ``epochs`` epochs down to ``floor``; else None."""
     if not lr_decay:
         return None
-    return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=100, eta_min=1e-5)
+    return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs, eta_min=floor)
 
 
 # --------------------------------------------------------------------------------------------

@@ -43,6 +43,7 @@ FLOAT_RANGES = {
     "lrs": (0, False, torch.finfo(torch.float32).max, False),
     "wds": (0, False, torch.finfo(torch.float32).max, False),
     "mmt": (0, False, 1, True),
+    "lr_min": (0, False, None, False),
     "lca_lambda": (0, False, None, False),
     "lca_tau": (0, True, None, False),
     "lca_eta": (0, False, None, False),
@@ -94,13 +95,17 @@ class DynamicsConfig:
 @dataclass(frozen=True)
 class OptimConfig:
     """``optim`` (sgd or adam), one learning rate and weight decay (None: 0) per synapse,
-    SGD momentum ``mmt``, and cosine decay of the rates (``lr_decay``)."""
+    SGD momentum ``mmt`` (Nesterov's with ``nesterov``), and cosine decay of the rates
+    (``lr_decay``) over ``lr_decay_epochs`` epochs down to ``lr_min``."""
 
     optim: str
     lrs: tuple[float, ...]
     wds: tuple[float, ...] | None
     mmt: float
     lr_decay: bool
+    lr_decay_epochs: int = 100
+    lr_min: float = 1e-5
+    nesterov: bool = False
 
 
 @dataclass(frozen=True)
@@ -115,6 +120,7 @@ class DataConfig:
     mbs: int
     data_aug: bool
     num_workers: int | None
+    randaugment: int = 0
 
 
 @dataclass(frozen=True)
@@ -217,7 +223,14 @@ def check_new_run(given: Mapping[str, Any]) -> dict:
     first problem."""
     flags = dict(given)
     flags["task"] = canonical_task(flags["task"])
-    check_positive(flags, ("T1", "T2", "epochs", "mbs", "log_every"))
+    check_positive(flags, ("T1", "T2", "epochs", "mbs", "log_every", "lr_decay_epochs"))
+    check_positive(flags, ("randaugment",), minimum=0)
+    if flags["nesterov"] and (flags["optim"] != "sgd" or flags["mmt"] == 0):
+        raise UsageError("--nesterov needs --optim sgd and a momentum --mmt > 0")
+    cifar_aug = flags["data_aug"] and flags["task"] in ("CIFAR10", "CIFAR100")
+    if flags["randaugment"] and not cifar_aug:
+        warn("--randaugment ignored: it adds to --data-aug on CIFAR10 and CIFAR100 only")
+        flags["randaugment"] = 0
     if flags["num_workers"] is not None:
         check_positive(flags, ("num_workers",), minimum=0)
     check_numbers(flags, FLOAT_RANGES)

@@ -306,3 +306,18 @@ def test_torchrun_two_processes_equal_one(tmp_path):
     for key, tensor in state_a.items():
         torch.testing.assert_close(state_b[key], tensor, atol=1e-6, rtol=1e-5, msg=key)
     assert read_csv(a)[0]["train_acc"] == read_csv(b)[0]["train_acc"]
+
+
+# ---- the reproduction's flags -----------------------------------------------------------------
+
+
+def test_nesterov_and_a_cosine_over_the_runs_epochs_down_to_its_floor():
+    flags = vars(main_fast.parse_args([*RES, "--mmt", "0.9", "--nesterov", "--lr-decay",
+                                       "--lr-decay-epochs", "3", "--lr-min", "2e-6"])[0])  # fmt: skip
+    settings = main_fast.check_args(flags)
+    training = main_fast.build_training(settings, settings.network_config(), torch.device("cpu"))
+    assert all(group["nesterov"] for group in training.optimizer.param_groups)
+    for _ in range(3):
+        training.optimizer.step()
+        training.scheduler.step()
+    assert training.optimizer.param_groups[0]["lr"] == pytest.approx(2e-6)
