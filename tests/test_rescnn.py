@@ -312,8 +312,9 @@ def test_torchrun_two_processes_equal_one(tmp_path):
 
 
 def test_nesterov_and_a_cosine_over_the_runs_epochs_down_to_its_floor():
-    flags = vars(main_fast.parse_args([*RES, "--mmt", "0.9", "--nesterov", "--lr-decay",
-                                       "--lr-decay-epochs", "3", "--lr-min", "2e-6"])[0])  # fmt: skip
+    extra = ["--mmt", "0.9", "--nesterov", "--lr-decay", "--lr-decay-epochs", "3", "--lr-min",
+             "2e-6"]  # fmt: skip
+    flags = vars(main_fast.parse_args([*RES, *extra])[0])
     settings = main_fast.check_args(flags)
     training = main_fast.build_training(settings, settings.network_config(), torch.device("cpu"))
     assert all(group["nesterov"] for group in training.optimizer.param_groups)
