@@ -61,7 +61,9 @@ from links import in_memory_format
 
 DYNAMICS = ("sync", "async")
 # The slope c of every activation that is a clamp on its linear range (see energy).
-CLAMP_SLOPES: dict[str, float] = {"hard_sigmoid": 1.0, "my_hard_sig": 0.5, "ctrd_hard_sig": 1.0}
+CLAMP_SLOPES: dict[str, float] = {
+    "hard_sigmoid": 1.0, "my_hard_sig": 0.5, "ctrd_hard_sig": 1.0, "relu6": 1.0,
+}  # fmt: skip
 REFERENCE_FACTOR = 4  # a phase's reference energy comes from a settle this many times longer
 TOL_EVERY = 5  # with a tolerance, a phase checks whether it settled every this many steps
 
@@ -217,7 +219,7 @@ def energy(model, x: Tensor, y: Tensor, neurons: list[Tensor], beta: float = 0.0
     """``E = sum_k ||s_k||^2 / (2c) - Phi(x, s, beta)`` per sample (B,), for an activation
     that is a clamp with slope ``c`` (``CLAMP_SLOPES``); states must lie in its box.
 
-    Output units without an activation (``cel`` without ``softmax``) take ``c = 1``. A layer
+    Output units without an activation (``EnergyNet.linear_output``) take ``c = 1``. A layer
     whose feedback is scaled by ``g != 1`` (the copy layer) has its own terms
     ``||s_k||^2 / (2c) - sum_{e into k} <F_e(x), s_k>`` divided by ``g``: the dynamics descend
     that energy (module docstring), for such a layer fed by ``x`` alone. The asynchronous free
@@ -229,7 +231,7 @@ def energy(model, x: Tensor, y: Tensor, neurons: list[Tensor], beta: float = 0.0
             f"not {model.activation!r}"
         )
     slopes = [CLAMP_SLOPES[model.activation]] * model.num_layers
-    if not model.softmax and model.loss_name == "cel":
+    if model.linear_output:
         slopes[model.output_index] = 1.0
     squares = [
         state.pow(2).flatten(1).sum(1) / (2 * c) for state, c in zip(neurons, slopes, strict=True)

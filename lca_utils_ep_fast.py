@@ -1,8 +1,10 @@
-"""The LCA front-end RCNN: a sparse-coding layer whose code drives an energy-based RCNN.
+"""The LCA front end: a sparse-coding layer whose code drives an energy-based network (the
+RCNN here, ``LCA_CNN``; the residual network in ``rescnn``).
 
 LCA encodes the image ``x`` (B, C, H, W) into sparse activations ``acts`` (B, F, H', W'), held
 fixed like an input. The system's first layer ``s_0`` has the shape of ``acts`` and is coupled
-to them by identity, then come the conv layers and the readout of ``P_CNN``::
+to them by identity, then comes the body of the network (``P_CNN``'s convs and readout here,
+the residual blocks of ``rescnn.ResCNN`` for ``LCA_ResCNN``)::
 
     Phi = <acts, s_0> + sum_k <P_k(conv_k(s_{k-1})), s_k> + ... - beta L
     s_0 <- sigma(acts + g * conv_1^T(P_1^T(s_1)))        (g = scale_feedback; g = 1 is dPhi/ds_0)
@@ -33,56 +35,40 @@ from utils_ep_fast import P_CNN, Encoding, conv_output_size
 DICT_MODES = ("pretrained", "finetune", "learn")
 
 
-class LCA_CNN(P_CNN):
-    """LCA front end + copy layer ``s_0`` + the convs and readout of ``P_CNN``.
+def lca_code_size(in_size: int, lca_ksize: int, lca_stride: int) -> int:
+    """The code's height and width for ``in_size`` images: LCA pads ``same`` (``k // 2``)."""
+    return conv_output_size(in_size, lca_ksize, lca_stride, lca_ksize // 2)
 
-    Args:
-        in_size, in_channels: the image (e.g. 32 and 3 for CIFAR-10, 8 and 1 for digits).
-        lca_feats, lca_ksize, lca_stride, lca_lambda, lca_tau, lca_eta, lca_iters: the LCA layer
-            (``same`` padding, non-negative soft threshold, inputs standardised per sample).
-        channels: ``[lca_feats, c_1, c_2, ...]``: the copy layer then the conv layers.
-        kernels, strides, paddings: one per conv layer (``len(channels) - 1``).
-        pools: one letter per layer of ``channels``; ``pools[0]`` (the copy layer) must be ``i``.
-        scale_feedback: ``g``, the scale of the top-down feedback into ``s_0``.
-        dict_training: ``pretrained``, ``finetune`` or ``learn``.
-    """
 
-    # fmt: off
-    def __init__(
-        self,
-        in_size: int, in_channels: int,
-        lca_feats: int, lca_ksize: int, lca_stride: int,
-        lca_lambda: float, lca_tau: float, lca_eta: float, lca_iters: int,
-        channels: list[int], kernels: list[int], strides: list[int], paddings: list[int],
-        pools: str, fc: list[int],
-        activation: str = "my_hard_sig", softmax: bool = False, loss: str = "mse",
-        scale: float | None = None, scale_feedback: float = 1.0,
-        dict_training: str = "pretrained",
-    ) -> None:
-        if dict_training not in DICT_MODES:
-            raise ValueError(f"unknown dict_training {dict_training!r}; choose from {DICT_MODES}")
-        if channels[0] != lca_feats:
-            raise ValueError(
-                f"the copy layer s_0 has the LCA code's channels: --channels must start with "
-                f"--lca_feats ({lca_feats}), got {channels[0]}"
-            )
-        if not pools or pools[0] != "i":
-            raise ValueError(
-                f"pools[0] is the copy layer's coupling and must be 'i', got {pools!r}"
-            )
-        code_size = conv_output_size(in_size, lca_ksize, lca_stride, lca_ksize // 2)
-        super().__init__(
-            code_size, lca_feats, list(channels[1:]), kernels, strides, paddings, pools[1:], fc,
-            activation=activation, softmax=softmax, loss=loss, scale=scale,
-            input_copy=True, scale_feedback=scale_feedback,
+def check_front_end(dict_training: str, channels: list[int], lca_feats: int) -> None:
+    """ValueError unless ``dict_training`` is a mode and the copy layer ``channels[0]`` has the
+    code's ``lca_feats`` channels."""
+    if dict_training not in DICT_MODES:
+        raise ValueError(f"unknown dict_training {dict_training!r}; choose from {DICT_MODES}")
+    if channels[0] != lca_feats:
+        raise ValueError(
+            f"the copy layer s_0 has the LCA code's channels: --channels must start with "
+            f"--lca_feats ({lca_feats}), got {channels[0]}"
         )
+
+
+class LCAFrontEnd:
+    """The LCA front end of an ``EnergyNet`` whose layer 0 is the copy layer of the code (mixed
+    in before the network class): the encoding, the dictionary updates and the LCA metrics.
+    The network's constructor builds its body first, then calls ``attach_lca``."""
+
+    def attach_lca(
+        self, in_channels: int, lca_feats: int, lca_ksize: int, lca_stride: int,
+        lca_lambda: float, lca_tau: float, lca_eta: float, lca_iters: int, dict_training: str,
+    ) -> None:  # fmt: skip
+        """The LCA layer (``same`` padding, non-negative soft threshold, inputs standardised per
+        sample) and the copy of its starting dictionary (``initial_dictionary``)."""
         self.dict_training = dict_training
         self.lca = LCAConv2D(
             lca_feats, in_channels, kernel_size=lca_ksize, stride=lca_stride,
             lambda_=lca_lambda, tau=lca_tau, eta=lca_eta, lca_iters=lca_iters,
             pad="same", return_vars=["inputs", "acts", "recon_errors"],
-        )
-        # fmt: on
+        )  # fmt: skip
         # where the dictionary started: its drift is a metric of finetune/learn
         self.register_buffer("initial_dictionary", self.lca.weights.detach().clone())
 
@@ -155,3 +141,47 @@ class LCA_CNN(P_CNN):
         """The standardised inputs and their LCA reconstructions, both (B, C, H, W)."""
         inputs, acts, _ = self.lca(x)
         return inputs, self.lca.compute_recon(acts, self.lca.weights, inputs.shape)
+
+
+class LCA_CNN(LCAFrontEnd, P_CNN):
+    """LCA front end + copy layer ``s_0`` + the convs and readout of ``P_CNN``.
+
+    Args:
+        in_size, in_channels: the image (e.g. 32 and 3 for CIFAR-10, 8 and 1 for digits).
+        lca_feats, lca_ksize, lca_stride, lca_lambda, lca_tau, lca_eta, lca_iters: the LCA layer
+            (``same`` padding, non-negative soft threshold, inputs standardised per sample).
+        channels: ``[lca_feats, c_1, c_2, ...]``: the copy layer then the conv layers.
+        kernels, strides, paddings: one per conv layer (``len(channels) - 1``).
+        pools: one letter per layer of ``channels``; ``pools[0]`` (the copy layer) must be ``i``.
+        scale_feedback: ``g``, the scale of the top-down feedback into ``s_0``.
+        dict_training: ``pretrained``, ``finetune`` or ``learn``.
+    """
+
+    # fmt: off
+    def __init__(
+        self,
+        in_size: int, in_channels: int,
+        lca_feats: int, lca_ksize: int, lca_stride: int,
+        lca_lambda: float, lca_tau: float, lca_eta: float, lca_iters: int,
+        channels: list[int], kernels: list[int], strides: list[int], paddings: list[int],
+        pools: str, fc: list[int],
+        activation: str = "my_hard_sig", softmax: bool = False, loss: str = "mse",
+        scale: float | None = None, scale_feedback: float = 1.0,
+        dict_training: str = "pretrained",
+    ) -> None:
+        check_front_end(dict_training, channels, lca_feats)
+        if not pools or pools[0] != "i":
+            raise ValueError(
+                f"pools[0] is the copy layer's coupling and must be 'i', got {pools!r}"
+            )
+        super().__init__(
+            lca_code_size(in_size, lca_ksize, lca_stride), lca_feats, list(channels[1:]),
+            kernels, strides, paddings, pools[1:], fc,
+            activation=activation, softmax=softmax, loss=loss, scale=scale,
+            input_copy=True, scale_feedback=scale_feedback,
+        )
+        self.attach_lca(
+            in_channels, lca_feats, lca_ksize, lca_stride, lca_lambda, lca_tau, lca_eta,
+            lca_iters, dict_training,
+        )
+        # fmt: on

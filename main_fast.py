@@ -79,7 +79,22 @@ def build_parser() -> argparse.ArgumentParser:
     add("--task", default="DIGITS", help=f"dataset, one of {', '.join(data_loading.TASKS)}")
     add("--data-aug", action="store_true", help="augment the training images")
     add("--lr-decay", action="store_true", help="cosine learning-rate decay")
-    add("--scale", type=float, default=None, help="multiplier of the default weight init")
+    add("--lr-decay-epochs", type=int, default=100, help="--lr-decay: epochs of the cosine")
+    add("--lr-min", type=float, default=1e-5, help="--lr-decay: the rate it ends at")
+    add("--nesterov", action="store_true", help="SGD with Nesterov momentum (--mmt)")
+    add(
+        "--randaugment",
+        type=int,
+        default=0,
+        help="CIFAR with --data-aug: RandAugment with N operations of magnitude 9",
+    )
+    add(
+        "--scale",
+        type=float,
+        nargs="+",
+        default=None,
+        help="gain of the default weight init: one, or one per weight tensor",
+    )
     add("--act", choices=list(ACTIVATIONS), default="mysig", help="neuron activation")
     add("--todo", choices=TODOS, default="train", help="what to do")
     add("--alg", choices=("EP", "BPTT"), default="EP", help="training algorithm")
@@ -93,8 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--loss", choices=("mse", "cel"), default="mse", help="loss")
     add("--softmax", action="store_true", help="softmax readout outside the system")
     add("--optim", choices=("sgd", "adam"), default="sgd", help="optimizer")
-    add("--lrs", type=float, nargs="+", default=None, help="learning rate per synapse")
-    add("--wds", type=float, nargs="+", default=None, help="weight decay per synapse")
+    add("--lrs", type=float, nargs="+", default=None, help="learning rate per synapse (or one)")
+    add("--wds", type=float, nargs="+", default=None, help="weight decay per synapse (or one)")
     add("--mmt", type=float, default=0.0, help="SGD momentum")
     add("--epochs", type=int, default=1, help="epochs to train (in total, when resuming)")
     add("--mbs", type=int, default=20, help="minibatch size")
@@ -149,10 +164,13 @@ def build_training(settings: Settings, network: dict, device: torch.device) -> r
     optim = settings.optim
     try:
         model = records.build_model(network).to(device)
-        optimizer = make_optimizer(model, optim.optim, optim.lrs, optim.wds, optim.mmt)
+        optimizer = make_optimizer(
+            model, optim.optim, optim.lrs, optim.wds, optim.mmt, optim.nesterov
+        )
     except ValueError as error:
         raise UsageError(str(error)) from error
-    return runs.Training(model, optimizer, make_scheduler(optimizer, optim.lr_decay))
+    scheduler = make_scheduler(optimizer, optim.lr_decay, optim.lr_decay_epochs, optim.lr_min)
+    return runs.Training(model, optimizer, scheduler)
 
 
 def load_pretrained_dictionary(model: EnergyNet, settings: Settings) -> None:
@@ -197,8 +215,9 @@ def build_data(
     data = settings.data
     with distributed.local_main_first():  # one download per node
         train_set, test_set = data_loading.build_datasets(
-            data.task, data.data_dir, data_aug=train_aug, download=not data.no_download
-        )
+            data.task, data.data_dir, data_aug=train_aug, download=not data.no_download,
+            randaugment=data.randaugment,
+        )  # fmt: skip
     where = f"{data.task} in {data.data_dir}"
     indices = records.training_indices(len(train_set), settings.model, data.task, where, record)
     workers = data_loading.loader_workers(data.num_workers, device)

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import contextmanager
 from typing import NamedTuple
 
@@ -94,6 +94,11 @@ def ctrd_hard_sig(x: Tensor) -> Tensor:
     return x.clamp(-0.5, 0.5)
 
 
+def relu6(x: Tensor) -> Tensor:
+    """``clamp(x, 0, 6)`` (the Hopfield-ResNet's activation; slope 1 on its linear range)."""
+    return x.clamp(0.0, 6.0)
+
+
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "mysig": mysig,
     "sigmoid": torch.sigmoid,
@@ -101,6 +106,7 @@ ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "hard_sigmoid": hard_sigmoid,
     "my_hard_sig": my_hard_sig,
     "ctrd_hard_sig": ctrd_hard_sig,
+    "relu6": relu6,
 }
 LOSSES = ("mse", "cel")
 
@@ -137,6 +143,9 @@ class EnergyNet(nn.Module):
     default the last layer added). ``safe_point``: a stop hook, called between the steps of
     every phase and before every training batch when set (None: no call, no cost; not module
     state)."""
+
+    # output units without the activation, whatever the loss (without a softmax readout)
+    OUTPUT_LINEAR = False
 
     def __init__(
         self,
@@ -384,17 +393,23 @@ class EnergyNet(nn.Module):
             return in_memory_format(self._output_update(drive, neurons[k], y, beta))
         return in_memory_format(self.sigma(drive))
 
+    @property
+    def linear_output(self) -> bool:
+        """Whether the output units take ``dPhi/ds_out`` (plus the nudge) without the
+        activation: with ``cel`` and no readout (Laborieux's convention), and always without a
+        readout when the model's output units are linear (``OUTPUT_LINEAR``, the ResCNN)."""
+        return not self.softmax and (self.OUTPUT_LINEAR or self.loss_name == "cel")
+
     def _output_update(self, grad: Tensor, state: Tensor, y: Tensor, beta: float) -> Tensor:
         """The output layer's new state from its drive ``grad`` and the nudge
         ``-beta dL/ds_out``: ``beta W_out^T (onehot - softmax)`` with the softmax readout,
-        ``beta (onehot - s_out)`` with ``mse``; with ``cel`` and no readout the output units take
-        ``dPhi/ds_out`` itself, without the activation. With ``output_nudge`` set, the nudge is
-        ``beta output_nudge(s_out)`` (``-beta dA/ds_out`` of another cost ``A``) in place of
-        the loss's."""
+        ``beta (onehot - s_out)`` with ``mse``, ``beta (onehot - softmax(s_out))`` with ``cel``
+        on the output units; ``sigma`` of the sum, or the sum itself for linear output units
+        (``linear_output``). With ``output_nudge`` set, the nudge is ``beta output_nudge(s_out)``
+        (``-beta dA/ds_out`` of another cost ``A``) in place of the loss's."""
         if beta != 0.0 and self.output_nudge is not None:
             grad = grad + beta * self.output_nudge(state)
-            no_activation = not self.softmax and self.loss_name == "cel"
-            return grad if no_activation else self.sigma(grad)
+            return grad if self.linear_output else self.sigma(grad)
         if self.softmax:
             if beta != 0.0:
                 readout = self.readout
@@ -402,12 +417,11 @@ class EnergyNet(nn.Module):
                 error = F.one_hot(y, self.num_classes).to(grad.dtype) - logits.softmax(1)
                 grad = grad + beta * (error @ readout.weight).view_as(grad)
             return self.sigma(grad)
-        onehot = F.one_hot(y, self.num_classes).to(grad.dtype)
-        if self.loss_name == "cel":
-            return grad + beta * (onehot - state.softmax(1)) if beta != 0.0 else grad
         if beta != 0.0:
-            grad = grad + beta * (onehot - state)
-        return self.sigma(grad)
+            onehot = F.one_hot(y, self.num_classes).to(grad.dtype)
+            target = state.softmax(1) if self.loss_name == "cel" else state
+            grad = grad + beta * (onehot - target)
+        return grad if self.linear_output else self.sigma(grad)
 
     def forward(
         self,
@@ -494,6 +508,18 @@ def _as_pair(size: int | tuple[int, int]) -> tuple[int, int]:
     return (size, size) if isinstance(size, int) else tuple(size)
 
 
+def synapse_gains(scale: float | Sequence[float], count: int) -> list[float]:
+    """One gain per synapse from ``--scale``: one number is every synapse's; a list has one
+    per synapse (ValueError otherwise)."""
+    if isinstance(scale, (int, float)):
+        return [scale] * count
+    if len(scale) == 1:
+        return [scale[0]] * count
+    if len(scale) != count:
+        raise ValueError(f"{count} weight tensors need {count} gains (--scale), got {len(scale)}")
+    return list(scale)
+
+
 class P_CNN(EnergyNet):
     """Energy-based RCNN: conv layers (each followed by its pool) then fully connected layers.
 
@@ -509,7 +535,8 @@ class P_CNN(EnergyNet):
             identity, and the convs start from it (used by the LCA front end); the feedback it
             receives is scaled by ``scale_feedback``.
         scale: ``--scale g``: PyTorch's default init (kaiming-uniform a=sqrt 5, bias
-            U(+-1/sqrt fan_in)) multiplied by ``g``. Without it the default init stands.
+            U(+-1/sqrt fan_in)) multiplied by ``g``; a list: one ``g`` per synapse. Without it
+            the default init stands.
     """
 
     def __init__(
@@ -576,16 +603,18 @@ class P_CNN(EnergyNet):
         if not self.links:
             raise ValueError("with softmax the network needs at least one layer before the readout")
 
-    def _apply_scale(self, scale: float | None) -> None:
-        """``--scale g``: every synapse re-drawn from its default init, then multiplied by g."""
+    def _apply_scale(self, scale: float | list[float] | None) -> None:
+        """``--scale g``: every synapse re-drawn from its default init, then multiplied by g
+        (weight and bias); ``--scale g_1 .. g_n``: synapse ``i`` by its own ``g_i``."""
         if scale is None:
             return
+        gains = synapse_gains(scale, len(self.synapses))
         with torch.no_grad():
-            for synapse in self.synapses:
+            for synapse, gain in zip(self.synapses, gains, strict=True):
                 synapse.reset_parameters()
-                synapse.weight.mul_(scale)
+                synapse.weight.mul_(gain)
                 if synapse.bias is not None:
-                    synapse.bias.mul_(scale)
+                    synapse.bias.mul_(gain)
 
 
 class P_MLP(P_CNN):
@@ -621,10 +650,11 @@ def make_optimizer(
     lrs: list[float],
     wds: list[float] | None = None,
     mmt: float = 0.0,
+    nesterov: bool = False,
 ) -> torch.optim.Optimizer:
-    """SGD (momentum ``mmt``) or Adam with one learning rate / weight decay per synapse (the
-    groups of ``model.optimizer_groups``: a vector-field model's backward weights take the
-    rates of their forward synapse)."""
+    """SGD (momentum ``mmt``, Nesterov's with ``nesterov``) or Adam with one learning rate /
+    weight decay per synapse (the groups of ``model.optimizer_groups``: a vector-field model's
+    backward weights take the rates of their forward synapse)."""
     synapses = list(model.synapses)
     if len(lrs) < len(synapses):
         raise ValueError(f"{len(synapses)} synapses need {len(synapses)} learning rates")
@@ -637,17 +667,19 @@ def make_optimizer(
         raise ValueError(f"{needed} parameter groups need {needed} rates and weight decays")
     groups = [{"params": params, "lr": lrs[i], "weight_decay": wds[i]} for i, params in entries]
     if optim == "sgd":
-        return torch.optim.SGD(groups, momentum=mmt)
+        return torch.optim.SGD(groups, momentum=mmt, nesterov=nesterov)
     if optim == "adam":
         return torch.optim.Adam(groups)
     raise ValueError(f"unknown optimizer {optim!r}; choose sgd or adam")
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, lr_decay: bool):
-    """``--lr-decay``: cosine annealing over 100 epochs down to 1e-5; else None."""
+def make_scheduler(
+    optimizer: torch.optim.Optimizer, lr_decay: bool, epochs: int = 100, floor: float = 1e-5
+):
+    """``--lr-decay``: cosine annealing over ``epochs`` epochs down to ``floor``; else None."""
     if not lr_decay:
         return None
-    return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=100, eta_min=1e-5)
+    return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs, eta_min=floor)
 
 
 # --------------------------------------------------------------------------------------------

@@ -74,7 +74,7 @@ from torch import Tensor, nn
 from graph import INPUT
 from lca_utils_ep_fast import LCA_CNN
 from links import CopyLink, Link
-from utils_ep_fast import P_CNN, P_MLP
+from utils_ep_fast import P_CNN, P_MLP, synapse_gains
 
 
 def _backward_synapse(forward: nn.Module) -> nn.Module:
@@ -164,7 +164,8 @@ class VectorField:
     def _add_backward_synapses(self, same_update: bool, scale: float | None) -> None:
         """One ``B_k`` per link that is not a copy and whose source is a layer (nothing is fed
         back into ``x``), in edge order; ``--scale g`` multiplies their default init by ``g``
-        like the forward weights'."""
+        like the forward weights' (each its forward synapse's ``g`` when there is one per
+        synapse)."""
         self.same_update = same_update
         self.backward_synapses = nn.ModuleList()
         for k, (edge, link) in enumerate(zip(self.graph.edges, self.links, strict=True)):
@@ -176,9 +177,10 @@ class VectorField:
                 self.backward_synapses.append(backward)
             self.links[k] = VectorFieldLink(link, backward, same_update)
         if scale is not None:
+            gains = synapse_gains(scale, len(self.synapses))
             with torch.no_grad():
-                for synapse in self.backward_synapses:
-                    synapse.weight.mul_(scale)
+                for i, synapse in self.backward_pairs():
+                    synapse.weight.mul_(gains[i])
 
     def backward_pairs(self) -> list[tuple[int, nn.Module]]:
         """``(i, B_k)`` for every link with backward weights, ``i`` the index of its ``W_k`` in

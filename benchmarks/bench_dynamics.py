@@ -93,8 +93,8 @@ def autograd_step(
         grads = torch.autograd.grad(phi(model, x, y, leaves, beta).sum(), leaves)
     with torch.no_grad():
         updated = [model.sigma(grad) for grad in grads]
-        if not model.softmax and model.loss_name == "cel":
-            updated[-1] = grads[-1]  # output units take dPhi/ds itself with CE on them
+        if model.linear_output:
+            updated[-1] = grads[-1]  # linear output units take dPhi/ds itself
     return updated
 
 

@@ -43,6 +43,7 @@ FLOAT_RANGES = {
     "lrs": (0, False, torch.finfo(torch.float32).max, False),
     "wds": (0, False, torch.finfo(torch.float32).max, False),
     "mmt": (0, False, 1, True),
+    "lr_min": (0, False, None, False),
     "lca_lambda": (0, False, None, False),
     "lca_tau": (0, True, None, False),
     "lca_eta": (0, False, None, False),
@@ -94,13 +95,17 @@ class DynamicsConfig:
 @dataclass(frozen=True)
 class OptimConfig:
     """``optim`` (sgd or adam), one learning rate and weight decay (None: 0) per synapse,
-    SGD momentum ``mmt``, and cosine decay of the rates (``lr_decay``)."""
+    SGD momentum ``mmt`` (Nesterov's with ``nesterov``), and cosine decay of the rates
+    (``lr_decay``) over ``lr_decay_epochs`` epochs down to ``lr_min``."""
 
     optim: str
     lrs: tuple[float, ...]
     wds: tuple[float, ...] | None
     mmt: float
     lr_decay: bool
+    lr_decay_epochs: int = 100
+    lr_min: float = 1e-5
+    nesterov: bool = False
 
 
 @dataclass(frozen=True)
@@ -115,6 +120,7 @@ class DataConfig:
     mbs: int
     data_aug: bool
     num_workers: int | None
+    randaugment: int = 0
 
 
 @dataclass(frozen=True)
@@ -217,7 +223,14 @@ def check_new_run(given: Mapping[str, Any]) -> dict:
     first problem."""
     flags = dict(given)
     flags["task"] = canonical_task(flags["task"])
-    check_positive(flags, ("T1", "T2", "epochs", "mbs", "log_every"))
+    check_positive(flags, ("T1", "T2", "epochs", "mbs", "log_every", "lr_decay_epochs"))
+    check_positive(flags, ("randaugment",), minimum=0)
+    if flags["nesterov"] and (flags["optim"] != "sgd" or flags["mmt"] == 0):
+        raise UsageError("--nesterov needs --optim sgd and a momentum --mmt > 0")
+    cifar_aug = flags["data_aug"] and flags["task"] in ("CIFAR10", "CIFAR100")
+    if flags["randaugment"] and not cifar_aug:
+        warn("--randaugment ignored: it adds to --data-aug on CIFAR10 and CIFAR100 only")
+        flags["randaugment"] = 0
     if flags["num_workers"] is not None:
         check_positive(flags, ("num_workers",), minimum=0)
     check_numbers(flags, FLOAT_RANGES)
@@ -229,13 +242,31 @@ def check_new_run(given: Mapping[str, Any]) -> dict:
     if flags["lrs"] is None:
         raise UsageError(f"--lrs is required: one learning rate per synapse ({n_synapses} here)")
     why = f"one per synapse, {n_synapses} here"
-    flags["lrs"] = fit_list("lrs", flags["lrs"], n_synapses, why)
+    flags["lrs"] = fit_rates("lrs", flags["lrs"], n_synapses, why)
     if flags["wds"] is not None:
-        flags["wds"] = fit_list("wds", flags["wds"], n_synapses, why)
+        flags["wds"] = fit_rates("wds", flags["wds"], n_synapses, why)
+    flags["scale"] = fit_scale(flags["scale"], n_synapses)
     if flags["dict_path"] is None:
         flags["dict_path"] = str(Path("dictionaries") / flags["task"] / "dictionary.pt")
     flags["dict_path"] = dictionary_file(flags["dict_path"])
     return flags
+
+
+def fit_rates(flag: str, values: list[float], needed: int, why: str) -> list[float]:
+    """``--lrs`` / ``--wds``: one value per synapse (``fit_list``), or one value for all."""
+    if len(values) == 1:
+        return list(values) * needed
+    return fit_list(flag, values, needed, why)
+
+
+def fit_scale(scale: list[float] | float | None, needed: int) -> float | list[float] | None:
+    """``--scale``: one gain, kept a number (every synapse's, as before per-tensor gains), or
+    one per weight tensor (``fit_list``)."""
+    if scale is None or isinstance(scale, (int, float)):
+        return scale
+    if len(scale) == 1:
+        return scale[0]
+    return fit_list("scale", scale, needed, f"one gain per weight tensor, {needed} here")
 
 
 def dictionary_file(path: str | Path) -> str:
@@ -247,13 +278,18 @@ def check_front_end(flags: dict, model: type[ModelConfig]) -> None:
     """The flags of a front end or a vector field that ``model`` does not have: ``--vf`` is
     refused; ``--dict_training`` and ``--same-update`` are ignored (and switched off)."""
     has = {field.name for field in dataclasses.fields(model)}
+    if flags["vf"] and model.NO_VECTOR_FIELD:
+        raise UsageError(f"--vf refused: {model.NO_VECTOR_FIELD} ({flags['model']})")
     if flags["vf"] and "vf" not in has:
         raise UsageError(
             f"--vf makes LCACNN a vector-field model; for {flags['model']} use --model VFCNN "
             f"or VFMLP"
         )
     if flags["dict_training"] and "dict_training" not in has:
-        warn(f"--dict_training {flags['dict_training']} ignored: only LCACNN has a dictionary")
+        warn(
+            f"--dict_training {flags['dict_training']} ignored: only LCACNN and LCAResCNN "
+            f"have a dictionary"
+        )
         flags["dict_training"] = ""
     vector_field = flags["vf"] if "vf" in has else "same_update" in has
     if flags["same_update"] and not vector_field:
@@ -336,7 +372,7 @@ def resume_flags(
     changed = []
     for name in sorted({"lrs", "wds"} & explicit):
         why = f"one per synapse, {n_synapses}"
-        flags[name] = values = fit_list(name, flags[name], n_synapses, why)
+        flags[name] = values = fit_rates(name, flags[name], n_synapses, why)
         if values != saved.get(name):  # a requeued command line changes nothing
             changed.append(name)
             print(f"notice: --{name} {' '.join(map(str, values))} replaces the saved values "

@@ -198,7 +198,7 @@ class _DataOnlyUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def _transforms(task: str, data_aug: bool) -> tuple[Callable, Callable]:
+def _transforms(task: str, data_aug: bool, randaugment: int = 0) -> tuple[Callable, Callable]:
     """(train_transform, test_transform) for ``task``.
 
     CIFAR10/100: ToTensor + Normalize(CIFAR_MEAN, CIFAR_STD); with ``data_aug`` the train
@@ -206,7 +206,9 @@ def _transforms(task: str, data_aug: bool) -> tuple[Callable, Callable]:
     by 4 edge pixels. SVHN: the same normalisation, augmentation without the flip (digits).
     MNIST/FashionMNIST: ToTensor + Normalize(0, 1); augmentation is a random 28x28 crop of the
     image padded by 2 edge pixels. DIGITS: tensors already, augmentation a random 8x8 crop of the
-    image padded by 1 edge pixel.
+    image padded by 1 edge pixel. ``randaugment N`` (CIFAR10/100 with ``data_aug``): RandAugment
+    with N operations of magnitude 9 between the flip and the crop (the Hopfield-ResNet's
+    augmentation).
     """
     if task == "DIGITS":
         shift = transforms.RandomCrop(8, padding=1, padding_mode="edge")
@@ -216,6 +218,8 @@ def _transforms(task: str, data_aug: bool) -> tuple[Callable, Callable]:
         augment = [transforms.RandomCrop(32, padding=4, padding_mode="edge")]
         if task != "SVHN":
             augment.insert(0, transforms.RandomHorizontalFlip(0.5))
+        if randaugment and task != "SVHN":
+            augment.insert(1, transforms.RandAugment(num_ops=randaugment, magnitude=9))
     else:
         to_tensor = [transforms.ToTensor(), transforms.Normalize((0.0,), (1.0,))]
         augment = [transforms.RandomCrop(28, padding=2, padding_mode="edge")]
@@ -357,20 +361,25 @@ def _open_local(
 
 
 def build_datasets(
-    task: str, data_dir: str | Path = "./data", data_aug: bool = False, download: bool = True
+    task: str,
+    data_dir: str | Path = "./data",
+    data_aug: bool = False,
+    download: bool = True,
+    randaugment: int = 0,
 ) -> tuple[Dataset, Dataset]:
     """``(train_set, test_set)`` of ``task``; items are ``(float32 image (C, H, W), int label)``.
 
     Files already in ``data_dir`` are used without touching the network (local archives are
     unpacked); only when they are missing and ``download`` is True does torchvision download
-    them. Augmentation (``data_aug``) only affects the train set; see :func:`_transforms`.
+    them. Augmentation (``data_aug``, ``randaugment``) only affects the train set; see
+    :func:`_transforms`.
 
     Raises:
         UsageError: unknown task; data missing and not downloadable (the message names the
             folder and files torchvision expects); files corrupt.
     """
     name = canonical_task(task)
-    train_tf, test_tf = _transforms(name, data_aug)
+    train_tf, test_tf = _transforms(name, data_aug, randaugment)
     if name == "DIGITS":
         return DigitsDataset(True, train_tf), DigitsDataset(False, test_tf)
     root = Path(data_dir).expanduser().resolve()

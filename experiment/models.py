@@ -31,8 +31,10 @@ from torch import Tensor
 
 import data_utils
 from experiment.data_loading import task_info
-from experiment.entry import UsageError, check_positive, fit_list
+from experiment.entry import UsageError, check_positive, fit_list, warn
 from lca_utils_ep_fast import DICT_MODES, LCA_CNN
+from rescnn import LCA_ResCNN
+from rescnn import ResCNN as ResCNNNet
 from utils_ep_fast import P_CNN, P_MLP, POOLS, EnergyNet
 from vf_utils_ep_fast import VF_CNN, VF_LCA_CNN, VF_MLP
 
@@ -71,6 +73,8 @@ class ModelConfig:
     RESULTS_COLUMNS: ClassVar[tuple[str, ...]] = ()
     FINAL_FILES: ClassVar[tuple[str, ...]] = ()
     BOARD_PREFIX: ClassVar[str] = ""  # of its figures' TensorBoard tags
+    NO_VECTOR_FIELD: ClassVar[str] = ""  # why --vf is refused, when the model says why
+    BIASES_OWN_RATES: ClassVar[bool] = True  # layer biases take --lrs entries of their own
 
     act: str = "mysig"
     softmax: bool = False
@@ -319,16 +323,14 @@ class VFCNN(VectorField, CNN):
     NAME: ClassVar[str] = "VFCNN"
 
 
-@register
 @dataclass(frozen=True)
-class LCACNN(CNN):
+class LCAFrontEnd:
     """An LCA sparse-coding front end (``lca_*``) whose code drives a copy layer (the first
-    entry of ``channels``, pool ``i``), then the CNN; ``scale_feedback`` scales the feedback
-    into the copy layer. The dictionary is ``pretrained`` (loaded from ``dict_path``, fixed),
+    entry of ``channels``), then the model's body; ``scale_feedback`` scales the feedback into
+    the copy layer. The dictionary is ``pretrained`` (loaded from ``dict_path``, fixed),
     ``finetune`` (loaded, then updated after every batch) or ``learn`` (updated from random).
-    ``vf`` gives the convs backward weights (a vector field; ``same_update`` as VFCNN's)."""
+    Mixed in before the model whose body it feeds."""
 
-    NAME: ClassVar[str] = "LCACNN"
     FLAGS: ClassVar[tuple[tuple[str, dict], ...]] = (
         ("--lca_feats", {"type": int, "default": 64, "help": "LCA dictionary features"}),
         ("--lca_lambda", {"type": float, "default": 0.25, "help": "LCA threshold"}),
@@ -343,8 +345,6 @@ class LCACNN(CNN):
                              "help": "LCA dictionary mode"}),
         ("--dict-path", {"default": None,
                          "help": "dictionary file; ./dictionaries/<task>/dictionary.pt"}),
-        ("--vf", {"action": "store_true", "help": "LCACNN with separate backward weights"}),
-        *VectorField.FLAGS,
     )  # fmt: skip
     RESULTS_COLUMNS: ClassVar[tuple[str, ...]] = (
         "lca_frac_active", "lca_recon_error", "dict_cosine",
@@ -363,8 +363,6 @@ class LCACNN(CNN):
     scale_feedback: float = 0.01
     dict_training: str = ""
     dict_path: str | None = None
-    vf: bool = False
-    same_update: bool = False
 
     LCA_ARGUMENTS: ClassVar[tuple[str, ...]] = (
         "lca_feats", "lca_ksize", "lca_stride", "lca_lambda", "lca_tau", "lca_eta", "lca_iters",
@@ -374,34 +372,21 @@ class LCACNN(CNN):
     @classmethod
     def check(cls, flags: dict, task: str) -> int:
         if not flags["dict_training"]:
-            raise UsageError("LCACNN needs --dict_training pretrained, finetune or learn")
+            raise UsageError(f"{cls.NAME} needs --dict_training pretrained, finetune or learn")
         n_synapses = super().check(flags, task)
         check_positive(flags, ("lca_feats", "lca_ksize", "lca_stride", "lca_iters"))
         if flags["channels"][0] != flags["lca_feats"]:
             raise UsageError(
-                f"with LCACNN the first --channels entry is the LCA copy layer and must equal "
-                f"--lca_feats ({flags['lca_feats']}), got {flags['channels'][0]}"
-            )
-        if flags["pools"][0] != "i":
-            raise UsageError(
-                f"with LCACNN --pools must start with i (the copy layer): {flags['pools']}"
+                f"with {cls.NAME} the first --channels entry is the LCA copy layer and must "
+                f"equal --lca_feats ({flags['lca_feats']}), got {flags['channels'][0]}"
             )
         if flags["lca_ksize"] % 2 == 0:
             raise UsageError(f"--lca_ksize must be odd (LCA pads 'same'), got {flags['lca_ksize']}")
         return n_synapses
 
-    @property
-    def network_name(self) -> str:
-        return "VFLCACNN" if self.vf else self.NAME
-
     def network_kwargs(self, task: str) -> dict:
         kwargs = super().network_kwargs(task)
-        if self.vf:
-            kwargs["same_update"] = self.same_update
         return {**kwargs, **{name: getattr(self, name) for name in self.LCA_ARGUMENTS}}
-
-    def results_columns(self) -> tuple[str, ...]:
-        return (*self.RESULTS_COLUMNS, *(VectorField.RESULTS_COLUMNS if self.vf else ()))
 
     @property
     def folder_mode(self) -> str:
@@ -459,6 +444,105 @@ class LCACNN(CNN):
         return [encoding.code, *states], ["LCA code", *names]
 
 
+@register
+@dataclass(frozen=True)
+class LCACNN(LCAFrontEnd, CNN):
+    """The CNN behind an LCA front end (``LCAFrontEnd``): the copy layer takes pool ``i``.
+    ``vf`` gives the convs backward weights (a vector field; ``same_update`` as VFCNN's)."""
+
+    NAME: ClassVar[str] = "LCACNN"
+    FLAGS: ClassVar[tuple[tuple[str, dict], ...]] = (
+        *LCAFrontEnd.FLAGS,
+        ("--vf", {"action": "store_true", "help": "LCACNN with separate backward weights"}),
+        *VectorField.FLAGS,
+    )  # fmt: skip
+
+    vf: bool = False
+    same_update: bool = False
+
+    @classmethod
+    def check(cls, flags: dict, task: str) -> int:
+        n_synapses = super().check(flags, task)
+        if flags["pools"][0] != "i":
+            raise UsageError(
+                f"with LCACNN --pools must start with i (the copy layer): {flags['pools']}"
+            )
+        return n_synapses
+
+    @property
+    def network_name(self) -> str:
+        return "VFLCACNN" if self.vf else self.NAME
+
+    def network_kwargs(self, task: str) -> dict:
+        kwargs = super().network_kwargs(task)
+        if self.vf:
+            kwargs["same_update"] = self.same_update
+        return kwargs
+
+    def results_columns(self) -> tuple[str, ...]:
+        return (*self.RESULTS_COLUMNS, *(VectorField.RESULTS_COLUMNS if self.vf else ()))
+
+
+# --------------------------------------------------------------------------------------------
+# Residual networks
+# --------------------------------------------------------------------------------------------
+
+
+@register
+@dataclass(frozen=True)
+class ResCNN(ModelConfig):
+    """Hopfield-ResNet blocks (``rescnn``), one per entry of ``channels``: ``a`` (3x3 conv of
+    the block's input), ``b`` (3x3 stride-2 conv of ``a`` plus a 1x1 stride-2 skip from the
+    input), then dense layers of ``fc``; linear output units. ``--scale`` takes one gain per
+    weight tensor or one for all; each layer's bias takes the rate of the conv feeding it from
+    the layer before."""
+
+    NAME: ClassVar[str] = "ResCNN"
+    NO_VECTOR_FIELD: ClassVar[str] = "there is no vector-field residual model"
+    BIASES_OWN_RATES: ClassVar[bool] = False
+    COPY_LAYERS: ClassVar[int] = 0
+    CNN_ONLY_FLAGS: ClassVar[tuple[str, ...]] = ("kernels", "strides", "paddings", "pools")
+
+    channels: tuple[int, ...] = (32, 64)
+    fc: tuple[int, ...] = (10,)
+
+    @classmethod
+    def check(cls, flags: dict, task: str) -> int:
+        classes = task_info(task)[3]
+        check_positive(flags, ("channels", "fc"))
+        for name in cls.CNN_ONLY_FLAGS:
+            default = getattr(CNN, name)
+            if flags[name] != (default if isinstance(default, str) else list(default)):
+                warn(f"--{name} ignored: {cls.NAME}'s convs are 3x3/1, 3x3/2 and the 1x1/2 skip")
+        blocks = len(flags["channels"]) - cls.COPY_LAYERS
+        if blocks < 1:
+            raise UsageError(f"{cls.NAME} needs at least one block in --channels")
+        if flags["fc"][-1] != classes:
+            raise UsageError(f"the last --fc size must be the {classes} classes of {task}")
+        return 3 * blocks + len(flags["fc"])
+
+    def network_kwargs(self, task: str) -> dict:
+        in_channels, height, _, _ = task_info(task)
+        return {
+            "in_size": height,
+            "in_channels": in_channels,
+            "channels": list(self.channels),
+            "fc": list(self.fc),
+            **self._common_kwargs(),
+        }
+
+
+@register
+@dataclass(frozen=True)
+class LCAResCNN(LCAFrontEnd, ResCNN):
+    """The ResCNN behind an LCA front end (``LCAFrontEnd``): the first ``channels`` entry is
+    the copy layer of the code, which feeds the first block."""
+
+    NAME: ClassVar[str] = "LCAResCNN"
+    FLAGS: ClassVar[tuple[tuple[str, dict], ...]] = LCAFrontEnd.FLAGS
+    COPY_LAYERS: ClassVar[int] = 1
+
+
 # --------------------------------------------------------------------------------------------
 # Networks
 # --------------------------------------------------------------------------------------------
@@ -472,4 +556,6 @@ NETWORK_CLASSES: dict[str, Callable[..., EnergyNet]] = {
     "VFCNN": VF_CNN,
     "VFMLP": VF_MLP,
     "VFLCACNN": VF_LCA_CNN,
+    "ResCNN": ResCNNNet,
+    "LCAResCNN": LCA_ResCNN,
 }

@@ -60,7 +60,8 @@ LEGACY_KEYS = ("model_config", "args")
 # flags that runs saved before them lack, and the value those runs ran with
 LEGACY_DEFAULTS = {"dynamics": "sync", "tol": None, "precision": None, "compile": False,
                    "num_workers": None, "no_download": False, "dist_timeout": 600.0,
-                   "tensorboard": False, "log_every": 50}  # fmt: skip
+                   "tensorboard": False, "log_every": 50, "lr_decay_epochs": 100,
+                   "lr_min": 1e-5, "nesterov": False, "randaugment": 0}  # fmt: skip
 DICTLEARNING_STATE = "dictlearning_state.pt"
 DICTLEARNING_STATE_KEYS = ("epoch", "settings", "weights", "rows", "rng_state")
 
@@ -536,9 +537,13 @@ def synapse_count(record: dict) -> int:
     """How many ``--lrs`` and ``--wds`` entries the saved model takes: one per synapse
     (``synapses.<i>``) and one per layer bias (``layer_biases.<k>``) of its graph, as
     ``EnergyNet.optimizer_groups`` gives them; a vector-field model's backward weights are not
-    synapses of their own."""
+    synapses of their own, and a model whose biases share their synapse's rate
+    (``BIASES_OWN_RATES`` False) counts its synapses only."""
+    pattern = r"(synapses\.\d+\.|layer_biases\.\d+$)"
+    if not is_legacy(record) and not run_model(record).BIASES_OWN_RATES:
+        pattern = r"synapses\.\d+\."  # a ResCNN's layer biases share their conv's rate
     found = {match.group(0) for key in record["model_state"]
-             if (match := re.match(r"(synapses\.\d+\.|layer_biases\.\d+$)", key))}  # fmt: skip
+             if (match := re.match(pattern, key))}  # fmt: skip
     return len(found)
 
 

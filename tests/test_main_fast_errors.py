@@ -32,7 +32,7 @@ def with_flag(argv: list[str], flag: str, *values: str) -> list[str]:
     "flag, values, message",
     [
         ("--channels", ["4", "8"], r"--kernels needs 2 values \(one per conv layer: 2 for"),
-        ("--lrs", ["0.1"], r"--lrs needs 2 values \(one per synapse, 2 here\)"),
+        ("--fc", ["16", "10"], r"--lrs needs 3 values \(one per synapse, 3 here\)"),
         ("--pools", ["x"], r"--pools letters must be m, a or i; got x"),
         ("--pools", [""], r"--pools needs 1 values \(one per entry of --channels\)"),
         ("--act", ["relu"], r"argument --act: invalid choice: 'relu'"),
