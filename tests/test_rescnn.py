@@ -9,6 +9,7 @@ every layer one per channel (unit); MSE on the linear output units.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -16,16 +17,19 @@ import torch
 import torch.nn.functional as F
 from helpers import load, read_csv, torchrun
 from math_checks import cosine
+from tensorboard.backend.event_processing import event_accumulator as ea
 from test_compiled import NO_COMPILER
 
+import compiled
 import main_fast
+import precision
 import robustness
 from experiment import runs, storage
 from experiment.records import save_dictionary
 from lca import LCAConv2D
 from rescnn import ResCNN
 from robust_eval.evaluation import ROBUSTNESS_CSV
-from utils_ep_fast import make_optimizer
+from utils_ep_fast import EPConfig, make_optimizer, train_batch
 
 BATCH = 3
 GAINS = [0.6, 0.6, 0.7, 0.6, 0.6, 0.7, 0.8]  # the anchor's gains, in synapse order
@@ -306,6 +310,125 @@ def test_torchrun_two_processes_equal_one(tmp_path):
     for key, tensor in state_a.items():
         torch.testing.assert_close(state_b[key], tensor, atol=1e-6, rtol=1e-5, msg=key)
     assert read_csv(a)[0]["train_acc"] == read_csv(b)[0]["train_acc"]
+
+
+# ---- --precision and --tensorboard ----------------------------------------------------------
+
+
+def test_the_update_the_precision_check_measures_is_the_one_training_applies():
+    """Plain SGD at rate 1 moves every parameter (the layer biases, in their synapse's group,
+    too) by minus the update: ``precision.ep_update`` must equal ``before - after``."""
+    model = two_blocks()
+    untouched = copy.deepcopy(model)
+    x, y, _ = random_case(model)
+    cfg = EPConfig(T1=6, T2=3, betas=(0.0, 0.5), thirdphase=True)
+    train_batch(model, make_optimizer(model, "sgd", [1.0] * len(model.synapses)), x, y, cfg)
+    update = precision.ep_update(untouched, x, y, cfg)
+    moved = dict(model.named_parameters())
+    assert update.keys() == moved.keys() and len(model.layer_biases) == 5
+    for name, before in untouched.named_parameters():
+        torch.testing.assert_close(update[name], before.detach() - moved[name].detach())
+
+
+@torch.no_grad()
+def test_bf16_rounds_every_layer_of_the_sync_phases_and_async_stays_float32():
+    """bf16 keeps 8 significant bits: every layer moves, by a few percent of its range at
+    most; ``--dynamics async`` is not captured and runs eagerly in float32 (a notice)."""
+    model = two_blocks().float()
+    x, y, _ = random_case(model)
+    x = x.float()
+    exact = {}
+    for dynamics in ("sync", "async"):
+        with model.dynamics_set_to(dynamics):
+            exact[dynamics] = model(x, y, model.init_neurons(x), 8, beta=0.5)
+    compiled.install(model, compile=False, autocast_dtype=torch.bfloat16)
+    rounded = model(x, y, model.init_neurons(x), 8, beta=0.5)
+    for k, (a, b) in enumerate(zip(rounded, exact["sync"], strict=True)):
+        assert a.dtype == torch.float32 and a.shape == b.shape
+        assert 0 < (a - b).abs().max().item() < 0.05 * b.abs().max().item(), f"layer {k}"
+    model.set_dynamics("async")
+    compiled.uninstall(model)
+    notices = compiled.install(model, compile=False, autocast_dtype=torch.bfloat16)
+    rounded = model(x, y, model.init_neurons(x), 8, beta=0.5)
+    assert all(torch.equal(a, b) for a, b in zip(rounded, exact["async"], strict=True))
+    assert "dynamics" in notices.said
+
+
+@pytest.mark.parametrize(
+    "argv", [RES, [*LCARES, "--dict_training", "learn"]], ids=["ResCNN", "LCAResCNN"]
+)
+def test_bf16_training_says_what_it_costs_the_ep_update(argv, capsys):
+    assert main_fast.main([*argv, "--epochs", "1", "--precision", "bf16", "--betas", "0", "1"]) == 0
+    said = capsys.readouterr()
+    message = "--precision bf16: the EP update on a probe batch differs from float32's by"
+    assert message in said.out + said.err
+
+
+def test_bf16_is_refused_where_it_swamps_the_update_and_nothing_is_written(tmp_path, capsys):
+    argv = [*RES, "--precision", "bf16", "--betas", "0", "0.0001", "--save", "--results-dir",
+            str(tmp_path)]  # fmt: skip
+    assert main_fast.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--precision bf16: the EP update on a probe batch differs" in err
+    assert "use --precision fp32" in err
+    assert runs.find_runs(tmp_path) == []
+
+
+PROBE_IMAGES = 32  # the test images whose free fixed point TensorBoard's histograms show
+
+
+def events(folder) -> ea.EventAccumulator:
+    sizes = {ea.SCALARS: 0, ea.HISTOGRAMS: 0, ea.IMAGES: 0, ea.TENSORS: 0}
+    accumulator = ea.EventAccumulator(str(folder), size_guidance=sizes)
+    accumulator.Reload()
+    return accumulator
+
+
+def f32(value) -> float:
+    return float(torch.tensor(float(value), dtype=torch.float32))
+
+
+def check_board(run_dir, batches: int, layer_sizes: list[int]) -> ea.EventAccumulator:
+    """results.csv's accuracies at the end of every epoch, and one histogram per layer of the
+    graph (``layer_sizes`` units a sample, written out by hand) per epoch."""
+    log, rows = events(run_dir / "tb"), read_csv(run_dir)
+    steps = [batches * epoch for epoch in range(1, len(rows) + 1)]
+    for column in ("train_acc", "test_acc"):
+        tag = column.replace("_", "/")
+        got = [(event.step, event.value) for event in log.Scalars(tag)]
+        assert got == [(s, f32(row[column])) for s, row in zip(steps, rows, strict=True)], tag
+    layer_tags = sorted(tag for tag in log.Tags()["histograms"] if "/layer" in tag)
+    assert layer_tags == [f"free_fixed_point/layer{k}" for k in range(1, len(layer_sizes) + 1)]
+    for k, size in enumerate(layer_sizes, start=1):
+        histograms = log.Histograms(f"free_fixed_point/layer{k}")
+        assert [event.step for event in histograms] == steps
+        assert {event.histogram_value.num for event in histograms} == {PROBE_IMAGES * size}
+    return log
+
+
+@pytest.mark.slow
+def test_tensorboard_logs_the_epochs_and_every_layer_of_the_resnet(tmp_path):
+    train(tmp_path, "--epochs", "2", "--tensorboard")
+    (run_dir,) = runs.find_runs(tmp_path)
+    # 1437 training images in batches of 360; a1 4x8x8, b1 4x4x4, a2 6x4x4, b2 6x2x2, out 10
+    check_board(run_dir, math.ceil(1437 / 360), [256, 64, 96, 24, 10])
+
+
+@pytest.mark.slow
+def test_tensorboard_logs_the_lcarescnn_code_and_its_finetuned_dictionary(tmp_path):
+    dictionary = tmp_path / "dictionary.pt"
+    torch.manual_seed(1)
+    save_dictionary(str(dictionary), LCAConv2D(4, 1, kernel_size=3, stride=1),
+                    subset_indices=torch.arange(400))  # fmt: skip
+    train(tmp_path / "runs", "--dict_training", "finetune", "--dict-path", str(dictionary),
+          "--epochs", "1", "--tensorboard", argv=LCARES)  # fmt: skip
+    (run_dir,) = runs.find_runs(tmp_path / "runs")
+    batches = math.ceil((1437 - 400) / 720)  # EP trains on the images the dictionary did not see
+    # the copy layer 4x8x8, a1 6x8x8, b1 6x4x4, out 10
+    log = check_board(run_dir, batches, [256, 384, 96, 10])
+    (code,) = log.Histograms("free_fixed_point/lca_code")
+    assert (code.step, code.histogram_value.num) == (batches, PROBE_IMAGES * 4 * 8 * 8)
+    assert [event.step for event in log.Images("lca/dictionary")] == [0, batches]
 
 
 # ---- the reproduction's flags -----------------------------------------------------------------
