@@ -46,17 +46,9 @@ from __future__ import annotations
 import argparse
 import time
 
+import common as bench
 import torch
 from bench_dynamics import autograd_step, floor_calls
-from common import (
-    cifar_like_batch,
-    interleaved_times,
-    load_average,
-    median,
-    paired_ratio,
-    print_table,
-    set_threads,
-)
 
 from dynamics import refresh
 from graph import INPUT
@@ -81,7 +73,7 @@ def bench_case(model: ResCNN, batch: int, steps: int, repeats: int) -> tuple[lis
     """ms per step of sync, async and the floor at ``batch``; returns the table row and the
     median seconds per step of each dynamics."""
     model.eval()
-    x, y = cifar_like_batch(batch)
+    x, y = bench.cifar_like_batch(batch)
     generator = torch.Generator().manual_seed(1)
     states = [
         torch.rand((batch, *layer.shape), generator=generator) for layer in model.graph.layers
@@ -119,14 +111,14 @@ def bench_case(model: ResCNN, batch: int, steps: int, repeats: int) -> tuple[lis
         for _ in range(steps):
             floor_calls(model, x_fmt, states, inner_edges)
 
-    times = interleaved_times(
+    times = bench.interleaved_times(
         {"sync": run("sync"), "async": run("async"), "async_start": async_start, "floor": floor},
         repeats,
     )
     times["async_in_phase"] = [
         whole - start for whole, start in zip(times["async"], times["async_start"], strict=True)
     ]
-    ms = {key: 1e3 * median(values) / steps for key, values in times.items()}
+    ms = {key: 1e3 * bench.median(values) / steps for key, values in times.items()}
     ms["async_start"] *= steps  # once per call, not per step
     row = [
         str(batch),
@@ -135,9 +127,9 @@ def bench_case(model: ResCNN, batch: int, steps: int, repeats: int) -> tuple[lis
         f"{ms['async_start']:.1f}",
         f"{ms['async_in_phase']:.1f}",
         f"{ms['floor']:.1f}",
-        f"{paired_ratio(times['sync'], times['floor']):.2f}",
-        f"{paired_ratio(times['async'], times['floor']):.2f}",
-        f"{paired_ratio(times['async_in_phase'], times['floor']):.2f}",
+        f"{bench.paired_ratio(times['sync'], times['floor']):.2f}",
+        f"{bench.paired_ratio(times['async'], times['floor']):.2f}",
+        f"{bench.paired_ratio(times['async_in_phase'], times['floor']):.2f}",
         f"{max_diff:.1e}",
     ]
     phase_steps = T1 + (PHASES - 1) * T2
@@ -147,7 +139,7 @@ def bench_case(model: ResCNN, batch: int, steps: int, repeats: int) -> tuple[lis
 
 def ep_grad_seconds(model: ResCNN, batch: int, repeats: int) -> float:
     """Median seconds of one symmetric EP estimate (``compute_syn_grads``) at ``batch``."""
-    x, y = cifar_like_batch(batch)
+    x, y = bench.cifar_like_batch(batch)
     generator = torch.Generator().manual_seed(2)
     minus, plus = (
         [in_memory_format(torch.rand((batch, *layer.shape), generator=generator))
@@ -160,7 +152,7 @@ def ep_grad_seconds(model: ResCNN, batch: int, repeats: int) -> float:
         started = time.perf_counter()
         model.compute_syn_grads(x_fmt, y, minus, plus, (-0.1, 0.1))
         seconds.append(time.perf_counter() - started)
-    return median(seconds[1:])
+    return bench.median(seconds[1:])
 
 
 def main() -> None:
@@ -170,8 +162,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="default: torch's (cores)")
     parser.add_argument("--batches", type=int, nargs="+", default=[32, 128])
     args = parser.parse_args()
-    threads = set_threads(args.threads)
-    load_before = load_average()
+    threads = bench.set_threads(args.threads)
+    load_before = bench.load_average()
 
     model = hopfield_resnet13()
     rows, projections = [], []
@@ -188,11 +180,11 @@ def main() -> None:
     print(
         f"bench_rescnn: Hopfield-ResNet13 (channels 128 256 512 512, fc 10, relu6) on 32x32x3, "
         f"ms per step, float32, {threads} threads, medians of {args.repeats} interleaved repeats "
-        f"x {args.steps} steps; load average {load_before} -> {load_average()}"
+        f"x {args.steps} steps; load average {load_before} -> {bench.load_average()}"
     )
     header = ["batch", "sync", "async", "async_start", "async_in_phase", "floor", "sync/floor",
               "async/floor", "in_phase/floor", "max|diff|"]  # fmt: skip
-    print_table(header, rows)
+    bench.print_table(header, rows)
     print("target: sync/floor <= 1.2")
     print()
     print(
@@ -200,7 +192,9 @@ def main() -> None:
         f"estimate; {CIFAR10_BATCHES} batches of 128 (a smaller batch: 128/batch times as many); "
         f"async: its step in a phase plus its start-up once per phase"
     )
-    print_table(["batch", "dynamics", "step_ms", "ep_grad_ms", "batch_s", "epoch_h"], projections)
+    bench.print_table(
+        ["batch", "dynamics", "step_ms", "ep_grad_ms", "batch_s", "epoch_h"], projections
+    )
 
 
 if __name__ == "__main__":
