@@ -203,23 +203,36 @@ def train(tmp_path, *extra: str, argv=RES) -> list[dict]:
     return read_csv(run_dir)
 
 
+LCARES_LEARN = [*LCARES, "--dict_training", "learn"]
+ONE_SIDED = [flag for flag in RES if flag != "--thirdphase"]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "extra",
-    [["--alg", "EP"], ["--alg", "EP", "--random-sign"], ["--alg", "BPTT", "--T1", "6"],
-     ["--dynamics", "async", "--tol", "1e-3", "--T1", "40", "--T2", "10"]],
-    ids=["ep", "random-sign", "bptt", "async-tol"],
+    ("argv", "extra"),
+    [(RES, ["--alg", "EP"]), (ONE_SIDED, ["--alg", "EP"]),
+     (RES, ["--alg", "EP", "--random-sign"]), (RES, ["--alg", "BPTT", "--T1", "6"]),
+     (RES, ["--dynamics", "async", "--tol", "1e-3", "--T1", "40", "--T2", "10"]),
+     (LCARES_LEARN, ["--alg", "BPTT"]),
+     (LCARES_LEARN, ["--dynamics", "async", "--tol", "1e-3", "--T1", "40", "--T2", "10"])],
+    ids=["symmetric", "one-sided", "random-sign", "bptt", "async-tol", "lca-bptt",
+         "lca-async-tol"],
 )  # fmt: skip
-def test_a_digits_run_trains_on_every_path(tmp_path, extra):
-    rows = train(tmp_path, "--epochs", "1", *extra)
+def test_a_digits_run_trains_on_every_path(tmp_path, argv, extra):
+    rows = train(tmp_path, "--epochs", "1", *extra, argv=argv)
     assert len(rows) == 1 and 0.0 <= float(rows[0]["train_acc"]) <= 1.0
     if "--tol" in extra:
         assert float(rows[0]["free_steps"]) <= 40
 
 
-def test_the_gdu_check_runs(capsys):
-    assert main_fast.main([*RES, "--todo", "gducheck", "--T1", "30", "--T2", "3"]) == 0
-    assert "synapses.6.weight" in capsys.readouterr().out
+@pytest.mark.parametrize(
+    ("argv", "last_weight"),
+    [(RES, "synapses.6.weight"), (LCARES_LEARN, "synapses.3.weight")],
+    ids=["ResCNN", "LCAResCNN"],
+)
+def test_the_gdu_check_runs(capsys, argv, last_weight):
+    assert main_fast.main([*argv, "--todo", "gducheck", "--T1", "30", "--T2", "3"]) == 0
+    assert last_weight in capsys.readouterr().out
 
 
 @pytest.mark.slow
@@ -288,13 +301,17 @@ def test_compiled_phases_equal_eager_on_the_cpu(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_robustness_with_ep_gradients_reads_a_resnet_run(tmp_path):
-    train(tmp_path, "--epochs", "1")
+@pytest.mark.parametrize("argv", [RES, LCARES_LEARN], ids=["ResCNN", "LCAResCNN"])
+def test_robustness_with_every_gradient_reads_a_resnet_run(tmp_path, argv):
+    train(tmp_path, "--epochs", "1", argv=argv)
     (run_dir,) = runs.find_runs(tmp_path)
     argv = ["--load-path", str(run_dir), "--device", "cpu", "--n-samples", "12", "--attacks",
-            "pgd-linf", "--gradients", "ep", "--eps", "0", "0.2", "--steps", "2"]  # fmt: skip
+            "pgd-linf", "--gradients", "ep", "bptt", "bpda", "--eps", "0", "0.2", "--steps",
+            "2"]  # fmt: skip
     assert robustness.main(argv) == 0
     rows = storage.read_csv_rows(run_dir / ROBUSTNESS_CSV)
+    attacked = {row["gradient"] for row in rows if row["attack"] == "pgd-linf"}
+    assert attacked == {"ep", "bptt", "bpda"}
     assert {row["attack"] for row in rows} >= {"clean", "pgd-linf"}
 
 
