@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The digits figures of the README, offline on the CPU: EP vs BPTT on a small RCNN, its
 # vector-field version with and without the same update, a longer augmented EP run, EP vs BPTT
-# on a two-block ResCNN, and the LCACNN with a pretrained, fine-tuned and learned dictionary.
+# on a two-block ResCNN (and EP with fewer async steps), and the LCACNN with a pretrained,
+# fine-tuned and learned dictionary.
 # Everything goes to results/digits_experiments (or $OUT); a summary table ends the run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -36,6 +37,7 @@ RESCNN=(--model ResCNN --channels 16 32 --fc 10 --scale 2 --lrs 0.05 0.05 0.05 0
         0.02 --mbs 16 --epochs 15)
 run "ResCNN 16-32, EP" "${RESCNN[@]}" --alg EP
 run "ResCNN 16-32, BPTT" "${RESCNN[@]}" --alg BPTT
+run "ResCNN 16-32, EP, async 10/3" "${RESCNN[@]}" --alg EP --dynamics async --T1 10 --T2 3
 
 echo "== dictionary (16 features of 3x3, stride 1, on 30% of the training images)"
 python cifar_dictlearning.py --task DIGITS --out-dir "$OUT/dictionary" --seed 0 \
