@@ -316,16 +316,18 @@ def test_robustness_with_every_gradient_reads_a_resnet_run(tmp_path, argv):
 
 
 @pytest.mark.slow
-def test_torchrun_two_processes_equal_one(tmp_path):
+@pytest.mark.parametrize("model_argv", [RES, LCARES_LEARN], ids=["ResCNN", "LCAResCNN"])
+def test_torchrun_two_processes_equal_one(tmp_path, model_argv):
     one, two = tmp_path / "one", tmp_path / "two"
-    train(one, "--epochs", "1")
-    argv = [*RES, "--epochs", "1", "--save", "--results-dir", str(two)]
+    train(one, "--epochs", "1", argv=model_argv)
+    argv = [*model_argv, "--epochs", "1", "--save", "--results-dir", str(two)]
     done = torchrun(2, argv, tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     (a,), (b,) = runs.find_runs(one), runs.find_runs(two)
     state_a, state_b = load(a / "model.pt")["model_state"], load(b / "model.pt")["model_state"]
-    for key, tensor in state_a.items():
-        torch.testing.assert_close(state_b[key], tensor, atol=1e-6, rtol=1e-5, msg=key)
+    for key, tensor in state_a.items():  # the order of float sums differs: 1e-5 of the norm
+        difference = (state_b[key] - tensor).norm() / tensor.norm().clamp_min(1e-30)
+        assert difference <= 1e-5, f"{key}: relative difference {difference:.2e}"
     assert read_csv(a)[0]["train_acc"] == read_csv(b)[0]["train_acc"]
 
 
