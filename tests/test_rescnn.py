@@ -284,10 +284,11 @@ def test_lcarescnn_runs_in_every_dictionary_mode(tmp_path, mode):
 
 @pytest.mark.slow
 @pytest.mark.skipif(NO_COMPILER, reason="inductor needs a C++ compiler on the CPU; none here")
-def test_compiled_phases_equal_eager_on_the_cpu(tmp_path, capsys):
+@pytest.mark.parametrize("model_argv", [RES, LCARES_LEARN], ids=["ResCNN", "LCAResCNN"])
+def test_compiled_phases_equal_eager_on_the_cpu(tmp_path, capsys, model_argv):
     """A --compile run (the whole training set in one batch: few shapes to compile) ends with
     the weights of the same run without it, to 1e-5."""
-    one_batch = [*RES, "--mbs", "1500", "--epochs", "1"]
+    one_batch = [*model_argv, "--mbs", "1500", "--epochs", "1"]
     train(tmp_path / "eager", argv=one_batch)
     train(tmp_path / "compiled", "--compile", argv=one_batch)
     assert "notice:" not in capsys.readouterr().out
