@@ -29,7 +29,7 @@ from utils_ep_fast import CLAMP_SLOPES
 ROBUSTNESS_CSV = "robustness.csv"
 ROBUSTNESS_PNG = "robustness.png"
 ROBUSTNESS_TXT = "robustness.txt"
-# beside a training run's .lock, whose holder must keep its half-written .tmp files
+# beside a training run's .lock; each removes only the .tmp files of writers that are gone
 LOCK_FILE = ".robustness.lock"
 
 
@@ -40,7 +40,7 @@ def evaluate_run(config: RobustnessConfig) -> int:
     record, model_path = records.load_model_file(config.load_path)
     folder = model_path.parent
     storage.check_writable(folder, "load-path")  # 74 at once, before any attack
-    with storage.FolderLock(folder, LOCK_FILE, clean_temp_files=False):
+    with storage.FolderLock(folder, LOCK_FILE):
         return evaluate(config, record, model_path)
 
 
@@ -85,6 +85,7 @@ def evaluate(config: RobustnessConfig, record: dict, model_path: Path) -> int:
                         released, model_path.parent)  # fmt: skip
     results = ResultsFile(model_path.parent / ROBUSTNESS_CSV)
     jobs = plan_jobs(config, T1_values)
+    measurer.check_saved_components(jobs)  # a damaged one is refused before any row is written
     if config.fresh:
         reusable = {}
     else:
