@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import re
-import shlex
 import signal
 import subprocess
 import sys
@@ -172,11 +171,12 @@ def test_the_other_scripts_stop_quietly_while_the_libraries_load(
     script, module, signame, status, argv, tmp_path
 ):
     run = tmp_path / "run"
-    done = signal_on_import(script, module, signame, *[str(run) if a == "RUN" else a for a in argv])
+    args = [str(run) if a == "RUN" else a for a in argv]
+    done = signal_on_import(script, module, signame, *args)
     assert done.returncode == status and "Traceback" not in done.stderr, done.stderr
     first, *_, command = done.stderr.strip().splitlines()
     assert first.startswith("terminated (SIGTERM)" if status == 143 else "interrupted")
-    assert command.endswith(f"python {script} {shlex.join(argv).replace('RUN', str(run))}")
+    assert printed_args(command.removeprefix("continue with: "), script, ROOT) == args
     assert not run.exists(), "it stopped before any work"
 
 
