@@ -2,7 +2,6 @@
 
 import csv
 import os
-import shlex
 import shutil
 import signal
 import subprocess
@@ -200,7 +199,7 @@ def stop_at(monkeypatch, call: int, signum: int = signal.SIGTERM) -> None:
 
 
 def continue_command(err: str) -> list[str]:
-    """The arguments of the ``continue with: python cifar_dictlearning.py ...`` line."""
+    """The arguments of the ``continue with: cd ... && python ...`` line."""
     (line,) = [line for line in err.splitlines() if line.startswith("continue with: ")]
     return printed_args(line.removeprefix("continue with: "), "cifar_dictlearning.py")
 
