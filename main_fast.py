@@ -290,7 +290,9 @@ def train_settings(
 ) -> tuple[Settings, dict | None, list[str], Path | None]:
     """The settings of the run to train, the checkpoint it resumes (None: a new run), the flags
     the resume changes, and the run folder given (None: a new one under --results-dir), which
-    is locked in ``held``; unwritable folders fail here, before any work."""
+    is locked in ``held``; unwritable folders fail here, before any work, and a --load-path
+    that is not a run before it is locked. A complete run needs no lock: in a read-only folder
+    it still ends as RunComplete."""
     main_process = distributed.is_main_process()
     if not args.load_path:
         settings = check_args(vars(args))
@@ -359,7 +361,8 @@ def load_checkpoint(
 
 def run_evaluate(args: argparse.Namespace, explicit: set[str], argv: list[str]) -> int:
     """Train and test accuracy of a saved run's model, printed and added to its
-    hyperparameters.txt."""
+    hyperparameters.txt (a warning, and still exit 0, when that file cannot be written: a
+    read-only run folder)."""
     if not args.load_path:
         raise UsageError("--todo evaluate needs --load-path RUN_DIR (a folder of a saved run)")
     record, path = records.load_model_file(args.load_path)
