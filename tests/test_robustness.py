@@ -537,7 +537,7 @@ def test_a_robustness_csv_that_is_not_text_is_refused_before_anything(
     assert line.startswith(f"error: cannot read {run_dir / ROBUSTNESS_CSV}: it is not a CSV text")
     assert line.endswith("move it aside (its rows are measured again) or restore it from a copy")
     assert (run_dir / ROBUSTNESS_CSV).read_bytes() == damaged
-    assert not (run_dir / ROBUSTNESS_TXT).exists()
+    assert not (run_dir / ROBUSTNESS_TXT).exists() and not (run_dir / LOCK_FILE).exists()
 
 
 SMALL_AA = ["--device", "cpu", "--n-samples", "12", "--gradients", "bptt", "--eps", "0.1",
