@@ -4,8 +4,9 @@ them back into a model.
 A model record (``model.pt``: the best test accuracy, ``final_model.pt``: the last epoch,
 ``interrupted.pt``: the weights at a Ctrl-C or SIGTERM) holds ``config`` (the run's typed
 configuration, ``config.Settings.plain``: the one description of the run, from which its
-network is rebuilt), ``model_state``, ``epoch``, ``test_acc`` and ``train_indices`` (the
-training images EP uses, int64, or None for all). Records saved before the typed configuration
+network is rebuilt), ``model_state``, ``epoch``, ``test_acc``, ``train_indices`` (the
+training images EP uses, int64, or None for all) and ``threads`` (``torch.get_num_threads()`` of
+the process that wrote it: the order of CPU sums; records saved before it lack it). Records saved before the typed configuration
 held ``args`` (every flag) and ``model_config`` ({"model": a network name, "kwargs": its
 constructor arguments}) instead; ``run_config`` translates them, and their network is rebuilt
 from their ``model_config`` as before (``network_config``). A checkpoint
@@ -353,6 +354,7 @@ def model_record(model: EnergyNet, epoch: int, test_acc, run_config: dict) -> di
         "model_state": model.state_dict(),
         "epoch": epoch,
         "test_acc": test_acc,
+        "threads": torch.get_num_threads(),
     }
 
 
