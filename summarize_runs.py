@@ -22,12 +22,13 @@ from experiment import entry
 if __name__ == "__main__":  # Ctrl-C or SIGTERM while the libraries load: no traceback
     entry.install_stop_handlers()
 
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from experiment import storage
 from experiment.entry import UsageError
-from experiment.summary import STOPPED_MODES, SummaryConfig, report
+from experiment.summary import STOPPED_MODES, SummaryConfig, report, summarize
 
 STORAGE_FIX = "give a writable --out-dir"
 
@@ -37,16 +38,31 @@ def build_parser() -> entry.UsageArgumentParser:
         "summarize_runs.py",
         "Group saved runs by configuration and give mean +- std over their seeds.",
     )
-    parser.add_argument("results_dirs", nargs="+", metavar="RESULTS_DIR",
-                        help="folders holding run folders (searched at any depth)")
-    parser.add_argument("--out-dir", default=None,
-                        help="where the tables and figure go (default: the first RESULTS_DIR)")
-    parser.add_argument("--ddof", type=int, default=1, choices=(0, 1),
-                        help="delta degrees of freedom of the std: 1 the sample std (n - 1), "
-                        "0 the population std (n)")
-    parser.add_argument("--stopped", default="separate", choices=STOPPED_MODES,
-                        help="runs stopped before their last epoch: in rows of their own, or "
-                        "left out")
+    parser.add_argument(
+        "results_dirs",
+        nargs="+",
+        metavar="RESULTS_DIR",
+        help="folders holding run folders (searched at any depth)",
+    )
+    parser.add_argument(
+        "--out-dir",
+        default=None,
+        help="where the tables and figure go (default: the first RESULTS_DIR)",
+    )
+    parser.add_argument(
+        "--ddof",
+        type=int,
+        default=1,
+        choices=(0, 1),
+        help="delta degrees of freedom of the std: 1 the sample std (n - 1), "
+        "0 the population std (n)",
+    )
+    parser.add_argument(
+        "--stopped",
+        default="separate",
+        choices=STOPPED_MODES,
+        help="runs stopped before their last epoch: in rows of their own, or left out",
+    )
     parser.add_argument("--no-write", action="store_true", help="print only; write no files")
     return parser  # fmt: skip
 
@@ -69,8 +85,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return entry.fail(str(error), entry.EXIT_USAGE)
 
     def work() -> None:
-        _, text = report(config)
-        print(text)
+        summary = summarize(config)
+        for problem in summary.problems:
+            print(f"skipped: {problem}", file=sys.stderr)
+        if not summary.groups:
+            folders = ", ".join(str(folder) for folder in config.results_dirs)
+            raise UsageError(
+                f"no run could be summarised under {folders}: give the results folders "
+                "that main_fast.py --save wrote"
+            )
+        print(report(config, summary))
 
     return entry.run_script(work, storage.ERROR_STATUSES, STORAGE_FIX)
 

@@ -277,9 +277,7 @@ def shown_settings(groups: Sequence[Group]) -> list[str]:
     for group in groups:
         names += [name for name in group.settings if name not in names]
     differing = [
-        name
-        for name in names
-        if len({repr(group.settings.get(name)) for group in groups}) > 1
+        name for name in names if len({repr(group.settings.get(name)) for group in groups}) > 1
     ]
     return [*ALWAYS_SHOWN, *(name for name in differing if name not in ALWAYS_SHOWN)]
 
@@ -475,21 +473,14 @@ def robustness_cells(rows: Sequence[dict[str, Any]]) -> tuple[list[str], list[li
 # --------------------------------------------------------------------------------------------
 
 
-def report(config: SummaryConfig) -> tuple[Summary, str]:
-    """Summarise, write the tables and figure to ``config.out_dir`` (when given) and return
-    the summary and its printed text (problems first, one line each)."""
-    summary = summarize(config)
-    lines = [f"skipped: {problem}" for problem in summary.problems]
-    if not summary.groups:
-        raise UsageError(
-            "no run could be summarised under "
-            + ", ".join(str(d) for d in config.results_dirs)
-            + ": give the results folders that main_fast.py --save wrote"
-        )
+def report(config: SummaryConfig, summary: Summary) -> str:
+    """The text of ``summary`` (its notes, the table, the runs left out, the robustness
+    table), with the tables and figure written to ``config.out_dir`` when given."""
+    lines: list[str] = []
     rows = table_rows(summary, config.ddof)
     header, cells = text_cells(rows)
     notes = [ddof_note(config.ddof), stopped_note(summary)]
-    lines += ["", *notes, plain_table(header, cells)]
+    lines += [*notes, plain_table(header, cells)]
     lines += [f"left out (stopped early): {run.folder}" for run in summary.left_out]
     robust = robustness_rows(summary, config.ddof)
     robust_header, robust_cells = robustness_cells(robust)
@@ -497,7 +488,7 @@ def report(config: SummaryConfig) -> tuple[Summary, str]:
         lines += ["", "robustness.csv, " + notes[0], plain_table(robust_header, robust_cells)]
     if config.out_dir is not None:
         lines += write_outputs(config, summary, rows, notes, robust)
-    return summary, "\n".join(lines)
+    return "\n".join(lines)
 
 
 def write_outputs(
