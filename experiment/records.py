@@ -4,9 +4,8 @@ them back into a model.
 A model record (``model.pt``: the best test accuracy, ``final_model.pt``: the last epoch,
 ``interrupted.pt``: the weights at a Ctrl-C or SIGTERM) holds ``config`` (the run's typed
 configuration, ``config.Settings.plain``: the one description of the run, from which its
-network is rebuilt), ``model_state``, ``epoch``, ``test_acc``, ``train_indices`` (the
-training images EP uses, int64, or None for all) and ``threads`` (``torch.get_num_threads()`` of
-the process that wrote it: the order of CPU sums; records saved before it lack it). Records saved before the typed configuration
+network is rebuilt), ``model_state``, ``epoch``, ``test_acc`` and ``train_indices`` (the
+training images EP uses, int64, or None for all). Records saved before the typed configuration
 held ``args`` (every flag) and ``model_config`` ({"model": a network name, "kwargs": its
 constructor arguments}) instead; ``run_config`` translates them, and their network is rebuilt
 from their ``model_config`` as before (``network_config``). A checkpoint
@@ -15,6 +14,8 @@ from their ``model_config`` as before (``network_config``). A checkpoint
 "train_loader": the loader generator's state or None}), ``history`` (the results.csv rows)
 and ``best_test_acc``. All are plain tensors and containers, read back with
 ``torch.load(..., weights_only=True)``, and checked (``record_problem``) before use.
+Model records and checkpoints saved now also hold ``threads``, the ``torch.get_num_threads()``
+of the process that wrote them (it orders CPU sums; older records lack it).
 
 A dictionary of ``cifar_dictlearning.py`` is ``{"weights": (F, C, k, k), "config": LCA
 settings}`` in ``dictionary.pt``, with ``subset_indices.pt`` (the training images it was learnt
