@@ -46,7 +46,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from experiment import records
-from experiment.entry import UsageError, first_line
+from experiment.entry import UsageError, first_line, one_line
 from experiment.storage import atomic_write, read_csv_rows, save_figure, write_csv_rows
 
 RESULTS_CSV = "results.csv"
@@ -200,7 +200,10 @@ def read_curves(path: Path, epochs_done: int) -> tuple[np.ndarray, np.ndarray]:
         test_acc = np.array([row["test_acc"] for row in rows], dtype=np.float64)
         seconds = np.array([row["seconds"] for row in rows], dtype=np.float64)
     except (KeyError, ValueError, TypeError) as error:
-        raise UsageError(f"{path} is damaged: no numeric {first_line(error)} column") from error
+        problem = first_line(error)
+        raise UsageError(
+            f"{path} is damaged: epoch, test_acc or seconds missing or not a number ({problem})"
+        ) from error
     if epochs != list(range(1, len(rows) + 1)):
         raise UsageError(f"{path} is damaged: its epochs are not 1..{len(rows)}")
     if not (np.all((test_acc >= 0) & (test_acc <= 1)) and np.all(np.isfinite(seconds))):
@@ -261,7 +264,7 @@ def summarize(config: SummaryConfig) -> Summary:
 
 def one_problem(folder: Path, error: Exception) -> str:
     """One line naming the run folder and what is wrong with it."""
-    message = first_line(error)
+    message = one_line(str(error))
     return message if str(folder) in message else f"{folder}: {message}"
 
 
