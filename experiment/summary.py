@@ -311,12 +311,14 @@ def ddof_note(ddof: int) -> str:
 
 
 def table_rows(summary: Summary, ddof: int) -> list[dict[str, Any]]:
-    """One row per group: its shown settings, ``runs`` (finished / stopped), n, the seeds,
-    and each metric's mean and std (accuracies as fractions)."""
+    """One row per group: its number (``[k]`` in the figure), its shown settings, ``runs``
+    (finished / stopped), n, the seeds, and each metric's mean and std (accuracies as
+    fractions)."""
     names = shown_settings(summary.groups)
     rows = []
-    for group in summary.groups:
-        row: dict[str, Any] = {name: setting_text(group.settings.get(name)) for name in names}
+    for number, group in enumerate(summary.groups, start=1):
+        row: dict[str, Any] = {"group": number}
+        row.update({name: setting_text(group.settings.get(name)) for name in names})
         if "threads" in row and group.settings.get("threads") is None:
             row["threads"] = UNKNOWN
         row["runs"] = "finished" if group.finished else "stopped"
@@ -379,18 +381,18 @@ def plain_table(header: Sequence[str], cells: Sequence[Sequence[str]]) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def group_label(group: Group, names: Sequence[str]) -> str:
-    """The group's shown settings as ``name=value`` pairs (and ``stopped``)."""
-    label = ", ".join(f"{name}={setting_text(group.settings.get(name))}" for name in names)
+def group_label(number: int, group: Group) -> str:
+    """``[number] model alg`` (and ``stopped``): the group's row of the table is ``number``."""
+    settings = group.settings
+    label = f"[{number}] {settings.get('model')} {settings.get('alg')}"
     return label + ("" if group.finished else " (stopped)")
 
 
 def accuracy_curves(summary: Summary, ddof: int) -> list[Curve]:
     """Each group's per-epoch mean and std of the test accuracy over the runs that reached
     the epoch."""
-    names = shown_settings(summary.groups)
     curves = []
-    for group in summary.groups:
+    for number, group in enumerate(summary.groups, start=1):
         last = max(len(run.test_acc) for run in group.runs)
         stats = [
             mean_std([run.test_acc[e] for run in group.runs if len(run.test_acc) > e], ddof)
@@ -399,7 +401,7 @@ def accuracy_curves(summary: Summary, ddof: int) -> list[Curve]:
         count = [sum(len(run.test_acc) > e for run in group.runs) for e in range(last)]
         curves.append(
             Curve(
-                label=group_label(group, names),
+                label=group_label(number, group),
                 epochs=np.arange(1, last + 1),
                 mean=np.array([mean for mean, _ in stats]),
                 std=np.array([std for _, std in stats]),
@@ -411,7 +413,8 @@ def accuracy_curves(summary: Summary, ddof: int) -> list[Curve]:
 
 def curves_figure(curves: Sequence[Curve], ddof: int) -> Figure:
     """Test accuracy against epoch: per curve its mean (a line, in order) and a band of +- one
-    std (a filled polygon, in order; none where the std is not defined)."""
+    std (a filled polygon, in order; none where the std is not defined), labelled ``[k]`` with
+    its group's row of the table."""
     fig = Figure(figsize=(8, 5))
     ax = fig.subplots()
     for color, curve in enumerate(curves):
@@ -426,9 +429,8 @@ def curves_figure(curves: Sequence[Curve], ddof: int) -> Figure:
     ax.set_xlabel("epoch")
     ax.set_ylabel("test accuracy")
     ax.set_title(f"test accuracy, mean +- std over seeds (ddof={ddof})")
-    if curves:
-        ax.legend(fontsize="small")
-    fig.tight_layout()
+    if curves:  # beside the axes: the labels name the table's rows
+        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return fig
 
 
@@ -442,7 +444,7 @@ def robustness_rows(summary: Summary, ddof: int) -> list[dict[str, Any]]:
     the group's runs that measured it (a run measuring it twice: its last row)."""
     names = shown_settings(summary.groups)
     rows = []
-    for group in summary.groups:
+    for number, group in enumerate(summary.groups, start=1):
         measured: dict[tuple, dict[Path, float]] = {}
         for run in group.runs:
             for row in run.robustness:
@@ -450,7 +452,8 @@ def robustness_rows(summary: Summary, ddof: int) -> list[dict[str, Any]]:
                 measured.setdefault(key, {})[run.folder] = row["accuracy"]
         for key, accuracies in measured.items():
             mean, std = mean_std(list(accuracies.values()), ddof)
-            row = {name: setting_text(group.settings.get(name)) for name in names}
+            row = {"group": number}
+            row.update({name: setting_text(group.settings.get(name)) for name in names})
             row["runs"] = "finished" if group.finished else "stopped"
             row.update(zip(ROBUSTNESS_KEY, key, strict=True))
             row.update({"n": len(accuracies), "accuracy_mean": mean, "accuracy_std": std})
