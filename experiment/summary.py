@@ -16,8 +16,8 @@ early: such runs form groups of their own (``stopped="separate"``) or are left o
 For a group of n runs with test accuracies ``a_r(e)`` (run r, epoch e = 1..E_r) and seconds
 ``t_r(e)`` per epoch, the per-run values are
 
-    best_test_acc   max_e a_r(e)        best_epoch       the first e reaching it
-    final_test_acc  a_r(E_r)            seconds_per_epoch  mean_e t_r(e)
+    best_test_acc    max_e a_r(e)    best_epoch         the first e reaching it
+    final_test_acc   a_r(E_r)        seconds_per_epoch  mean_e t_r(e)
 
 and the group's row gives, for each, ``mean = sum_r x_r / n`` and ``std = sqrt(sum_r (x_r -
 mean)^2 / (n - ddof))`` (numpy's ``std`` with ``ddof``; ``ddof=1``, the sample standard
@@ -78,6 +78,10 @@ class SummaryConfig:
     out_dir: Path | None = None
     ddof: int = 1
     stopped: str = "separate"
+
+    def __post_init__(self) -> None:
+        if self.stopped not in STOPPED_MODES or self.ddof < 0:
+            raise ValueError(f"stopped must be one of {STOPPED_MODES} and ddof >= 0")
 
 
 @dataclass(frozen=True)
