@@ -397,6 +397,7 @@ class RunRecorder:
             "history": self.history,
             "best_test_acc": self.best_test_acc,
             "train_indices": self.train_indices(),
+            "threads": torch.get_num_threads(),
         }
 
     def train_indices(self) -> Tensor | None:

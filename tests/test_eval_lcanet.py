@@ -40,6 +40,9 @@ LCA_FIGURES = {
 RUN_TABLES = {"runs.csv", "per_class_accuracy.csv"}
 ROBUSTNESS_FILES = {"robustness_comparison.png", "robustness_comparison.csv"}
 LCA_TABLES = {"dictionary_drift.csv"}
+SEED_FIGURES = {"runs_summary_test_acc.png"}
+SEED_TABLES = {"runs_summary.csv", "runs_summary.md", "robustness_summary.csv",
+               "robustness_summary.md"}  # fmt: skip
 
 EP_FLAGS = ["--task", "DIGITS", "--kernels", "3", "--strides", "1", "--paddings", "1",
             "--fc", "10", "--lrs", "0.1", "0.05", "--T1", "5", "--T2", "2", "--betas", "0.0",
@@ -169,10 +172,10 @@ def test_notebook_on_cnn_and_finetune_runs(tiny_runs, tmp_path):
         tmp_path, eval_env(figures, EVAL_RESULTS_DIR=str(tiny_runs["results"]))
     )
 
-    expected = RUN_FIGURES | LCA_FIGURES | {"robustness_comparison.png"}
+    expected = RUN_FIGURES | LCA_FIGURES | SEED_FIGURES | {"robustness_comparison.png"}
     assert {p.name for p in figures.iterdir()} == expected | RUN_TABLES | LCA_TABLES | {
         "robustness_comparison.csv"
-    }
+    } | SEED_TABLES
     for name in expected:
         assert (figures / name).read_bytes().startswith(PNG_MAGIC), name
     assert inline_images(notebook) == len(expected)
@@ -205,6 +208,14 @@ def test_notebook_on_cnn_and_finetune_runs(tiny_runs, tmp_path):
     assert table["CNN"]["dict_training"] == "none" and table["CNN"]["epochs"] == "2"
     assert table["LCACNN"]["dict_training"] == "finetune"
 
+    # The summary over seeds: one group per run here (n = 1), from its results.csv.
+    groups = {row["model"]: row for row in read_csv(figures / "runs_summary.csv")}
+    for model, run_dir in (("CNN", tiny_runs["cnn"]), ("LCACNN", tiny_runs["lcacnn"])):
+        results = runs.read_results(run_dir)
+        assert groups[model]["n"] == "1" and groups[model]["runs"] == "finished"
+        best = float(groups[model]["best_test_acc_mean"])
+        assert best == max(r["test_acc"] for r in results)
+
     # Section 6 re-evaluates the best run's model.pt: it must reproduce the training's number.
     records = [load(tiny_runs[name] / "model.pt") for name in ("cnn", "lcacnn")]
     best = max(records, key=lambda record: record["test_acc"])
@@ -231,8 +242,9 @@ def test_notebook_with_only_cnn_runs(tiny_runs, tmp_path):
     figures = tmp_path / "figures"
     notebook = execute_notebook(tmp_path, eval_env(figures, EVAL_RUNS=str(tiny_runs["cnn"])))
 
-    assert {p.name for p in figures.iterdir()} == RUN_FIGURES | RUN_TABLES | ROBUSTNESS_FILES
-    assert inline_images(notebook) == len(RUN_FIGURES) + 1
+    written = RUN_FIGURES | RUN_TABLES | ROBUSTNESS_FILES | SEED_FIGURES | SEED_TABLES
+    assert {p.name for p in figures.iterdir()} == written
+    assert inline_images(notebook) == len(RUN_FIGURES) + 2
     (row,) = read_csv(figures / "runs.csv")
     assert row["model"] == "CNN" and Path(row["folder"]) == tiny_runs["cnn"]
     assert printed(notebook).count("No LCA runs") == 3  # sections 3, 4 and 5
