@@ -51,7 +51,6 @@ import dataclasses
 import functools
 import math
 import os
-import shlex
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -632,7 +631,7 @@ def continue_command(argv: Sequence[str], fresh: bool) -> str:
     if distributed.launched():
         launcher = f"torchrun --nproc_per_node {os.environ.get('LOCAL_WORLD_SIZE', '1')}"
     kept = [arg for arg in argv if fresh or arg != "--fresh"]
-    return f"{launcher} cifar_dictlearning.py {shlex.join(kept)}"
+    return entry.shell_command("cifar_dictlearning.py", kept, launcher)
 
 
 if __name__ == "__main__":

@@ -290,7 +290,9 @@ def train_settings(
 ) -> tuple[Settings, dict | None, list[str], Path | None]:
     """The settings of the run to train, the checkpoint it resumes (None: a new run), the flags
     the resume changes, and the run folder given (None: a new one under --results-dir), which
-    is locked in ``held``; unwritable folders fail here, before any work."""
+    is locked in ``held``; unwritable folders fail here, before any work, and a --load-path
+    that is not a run before it is locked. A complete run needs no lock: in a read-only folder
+    it still ends as RunComplete."""
     main_process = distributed.is_main_process()
     if not args.load_path:
         settings = check_args(vars(args))
@@ -301,13 +303,20 @@ def train_settings(
     run_dir = run_dir.parent if run_dir.is_file() else run_dir
     given = {**vars(args), "load_path": str(run_dir)}
     fresh = args.save and run_dir.suffix != ".pt" and runs.is_unstarted(run_dir)
+    if not fresh:  # before the folder is touched: exit 2 leaves it as it was
+        runs.check_is_run(run_dir, args.save)
     if fresh:
         print(f"notice: {run_dir} holds no checkpoint yet, so a new run starts there")
         settings = check_args(given)
         if main_process:
             storage.check_writable(run_dir, "load-path")
     if run_dir.is_dir() and main_process:
-        held.enter_context(storage.FolderLock(run_dir))
+        try:
+            held.enter_context(storage.FolderLock(run_dir))
+        except OSError:
+            if not fresh:  # a complete run needs no write: its read-only folder is no matter
+                load_checkpoint(given, explicit)  # RunComplete then
+            raise
     if fresh:
         return settings, None, [], run_dir
     return (*load_checkpoint(given, explicit), run_dir)
@@ -324,7 +333,10 @@ def load_checkpoint(
     """The checkpoint of the run folder ``--load-path``, the settings to resume it with, and
     which of ``--lrs`` / ``--wds`` the command line changes (``config.resume_flags``).
     RunComplete when ``--save`` (the requeue pattern) finds the run complete."""
-    checkpoint = records.load_checkpoint(typed["load_path"])
+    try:
+        checkpoint = records.load_checkpoint(typed["load_path"])
+    except UsageError as error:
+        raise UsageError(runs.damaged_checkpoint_message(typed["load_path"], error)) from error
     n_synapses = records.synapse_count(checkpoint)
     done = checkpoint["epoch"]
     final_files = records.run_model(checkpoint).FINAL_FILES
@@ -349,7 +361,8 @@ def load_checkpoint(
 
 def run_evaluate(args: argparse.Namespace, explicit: set[str], argv: list[str]) -> int:
     """Train and test accuracy of a saved run's model, printed and added to its
-    hyperparameters.txt."""
+    hyperparameters.txt (a warning, and still exit 0, when that file cannot be written: a
+    read-only run folder)."""
     if not args.load_path:
         raise UsageError("--todo evaluate needs --load-path RUN_DIR (a folder of a saved run)")
     record, path = records.load_model_file(args.load_path)
@@ -372,7 +385,15 @@ def run_evaluate(args: argparse.Namespace, explicit: set[str], argv: list[str]) 
     )
     print(line)
     if distributed.is_main_process():
-        storage.append_text(path.parent, runs.HYPERPARAMETERS_TXT, line)
+        try:
+            storage.append_text(path.parent, runs.HYPERPARAMETERS_TXT, line)
+        except OSError as error:  # the result stands; only its record is missing
+            entry.warn(
+                entry.storage_message(
+                    error, f"the result above is not recorded in {runs.HYPERPARAMETERS_TXT}; "
+                    "keep it from this output",
+                )
+            )  # fmt: skip
     return 0
 
 

@@ -65,7 +65,6 @@ if __name__ == "__main__":  # Ctrl-C or SIGTERM while the libraries load: no tra
 import argparse
 import dataclasses
 import functools
-import shlex
 import sys
 from collections.abc import Sequence
 
@@ -188,7 +187,7 @@ def continue_command(argv: Sequence[str]) -> str:
     """The command that continues an interrupted evaluation: the same flags, ``--fresh``
     dropped (it would throw the finished rows away)."""
     kept = [arg for arg in argv if arg not in entry.flag_spellings("--fresh")]
-    return shlex.join(["python", "robustness.py", *kept])
+    return entry.shell_command("robustness.py", kept)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -300,8 +300,13 @@ def check_front_end(flags: dict, model: type[ModelConfig]) -> None:
 def check_betas(flags: Mapping[str, Any]) -> None:
     """``--betas`` is two finite numbers with a usable nudge; BPTT's T2 fits in T1."""
     betas = flags["betas"]
-    if len(betas) != 2 or not all(math.isfinite(beta) for beta in betas):
+    if len(betas) != 2:
         raise UsageError(f"--betas takes exactly two numbers (beta1 beta2), got {betas}")
+    for name, beta in zip(("beta1", "beta2"), betas, strict=True):
+        if not math.isfinite(beta):
+            raise UsageError(
+                f"--betas: {name} is {beta}; give two finite numbers (e.g. --betas 0.0 0.5)"
+            )
     beta_1, beta_2 = betas
     if flags["alg"] == "EP" and (beta_2 == 0 or beta_1 == beta_2):
         raise UsageError(

@@ -32,6 +32,7 @@ import contextlib
 import errno
 import math
 import os
+import shlex
 import signal
 import sys
 import threading
@@ -212,6 +213,16 @@ def one_line(text: str) -> str:
     parts = [line.strip() for line in text.splitlines() if line.strip()]
     ended = [p if p.endswith((".", ";", ":")) else p + ";" for p in parts[:-1]]
     return " ".join(ended + parts[-1:])
+
+
+def shell_command(script: str, args: Sequence[str], launcher: str = "python") -> str:
+    """The shell line that runs the checkout's ``script`` (``main_fast.py``, ...) with ``args``
+    as this process was run, from any folder: it changes to the folder this process was
+    launched from (so relative paths mean what they meant), names the script by its absolute
+    path, and quotes every word for the shell."""
+    checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    words = shlex.join([os.path.join(checkout, script), *map(str, args)])
+    return f"cd {shlex.quote(os.getcwd())} && {launcher} {words}"
 
 
 def warn(message: str) -> None:

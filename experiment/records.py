@@ -14,6 +14,8 @@ from their ``model_config`` as before (``network_config``). A checkpoint
 "train_loader": the loader generator's state or None}), ``history`` (the results.csv rows)
 and ``best_test_acc``. All are plain tensors and containers, read back with
 ``torch.load(..., weights_only=True)``, and checked (``record_problem``) before use.
+Model records and checkpoints saved now also hold ``threads``, the ``torch.get_num_threads()``
+of the process that wrote them (it orders CPU sums; older records lack it).
 
 A dictionary of ``cifar_dictlearning.py`` is ``{"weights": (F, C, k, k), "config": LCA
 settings}`` in ``dictionary.pt``, with ``subset_indices.pt`` (the training images it was learnt
@@ -353,6 +355,7 @@ def model_record(model: EnergyNet, epoch: int, test_acc, run_config: dict) -> di
         "model_state": model.state_dict(),
         "epoch": epoch,
         "test_acc": test_acc,
+        "threads": torch.get_num_threads(),
     }
 
 

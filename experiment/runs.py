@@ -40,7 +40,7 @@ from torch import Tensor
 import data_utils
 from experiment import entry
 from experiment.config import DynamicsConfig, Settings
-from experiment.entry import warn
+from experiment.entry import UsageError, warn
 from experiment.models import ModelConfig
 from experiment.records import (
     BEST_MODEL,
@@ -163,6 +163,44 @@ def is_unstarted(folder: str | Path) -> bool:
     return not (Path(folder) / CHECKPOINT).exists() and not (Path(folder) / RESULTS_CSV).exists()
 
 
+def check_is_run(folder: str | Path, save: bool) -> None:
+    """UsageError unless ``folder`` holds a run to resume (its ``checkpoint.pt``), checked
+    before anything in it is touched (no lock, no file removed)."""
+    if (Path(folder) / CHECKPOINT).is_file():
+        return
+    if not Path(folder).exists():
+        raise UsageError(f"--load-path {folder} does not exist (check the path)")
+    if save:  # a folder with a results.csv: a run whose checkpoint is gone
+        why, fix = f"it has a {RESULTS_CSV} but no {CHECKPOINT}", "restore it from a copy"
+    else:
+        why = f"it has no {CHECKPOINT}"
+        fix = "check --load-path; with --save, a folder without a run starts a new one there"
+    raise UsageError(f"--load-path {folder} is not a run folder to resume: {why}; {fix}")
+
+
+def damaged_checkpoint_message(folder: str | Path, error: Exception) -> str:
+    """Why the checkpoint of the run in ``folder`` cannot be read, what to do, and which of
+    the run's weights files are intact (they rebuild the model but cannot resume it)."""
+    intact = []
+    for name, what in ((BEST_MODEL, "best"), (INTERRUPTED, "at a stop"), (FINAL_MODEL, "last")):
+        path = Path(folder) / name
+        try:
+            record = torch.load(path, map_location="cpu", weights_only=True)
+            intact.append(f"{name} ({what}, epoch {record['epoch']})")
+        except (OSError, RuntimeError, pickle.UnpicklingError, EOFError, KeyError, TypeError):
+            continue  # missing or damaged too
+    kept = (
+        f"; its weights are intact in {', '.join(intact)}: --todo evaluate and robustness.py "
+        "read them, but they lack the optimizer and data-order state a resume needs"
+        if intact
+        else ""
+    )
+    return (
+        f"{error}. To carry the run on, put back a good {CHECKPOINT} (a copy or backup); "
+        f"to start it over, move {folder} aside and run the same command again{kept}"
+    )
+
+
 def append_results_row(run_dir: str | Path, row: dict) -> None:
     """Append one epoch's ``row`` to ``run_dir/results.csv`` (see ``storage.append_csv_row``)."""
     append_csv_row(Path(run_dir) / RESULTS_CSV, row)
@@ -170,7 +208,8 @@ def append_results_row(run_dir: str | Path, row: dict) -> None:
 
 def read_results(run_dir: str | Path) -> list[dict]:
     """The rows of ``run_dir/results.csv`` (see ``storage.read_csv_rows``)."""
-    return read_csv_rows(Path(run_dir) / RESULTS_CSV)
+    fix = "move it aside: resuming the run writes it again from checkpoint.pt"
+    return read_csv_rows(Path(run_dir) / RESULTS_CSV, fix)
 
 
 # --------------------------------------------------------------------------------------------
@@ -358,6 +397,7 @@ class RunRecorder:
             "history": self.history,
             "best_test_acc": self.best_test_acc,
             "train_indices": self.train_indices(),
+            "threads": torch.get_num_threads(),
         }
 
     def train_indices(self) -> Tensor | None:
@@ -479,8 +519,8 @@ def train_run(
 
 
 def _resume_command(run_dir: Path, epochs: int, *extra: str) -> str:
-    argv = ["python", "main_fast.py", "--load-path", str(run_dir), "--epochs", str(epochs)]
-    return shlex.join([*argv, *extra])
+    args = ["--load-path", str(run_dir), "--epochs", str(epochs), *extra]
+    return entry.shell_command("main_fast.py", args)
 
 
 def _kept(recorder: RunRecorder | None) -> str:

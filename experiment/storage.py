@@ -4,8 +4,10 @@
   and renamed onto it, so a reader sees the old file or the complete new one.
 - ``safe_load``: ``torch.load(..., weights_only=True)``, tensors and plain containers only.
 - ``FolderLock``: the advisory lock (``.lock``) of the one process writing a folder; taking
-  it removes the temp files a killed writer left (``remove_temp_files``). A lock of another
-  name can sit beside it and leave them alone (an evaluation's, beside a training run's).
+  it removes the temp files a killed writer left (``remove_temp_files``). Temp files are
+  owned: their names carry the writer's process and host, and only those of a process that is
+  gone are removed, so a lock of another name beside it (an evaluation's, beside a training
+  run's) and the user's own ``.*.tmp`` files are never touched.
 - ``check_writable``: a folder is created and probed before long work starts.
 - ``append_text``, ``append_csv_row``, ``read_csv_rows``: text and CSV logs, fsynced rows;
   ``write_csv_rows`` rewrites a whole CSV atomically.
@@ -21,6 +23,7 @@ import csv
 import io
 import math
 import os
+import re
 import socket
 import tempfile
 from collections.abc import Callable, Sequence
@@ -41,6 +44,8 @@ from experiment.entry import UsageError, first_line, storage_message, warn
 
 LOCK_FILE = ".lock"
 TEMP_SUFFIX = ".tmp"
+# a temp file of atomic_write: .<name>.<random>.<pid>@<host>.tmp
+_TEMP_NAME = re.compile(rf"\..+\.(\d+)@([^@/]+){re.escape(TEMP_SUFFIX)}")
 
 
 class StorageError(Exception):
@@ -80,7 +85,7 @@ def atomic_write(path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=_temp_suffix())
     try:
         if hasattr(os, "fchmod"):  # mkstemp's 0600 would hide the file from the group
             os.fchmod(fd, 0o666 & ~current_umask())
@@ -137,12 +142,32 @@ def safe_load(path: str | Path, what: str, error: type[UsageError] = UsageError)
 # --------------------------------------------------------------------------------------------
 
 
+def _temp_suffix() -> str:
+    """``.<pid>@<host>.tmp``: the end of this process's temp file names, naming their writer."""
+    return f".{os.getpid()}@{socket.gethostname()}{TEMP_SUFFIX}"
+
+
+def temp_file_writer(path: str | Path) -> tuple[int, str] | None:
+    """``(pid, host)`` of the process that wrote the temp file ``path`` (a name ending in
+    :func:`_temp_suffix`), or None for any other name."""
+    match = _TEMP_NAME.fullmatch(Path(path).name)
+    return None if match is None else (int(match.group(1)), match.group(2))
+
+
 def remove_temp_files(folder: str | Path) -> list[Path]:
     """Delete the temporary files :func:`atomic_write` leaves in ``folder`` when its process is
-    killed mid-write (``.<name>.<random>.tmp``); returns them. Only for a folder's lock holder."""
-    leftovers = [p for p in Path(folder).glob(f".*{TEMP_SUFFIX}") if p.is_file()]
-    for path in leftovers:
-        path.unlink(missing_ok=True)
+    killed mid-write (``.<name>.<random>.<pid>@<host>.tmp``) and whose writer is gone: a
+    process of this host that no longer runs. Returns them. A live writer's files, another
+    host's (whose processes cannot be checked) and any other ``.*.tmp`` file stay."""
+    host = socket.gethostname()
+    leftovers = []
+    for path in Path(folder).glob(f".*{TEMP_SUFFIX}"):
+        writer = temp_file_writer(path)
+        if writer is None or writer[1] != host or _process_alive(writer[0]):
+            continue
+        if path.is_file():
+            path.unlink(missing_ok=True)
+            leftovers.append(path)
     return leftovers
 
 
@@ -183,9 +208,10 @@ class FolderLock:
     ``kill -9``; the file also names the holder (``pid host``) and is emptied on release, so a
     non-empty file with a free lock is a stale lock, taken over with a notice. Where ``flock``
     is missing or unsupported (some network filesystems) a lock on this host whose process is
-    gone is taken over too. Taking the lock removes the temporary files a killed writer left,
-    unless ``clean_temp_files`` is False: a lock of another name (``name``) beside a writer's
-    ``.lock``, such as an evaluation's, must leave that writer's half-written files alone.
+    gone is taken over too. Taking the lock removes the temporary files that killed writers
+    left (:func:`remove_temp_files`: only those whose writer is gone, so a lock of another
+    ``name`` beside a writer's ``.lock``, such as an evaluation's, leaves that writer's
+    half-written files alone), unless ``clean_temp_files`` is False.
 
     Raises:
         FolderBusyError: another live process holds the lock.
@@ -307,16 +333,24 @@ def write_csv_rows(path: str | Path, rows: Sequence[dict], columns: Sequence[str
     atomic_write(path, write)
 
 
-def read_csv_rows(path: str | Path) -> list[dict]:
+def read_csv_rows(
+    path: str | Path, fix: str = "restore it from a copy or move it aside"
+) -> list[dict]:
     """Rows of the CSV file ``path`` as dicts; numbers as float, empty cells as NaN, other text
-    as str. A row cut short by a crash mid-write is skipped. UsageError if the file is missing."""
+    as str. A row cut short by a crash mid-write is skipped. UsageError if the file is missing,
+    or is not a CSV text (not UTF-8, a NUL byte): its message names the file and ``fix``."""
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"results file not found: {path}")
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        return [
-            {k: _parse_cell(v) for k, v in row.items()}
-            for row in reader
-            if None not in row and None not in row.values()
-        ]
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            return [
+                {k: _parse_cell(v) for k, v in row.items()}
+                for row in reader
+                if None not in row and None not in row.values()
+            ]
+    except (UnicodeDecodeError, csv.Error) as error:
+        raise UsageError(
+            f"cannot read {path.resolve()}: it is not a CSV text file ({first_line(error)}); {fix}"
+        ) from error

@@ -16,6 +16,7 @@ classifier of one cost):
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -396,8 +397,9 @@ def run_component(
     """Component ``name`` on the clean-correct images (at ``eps = 0``, where ART refuses to
     run, the candidates are the clean images), kept as ``project`` and re-evaluated."""
     started = time.perf_counter()
-    torch.manual_seed(setting.seed)
+    random.seed(setting.seed)  # ART's L2 Square draws from Python's generator too
     np.random.seed(setting.seed)
+    torch.manual_seed(setting.seed)
     candidates = pixels.clone()
     if setting.eps > 0.0 and clean.any():
         attack = COMPONENT_ATTACKS[name]

@@ -9,7 +9,9 @@ evaluation lock; with ``tensorboard``, every row goes to ``RUN/tb/robustness`` t
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -29,7 +31,7 @@ from utils_ep_fast import CLAMP_SLOPES
 ROBUSTNESS_CSV = "robustness.csv"
 ROBUSTNESS_PNG = "robustness.png"
 ROBUSTNESS_TXT = "robustness.txt"
-# beside a training run's .lock, whose holder must keep its half-written .tmp files
+# beside a training run's .lock; each removes only the .tmp files of writers that are gone
 LOCK_FILE = ".robustness.lock"
 
 
@@ -40,12 +42,21 @@ def evaluate_run(config: RobustnessConfig) -> int:
     record, model_path = records.load_model_file(config.load_path)
     folder = model_path.parent
     storage.check_writable(folder, "load-path")  # 74 at once, before any attack
-    with storage.FolderLock(folder, LOCK_FILE, clean_temp_files=False):
-        return evaluate(config, record, model_path)
+    with contextlib.ExitStack() as held:
+        return evaluate(
+            config,
+            record,
+            model_path,
+            lambda: held.enter_context(storage.FolderLock(folder, LOCK_FILE)),
+        )
 
 
-def evaluate(config: RobustnessConfig, record: dict, model_path: Path) -> int:
-    """The evaluation proper, under the folder's evaluation lock."""
+def evaluate(
+    config: RobustnessConfig, record: dict, model_path: Path, take_lock: Callable[[], object]
+) -> int:
+    """The evaluation proper. ``take_lock()`` takes the folder's evaluation lock once all that
+    can be refused has been checked (a refusal leaves the folder as it was, not even a lock
+    file), before the files it rewrites are read for good."""
     saved = records.run_flags(record)
     task = data_loading.canonical_task(saved["task"])
     try:
@@ -83,8 +94,12 @@ def evaluate(config: RobustnessConfig, record: dict, model_path: Path) -> int:
                                "targets": config.aa_targets}}  # fmt: skip
     measurer = Measurer(config, model, task, T2, evaluation, pixels.to(device), labels.to(device),
                         released, model_path.parent)  # fmt: skip
-    results = ResultsFile(model_path.parent / ROBUSTNESS_CSV)
     jobs = plan_jobs(config, T1_values)
+    csv_path = model_path.parent / ROBUSTNESS_CSV
+    ResultsFile(csv_path)  # a damaged CSV or AutoAttack file is refused before the lock
+    measurer.check_saved_components(jobs)
+    take_lock()
+    results = ResultsFile(csv_path)  # again, under the lock: another evaluation may have ended
     if config.fresh:
         reusable = {}
     else:

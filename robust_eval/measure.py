@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from experiment import data_loading, records, storage
+from experiment.entry import UsageError
 from robust_eval import attacks, autoattack
 from robust_eval.art_attacks import AttackBudget, art_classifier, attack_images
 from robust_eval.config import RobustnessConfig
@@ -153,6 +154,27 @@ class Measurer:
             return True
         return all(self.component_path(job, evaluation, name).is_file() for name in names)
 
+    def check_saved_components(self, jobs: list[Job]) -> None:
+        """Read every saved component result that the AutoAttack jobs among ``jobs`` will
+        read, so that a damaged one is refused (UsageError) before any row is written. With
+        ``--fresh`` they are computed again before they are read: nothing to check."""
+        if self.config.fresh:
+            return
+        for job in jobs:
+            for name in self.components_read(job):
+                path = self.component_path(job, self.evaluation, name)
+                if path.is_file():
+                    read_component(path)
+
+    def components_read(self, job: Job) -> list[str]:
+        """The components whose saved results ``job`` reads: a component's own, every
+        available one for the worst case; none for the other jobs."""
+        if job.attack == AUTOATTACK:
+            return list(autoattack.available_components())
+        if job.attack.startswith(f"{AUTOATTACK}/"):
+            return [job.attack.split("/", 1)[1]]
+        return []
+
     def autoattack(self, job: Job) -> tuple[float, int]:
         """A component's robust accuracy (its per-image results saved first), or the worst
         case over the saved components."""
@@ -167,15 +189,13 @@ class Measurer:
         ``run_missing`` the job's own component is run (and saved) when it is not saved."""
         evaluation = self.evaluation
         names = autoattack.available_components()
+        own = job.attack.split("/", 1)[1] if "/" in job.attack else None
+        recompute = run_missing and self.config.fresh  # the job's own component, again
         done = {}
-        for name in names:
+        for name in [] if recompute else self.components_read(job):
             path = self.component_path(job, evaluation, name)
             if path.is_file():
-                state = storage.safe_load(path, "AutoAttack component result")
-                done[name] = autoattack.ComponentResult.from_state(state)
-        own = job.attack.split("/", 1)[1] if "/" in job.attack else None
-        if run_missing and self.config.fresh:  # recompute the job's own component
-            done.pop(own, None)
+                done[name] = read_component(path)
         wanted = [own] if run_missing and own is not None else [n for n in names if n in done]
         net = self.net(job.T1)
         budget = autoattack.AutoAttackBudget(
@@ -212,3 +232,18 @@ class Measurer:
         path = self.folder / f"{stem}_{job.norm}_eps{job.epsilon:g}_{job.gradient}_T1{job.T1}.csv"
         storage.write_csv_rows(path, rows, columns)
         return f"T1 {job.T1}: {result.summary_line()}", path
+
+
+def read_component(path: Path) -> autoattack.ComponentResult:
+    """A saved AutoAttack component result; UsageError naming the file and the fix when it is
+    damaged (a zero-byte file, another kind of record)."""
+    fix = "delete it (that component is run again) or pass --fresh"
+    try:
+        state = storage.safe_load(path, "saved AutoAttack component result")
+        return autoattack.ComponentResult.from_state(state)
+    except UsageError as error:
+        raise UsageError(f"{error}; {fix}") from error
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        raise UsageError(
+            f"{path.resolve()} is not an AutoAttack component result ({error!r}); {fix}"
+        ) from error

@@ -114,7 +114,8 @@ class ResultsFile:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.rows = storage.read_csv_rows(path) if path.is_file() else []
+        fix = "move it aside (its rows are measured again) or restore it from a copy"
+        self.rows = storage.read_csv_rows(path, fix) if path.is_file() else []
         self.by_key = {row_key(row): i for i, row in enumerate(self.rows)}
 
     def find(self, row: dict) -> dict | None:

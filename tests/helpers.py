@@ -151,6 +151,17 @@ def one_error_line(err: str) -> str:
     return lines[-1]
 
 
+def printed_args(line: str, script: str, launch: Path | None = None) -> list[str]:
+    """The arguments of a printed continue command, ``cd LAUNCH && python /CHECKOUT/SCRIPT
+    ARGS``, checked to start from ``launch`` (default: this process's folder) and to name the
+    checkout's ``script`` by its absolute path."""
+    cd, command = line.strip().split(" && ", 1)
+    assert shlex.split(cd) == ["cd", str(launch or Path.cwd())], line
+    words = shlex.split(command)
+    assert words[:2] == ["python", str(ROOT / script)], line
+    return words[2:]
+
+
 def robustness_argv(run_dir: Path, *extra: str) -> list[str]:
     return ["robustness.py", "--load-path", str(run_dir), "--device", "cpu", "--n-samples",
             "20", "--attacks", "pgd-linf", "--gradients", "bptt", *extra]  # fmt: skip

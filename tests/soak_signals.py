@@ -7,9 +7,12 @@ command, to the result of the run that was never stopped.
     python tests/soak_signals.py --target torchrun --n 10      # 2 processes; torchrun or a rank
     python tests/soak_signals.py --target robustness --n 20
 
-Each trial starts the target's command in a fresh folder, sends SIGTERM after a random delay
-drawn from [0, ``--span`` x the uninterrupted run's wall time] (the startup imports included),
-waits for the exit, then runs the same command until it exits 0 and compares the result with the
+Each trial starts the target's command in a fresh folder, launched from it as a job script
+would be (the script by its path in the checkout, the run folder relative and named with a space
+and an accent), sends SIGTERM after a random delay drawn from [0, ``--span`` x the uninterrupted
+run's wall time] (the startup imports included), waits for the exit, then runs the continue
+command the script printed, as printed, by a shell in another folder (the same command until it
+exits 0 when none was printed, or under torchrun) and compares the result with the
 uninterrupted one: the final weights (``main_fast``, ``torchrun``) or ``dictionary.pt``
 (``cifar_dictlearning``) bit for bit, with ``results.csv`` or ``robustness.csv`` row by row
 without their seconds. A signal that lands after the run finished (exit 0), or in the few
@@ -42,6 +45,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT = 600  # seconds any one command may take
 RESUMES = 4  # at most this many reruns to finish a stopped run
+RUN = "rés ults/run 1"  # the run folder, relative to the trial folder it is launched from
 
 # A tiny CNN on the bundled digits: 6 batches an epoch, 3 epochs
 DIGITS_CNN = ["--model", "CNN", "--task", "DIGITS", "--channels", "4", "--kernels", "3",
@@ -64,20 +68,22 @@ class Target:
     outcomes: dict[str, int] = field(default_factory=dict)
 
     def command(self, folder: Path) -> list[str]:
-        python = [sys.executable]
+        """Launched from the trial folder, as a job script would: the script by its path in
+        the checkout, the run folder relative to the trial folder."""
+        python, run = [sys.executable], RUN
         if self.name == "main_fast":
-            return [*python, "main_fast.py", *DIGITS_CNN, "--load-path", str(folder / "run")]
+            return [*python, str(ROOT / "main_fast.py"), *DIGITS_CNN, "--load-path", run]
         if self.name == "torchrun":
             launcher = [*python, "-m", "torch.distributed.run", "--standalone",
                         "--nproc_per_node", str(self.nproc)]  # fmt: skip
-            return [*launcher, "main_fast.py", *DIGITS_CNN, "--load-path", str(folder / "run")]
+            return [*launcher, str(ROOT / "main_fast.py"), *DIGITS_CNN, "--load-path", run]
         if self.name == "cifar_dictlearning":
-            return [*python, "cifar_dictlearning.py", *DICTIONARY, "--out-dir", str(folder / "run")]
-        return [*python, "robustness.py", "--load-path", str(folder / "run"), *ROBUSTNESS]
+            return [*python, str(ROOT / "cifar_dictlearning.py"), *DICTIONARY, "--out-dir", run]
+        return [*python, str(ROOT / "robustness.py"), "--load-path", run, *ROBUSTNESS]
 
     def result(self, folder: Path) -> tuple[dict, list[dict]]:
         """The tensors and the CSV rows (without seconds) that must match."""
-        run = folder / "run"
+        run = folder / RUN
         if self.name in ("main_fast", "torchrun"):
             record = torch.load(run / "final_model.pt", weights_only=True)
             return record["model_state"], csv_rows(run / "results.csv")
@@ -105,11 +111,20 @@ def same(result: tuple[dict, list[dict]], expected: tuple[dict, list[dict]]) -> 
     )  # fmt: skip
 
 
-def run(command: list[str]) -> subprocess.CompletedProcess:
+def run(command: list[str] | str, folder: Path) -> subprocess.CompletedProcess:
+    """``command`` run in ``folder``: a list of words, or a line for the shell."""
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(
-        command, cwd=ROOT, env=environment, capture_output=True, text=True, timeout=TIMEOUT
-    )
+        command, cwd=folder, env=environment, capture_output=True, text=True, timeout=TIMEOUT,
+        shell=isinstance(command, str),
+    )  # fmt: skip
+
+
+def printed_command(stderr: str) -> str | None:
+    """The continue command a stopped script printed last (``cd ... && python ...``)."""
+    lines = [line.strip().removeprefix("continue with: ") for line in stderr.splitlines()]
+    commands = [line for line in lines if line.startswith("cd ") and " && " in line]
+    return commands[-1] if commands else None
 
 
 def project_tracebacks(stderr: str) -> bool:
@@ -132,7 +147,7 @@ def prepare(target: Target, folder: Path, trained: Path | None) -> None:
     """A fresh trial folder; robustness evaluates a copy of one trained run."""
     folder.mkdir(parents=True)
     if trained is not None:
-        shutil.copytree(trained, folder / "run")
+        shutil.copytree(trained, folder / RUN)
 
 
 def judge_stop(target: Target, done: subprocess.CompletedProcess, aimed_at_launcher: bool,
@@ -150,8 +165,8 @@ def judge_stop(target: Target, done: subprocess.CompletedProcess, aimed_at_launc
         return "ok" if done.returncode == 143 else f"exit {done.returncode}"
     if done.returncode != 1:
         return f"torchrun exit {done.returncode}"
-    started = (folder / "run" / "hyperparameters.txt").exists()
-    if started and not (folder / "run" / "interrupted.pt").exists():
+    started = (folder / RUN / "hyperparameters.txt").exists()
+    if started and not (folder / RUN / "interrupted.pt").exists():
         return "no interrupted.pt"
     if aimed_at_launcher:
         return "ok"
@@ -159,11 +174,33 @@ def judge_stop(target: Target, done: subprocess.CompletedProcess, aimed_at_launc
     return "ok" if statuses and set(statuses) == {"143"} else f"rank statuses {statuses}"
 
 
+def resume(target: Target, command: list[str], folder: Path, stderr: str) -> str | None:
+    """Finish the stopped run: by the command it printed, as printed, run by a shell in
+    another folder (under torchrun, whose printed command names one process: by the job's
+    command line again, up to ``RESUMES`` times). Returns what went wrong, or None."""
+    printed = printed_command(stderr) if target.name != "torchrun" else None
+    if printed is not None:
+        elsewhere = folder.parent / "élsewhere"
+        elsewhere.mkdir(exist_ok=True)
+        resumed = run(printed, elsewhere)
+        if resumed.returncode != 0:
+            return f"printed command failed ({resumed.returncode}): {resumed.stderr[-1000:]}"
+        target.outcomes["resumed by the printed command"] = (
+            target.outcomes.get("resumed by the printed command", 0) + 1
+        )
+        return None
+    for _ in range(RESUMES):
+        resumed = run(command, folder)
+        if resumed.returncode == 0:
+            return None
+    return f"no resume: {resumed.stderr[-1000:]}"
+
+
 def trial(target: Target, folder: Path, delay: float, rng: random.Random, trained, expected):
     prepare(target, folder, trained)
     command = target.command(folder)
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
-    child = subprocess.Popen(command, cwd=ROOT, env=environment, stdout=subprocess.PIPE,
+    child = subprocess.Popen(command, cwd=folder, env=environment, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)  # fmt: skip
     aimed_at_launcher = target.name != "torchrun" or rng.random() < 0.5
     try:
@@ -178,13 +215,10 @@ def trial(target: Target, folder: Path, delay: float, rng: random.Random, traine
         child.kill()
     done = subprocess.CompletedProcess(command, child.returncode, out, err)
     verdict = judge_stop(target, done, aimed_at_launcher, folder)
-    for _ in range(0 if verdict == "finished" else RESUMES):
-        resumed = run(command)
-        if resumed.returncode == 0:
-            break
-    else:
-        if verdict != "finished":
-            return verdict, "no resume", done.stderr[-2000:] + resumed.stderr[-2000:]
+    if verdict != "finished":
+        failure = resume(target, command, folder, err)
+        if failure:
+            return verdict, failure, done.stderr[-2000:]
     matched = "same" if same(target.result(folder), expected) else "differs"
     return verdict, matched, done.stderr[-2000:]
 
@@ -206,12 +240,13 @@ def main(argv: list[str] | None = None) -> int:
     trained = None
     if target.name == "robustness":  # the run the sweeps evaluate
         trained = work / "trained"
-        done = run([sys.executable, "main_fast.py", *DIGITS_CNN, "--load-path", str(trained)])
+        done = run([sys.executable, "main_fast.py", *DIGITS_CNN, "--load-path", str(trained)],
+                   ROOT)  # fmt: skip
         assert done.returncode == 0, done.stderr[-2000:]
     reference = work / "reference"
     prepare(target, reference, trained)
     started = time.monotonic()
-    done = run(target.command(reference))
+    done = run(target.command(reference), reference)
     wall = (time.monotonic() - started) * args.span
     assert done.returncode == 0, done.stderr[-2000:]
     expected = target.result(reference)

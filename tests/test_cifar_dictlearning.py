@@ -2,7 +2,6 @@
 
 import csv
 import os
-import shlex
 import shutil
 import signal
 import subprocess
@@ -11,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import WAIT, start, wait_for
+from helpers import WAIT, printed_args, start, wait_for
 
 import cifar_dictlearning
 from experiment import entry, storage
@@ -200,11 +199,9 @@ def stop_at(monkeypatch, call: int, signum: int = signal.SIGTERM) -> None:
 
 
 def continue_command(err: str) -> list[str]:
-    """The arguments of the ``continue with: python cifar_dictlearning.py ...`` line."""
+    """The arguments of the ``continue with: cd ... && python ...`` line."""
     (line,) = [line for line in err.splitlines() if line.startswith("continue with: ")]
-    command = shlex.split(line.removeprefix("continue with: "))
-    assert command[:2] == ["python", "cifar_dictlearning.py"], line
-    return command[2:]
+    return printed_args(line.removeprefix("continue with: "), "cifar_dictlearning.py")
 
 
 def test_the_safe_points_are_the_start_every_batch_and_every_epoch(two_by_two):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import re
-import shlex
 import signal
 import subprocess
 import sys
@@ -21,6 +20,7 @@ from helpers import (
     DIGITS_CNN,
     ROOT,
     WAIT,
+    printed_args,
     read_csv,
     robustness_argv,
     run_dir_of,
@@ -30,7 +30,9 @@ from helpers import (
 )
 from matplotlib.figure import Figure
 
+import cifar_dictlearning
 import main_fast
+import robustness
 from experiment import entry, records, storage
 
 # ------------------------------------------------------- SIGTERM and SIGINT to a child process
@@ -49,8 +51,8 @@ def test_sigterm_saves_the_weights_and_prints_the_resume_command(tmp_path):
     assert child.returncode == 143, err
     assert "terminated (SIGTERM); current weights saved to" in err and "Traceback" not in err
     run_dir = run_dir_of(tmp_path)
-    command = err.strip().splitlines()[-1].strip()
-    assert command == f"python main_fast.py --load-path {run_dir} --epochs 100000"
+    command = printed_args(err.strip().splitlines()[-1], "main_fast.py", ROOT)
+    assert command == ["--load-path", str(run_dir), "--epochs", "100000"]
     done = torch.load(run_dir / "checkpoint.pt", weights_only=True)["epoch"]
     assert torch.load(run_dir / "interrupted.pt", weights_only=True)["epoch"] == done >= 1
     assert main_fast.main(["--load-path", str(run_dir), "--epochs", str(done + 1)]) == 0
@@ -80,7 +82,7 @@ def test_sigterm_stops_robustness_keeping_the_rows_measured(tmp_path, capsys):
         note
         == "terminated (SIGTERM); robustness.csv keeps the rows measured so far; continue with:"
     )
-    assert command.strip().startswith("python robustness.py --load-path")
+    assert printed_args(command, "robustness.py", ROOT)[:2] == ["--load-path", str(run_dir)]
     rows = storage.read_csv_rows(csv_path)
     assert rows[0]["attack"] == "clean" and rows[1]["attack"] == "pgd-linf"
 
@@ -169,11 +171,12 @@ def test_the_other_scripts_stop_quietly_while_the_libraries_load(
     script, module, signame, status, argv, tmp_path
 ):
     run = tmp_path / "run"
-    done = signal_on_import(script, module, signame, *[str(run) if a == "RUN" else a for a in argv])
+    args = [str(run) if a == "RUN" else a for a in argv]
+    done = signal_on_import(script, module, signame, *args)
     assert done.returncode == status and "Traceback" not in done.stderr, done.stderr
     first, *_, command = done.stderr.strip().splitlines()
     assert first.startswith("terminated (SIGTERM)" if status == 143 else "interrupted")
-    assert command.endswith(f"python {script} {shlex.join(argv).replace('RUN', str(run))}")
+    assert printed_args(command.removeprefix("continue with: "), script, ROOT) == args
     assert not run.exists(), "it stopped before any work"
 
 
@@ -292,6 +295,65 @@ def test_a_stop_at_any_safe_point_saves_and_the_same_command_resumes_bit_for_bit
     assert_same_weights_and_rows(tmp_path / "job", reference)
 
 
+def run_verbatim(line: str, folder: Path) -> subprocess.CompletedProcess:
+    """The shell line ``line``, as printed, run by a shell in ``folder``."""
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(line, shell=True, cwd=folder, env=environment, capture_output=True,
+                          text=True, timeout=WAIT)  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("entry_uninterrupted")
+def test_printed_continue_commands_run_verbatim_from_another_folder(
+    uninterrupted, tmp_path, monkeypatch, capsys
+):
+    """Each script stopped in its work, launched from a folder of its own with relative paths
+    that hold a space and an accent: the command it prints runs as printed, by a shell in
+    another folder, and finishes the work (training: bit for bit)."""
+    reference, sites = uninterrupted
+    launch, elsewhere = tmp_path / "launch dir", tmp_path / "élsewhere"
+    launch.mkdir()
+    elsewhere.mkdir()
+    monkeypatch.chdir(launch)
+    run = "rés ults/run 1"
+
+    before_last_saves = [i for i, site in enumerate(sites, 1) if site == "__call__"][2]
+    with monkeypatch.context() as patch:
+        stop_at_call(patch, before_last_saves)
+        assert main_fast.main([*TWO_EPOCHS, "--load-path", run]) == 143
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert printed_args(line, "main_fast.py", launch) == ["--load-path", run, "--epochs", "2"]
+    resumed = run_verbatim(line, elsewhere)
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_weights_and_rows(launch / run, reference)
+
+    evaluation = ["--load-path", run, "--device", "cpu", "--n-samples", "12", "--attacks",
+                  "pgd-linf", "--gradients", "bptt", "--eps", "0", "0.1",
+                  "--steps", "2"]  # fmt: skip
+    with monkeypatch.context() as patch:
+        stop_at_call(patch, 3)
+        assert robustness.main(evaluation) == 143
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert printed_args(line, "robustness.py", launch) == evaluation
+    continued = run_verbatim(line, elsewhere)
+    assert continued.returncode == 0, continued.stderr
+    rows = storage.read_csv_rows(launch / run / "robustness.csv")
+    assert [row["attack"] for row in rows] == ["clean", "pgd-linf", "pgd-linf"]
+
+    dictionary = ["--task", "DIGITS", "--features", "4", "--kernel-size", "3", "--stride", "1",
+                  "--lca-iters", "5", "--batch-size", "64", "--max-batches", "2", "--epochs",
+                  "2", "--device", "cpu", "--seed", "3", "--out-dir", "dict ionary"]  # fmt: skip
+    with monkeypatch.context() as patch:
+        stop_at_call(patch, 2)
+        assert cifar_dictlearning.main(dictionary) == 143
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if "continue with: " in line]
+    line = line.removeprefix("continue with: ")
+    assert printed_args(line, "cifar_dictlearning.py", launch) == dictionary
+    continued = run_verbatim(line, elsewhere)
+    assert continued.returncode == 0, continued.stderr
+    assert len((launch / "dict ionary" / "dictlearning.csv").read_text().splitlines()) == 3
+
+
 @pytest.mark.xdist_group("entry_uninterrupted")
 @pytest.mark.parametrize("signals", [1, 2], ids=["one signal", "two signals"])
 @pytest.mark.parametrize("writer", ["savefig", "torch.save"])
@@ -352,7 +414,8 @@ def test_a_third_sigterm_ends_the_process_at_once(tmp_path):
 
 
 def test_the_exit_status_table_names_every_status_of_the_scripts():
-    table = (ROOT / "docs" / "runs.md").read_text().split("## Exit statuses")[1]
+    section = (ROOT / "docs" / "runs.md").read_text().split("## Exit statuses")[1]
+    table = section.split("\n## ")[0]
     listed = {int(n) for row in re.findall(r"^\| ([\d /]+) \|", table, re.MULTILINE)
               for n in row.split("/")}  # fmt: skip
     constants = {value for name, value in vars(entry).items() if name.startswith("EXIT_")}

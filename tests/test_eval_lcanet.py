@@ -42,6 +42,9 @@ LCA_FIGURES = {
 RUN_TABLES = {"runs.csv", "per_class_accuracy.csv"}
 ROBUSTNESS_FILES = {"robustness_comparison.png", "robustness_comparison.csv"}
 LCA_TABLES = {"dictionary_drift.csv"}
+SEED_FIGURES = {"runs_summary_test_acc.png"}
+SEED_TABLES = {"runs_summary.csv", "runs_summary.md", "robustness_summary.csv",
+               "robustness_summary.md"}  # fmt: skip
 
 EP_FLAGS = ["--task", "DIGITS", "--kernels", "3", "--strides", "1", "--paddings", "1",
             "--fc", "10", "--lrs", "0.1", "0.05", "--T1", "5", "--T2", "2", "--betas", "0.0",
@@ -171,10 +174,10 @@ def test_notebook_on_cnn_and_finetune_runs(tiny_runs, tmp_path):
         tmp_path, eval_env(figures, EVAL_RESULTS_DIR=str(tiny_runs["results"]))
     )
 
-    expected = RUN_FIGURES | LCA_FIGURES | {"robustness_comparison.png"}
+    expected = RUN_FIGURES | LCA_FIGURES | SEED_FIGURES | {"robustness_comparison.png"}
     assert {p.name for p in figures.iterdir()} == expected | RUN_TABLES | LCA_TABLES | {
         "robustness_comparison.csv"
-    }
+    } | SEED_TABLES
     for name in expected:
         assert (figures / name).read_bytes().startswith(PNG_MAGIC), name
     assert inline_images(notebook) == len(expected)
@@ -207,6 +210,14 @@ def test_notebook_on_cnn_and_finetune_runs(tiny_runs, tmp_path):
     assert table["CNN"]["dict_training"] == "none" and table["CNN"]["epochs"] == "2"
     assert table["LCACNN"]["dict_training"] == "finetune"
 
+    # The summary over seeds: one group per run here (n = 1), from its results.csv.
+    groups = {row["model"]: row for row in read_csv(figures / "runs_summary.csv")}
+    for model, run_dir in (("CNN", tiny_runs["cnn"]), ("LCACNN", tiny_runs["lcacnn"])):
+        results = runs.read_results(run_dir)
+        assert groups[model]["n"] == "1" and groups[model]["runs"] == "finished"
+        best = float(groups[model]["best_test_acc_mean"])
+        assert best == max(r["test_acc"] for r in results)
+
     # Section 6 re-evaluates the best run's model.pt: it must reproduce the training's number.
     records = [load(tiny_runs[name] / "model.pt") for name in ("cnn", "lcacnn")]
     best = max(records, key=lambda record: record["test_acc"])
@@ -233,8 +244,9 @@ def test_notebook_with_only_cnn_runs(tiny_runs, tmp_path):
     figures = tmp_path / "figures"
     notebook = execute_notebook(tmp_path, eval_env(figures, EVAL_RUNS=str(tiny_runs["cnn"])))
 
-    assert {p.name for p in figures.iterdir()} == RUN_FIGURES | RUN_TABLES | ROBUSTNESS_FILES
-    assert inline_images(notebook) == len(RUN_FIGURES) + 1
+    written = RUN_FIGURES | RUN_TABLES | ROBUSTNESS_FILES | SEED_FIGURES | SEED_TABLES
+    assert {p.name for p in figures.iterdir()} == written
+    assert inline_images(notebook) == len(RUN_FIGURES) + 2
     (row,) = read_csv(figures / "runs.csv")
     assert row["model"] == "CNN" and Path(row["folder"]) == tiny_runs["cnn"]
     assert printed(notebook).count("No LCA runs") == 3  # sections 3, 4 and 5
@@ -263,8 +275,12 @@ def test_notebook_on_resnet_runs(tmp_path):
     figures = tmp_path / "figures"
     notebook = execute_notebook(tmp_path, eval_env(figures, EVAL_RESULTS_DIR=str(results)))
 
-    expected = RUN_FIGURES | (LCA_FIGURES - {"dictionary_pretraining.png"})  # learnt from random
-    assert {p.name for p in figures.iterdir()} == expected | RUN_TABLES | LCA_TABLES
+    # the dictionary is learnt from random: no pretraining record; no robustness.csv either
+    expected = RUN_FIGURES | (LCA_FIGURES - {"dictionary_pretraining.png"}) | SEED_FIGURES
+    summary_tables = {"runs_summary.csv", "runs_summary.md"}
+    assert {
+        p.name for p in figures.iterdir()
+    } == expected | RUN_TABLES | LCA_TABLES | summary_tables
     assert inline_images(notebook) == len(expected)
     assert "No robustness.csv in these runs" in printed(notebook)
 
@@ -277,6 +293,10 @@ def test_notebook_on_resnet_runs(tmp_path):
     assert table["ResCNN"]["lca"] == "" and table["ResCNN"]["channels"] == "4 6"
     assert table["LCAResCNN"]["lca"] == "4 x 3x3, stride 1, lambda 0.05, 5 iters"
     assert table["LCAResCNN"]["dict_training"] == "learn"
+    groups = {row["model"]: row for row in read_csv(figures / "runs_summary.csv")}
+    for model, run_dir in (("ResCNN", resnet), ("LCAResCNN", lcaresnet)):
+        best = max(r["test_acc"] for r in runs.read_results(run_dir))
+        assert groups[model]["n"] == "1" and float(groups[model]["best_test_acc_mean"]) == best
 
     records = [load(run_dir / "model.pt") for run_dir in (resnet, lcaresnet)]
     best = max(records, key=lambda record: record["test_acc"])

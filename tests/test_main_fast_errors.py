@@ -4,13 +4,24 @@ traceback, and a run folder that can still be resumed."""
 from __future__ import annotations
 
 import re
-import shlex
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
-from helpers import DIGITS_CNN, LCACNN, ROOT, fail_in_epoch, run_dir_of, run_failing
+from helpers import (
+    DIGITS_CNN,
+    LCACNN,
+    ROOT,
+    fail_in_epoch,
+    one_error_line,
+    printed_args,
+    run_dir_of,
+    run_failing,
+    saved_run,
+)
 
 import main_fast
 from experiment.records import save_dictionary
@@ -42,7 +53,7 @@ def with_flag(argv: list[str], flag: str, *values: str) -> list[str]:
         ("--betas", ["0.5"], r"--betas takes exactly two numbers"),
         ("--betas", ["0.0", "0.5", "1.0"], r"--betas takes exactly two numbers"),
         ("--betas", ["0.0", "0.0"], r"EP needs a nudging beta2 that is non-zero"),
-        ("--betas", ["0.0", "nan"], r"--betas takes exactly two numbers"),
+        ("--betas", ["0.0", "nan"], r"--betas: beta2 is nan; give two finite numbers"),
         ("--lrs", ["0.1", "-1"], r"--lrs must be a finite number in \[0, 3.40282e\+38\], got -1"),
         ("--wds", ["0", "inf"], r"--wds must be a finite number in \[0, "),
         ("--mmt", ["1.5"], r"--mmt must be a finite number in \[0, 1\), got 1.5"),
@@ -119,7 +130,7 @@ def test_missing_and_corrupt_dictionary(tmp_path, capsys):
 
 def test_missing_and_corrupt_checkpoint(tmp_path, capsys):
     err = run_failing(["--load-path", str(tmp_path), "--epochs", "2"], capsys)
-    assert f"checkpoint not found: {tmp_path / 'checkpoint.pt'}" in err
+    assert f"--load-path {tmp_path} is not a run folder to resume: it has no checkpoint.pt" in err
     (tmp_path / "checkpoint.pt").write_bytes(b"\x80\x02garbage")
     err = run_failing(["--load-path", str(tmp_path), "--epochs", "2"], capsys)
     assert "it is corrupt or not a checkpoint" in err
@@ -154,6 +165,84 @@ def test_a_requeue_of_a_finished_run_exits_0_writing_nothing(tmp_path, capsys):
     assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == files
 
 
+def folder_contents(folder: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(folder.iterdir()) if path.is_file()}
+
+
+@pytest.mark.parametrize("save", [False, True])
+def test_a_folder_that_is_not_a_run_is_left_as_it_was(tmp_path, capsys, save):
+    """Exit 2 writes nothing: no lock, and the user's own hidden temp files stay."""
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / ".draft.tmp").write_text("half a thought")
+    (notes / "results.csv").write_text("epoch,train_acc\n")  # with --save: not a new folder
+    before = folder_contents(notes)
+    err = run_failing(["--load-path", str(notes), "--epochs", "3", *(["--save"] if save else [])],
+                      capsys)  # fmt: skip
+    assert f"--load-path {notes} is not a run folder to resume" in one_error_line(err)
+    assert folder_contents(notes) == before
+
+
+def test_a_damaged_checkpoint_names_the_fix_and_the_intact_weights(tmp_path, capsys):
+    """A requeued job meets a damaged checkpoint.pt on every try: each time the message says
+    how to carry on and which weights files are intact, and nothing in the run changes."""
+    run_dir = saved_run(tmp_path, capsys)
+    shutil.copy(run_dir / "model.pt", run_dir / "interrupted.pt")  # as a stop leaves it
+    (run_dir / "checkpoint.pt").write_bytes(b"\x80\x02garbage")
+    before = folder_contents(run_dir)
+    for _ in range(2):
+        err = run_failing(["--save", "--load-path", str(run_dir), "--epochs", "2"], capsys)
+        line = one_error_line(err)
+        assert line.startswith(f"error: cannot read {run_dir / 'checkpoint.pt'}: it is corrupt")
+        assert "put back a good checkpoint.pt (a copy or backup)" in line
+        assert f"to start it over, move {run_dir} aside and run the same command again" in line
+        intact = "model.pt (best, epoch 1), interrupted.pt (at a stop, epoch 1), final_model.pt"
+        assert f"its weights are intact in {intact} (last, epoch 1)" in line
+        assert folder_contents(run_dir) == before
+
+
+READ_ONLY_SIZE = "size=16m"
+
+
+@pytest.fixture
+def read_only_run(tmp_path, capsys):
+    """A finished one-epoch run on a tmpfs that is then made read-only."""
+    folder = tmp_path / "mounted"
+    folder.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", READ_ONLY_SIZE, "tmpfs", str(folder)],
+                      capture_output=True).returncode:  # fmt: skip
+        pytest.skip("this machine cannot mount a tmpfs to make read-only")
+    try:
+        run_dir = saved_run(folder, capsys)
+        subprocess.run(["mount", "-o", "remount,ro", str(folder)], check=True)
+        yield run_dir
+    finally:
+        subprocess.run(["umount", str(folder)], capture_output=True)
+
+
+def test_a_finished_read_only_run_requeues_and_evaluates(read_only_run, capsys):
+    run_dir = read_only_run
+    assert main_fast.main(["--save", "--load-path", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert f"{run_dir}: the run is complete (1 epochs); nothing to do" in out
+    assert main_fast.main(["--todo", "evaluate", "--load-path", str(run_dir)]) == 0
+    captured = capsys.readouterr()
+    assert "evaluate model.pt (epoch 1, T1 3, sync): train_acc" in captured.out
+    (warning,) = [line for line in captured.err.splitlines() if line.startswith("warning: ")]
+    assert f"({run_dir / 'hyperparameters.txt'}): Read-only file system" in warning
+    assert "the result above is not recorded in hyperparameters.txt" in warning
+    assert "error" not in captured.err
+
+
+def test_a_results_csv_that_is_not_text_is_refused_with_its_fix(tmp_path, capsys):
+    run_dir = saved_run(tmp_path, capsys)
+    (run_dir / "results.csv").write_bytes(b"epoch,train_acc\n\xff\xfe1,0.5\n")
+    err = run_failing(["--load-path", str(run_dir), "--epochs", "2"], capsys)
+    line = one_error_line(err)
+    assert line.startswith(f"error: cannot read {run_dir / 'results.csv'}: it is not a CSV text")
+    assert line.endswith("move it aside: resuming the run writes it again from checkpoint.pt")
+
+
 def test_divergence_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
     def poison(model):
         with torch.no_grad():
@@ -183,11 +272,12 @@ def test_ctrl_c_saves_and_prints_the_resume_command(tmp_path, monkeypatch, capsy
     assert saved["epoch"] == 1 and set(saved["model_state"]) == {
         f"synapses.{i}.{p}" for i in (0, 1) for p in ("weight", "bias")
     }
-    command = re.search(r"^  (python main_fast.py .*)$", err, re.M).group(1)
-    assert command == f"python main_fast.py --load-path {run_dir} --epochs 3"
+    line = re.search(r"^  (cd .* && python .*main_fast.py .*)$", err, re.M).group(1)
+    command = printed_args(line, "main_fast.py")
+    assert command == ["--load-path", str(run_dir), "--epochs", "3"]
 
     monkeypatch.undo()
-    assert main_fast.main(shlex.split(command)[2:]) == 0
+    assert main_fast.main(command) == 0
     assert torch.load(run_dir / "final_model.pt", weights_only=True)["epoch"] == 3
     assert len((run_dir / "results.csv").read_text().splitlines()) == 4
 

@@ -6,10 +6,12 @@ one line."""
 from __future__ import annotations
 
 import os
-import shlex
+import random
 import shutil
 import signal
+import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +19,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 from fake_datasets import write_fake_cifar10
-from helpers import DIGITS_CNN, WAIT, start, wait_for
+from helpers import (
+    DIGITS_CNN,
+    ROOT,
+    WAIT,
+    first_line,
+    one_error_line,
+    printed_args,
+    start,
+    wait_for,
+)
 
 import data_utils
 import estimators
@@ -367,11 +378,10 @@ def test_resumed_evaluation_equals_the_uninterrupted_one(lifecycle_run, tmp_path
     assert "Traceback" not in err
     lines = err.strip().splitlines()
     assert lines[-2].startswith("terminated (SIGTERM); robustness.csv keeps the rows measured")
-    command = shlex.split(lines[-1])
-    assert command[:2] == ["python", "robustness.py"]
+    command = printed_args(lines[-1], "robustness.py")
     kept = len(storage.read_csv_rows(stopped / ROBUSTNESS_CSV))
     assert 0 < kept < LIFECYCLE_ROWS
-    assert robustness.main(command[2:]) == 0  # the printed command continues it
+    assert robustness.main(command) == 0  # the printed command continues it
     assert reused_line(capsys.readouterr().out).startswith(f"reused {kept} rows")
     assert without_seconds(stopped) == without_seconds(whole)
 
@@ -462,7 +472,7 @@ def test_two_evaluations_of_one_run_cannot_interleave(lifecycle_run, tmp_path, c
 
 def test_an_evaluation_leaves_a_live_training_runs_files_alone(lifecycle_run, tmp_path, capsys):
     run_dir = copy_run(lifecycle_run, tmp_path)
-    half_written = run_dir / ".checkpoint.pt.abc123.tmp"
+    half_written = run_dir / f".checkpoint.pt.abc123.{os.getpid()}@{socket.gethostname()}.tmp"
     training_files = {name: (run_dir / name).read_bytes()
                       for name in ("hyperparameters.txt", "results.csv", "model.pt")}  # fmt: skip
     with storage.FolderLock(run_dir):  # a training run holds its folder
@@ -474,6 +484,119 @@ def test_an_evaluation_leaves_a_live_training_runs_files_alone(lifecycle_run, tm
     for name, content in training_files.items():
         assert (run_dir / name).read_bytes() == content, name
     assert (run_dir / ROBUSTNESS_TXT).read_text().startswith("robustness model.pt")
+
+
+# An evaluation's write of robustness.csv, held open until the parent says "go" on stdin.
+WRITE_ON_GO = """
+import sys
+from pathlib import Path
+from experiment import storage
+from robust_eval.evaluation import LOCK_FILE, ROBUSTNESS_CSV
+folder = Path(sys.argv[1])
+def write(f):
+    f.write(b"attack,accuracy\\nclean,0.5\\n")
+    f.flush()
+    print("writing", flush=True)  # its temp file is there
+    assert sys.stdin.readline() == "go\\n"
+with storage.FolderLock(folder, LOCK_FILE):
+    storage.atomic_write(folder / ROBUSTNESS_CSV, write)
+"""
+
+
+def test_a_training_requeue_leaves_a_running_evaluations_temp_file_alone(
+    lifecycle_run, tmp_path, capsys
+):
+    run_dir = copy_run(lifecycle_run, tmp_path)
+    child = subprocess.Popen(
+        [sys.executable, "-c", WRITE_ON_GO, str(run_dir)], cwd=ROOT, stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert first_line(child) == "writing\n"
+        (temp,) = run_dir.glob(f".{ROBUSTNESS_CSV}.*.tmp")
+        assert main_fast.main(["--save", "--load-path", str(run_dir)]) == 0  # a no-op requeue
+        out = capsys.readouterr().out
+        assert "the run is complete" in out and "removed" not in out
+        assert temp.is_file()
+        _, err = child.communicate("go\n", timeout=WAIT)
+    finally:
+        child.kill()
+    assert child.returncode == 0, err
+    assert (run_dir / ROBUSTNESS_CSV).read_text() == "attack,accuracy\nclean,0.5\n"
+    assert not list(run_dir.glob(".*.tmp"))
+
+
+def test_a_robustness_csv_that_is_not_text_is_refused_before_anything(
+    lifecycle_run, tmp_path, capsys
+):
+    run_dir = copy_run(lifecycle_run, tmp_path)
+    damaged = b"attack,norm\n\xff\xfe,linf\n"
+    (run_dir / ROBUSTNESS_CSV).write_bytes(damaged)
+    _, err = evaluate(run_dir, capsys, status=2)
+    line = one_error_line(err)
+    assert line.startswith(f"error: cannot read {run_dir / ROBUSTNESS_CSV}: it is not a CSV text")
+    assert line.endswith("move it aside (its rows are measured again) or restore it from a copy")
+    assert (run_dir / ROBUSTNESS_CSV).read_bytes() == damaged
+    assert not (run_dir / ROBUSTNESS_TXT).exists() and not (run_dir / LOCK_FILE).exists()
+
+
+SMALL_AA = ["--device", "cpu", "--n-samples", "12", "--gradients", "bptt", "--eps", "0.1",
+            "--eps-l2", "0", "--aa-iterations", "2", "--aa-queries", "5",
+            "--aa-targets", "1"]  # fmt: skip
+
+
+def test_a_zero_byte_autoattack_component_is_refused_before_any_row(
+    lifecycle_run, tmp_path, capsys
+):
+    run_dir = copy_run(lifecycle_run, tmp_path)
+    assert robustness.main(["--load-path", str(run_dir), *SMALL_AA, "--attacks", "autoattack"]) == 0
+    (table,) = (run_dir / AUTOATTACK_FOLDER).glob("*_linf_*.csv")
+    (damaged,) = (run_dir / AUTOATTACK_FOLDER).glob(f"{table.name.split('_')[0]}_square.pt")
+    damaged.write_bytes(b"")
+    before = (run_dir / ROBUSTNESS_CSV).read_bytes()
+    capsys.readouterr()
+    more = ["--load-path", str(run_dir), *SMALL_AA, "--attacks", "pgd-linf", "autoattack"]
+    assert robustness.main(more) == 2  # a new PGD row comes first in the plan
+    line = one_error_line(capsys.readouterr().err)
+    assert line.startswith(f"error: cannot read {damaged}: it is corrupt or not a saved AutoAttack")
+    assert line.endswith("delete it (that component is run again) or pass --fresh")
+    assert (run_dir / ROBUSTNESS_CSV).read_bytes() == before
+    assert robustness.main([*more, "--fresh"]) == 0  # the fix it names
+    assert damaged.stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_autoattack_l2_follows_the_seed_whatever_pythons_generator_held(
+    digits_run, tmp_path, capsys
+):
+    """ART's L2 Square draws from Python's generator: three evaluations on fresh copies, each
+    after another Python seed, give the same rows and the same per-image results (which
+    images each component fooled, and its adversarial images), component by component."""
+    flags = ["--device", "cpu", "--n-samples", "40", "--attacks", "autoattack", "--gradients",
+             "bptt", "--eps", "0", "--eps-l2", "1.0", "--aa-iterations", "2", "--aa-queries",
+             "20", "--aa-targets", "1"]  # fmt: skip
+    evaluations = []
+    for trial in range(3):
+        run_dir = copy_run(digits_run, tmp_path, f"copy_{trial}")
+        random.seed(trial)
+        assert robustness.main(["--load-path", str(run_dir), *flags]) == 0
+        components = {
+            path.name: storage.safe_load(path, "component")
+            for path in sorted((run_dir / AUTOATTACK_FOLDER).glob("*.pt"))
+        }
+        evaluations.append((without_seconds(run_dir), components))
+    rows, components = evaluations[0]
+    (square,) = [r for r in rows if r["attack"] == "autoattack/square" and r["norm"] == "l2"]
+    assert 0 < square["accuracy"] < clean_accuracy(rows)  # it fooled some images, not all
+    assert len(rows) == 1 + 2 * (len(autoattack.available_components()) + 1)
+    assert len(components) == 2 * len(autoattack.available_components())
+    for other_rows, other_components in evaluations[1:]:
+        for row, again in zip(rows, other_rows, strict=True):
+            assert row == again
+        assert other_components.keys() == components.keys()
+        for name, saved in components.items():
+            for tensor in ("robust", "adversarial"):
+                assert torch.equal(other_components[name][tensor], saved[tensor]), name
 
 
 # ---- input gradients of an attack's own cost -------------------------------------------------
@@ -657,5 +780,5 @@ def test_ctrl_c_to_an_autoattack_process_exits_130_and_its_command_continues(
     assert child.returncode == 130 and "Traceback" not in err, err
     note, command = err.strip().splitlines()[-2:]
     assert note == "interrupted; robustness.csv keeps the rows measured so far; continue with:"
-    assert robustness.main(shlex.split(command)[2:]) == 0
+    assert robustness.main(printed_args(command, "robustness.py", ROOT)) == 0
     assert without_seconds(run_dir) == without_seconds(autoattacked["dir"])

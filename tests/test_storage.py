@@ -87,11 +87,24 @@ def test_files_follow_the_umask_and_leftover_temp_files_are_removed(tmp_path, ca
     modes = {p.name: p.stat().st_mode & 0o777 for p in run_dir.iterdir()}
     assert {"checkpoint.pt", "model.pt", "accuracy.png", "results.csv"} <= set(modes)
     assert set(modes.values()) == {0o664}, modes
-    leftover = run_dir / ".checkpoint.pt.k2j4x9.tmp"
+    host = socket.gethostname()
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, timeout=WAIT)  # fmt: skip
+    leftover = run_dir / f".checkpoint.pt.k2j4x9.{int(gone.stdout)}@{host}.tmp"  # a killed write
+    kept = {
+        run_dir / f".robustness.csv.p0q1r2.{os.getpid()}@{host}.tmp": b"a live writer's rows",
+        run_dir / f".checkpoint.pt.s3t4u5.{int(gone.stdout)}@another-host.tmp": b"not ours",
+        run_dir / ".draft.tmp": b"the user's own file",
+    }
     leftover.write_bytes(b"half a checkpoint")
+    for path, content in kept.items():
+        path.write_bytes(content)
     assert main_fast.main(["--load-path", str(run_dir), "--epochs", "2"]) == 0
     assert not leftover.exists()
-    assert f"removed {leftover.name}, left by an interrupted write" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"removed {leftover.name}, left by an interrupted write" in out
+    assert out.count("removed ") == 1
+    assert {path: path.read_bytes() for path in kept} == kept
 
 
 # ----------------------------------------------------------------------- one writer per folder
