@@ -14,11 +14,12 @@ precision check (``precision.ep_update``) and the GDU check (``gdu_check``) all 
 * ``BPTT``: ``T1 - T2`` free steps without a graph, ``T2`` with one, and the gradient of the
   final loss by backpropagation.
 
-``ESTIMATORS`` maps ``--alg`` to its class. Adding a rule is a class and its entry there
-(docs/extending.md). A rule declares the flags of ``EPConfig`` it does not read (``IGNORES``)
-and refuses values it cannot train with (``refusal``); the scripts check both
-(``experiment/config.py``), one rule for all: an ignored flag that is set gets a warning line
-and is left as it is, a refusal stops the run before anything is written (exit 2).
+``learning_rules.ESTIMATORS`` maps ``--alg`` to its class. Adding a rule is a class (in a file
+of its own) and its entry in ``learning_rules.py`` (docs/extending.md). A rule declares the
+flags of ``EPConfig`` it does not read (``IGNORES``) and refuses values it cannot train with
+(``refusal``); the scripts check both (``experiment/config.py``), one rule for all: an ignored
+flag that is set gets a warning line and is left as it is, a refusal stops the run before
+anything is written (exit 2).
 """
 
 from __future__ import annotations
@@ -170,17 +171,6 @@ class BPTT(Estimator):
         return Estimate(final, final)
 
 
-# --alg NAME -> its rule
-ESTIMATORS: dict[str, type[Estimator]] = {cls.NAME: cls for cls in (EP, BPTT)}
-
-
-def make_estimator(cfg: EPConfig) -> Estimator:
-    """The rule ``cfg.alg`` names, for ``cfg``."""
-    if cfg.alg not in ESTIMATORS:
-        raise ValueError(f"unknown learning rule {cfg.alg!r}; choose from {list(ESTIMATORS)}")
-    return ESTIMATORS[cfg.alg](cfg)
-
-
 @torch.no_grad()
 def input_gradient(
     model,
@@ -283,11 +273,9 @@ def gdu_check(
 __all__ = [
     "BPTT",
     "EP",
-    "ESTIMATORS",
     "EPConfig",
     "Estimate",
     "Estimator",
     "gdu_check",
     "input_gradient",
-    "make_estimator",
 ]

@@ -38,10 +38,10 @@ import torch
 import compiled
 import data_utils
 import precision
-from estimators import ESTIMATORS
 from experiment import config, data_loading, distributed, models, records, runs, storage
 from experiment.config import DynamicsConfig, Settings
 from experiment.entry import UsageError
+from learning_rules import ESTIMATORS
 from losses import LOSSES
 from metrics import Metrics
 from utils_ep_fast import (

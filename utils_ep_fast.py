@@ -63,7 +63,7 @@ from dynamics import (
     settling_trace,
     sync_step,
 )
-from estimators import BPTT, EP, EPConfig, Estimator, gdu_check, make_estimator
+from estimators import BPTT, EP, EPConfig, Estimator, gdu_check
 from graph import INPUT, Graph, Layer
 from links import (
     POOLS,
@@ -883,7 +883,6 @@ __all__ = [
     "Schedule",
     "TOL_EVERY",
     "check_finite",
-    "make_estimator",
     "evaluate",
     "evaluate_with_loss",
     "gdu_check",
