@@ -3,13 +3,9 @@ refuses, the metrics object (metrics.py) they report to, and the rule of docs/ex
 
 from __future__ import annotations
 
-import re
-import types
-from pathlib import Path
-
 import pytest
 import torch
-from helpers import DIGITS_CNN
+from helpers import DIGITS_CNN, docs_example
 from math_checks import converged_case
 
 import main_fast
@@ -135,12 +131,8 @@ def test_metrics_sum_over_ranks_and_count_the_phases_by_hand():
 @pytest.fixture(scope="module")
 def docs_rule():
     """The docs' extrapolated EP, executed from the page."""
-    text = (Path(__file__).resolve().parents[1] / "docs" / "extending.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
-    (block,) = [block for block in blocks if "class ExtrapolatedEP" in block]
-    module = types.ModuleType("extrapolated_ep")
-    exec(compile(block, "docs/extending.md", "exec"), module.__dict__)
-    return module.ExtrapolatedEP
+    with docs_example("class ExtrapolatedEP", "extrapolated_ep") as module:
+        return module.ExtrapolatedEP
 
 
 def flat_grads(model) -> torch.Tensor:

@@ -6,13 +6,10 @@ layer takes the loss's update, and the loss of docs/extending.md does all this a
 from __future__ import annotations
 
 import math
-import re
-import types
-from pathlib import Path
 
 import pytest
 import torch
-from helpers import DIGITS_CNN
+from helpers import DIGITS_CNN, docs_example
 from torch import nn
 
 import main_fast
@@ -157,13 +154,8 @@ def test_a_model_output_layer_takes_its_loss_update(loss, softmax):
 @pytest.fixture(scope="module")
 def docs_loss():
     """The docs' squared hinge, executed from the page in a namespace holding ``Loss``."""
-    text = (Path(__file__).resolve().parents[1] / "docs" / "extending.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
-    (block,) = [block for block in blocks if "class SquaredHinge" in block]
-    module = types.ModuleType("hinge_example")
-    module.Loss = Loss
-    exec(compile(block, "docs/extending.md", "exec"), module.__dict__)
-    return module.SquaredHinge
+    with docs_example("class SquaredHinge", "hinge_example", Loss=Loss) as module:
+        return module.SquaredHinge
 
 
 def test_the_docs_loss_nudge_is_autograd_and_its_loss_a_hand_computation(docs_loss):
