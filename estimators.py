@@ -38,9 +38,9 @@ from links import in_memory_format
 
 @dataclass(frozen=True)
 class EPConfig:
-    """How a batch is trained: the rule (``alg``, an ``ESTIMATORS`` name), ``T1`` free and
-    ``T2`` nudged (BPTT: backpropagated) steps, the ``betas`` (beta1, beta2) and the nudging
-    options ``random_sign`` and ``thirdphase``."""
+    """How a batch is trained: the rule (``alg``, a ``learning_rules.ESTIMATORS`` name), ``T1``
+    free and ``T2`` nudged (BPTT: backpropagated) steps, the ``betas`` (beta1, beta2) and the
+    nudging options ``random_sign`` and ``thirdphase``."""
 
     alg: str = "EP"
     T1: int = 20

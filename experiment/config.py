@@ -67,9 +67,10 @@ GDUCHECK_OVERRIDES = EVALUATE_OVERRIDES | {"T2", "betas", "thirdphase", "save", 
 
 @dataclass(frozen=True)
 class DynamicsConfig:
-    """How a batch is trained: ``alg`` (EP or BPTT), ``T1`` free and ``T2`` nudged steps,
-    ``betas`` (beta1, beta2), ``random_sign`` / ``thirdphase`` nudging; ``dynamics`` (sync or
-    async steps), ``tol`` (stop a phase once settled) and the ``precision`` of the phases."""
+    """How a batch is trained: ``alg`` (the learning rule, ``learning_rules.ESTIMATORS``: EP,
+    BPTT, ...), ``T1`` free and ``T2`` nudged steps, ``betas`` (beta1, beta2), ``random_sign``
+    / ``thirdphase`` nudging; ``dynamics`` (sync or async steps), ``tol`` (stop a phase once
+    settled) and the ``precision`` of the phases."""
 
     alg: str
     T1: int
