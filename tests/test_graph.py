@@ -7,11 +7,7 @@ parity, so a, b, c make a triangle), then a softmax readout of c with 3 classes.
 no bias; every layer has one of its own, one per channel of a map.
 """
 
-import re
-import sys
-import types
-from pathlib import Path
-
+import helpers
 import pytest
 import torch
 import torch.nn.functional as F
@@ -19,7 +15,7 @@ from math_checks import cosine
 from torch import nn
 
 import dynamics
-from estimators import EPConfig, input_gradient
+from estimators import EP, EPConfig, input_gradient
 from graph import INPUT, Graph, Layer, is_independent
 from links import POOLS, ConvLink, LinearLink
 from utils_ep_fast import P_CNN, EnergyNet, make_optimizer, train_batch
@@ -228,7 +224,8 @@ def test_a_bias_free_link_trains():
     x, y, _ = random_case(model)
     optimizer = make_optimizer(model, "sgd", [0.1] * 9)
     before = {name: param.detach().clone() for name, param in model.named_parameters()}
-    train_batch(model, optimizer, x, y, EPConfig(T1=10, T2=4, betas=(0.0, 0.5), thirdphase=True))
+    rule = EP(EPConfig(T1=10, T2=4, betas=(0.0, 0.5), thirdphase=True))
+    train_batch(model, optimizer, x, y, rule)
     for synapse in model.synapses[:-1]:
         assert synapse.bias is None
     for name, param in model.named_parameters():
@@ -270,16 +267,8 @@ def test_the_input_gradient_at_small_beta_matches_backpropagation_of_the_loss():
 @pytest.fixture(scope="module")
 def docs_example():
     """The docs' gated skip and its network, executed from the page."""
-    text = (Path(__file__).resolve().parents[1] / "docs" / "extending.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
-    (block,) = [block for block in blocks if "class GatedSkipLink" in block]
-    module = types.ModuleType("coupling_example")
-    sys.modules[module.__name__] = module
-    try:
-        exec(compile(block, "docs/extending.md", "exec"), module.__dict__)
+    with helpers.docs_example("class GatedSkipLink", "coupling_example") as module:
         yield module
-    finally:
-        del sys.modules[module.__name__]
 
 
 def skip_cnn(docs_example):
@@ -344,6 +333,7 @@ def test_the_docs_skip_network_trains_every_parameter(docs_example):
     x, y, _ = skip_cnn_case(model, 3)
     optimizer = make_optimizer(model, "sgd", [0.05] * 8)
     before = {name: param.detach().clone() for name, param in model.named_parameters()}
-    train_batch(model, optimizer, x, y, EPConfig(T1=10, T2=4, betas=(0.0, 0.5), thirdphase=True))
+    rule = EP(EPConfig(T1=10, T2=4, betas=(0.0, 0.5), thirdphase=True))
+    train_batch(model, optimizer, x, y, rule)
     for name, param in model.named_parameters():
         assert torch.isfinite(param).all() and not torch.equal(param, before[name]), name

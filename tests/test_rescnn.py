@@ -29,7 +29,7 @@ from experiment.records import save_dictionary
 from lca import LCAConv2D
 from rescnn import ResCNN
 from robust_eval.evaluation import ROBUSTNESS_CSV
-from utils_ep_fast import EPConfig, make_optimizer, train_batch
+from utils_ep_fast import EP, EPConfig, Phases, make_optimizer, train_batch
 
 BATCH = 3
 GAINS = [0.6, 0.6, 0.7, 0.6, 0.6, 0.7, 0.8]  # the anchor's gains, in synapse order
@@ -341,9 +341,9 @@ def test_the_update_the_precision_check_measures_is_the_one_training_applies():
     model = two_blocks()
     untouched = copy.deepcopy(model)
     x, y, _ = random_case(model)
-    cfg = EPConfig(T1=6, T2=3, betas=(0.0, 0.5), thirdphase=True)
-    train_batch(model, make_optimizer(model, "sgd", [1.0] * len(model.synapses)), x, y, cfg)
-    update = precision.ep_update(untouched, x, y, cfg)
+    rule = EP(EPConfig(T1=6, T2=3, betas=(0.0, 0.5), thirdphase=True))
+    train_batch(model, make_optimizer(model, "sgd", [1.0] * len(model.synapses)), x, y, rule)
+    update = precision.ep_update(untouched, x, y, rule)
     moved = dict(model.named_parameters())
     assert update.keys() == moved.keys() and len(model.layer_biases) == 5
     for name, before in untouched.named_parameters():
@@ -351,27 +351,27 @@ def test_the_update_the_precision_check_measures_is_the_one_training_applies():
 
 
 @torch.no_grad()
-def test_bf16_rounds_every_layer_of_the_sync_phases_and_async_stays_float32():
+def test_bf16_rounds_every_layer_of_the_sync_phases_and_async_stays_float32(capsys):
     """bf16 keeps 8 significant bits: every layer moves, by a few percent of its range at
     most; ``--dynamics async`` is not captured and runs eagerly in float32 (a notice)."""
     model = two_blocks().float()
     x, y, _ = random_case(model)
     x = x.float()
-    exact = {}
+    rounded = {}
     for dynamics in ("sync", "async"):
-        with model.dynamics_set_to(dynamics):
-            exact[dynamics] = model(x, y, model.init_neurons(x), 8, beta=0.5)
-    compiled.install(model, compile=False, autocast_dtype=torch.bfloat16)
-    rounded = model(x, y, model.init_neurons(x), 8, beta=0.5)
-    for k, (a, b) in enumerate(zip(rounded, exact["sync"], strict=True)):
-        assert a.dtype == torch.float32 and a.shape == b.shape
-        assert 0 < (a - b).abs().max().item() < 0.05 * b.abs().max().item(), f"layer {k}"
-    model.set_dynamics("async")
-    compiled.uninstall(model)
-    notices = compiled.install(model, compile=False, autocast_dtype=torch.bfloat16)
-    rounded = model(x, y, model.init_neurons(x), 8, beta=0.5)
-    assert all(torch.equal(a, b) for a, b in zip(rounded, exact["async"], strict=True))
-    assert "dynamics" in notices.said
+        model.set_dynamics(dynamics)
+        exact = model(x, y, model.init_neurons(x), 8, beta=0.5)
+        phases = Phases(runner=compiled.install(model, False, autocast_dtype=torch.bfloat16))
+        rounded[dynamics] = phases.run(model, x, y, model.init_neurons(x), 8, beta=0.5)
+        if dynamics == "sync":
+            for k, (a, b) in enumerate(zip(rounded["sync"], exact, strict=True)):
+                assert a.dtype == torch.float32 and a.shape == b.shape
+                assert 0 < (a - b).abs().max().item() < 0.05 * b.abs().max().item(), f"layer {k}"
+    assert all(torch.equal(a, b) for a, b in zip(rounded["async"], exact, strict=True))
+    assert (
+        "with --dynamics async or --tol the phases run eagerly in float32"
+        in capsys.readouterr().out
+    )
 
 
 @pytest.mark.parametrize(
