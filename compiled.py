@@ -5,8 +5,9 @@ edge leaving the input)
 (``dynamics.sync_step``), and an LCA encode is ``lca_iters`` calls of
 ``LCAConv2D.iterate``. On a GPU each step of the seed RCNN is about twenty small kernel
 launches from Python, so launch overhead rather than arithmetic can set the cost. This module
-runs those loops from the outside, through two hooks: ``EnergyNet.phase_runner`` (a
-``PhaseRunner``) and ``LCAConv2D.settle_runner`` (a ``CapturedLCA``); ``install`` sets both.
+runs those loops from the outside: a ``PhaseRunner``, which the caller hands to whatever runs
+phases (``dynamics.Phases.runner``), and ``LCAConv2D.settle_runner`` (a ``CapturedLCA``);
+``install`` makes the first and sets the second.
 
 * Compiled: the step (and the LCA iteration) go through ``torch.compile`` (inductor, default
   mode, static shapes), which fuses the elementwise work between the convolutions; the loop
@@ -226,7 +227,7 @@ class Capturer:
 
 
 class PhaseRunner(Capturer):
-    """Runs ``EnergyNet.forward``'s phases (installed as ``model.phase_runner``).
+    """Runs a model's phases in the engine's loop's place (``dynamics.Phases.runner``).
 
     Args:
         model: the network whose step (``dynamics.sync_step``) is run.
@@ -263,11 +264,12 @@ class PhaseRunner(Capturer):
         T: int,
         beta: float,
         track_grad: bool,
+        safe_point: Callable[[], None] | None = None,
     ) -> list[Tensor] | None:
         """The states after ``T`` steps from ``neurons``, or ``None`` (with one notice) for a
         phase with an autograd graph, or asynchronous or stopped by a tolerance, which the
-        engine then runs itself, eagerly in float32. ``model.safe_point``, when set, runs
-        between steps."""
+        engine then runs itself, eagerly in float32. ``safe_point``, when given, runs between
+        steps."""
         if track_grad:
             self.notices.once(
                 "track_grad",
@@ -278,7 +280,6 @@ class PhaseRunner(Capturer):
         if self.model.dynamics != "sync" or self.model.tol is not None:
             return None  # said once by install; diagnostics switch dynamics for a moment
         dtype = neurons[0].dtype
-        safe_point = self.model.safe_point
         with self._autocast(x.device):
             input_drives = self.model.input_drives(x)
             if self.autocast_dtype is not None:
@@ -377,14 +378,15 @@ def install(
     compile: bool,
     autocast_dtype: torch.dtype | None = None,
     graphs: bool | None = None,
-) -> Notices:
-    """Hook ``model``'s phases (and its LCA front end's encode, if any) as the flags ask:
-    ``compile`` for ``--compile``, ``autocast_dtype`` for ``--precision bf16``; ``graphs`` as
-    ``PhaseRunner``'s. Returns the notices, shared by every hook. Without any, nothing is
-    hooked."""
+) -> PhaseRunner | None:
+    """The runner of ``model``'s phases as the flags ask (``compile`` for ``--compile``,
+    ``autocast_dtype`` for ``--precision bf16``; ``graphs`` as ``PhaseRunner``'s), for the
+    caller's ``dynamics.Phases``; and its LCA front end's encode, if any, hooked. None (and
+    nothing hooked) without any. The runner and the hook share their notices."""
     notices = Notices()
+    runner = None
     if compile or graphs or autocast_dtype is not None:
-        model.phase_runner = PhaseRunner(model, compile, graphs, autocast_dtype, notices)
+        runner = PhaseRunner(model, compile, graphs, autocast_dtype, notices)
         if model.dynamics != "sync" or model.tol is not None:
             notices.once(
                 "dynamics",
@@ -394,12 +396,11 @@ def install(
     lca = getattr(model, "lca", None)
     if (compile or graphs) and isinstance(lca, LCAConv2D):
         lca.settle_runner = CapturedLCA(lca, compile, graphs, notices)
-    return notices
+    return runner
 
 
 def uninstall(model: EnergyNet) -> None:
-    """Back to the engine's own loops."""
-    model.phase_runner = None
+    """The LCA front end's encode back to its own loop (a runner is simply dropped)."""
     lca = getattr(model, "lca", None)
     if isinstance(lca, LCAConv2D):
         lca.settle_runner = None

@@ -51,7 +51,8 @@ step). Its ``PhaseRecord`` says how many steps it took and whether it settled.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
+from dataclasses import dataclass
+from typing import NamedTuple, Protocol
 
 import torch
 from torch import Tensor
@@ -69,10 +70,12 @@ TOL_EVERY = 5  # with a tolerance, a phase checks whether it settled every this 
 
 # edge e -> (F_e on its current source state, its adjoint's cache), for the edges refreshed so far
 Drives = dict[int, tuple[Tensor, tuple | None]]
+# the output layer's update in a phase, in the loss's place: (drive, s_out, y, beta) -> new s_out
+OutputUpdate = Callable[[Tensor, Tensor, Tensor, float], Tensor]
 
 
 class PhaseRecord(NamedTuple):
-    """What a phase (one call of ``EnergyNet.forward``) did.
+    """What a phase (one call of ``Phases.run``) did.
 
     steps: the steps it took (``T`` without a tolerance);
     settled: whether ``max |s_t - s_(t-1)|`` fell below the tolerance (None without one; False
@@ -111,23 +114,36 @@ def refresh(
                 drives[e] = links[e].drive(neurons[source])
 
 
-def update(model, y: Tensor, neurons: list[Tensor], beta: float, layers, drives: Drives) -> None:
+def update(
+    model,
+    y: Tensor,
+    neurons: list[Tensor],
+    beta: float,
+    layers,
+    drives: Drives,
+    output_update: OutputUpdate | None = None,
+) -> None:
     """The layers of ``layers`` in the list ``neurons`` (in place, in increasing order) from
     their drives and the caches of the edges leaving them, every one from the states as they
-    were before the first of them changed."""
+    were before the first of them changed (``output_update``: see ``EnergyNet.layer_update``)."""
     before = list(neurons)
     for k in layers:
-        neurons[k] = model.layer_update(k, drives, before, y, beta)
+        neurons[k] = model.layer_update(k, drives, before, y, beta, output_update)
 
 
 def sync_step(
-    model, y: Tensor, neurons: list[Tensor], beta: float, input_drives: list[Tensor]
+    model,
+    y: Tensor,
+    neurons: list[Tensor],
+    beta: float,
+    input_drives: list[Tensor],
+    output_update: OutputUpdate | None = None,
 ) -> list[Tensor]:
     """One synchronous step: every layer from the old states (the step ``--compile`` runs)."""
     neurons, drives = list(neurons), {}
     every = range(model.num_layers)
     refresh(model, neurons, input_drives, every, drives)
-    update(model, y, neurons, beta, every, drives)
+    update(model, y, neurons, beta, every, drives, output_update)
     return neurons
 
 
@@ -139,6 +155,7 @@ def half_steps(
     input_drives: list[Tensor],
     drives: Drives,
     groups: list[list[int]],
+    output_update: OutputUpdate | None = None,
 ) -> list[Tensor]:
     """Asynchronous half-steps, one per group of ``groups`` in turn (a step: every group of
     ``model.groups``), on a copy of ``neurons``. ``drives`` must hold the edges feeding the
@@ -146,17 +163,21 @@ def half_steps(
     neurons = list(neurons)
     for group in groups:
         refresh(model, neurons, input_drives, group, drives)
-        update(model, y, neurons, beta, group, drives)
+        update(model, y, neurons, beta, group, drives, output_update)
     return neurons
 
 
 def stepper(
-    model, y: Tensor, beta: float, input_drives: list[Tensor]
+    model,
+    y: Tensor,
+    beta: float,
+    input_drives: list[Tensor],
+    output_update: OutputUpdate | None = None,
 ) -> Callable[[list[Tensor]], list[Tensor]]:
     """The model's step for one phase, ``states -> next states``; the asynchronous one carries
     its edges' drives from step to step."""
     if model.dynamics == "sync":
-        return lambda neurons: sync_step(model, y, neurons, beta, input_drives)
+        return lambda neurons: sync_step(model, y, neurons, beta, input_drives, output_update)
     drives: Drives = {}
     groups = model.groups
 
@@ -164,26 +185,34 @@ def stepper(
         if not drives:
             for group in groups[1:]:
                 refresh(model, neurons, input_drives, group, drives)
-        return half_steps(model, y, neurons, beta, input_drives, drives, groups)
+        return half_steps(model, y, neurons, beta, input_drives, drives, groups, output_update)
 
     return async_step
 
 
 def run_phase(
-    model, x: Tensor, y: Tensor, neurons: list[Tensor], T: int, beta: float, track_grad: bool
+    model,
+    x: Tensor,
+    y: Tensor,
+    neurons: list[Tensor],
+    T: int,
+    beta: float,
+    track_grad: bool,
+    output_update: OutputUpdate | None = None,
+    safe_point: Callable[[], None] | None = None,
 ) -> tuple[list[Tensor], PhaseRecord]:
     """At most ``T`` steps of the model's dynamics from ``neurons`` (in the engine's layouts).
 
     With ``model.tol`` (and no ``track_grad``: BPTT backpropagates through exactly ``T``
     steps) stop at the first check (every ``tol_every`` steps, and at ``T``) where
-    ``max |s_t - s_(t-1)|`` is below ``tol``. ``model.safe_point``, when set, runs between
-    steps. Returns the states and the phase's record.
+    ``max |s_t - s_(t-1)|`` is below ``tol``. ``safe_point``, when given, runs between steps;
+    ``output_update`` replaces the loss's update of the output layer. Returns the states and
+    the phase's record.
     """
     if T == 0:
         return neurons, PhaseRecord(0, None if model.tol is None or track_grad else False)
-    advance = stepper(model, y, beta, model.input_drives(x))
+    advance = stepper(model, y, beta, model.input_drives(x), output_update)
     checks = model.tol is not None and not track_grad
-    safe_point = model.safe_point
     steps, settled = T, False if checks else None
     for step in range(1, T + 1):
         if safe_point is not None and step > 1:
@@ -195,6 +224,90 @@ def run_phase(
                 steps = step
                 break
     return neurons, PhaseRecord(steps, settled)
+
+
+class PhaseLog(Protocol):
+    """Where a phase's record goes (``metrics.Metrics``)."""
+
+    def add_phase(self, name: str, record: PhaseRecord) -> None: ...
+
+
+@dataclass(frozen=True)
+class Phases:
+    """How a caller's phases run, passed to whatever runs them (nothing is set on the model).
+
+    runner: runs a phase in the engine's loop's place (``compiled.PhaseRunner``), called as
+        ``runner(x, y, neurons, T, beta, track_grad, safe_point)``; it returns None to decline
+        (then the engine's ``run_phase`` runs it). None: always the engine's loop.
+    safe_point: called between the steps of every phase (a stop request raises there), and by
+        training before every batch; None: no call, no cost.
+    log: receives ``(name, record)`` for every phase run with a ``name`` (``metrics.Metrics``
+        counts the steps per phase name); None: records are not kept.
+    """
+
+    runner: Callable[..., list[Tensor] | None] | None = None
+    safe_point: Callable[[], None] | None = None
+    log: PhaseLog | None = None
+
+    def run(
+        self,
+        model,
+        x: Tensor,
+        y: Tensor,
+        neurons: list[Tensor],
+        T: int,
+        beta: float = 0.0,
+        *,
+        name: str | None = None,
+        track_grad: bool = False,
+        output_update: OutputUpdate | None = None,
+    ) -> list[Tensor]:
+        """The states after a phase of ``T`` steps from ``neurons`` (``run_recorded``)."""
+        return self.run_recorded(
+            model, x, y, neurons, T, beta, name=name, track_grad=track_grad,
+            output_update=output_update,
+        )[0]  # fmt: skip
+
+    def run_recorded(
+        self,
+        model,
+        x: Tensor,
+        y: Tensor,
+        neurons: list[Tensor],
+        T: int,
+        beta: float = 0.0,
+        *,
+        name: str | None = None,
+        track_grad: bool = False,
+        output_update: OutputUpdate | None = None,
+    ) -> tuple[list[Tensor], PhaseRecord]:
+        """Run ``T`` steps of ``model``'s dynamics on the fixed input ``x`` (B, ...) from
+        ``neurons`` at ``beta`` (to a tolerance if the model has one, unless ``track_grad``);
+        return the settled states and the phase's record, which ``log`` gets under ``name``.
+
+        No autograd graph unless ``track_grad``; the input list is left untouched; the input
+        and states are put once in the layout of ``memory_format_for``. ``output_update``
+        (``(drive, s_out, y, beta) -> new s_out``) replaces the loss's update of the output
+        layer (a phase nudged by another cost, or clamped); the runner declines such phases.
+        """
+        with torch.set_grad_enabled(track_grad):
+            x = in_memory_format(x)
+            neurons = [in_memory_format(state) for state in neurons]
+            settled = None
+            if self.runner is not None and T > 0 and output_update is None:
+                settled = self.runner(x, y, neurons, T, beta, track_grad, self.safe_point)
+            if settled is not None:
+                neurons, record = settled, PhaseRecord(T, None)
+            else:
+                neurons, record = run_phase(
+                    model, x, y, neurons, T, beta, track_grad, output_update, self.safe_point
+                )
+        if name is not None and self.log is not None:
+            self.log.add_phase(name, record)
+        return neurons, record
+
+
+EAGER = Phases()  # the engine's own loop, no safe point, no log (``EnergyNet.forward``)
 
 
 def group_step(

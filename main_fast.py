@@ -41,11 +41,16 @@ import precision
 from experiment import config, data_loading, distributed, models, records, runs, storage
 from experiment.config import DynamicsConfig, Settings
 from experiment.entry import UsageError
+from learning_rules import ESTIMATORS
+from losses import LOSSES
+from metrics import Metrics
 from utils_ep_fast import (
     ACTIVATIONS,
     DYNAMICS,
     DivergenceError,
     EnergyNet,
+    Phases,
+    Schedule,
     evaluate,
     gdu_check,
     make_optimizer,
@@ -97,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add("--act", choices=list(ACTIVATIONS), default="mysig", help="neuron activation")
     add("--todo", choices=TODOS, default="train", help="what to do")
-    add("--alg", choices=("EP", "BPTT"), default="EP", help="training algorithm")
+    add("--alg", choices=list(ESTIMATORS), default="EP", help="learning rule")
     add("--T1", type=int, default=20, help="free-phase steps")
     add("--T2", type=int, default=4, help="nudged-phase steps")
     add("--betas", type=float, nargs="+", default=[0.0, 0.01], help="beta1 beta2")
@@ -105,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--tol", type=float, default=None, help="stop a phase once max|ds| < TOL (T1/T2 caps)")
     add("--random-sign", action="store_true", help="random sign of beta2 per batch")
     add("--thirdphase", action="store_true", help="nudge with +beta2 and -beta2")
-    add("--loss", choices=("mse", "cel"), default="mse", help="loss")
+    add("--loss", choices=list(LOSSES), default="mse", help="loss")
     add("--softmax", action="store_true", help="softmax readout outside the system")
     add("--optim", choices=("sgd", "adam"), default="sgd", help="optimizer")
     add("--lrs", type=float, nargs="+", default=None, help="learning rate per synapse (or one)")
@@ -188,14 +193,17 @@ def set_dynamics(model: EnergyNet, dynamics: DynamicsConfig) -> None:
     model.set_dynamics(dynamics.dynamics, dynamics.tol)
 
 
-def install_phases(model: EnergyNet, settings: Settings, device: torch.device) -> None:
-    """The dynamics, the compiled phases and their precision (``--compile``, ...), and the stop
-    requests of Ctrl-C and SIGTERM honoured between the steps of every phase."""
+def install_phases(model: EnergyNet, settings: Settings, device: torch.device) -> Phases:
+    """The dynamics set on the model, and how its phases run: compiled and in a precision
+    (``--compile``, ...), with the stop requests of Ctrl-C and SIGTERM honoured between the
+    steps of every phase (and before every training batch)."""
     set_dynamics(model, settings.dynamics)
+    safe_point = None
     if not distributed.launched():  # under torchrun the ranks agree on a batch boundary instead
-        model.safe_point = entry.raise_if_stopped
+        safe_point = entry.raise_if_stopped
     precision_mode = precision.apply(settings.dynamics.precision, device)
-    compiled.install(model, settings.run.compile, precision_mode)
+    runner = compiled.install(model, settings.run.compile, precision_mode)
+    return Phases(runner=runner, safe_point=safe_point)
 
 
 # --------------------------------------------------------------------------------------------
@@ -262,11 +270,11 @@ def run_train(args: argparse.Namespace, explicit: set[str], argv: list[str]) -> 
                 )
         else:
             load_pretrained_dictionary(model, settings)
-        install_phases(model, settings, device)
+        phases = install_phases(model, settings, device)
         data = build_data(settings, device, settings.data.data_aug, shuffle=True, record=checkpoint)
         probe = [tensor.to(device) for tensor in data.probe]
-        ep = settings.dynamics.ep_config()
-        precision.check_ep_update(model, *probe, ep, settings.dynamics.precision)
+        estimator = settings.dynamics.estimator()
+        precision.check_ep_update(model, *probe, estimator, settings.dynamics.precision)
         start_epoch = checkpoint["epoch"] if checkpoint else 0
         if checkpoint:
             records.restore_rng(checkpoint, data.train_loader)
@@ -279,10 +287,11 @@ def run_train(args: argparse.Namespace, explicit: set[str], argv: list[str]) -> 
             )  # fmt: skip
         train_batches = distributed.split_batches(data.train_loader, training.optimizer)
         loaders = train_batches, distributed.shard_evaluation(data.test_loader)
-        epochs = start_epoch, settings.run.epochs
-        return runs.train_run(
-            training, loaders, ep, device, epochs, recorder, distributed.sum_totals
+        schedule = Schedule(
+            settings.run.epochs, start_epoch, device, training.scheduler, recorder, phases
         )
+        metrics = Metrics(distributed.sum_totals, recorder)
+        return runs.train_run(training, loaders, estimator, schedule, recorder, metrics)
 
 
 def train_settings(
@@ -360,11 +369,15 @@ def run_evaluate(args: argparse.Namespace, explicit: set[str], argv: list[str]) 
     dynamics = settings.dynamics
     device = distributed.device_for(settings.run.device)
     model = records.restore_model(record, device)
-    install_phases(model, settings, device)
+    phases = install_phases(model, settings, device)
     data = build_data(settings, device, train_aug=False, shuffle=False, record=record)
-    shard, total = distributed.shard_evaluation, distributed.sum_totals
-    train_acc = evaluate(model, shard(data.train_loader), dynamics.T1, device, "train set", total)
-    test_acc = evaluate(model, shard(data.test_loader), dynamics.T1, device, "test set", total)
+    shard, total = distributed.shard_evaluation, Metrics(distributed.sum_totals)
+    train_acc = evaluate(
+        model, shard(data.train_loader), dynamics.T1, device, "train set", total, phases
+    )
+    test_acc = evaluate(
+        model, shard(data.test_loader), dynamics.T1, device, "test set", total, phases
+    )
     line = (
         f"evaluate {path.name} (epoch {record['epoch']}, T1 {dynamics.T1}, {dynamics.dynamics}"
         f"{'' if dynamics.tol is None else f', tol {dynamics.tol}'}): "
@@ -397,16 +410,16 @@ def run_gducheck(args: argparse.Namespace, explicit: set[str], argv: list[str]) 
         load_pretrained_dictionary(model, settings)
     if settings.run.save:
         storage.check_writable(settings.run.results_dir, "results-dir")
-    install_phases(model, settings, device)
+    phases = install_phases(model, settings, device)
     data = build_data(settings, device, train_aug=False, shuffle=False, record=record)
     x, y = next(iter(data.train_loader))
     x, y = x.to(device), y.to(device)
-    ep = settings.dynamics.ep_config()
-    report = gdu_check(model, x, y, ep)
+    report = gdu_check(model, x, y, settings.dynamics.ep_config(), phases)
     print(f"{'parameter':<28} {'relative RMSE':>14} {'sign errors':>12}")
     for name, entry_ in report.items():
         print(f"{name:<28} {entry_['rel_rmse']:>14.4f} {entry_['sign_error']:>12.3f}")
-    precision.check_ep_update(model, x, y, ep, settings.dynamics.precision, refuse=False)
+    estimator = settings.dynamics.estimator()
+    precision.check_ep_update(model, x, y, estimator, settings.dynamics.precision, refuse=False)
     if settings.run.save and distributed.is_main_process():
         run_dir = runs.new_run_dir(settings)
         command = ["python", "main_fast.py", *argv]

@@ -29,8 +29,10 @@ import torch
 from torch import Tensor
 
 from compiled import PhaseRunner
+from dynamics import EAGER, Phases
+from estimators import Estimator
 from experiment.entry import UsageError, warn
-from utils_ep_fast import EnergyNet, EPConfig, ep_phases
+from utils_ep_fast import EnergyNet
 
 PRECISIONS = ("fp32", "tf32", "bf16")
 # Relative error of the EP update against float32 above which a run is warned / refused.
@@ -75,28 +77,28 @@ def apply(precision: str | None, device: torch.device) -> torch.dtype | None:
 
 @contextlib.contextmanager
 def running_in(model: EnergyNet, precision: str, device: torch.device):
-    """Within the block, ``model``'s phases run eagerly in ``precision``; everything (the
-    model's own phase runner, the CUDA backends) is put back afterwards."""
-    saved_runner = model.phase_runner
+    """Within the block the CUDA backends are set for ``precision``; yields the ``Phases``
+    that run ``model``'s phases eagerly in it. The backends are put back afterwards."""
     matmul, conv, attribute = _tf32_api()
     saved_tf32 = getattr(matmul, attribute), getattr(conv, attribute)
     try:
         dtype = apply(precision, device)
-        model.phase_runner = PhaseRunner(model, False, False, dtype) if dtype else None
-        yield
+        yield Phases(runner=PhaseRunner(model, False, False, dtype) if dtype else None)
     finally:
-        model.phase_runner = saved_runner
         setattr(matmul, attribute, saved_tf32[0])
         setattr(conv, attribute, saved_tf32[1])
 
 
 @torch.no_grad()
-def ep_update(model: EnergyNet, x: Tensor, y: Tensor, cfg: EPConfig) -> dict[str, Tensor]:
-    """The EP update ``train_batch`` would apply for ``(x, y)`` (with ``beta_2`` as given, no
-    random sign): ``ep_phases``'s estimate per parameter name; nothing is applied and the
-    gradients are cleared."""
+def ep_update(
+    model: EnergyNet, x: Tensor, y: Tensor, estimator: Estimator, phases: Phases = EAGER
+) -> dict[str, Tensor]:
+    """The update ``train_batch`` would apply for ``(x, y)`` with ``estimator`` (with ``beta_2``
+    as given, no random sign): its estimate per parameter name, its phases run through
+    ``phases``; nothing is applied and the gradients are cleared."""
     code = model.prepare_input(x).code
-    ep_phases(model, code, y, dataclasses.replace(cfg, random_sign=False))
+    fixed_sign = type(estimator)(dataclasses.replace(estimator.cfg, random_sign=False))
+    fixed_sign.estimate(model, code, y, phases)
     update = {
         name: param.grad.detach().clone()
         for name, param in model.named_parameters()
@@ -113,13 +115,16 @@ def relative_error(update: dict[str, Tensor], reference: dict[str, Tensor]) -> f
     return (difference / norm.clamp_min(1e-30)).sqrt().item()
 
 
-def ep_update_error(model: EnergyNet, x: Tensor, y: Tensor, cfg: EPConfig, precision: str) -> float:
-    """Relative error of the EP update in ``precision`` against float32 on ``(x, y)``."""
+def ep_update_error(
+    model: EnergyNet, x: Tensor, y: Tensor, estimator: Estimator, precision: str
+) -> float:
+    """Relative error of ``estimator``'s update in ``precision`` against float32 on
+    ``(x, y)``."""
     device = x.device
-    with running_in(model, "fp32", device):
-        reference = ep_update(model, x, y, cfg)
-    with running_in(model, precision, device):
-        update = ep_update(model, x, y, cfg)
+    with running_in(model, "fp32", device) as phases:
+        reference = ep_update(model, x, y, estimator, phases)
+    with running_in(model, precision, device) as phases:
+        update = ep_update(model, x, y, estimator, phases)
     return relative_error(update, reference)
 
 
@@ -127,19 +132,20 @@ def check_ep_update(
     model: EnergyNet,
     x: Tensor,
     y: Tensor,
-    cfg: EPConfig,
+    estimator: Estimator,
     precision: str | None,
     refuse: bool = True,
 ) -> float | None:
-    """For tf32 and bf16 with EP: measure ``ep_update_error`` on ``(x, y)`` and say it; warn
-    above ``WARN_ERROR`` and, with ``refuse``, raise a UsageError above ``REFUSE_ERROR``.
-    None when there is nothing to measure."""
-    if precision in (None, "fp32") or cfg.alg != "EP":
+    """For tf32 and bf16 with a rule whose estimate rounding can swamp
+    (``Estimator.PRECISION_CHECKED``, e.g. EP): measure ``ep_update_error`` on ``(x, y)`` and
+    say it; warn above ``WARN_ERROR`` and, with ``refuse``, raise a UsageError above
+    ``REFUSE_ERROR``. None when there is nothing to measure."""
+    if precision in (None, "fp32") or not estimator.PRECISION_CHECKED:
         return None
-    error = ep_update_error(model, x, y, cfg, precision)
+    error = ep_update_error(model, x, y, estimator, precision)
     message = (
-        f"--precision {precision}: the EP update on a probe batch differs from float32's by "
-        f"{100 * error:.2f}% (relative error)"
+        f"--precision {precision}: the {estimator.NAME} update on a probe batch differs from "
+        f"float32's by {100 * error:.2f}% (relative error)"
     )
     if refuse and error > REFUSE_ERROR:
         raise UsageError(

@@ -9,10 +9,11 @@ non-batch elements)::
     Phi(x, s, beta) = sum_e < F_e(s_source(e)), s_target(e) >  +  sum_k < b_k, s_k >
                       -  beta * L(s, y)
 
-The output layer ``s_out`` is named (``output_index``). With ``softmax=True`` the readout, a
-linear layer outside the system (``readout``), gives ``L = CE(softmax(W_out s_out + b_out), y)``;
-otherwise ``L`` acts on the output units ``s_out`` (``mse``: ``0.5 ||s_out - onehot(y)||^2``,
-``cel``: ``CE(s_out, y)``).
+The output layer ``s_out`` is named (``output_index``). The loss ``L`` is an object
+(``losses``, the model's ``criterion``): with ``softmax=True`` the readout, a linear layer
+outside the system (``readout``), gives ``L = CE(softmax(W_out s_out + b_out), y)``; otherwise
+``L`` acts on the output units ``s_out`` (``mse``: ``0.5 ||s_out - onehot(y)||^2``, ``cel``:
+``CE(s_out, y)``).
 
 A step updates every layer ``s_k <- sigma(dPhi/ds_k)``, with the derivative written out::
 
@@ -27,21 +28,25 @@ to a tolerance). The EP parameter estimate is::
     grad(theta) = d/dtheta [ mean_batch(Phi(s^2, beta_2) - Phi(s^1, beta_1)) / (beta_1 - beta_2) ]
 
 written out explicitly as weight-gradient correlations, each link writing its own share.
-``ep_phases`` runs a batch's phases (free, nudged, the estimate) for training, the precision
-check and the GDU check alike. Vector-field models (``vf_utils_ep_fast``) are the same network
-with links that carry their feedback through separate backward weights.
+A learning rule is an object (``estimators.Estimator``): it runs a batch's phases and writes
+the parameter gradient, for training, the precision check and the GDU check alike. Phases run
+through a ``dynamics.Phases`` handed to them (the compiled runner, the safe point, the phase
+records); nothing of the kind is set on the model. Vector-field models
+(``vf_utils_ep_fast``) are the same network with links that carry their feedback through
+separate backward weights.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import contextmanager
-from typing import NamedTuple
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -49,14 +54,16 @@ import dynamics
 from dynamics import (
     CLAMP_SLOPES,
     DYNAMICS,
+    EAGER,
     TOL_EVERY,
+    OutputUpdate,
     PhaseRecord,
+    Phases,
     max_change,
-    run_phase,
     settling_trace,
     sync_step,
 )
-from estimators import EPConfig, ep_phases, gdu_check
+from estimators import BPTT, EP, EPConfig, Estimator, gdu_check
 from graph import INPUT, Graph, Layer
 from links import (
     POOLS,
@@ -68,6 +75,8 @@ from links import (
     in_memory_format,
     memory_format_for,
 )
+from losses import LOSSES, Loss, make_loss
+from metrics import Metrics
 
 # --------------------------------------------------------------------------------------------
 # Activations
@@ -108,7 +117,6 @@ ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "ctrd_hard_sig": ctrd_hard_sig,
     "relu6": relu6,
 }
-LOSSES = ("mse", "cel")
 
 
 class DivergenceError(RuntimeError):
@@ -140,9 +148,9 @@ class EnergyNet(nn.Module):
     ``synapses`` (they own the weights; ``optimizer_groups`` gives synapse ``i`` the rate entry
     ``i``), adds layers (``add_layer``) and edges with their links (``couple``: ``links[e]`` is
     edge ``e``'s), names the readout (``set_readout``) and the output layer (``set_output``;
-    default the last layer added). ``safe_point``: a stop hook, called between the steps of
-    every phase and before every training batch when set (None: no call, no cost; not module
-    state)."""
+    default the last layer added). The loss is ``criterion`` (``losses``), built from
+    ``loss`` and ``softmax``; the output layer's activation is the model's
+    (``activate_output``)."""
 
     # output units without the activation, whatever the loss (without a softmax readout)
     OUTPUT_LINEAR = False
@@ -174,12 +182,7 @@ class EnergyNet(nn.Module):
         self._output: int | None = None
         self._groups: list[list[int]] | None = None
         self.set_dynamics()
-        self.last_phase = PhaseRecord(0, None)
-        # runs forward's phases in its loop's place when set (see forward)
-        self.phase_runner: Callable[..., list[Tensor] | None] | None = None
-        self.safe_point: Callable[[], None] | None = None
-        # the nudge of another cost than the loss (``estimators.input_gradient``'s ``nudge``)
-        self.output_nudge: Callable[[Tensor], Tensor] | None = None
+        object.__setattr__(self, "_criterion", (None, None))  # (its key, the loss object)
 
     def set_dynamics(
         self, dynamics: str = "sync", tol: float | None = None, tol_every: int = TOL_EVERY
@@ -308,25 +311,28 @@ class EnergyNet(nn.Module):
 
     # ---- energy, loss, prediction ---------------------------------------------------------
 
+    @property
+    def criterion(self) -> Loss:
+        """The loss object (``losses.make_loss``): ``loss`` on the output units, or the softmax
+        readout with ``softmax``; made once per (loss, classes, readout)."""
+        key = (self.loss_name, self.num_classes, self.readout)
+        made_for, criterion = self._criterion
+        if made_for != key:
+            criterion = make_loss(self.loss_name, self.num_classes, self.readout)
+            object.__setattr__(self, "_criterion", (key, criterion))
+        return criterion
+
     def output_logits(self, neurons: list[Tensor]) -> Tensor:
         """(B, classes): the readout of ``s_out`` with ``softmax``, else the output units."""
-        last = neurons[self.output_index]
-        if self.softmax:
-            return F.linear(last.flatten(1), self.readout.weight, self.readout.bias)
-        return last
+        return self.criterion.logits(neurons[self.output_index])
 
     def loss(self, neurons: list[Tensor], y: Tensor) -> Tensor:
-        """Per-sample loss (B,): CE of the readout or of ``s_out``, or
-        ``0.5 ||s_out - onehot||^2``."""
-        logits = self.output_logits(neurons)
-        if self.softmax or self.loss_name == "cel":
-            return F.cross_entropy(logits, y, reduction="none")
-        onehot = F.one_hot(y, self.num_classes).to(logits.dtype)
-        return 0.5 * (logits - onehot).pow(2).sum(1)
+        """Per-sample loss (B,) of the states ``neurons``: ``criterion.value`` of ``s_out``."""
+        return self.criterion.value(neurons[self.output_index], y)
 
     def predict(self, neurons: list[Tensor]) -> Tensor:
         """Predicted class per sample (B,)."""
-        return self.output_logits(neurons).argmax(1)
+        return self.criterion.predict(neurons[self.output_index])
 
     def Phi(self, x: Tensor, y: Tensor, neurons: list[Tensor], beta: float) -> Tensor:
         """The primitive function ``sum_e <F_e(s_source), s_target> + sum_k <b_k, s_k> - beta
@@ -360,7 +366,13 @@ class EnergyNet(nn.Module):
         return sync_step(self, y, neurons, beta, self.input_drives(x))
 
     def layer_update(
-        self, k: int, drives: dict, neurons: list[Tensor], y: Tensor, beta: float
+        self,
+        k: int,
+        drives: dict,
+        neurons: list[Tensor],
+        y: Tensor,
+        beta: float,
+        output_update: OutputUpdate | None = None,
     ) -> Tensor:
         """Layer ``k``'s new state ``sigma(drive_k + b_k + g_k feedback_k)`` with::
 
@@ -368,8 +380,9 @@ class EnergyNet(nn.Module):
             feedback_k = sum_{e out of k} F_e^T(s_target)    (through ``drives[e][1]``, the cache
                                                               of F_e's forward pass on s_k)
 
-        each (B, *shape_k), the targets read from ``neurons``. The output layer takes the nudge
-        instead of ``sigma`` (``_output_update``)."""
+        each (B, *shape_k), the targets read from ``neurons``. The output layer's update is the
+        loss's (``Loss.output_update``: the nudge, then ``activate_output``), or
+        ``output_update(drive, s_out, y, beta)`` when given."""
         graph = self.graph
         drive = None
         for e in graph.incoming[k]:
@@ -390,38 +403,25 @@ class EnergyNet(nn.Module):
                 feedback = feedback * scale
             drive = drive + feedback
         if k == self.output_index:
-            return in_memory_format(self._output_update(drive, neurons[k], y, beta))
+            if output_update is not None:
+                return in_memory_format(output_update(drive, neurons[k], y, beta))
+            criterion = self.criterion
+            new = criterion.output_update(drive, neurons[k], y, beta, self.activate_output)
+            return in_memory_format(new)
         return in_memory_format(self.sigma(drive))
 
     @property
     def linear_output(self) -> bool:
         """Whether the output units take ``dPhi/ds_out`` (plus the nudge) without the
-        activation: with ``cel`` and no readout (Laborieux's convention), and always without a
-        readout when the model's output units are linear (``OUTPUT_LINEAR``, the ResCNN)."""
-        return not self.softmax and (self.OUTPUT_LINEAR or self.loss_name == "cel")
+        activation: when the loss asks for it (``cel`` without a readout, Laborieux's
+        convention), and always without a readout when the model's output units are linear
+        (``OUTPUT_LINEAR``, the ResCNN)."""
+        return not self.softmax and (self.OUTPUT_LINEAR or self.criterion.LINEAR_OUTPUT)
 
-    def _output_update(self, grad: Tensor, state: Tensor, y: Tensor, beta: float) -> Tensor:
-        """The output layer's new state from its drive ``grad`` and the nudge
-        ``-beta dL/ds_out``: ``beta W_out^T (onehot - softmax)`` with the softmax readout,
-        ``beta (onehot - s_out)`` with ``mse``, ``beta (onehot - softmax(s_out))`` with ``cel``
-        on the output units; ``sigma`` of the sum, or the sum itself for linear output units
-        (``linear_output``). With ``output_nudge`` set, the nudge is ``beta output_nudge(s_out)``
-        (``-beta dA/ds_out`` of another cost ``A``) in place of the loss's."""
-        if beta != 0.0 and self.output_nudge is not None:
-            grad = grad + beta * self.output_nudge(state)
-            return grad if self.linear_output else self.sigma(grad)
-        if self.softmax:
-            if beta != 0.0:
-                readout = self.readout
-                logits = F.linear(state.flatten(1), readout.weight, readout.bias)
-                error = F.one_hot(y, self.num_classes).to(grad.dtype) - logits.softmax(1)
-                grad = grad + beta * (error @ readout.weight).view_as(grad)
-            return self.sigma(grad)
-        if beta != 0.0:
-            onehot = F.one_hot(y, self.num_classes).to(grad.dtype)
-            target = state.softmax(1) if self.loss_name == "cel" else state
-            grad = grad + beta * (onehot - target)
-        return grad if self.linear_output else self.sigma(grad)
+    def activate_output(self, drive: Tensor) -> Tensor:
+        """The output units' activation: ``sigma``, or the identity for linear output units
+        (``linear_output``)."""
+        return drive if self.linear_output else self.sigma(drive)
 
     def forward(
         self,
@@ -432,22 +432,9 @@ class EnergyNet(nn.Module):
         beta: float = 0.0,
         track_grad: bool = False,
     ) -> list[Tensor]:
-        """Run ``T`` steps of the model's dynamics from ``neurons`` (``dynamics.run_phase``: to a
-        tolerance if set, unless ``track_grad``); return the settled states, the record in
-        ``last_phase``. No graph unless ``track_grad``; the input list is left untouched; the
-        input and states are put once in the layout of ``memory_format_for``. A
-        ``phase_runner`` (``compiled.PhaseRunner``) runs the T steps instead unless it declines.
-        """
-        with torch.set_grad_enabled(track_grad):
-            x = in_memory_format(x)
-            neurons = [in_memory_format(state) for state in neurons]
-            if self.phase_runner is not None and T > 0:
-                settled = self.phase_runner(x, y, neurons, T, beta, track_grad)
-                if settled is not None:
-                    self.last_phase = PhaseRecord(T, None)
-                    return settled
-            neurons, self.last_phase = run_phase(self, x, y, neurons, T, beta, track_grad)
-            return neurons
+        """``T`` steps of the engine's own loop from ``neurons`` (``dynamics.Phases.run`` with
+        no runner, safe point or log); a caller that has its own ``Phases`` runs them there."""
+        return EAGER.run(self, x, y, neurons, T, beta, track_grad=track_grad)
 
     # ---- EP estimate ----------------------------------------------------------------------
 
@@ -468,8 +455,9 @@ class EnergyNet(nn.Module):
         from ``(s_source, s_target)`` of each state; a layer's bias gets
         ``scale (sum s^2_k - sum s^1_k)`` (over the batch, and the positions of a map). The
         readout (``softmax``) only appears in ``-beta L``: ``(b2 dL(s^2) - b1 dL(s^1)) /
-        (b2 - b1)`` with ``dL/dW_out = (softmax - onehot)^T s_out``. ``free`` (default
-        ``s^1``) is read by the vector-field links, which cross the nudged states with it.
+        (b2 - b1)`` with the loss's ``parameter_grads`` (``losses.SoftmaxReadout``). ``free``
+        (default ``s^1``) is read by the vector-field links, which cross the nudged states with
+        it.
         """
         beta_1, beta_2 = betas
         scale = 1.0 / ((beta_1 - beta_2) * max(x.shape[0], 1))  # an empty batch gives zeros
@@ -488,20 +476,11 @@ class EnergyNet(nn.Module):
                             for states in (neurons_2, neurons_1))  # fmt: skip
             bias.grad = (sum_2 - sum_1) * scale
         if self.softmax:
-            weight_2, bias_2 = readout_loss_grads(self, neurons_2, y)
-            weight_1, bias_1 = readout_loss_grads(self, neurons_1, y)
-            self.readout.weight.grad = (beta_1 * weight_1 - beta_2 * weight_2) * scale
-            self.readout.bias.grad = (beta_1 * bias_1 - beta_2 * bias_2) * scale
-
-
-def readout_loss_grads(model: EnergyNet, neurons: list[Tensor], y: Tensor) -> tuple[Tensor, Tensor]:
-    """Batch sums of ``dCE/dW_out = (softmax - onehot)^T s_out`` and ``dCE/db_out`` of
-    ``model``'s readout at the states ``neurons``."""
-    last = neurons[model.output_index].flatten(1)
-    readout = model.readout
-    logits = F.linear(last, readout.weight, readout.bias)
-    error = logits.softmax(1) - F.one_hot(y, model.num_classes).to(last.dtype)
-    return error.t() @ last, error.sum(0)
+            out = self.output_index
+            grads_2 = self.criterion.parameter_grads(neurons_2[out], y)
+            grads_1 = self.criterion.parameter_grads(neurons_1[out], y)
+            for name, param in self.readout.named_parameters():
+                param.grad = (beta_1 * grads_1[name] - beta_2 * grads_2[name]) * scale
 
 
 def _as_pair(size: int | tuple[int, int]) -> tuple[int, int]:
@@ -705,111 +684,72 @@ def train_batch(
     optimizer: torch.optim.Optimizer,
     x: Tensor,
     y: Tensor,
-    cfg: EPConfig,
-    phases: list[tuple[str, PhaseRecord]] | None = None,
+    estimator: Estimator,
+    phases: Phases = EAGER,
 ) -> tuple[list[Tensor], Encoding]:
-    """Train on one batch; return the free-phase states (for accuracy) and the batch's encoding.
-
-    EP: the phases and estimate of ``ep_phases``, then the optimizer step.
-    BPTT: T1 - T2 steps without a graph, T2 with one, backpropagate the final loss.
-    Then ``after_update`` gets the encoding and the nudged states (BPTT: its final states).
-    ``phases``, when given, receives ``("free" | "nudged", model.last_phase)`` per phase run
-    without a graph.
-    """
+    """Train on one batch; return the states it is scored on (``Estimate.free``) and the
+    batch's encoding: the ``estimator``'s phases (through ``phases``) and gradient, the
+    optimizer step, then ``after_update`` with the encoding and ``Estimate.learned``."""
     encoding = model.prepare_input(x)
-    code = encoding.code
     optimizer.zero_grad(set_to_none=True)
-    if cfg.alg == "BPTT":
-        free = model(code, y, model.init_neurons(code), cfg.T1 - cfg.T2)
-        if phases is not None:
-            phases.append(("free", model.last_phase))
-        final = model(code, y, free, cfg.T2, track_grad=True)
-        model.loss(final, y).mean().backward()
-        optimizer.step()
-        final = [state.detach() for state in final]
-        model.after_update(encoding, final)
-        return final, encoding
-    free, nudged = ep_phases(model, code, y, cfg, phases)
+    estimate = estimator.estimate(model, encoding.code, y, phases)
     optimizer.step()
-    model.after_update(encoding, nudged)
-    return free, encoding
-
-
-def _own_totals(totals: dict[str, float]) -> dict[str, float]:
-    return totals
+    model.after_update(encoding, estimate.learned)
+    return estimate.free, encoding
 
 
 def train_epoch(
     model: EnergyNet,
     optimizer: torch.optim.Optimizer,
     loader: Iterable,
-    cfg: EPConfig,
+    estimator: Estimator,
+    metrics: Metrics | None = None,
+    *,
     device: torch.device | str = "cpu",
     description: str = "train",
-    sum_totals: Callable[[dict[str, float]], dict[str, float]] = _own_totals,
-    on_batch: Callable[[int, float, float], None] | None = None,
+    phases: Phases = EAGER,
 ) -> dict[str, float]:
     """One pass over ``loader``; returns ``train_acc``, ``train_loss`` (the model's ``loss`` at
-    the free state) and the model's batch stats, all averaged over every sample of the epoch.
-    ``on_batch(b, accuracy, loss)``, when given, gets after batch ``b`` (from 1) this process's
-    running means so far. With a tolerance (``model.tol``) also, per phase kind,
-    ``<phase>_steps`` (mean steps per phase) and ``<phase>_at_cap`` (fraction of phases that
-    hit their cap without settling), shown in the progress bar as well (this process's phases
-    only). Raises ``DivergenceError`` when states or weights blow up.
-
-    ``sum_totals`` turns this process's sums (correct, seen, stats) into sums over every
-    process of a data-parallel run (``distributed.sum_totals``); here they are all there is."""
+    the free state) and the model's batch stats, all averaged over every sample of the epoch
+    (``Metrics.epoch_means``, summed over ranks by ``metrics``). ``phases.safe_point`` runs
+    before every batch; every phase's record goes to ``metrics``. With a tolerance
+    (``model.tol``) also, per phase name, ``<phase>_steps`` (mean steps per phase) and
+    ``<phase>_at_cap`` (fraction of phases that hit their cap without settling), shown in the
+    progress bar as well (this process's phases only). Raises ``DivergenceError`` when states
+    or weights blow up."""
     model.train()
-    correct, seen, loss_sum = 0, 0, 0.0
-    stat_sums: dict[str, float] = {}
-    phases: list[tuple[str, PhaseRecord]] = []
+    metrics = Metrics() if metrics is None else metrics
+    metrics.start_epoch()
+    logged = dataclasses.replace(phases, log=metrics)
     progress = tqdm(loader, desc=description, leave=False, dynamic_ncols=True)
-    for index, (x, y) in enumerate(progress, start=1):
-        if model.safe_point is not None:
-            model.safe_point()
+    for x, y in progress:
+        if phases.safe_point is not None:
+            phases.safe_point()
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        free, encoding = train_batch(model, optimizer, x, y, cfg, phases)
+        free, encoding = train_batch(model, optimizer, x, y, estimator, logged)
         check_finite(model, free)
+        correct = (model.predict(free) == y).sum().item()
         batch = y.shape[0]
-        correct += (model.predict(free) == y).sum().item()
-        loss_sum += summed_loss(model, free, y)
-        seen += batch
-        if on_batch is not None:
-            on_batch(index, correct / max(seen, 1), loss_sum / max(seen, 1))
-        for name, value in model.batch_stats(encoding).items() if batch else ():
-            stat_sums[name] = stat_sums.get(name, 0.0) + value * batch
-        postfix = {"acc": f"{correct / max(seen, 1):.3f}"}
+        stats = model.batch_stats(encoding) if batch else {}
+        metrics.add_batch(correct, summed_loss(model, free, y), batch, stats)
+        postfix = {"acc": f"{metrics.running_accuracy:.3f}"}
         if model.tol is not None:
             postfix["steps"] = "/".join(
-                f"{value:.0f}" for name, value in phase_stats(phases).items() if "steps" in name
+                f"{value:.0f}" for name, value in metrics.phase_stats().items() if "steps" in name
             )
         progress.set_postfix(postfix)
-    totals = sum_totals({"correct": correct, "seen": seen, "loss": loss_sum, **stat_sums})
-    seen = totals.pop("seen")
-    metrics = {"train_acc": totals.pop("correct") / max(seen, 1)}
-    metrics["train_loss"] = totals.pop("loss") / max(seen, 1)
-    metrics.update({name: total / max(seen, 1) for name, total in totals.items()})
-    if model.tol is not None:
-        metrics.update(phase_stats(phases))
-    return metrics
-
-
-def phase_stats(phases: list[tuple[str, PhaseRecord]]) -> dict[str, float]:
-    """``<phase>_steps``: mean steps of each phase kind, and ``<phase>_at_cap``: the fraction
-    of those phases that stopped at their cap without settling."""
-    stats = {}
-    for name in dict.fromkeys(name for name, _ in phases):
-        records = [record for kind, record in phases if kind == name]
-        stats[f"{name}_steps"] = sum(record.steps for record in records) / len(records)
-        stats[f"{name}_at_cap"] = sum(not record.settled for record in records) / len(records)
-    return stats
+    return metrics.epoch_means(with_phases=model.tol is not None)
 
 
 @torch.no_grad()
-def settle(model: EnergyNet, x: Tensor, y: Tensor, T: int) -> tuple[Encoding, list[Tensor]]:
-    """The encoding of the batch ``x`` and the free-phase states after ``T`` steps from zero."""
+def settle(
+    model: EnergyNet, x: Tensor, y: Tensor, T: int, phases: Phases = EAGER
+) -> tuple[Encoding, list[Tensor]]:
+    """The encoding of the batch ``x`` and the free-phase states after ``T`` steps from zero
+    (run through ``phases``)."""
     encoding = model.prepare_input(x)
-    return encoding, model(encoding.code, y, model.init_neurons(encoding.code), T)
+    code = encoding.code
+    return encoding, phases.run(model, code, y, model.init_neurons(code), T)
 
 
 @torch.no_grad()
@@ -824,11 +764,12 @@ def evaluate(
     T: int,
     device: torch.device | str = "cpu",
     description: str = "eval",
-    sum_totals: Callable[[dict[str, float]], dict[str, float]] = _own_totals,
+    metrics: Metrics | None = None,
+    phases: Phases = EAGER,
 ) -> float:
-    """Accuracy of the free fixed point after ``T`` steps over ``loader`` (its counts summed
-    over processes by ``sum_totals``, as in ``train_epoch``)."""
-    return evaluate_with_loss(model, loader, T, device, description, sum_totals)[0]
+    """Accuracy of the free fixed point after ``T`` steps over ``loader``
+    (``evaluate_with_loss``)."""
+    return evaluate_with_loss(model, loader, T, device, description, metrics, phases)[0]
 
 
 @torch.no_grad()
@@ -838,68 +779,84 @@ def evaluate_with_loss(
     T: int,
     device: torch.device | str = "cpu",
     description: str = "eval",
-    sum_totals: Callable[[dict[str, float]], dict[str, float]] = _own_totals,
+    metrics: Metrics | None = None,
+    phases: Phases = EAGER,
 ) -> tuple[float, float]:
-    """``evaluate``'s accuracy and the mean loss at the same free states."""
+    """Accuracy and mean loss of the free fixed point after ``T`` steps (run through
+    ``phases``) over ``loader``, their sums over ranks by ``metrics``
+    (``Metrics.evaluation_means``)."""
     model.eval()
+    metrics = Metrics() if metrics is None else metrics
     correct, seen, loss_sum = 0, 0, 0.0
     for x, y in tqdm(loader, desc=description, leave=False, dynamic_ncols=True):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        free = settle(model, x, y, T)[1]
+        free = settle(model, x, y, T, phases)[1]
         correct += (model.predict(free) == y).sum().item()
         loss_sum += summed_loss(model, free, y)
         seen += y.shape[0]
-    totals = sum_totals({"correct": correct, "seen": seen, "loss": loss_sum})
-    seen = max(totals["seen"], 1)
-    return totals["correct"] / seen, totals["loss"] / seen
+    return metrics.evaluation_means(correct, loss_sum, seen)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """When and how ``train`` trains: from ``start_epoch`` (epochs done) to ``epochs`` on
+    ``device``, the rate ``scheduler`` (or None) stepped after each epoch,
+    ``on_epoch_end(epoch, metrics)`` (which saves checkpoints and logs) after it, and every
+    phase run through ``phases``."""
+
+    epochs: int
+    start_epoch: int = 0
+    device: torch.device | str = "cpu"
+    scheduler: Any = None
+    on_epoch_end: Callable[[int, dict[str, float]], None] | None = None
+    phases: Phases = EAGER
 
 
 def train(
     model: EnergyNet,
     optimizer: torch.optim.Optimizer,
-    train_loader: Iterable,
-    test_loader: Iterable,
-    cfg: EPConfig,
-    epochs: int,
-    device: torch.device | str = "cpu",
-    scheduler=None,
-    start_epoch: int = 0,
-    on_epoch_end: Callable[[int, dict[str, float]], None] | None = None,
-    sum_totals: Callable[[dict[str, float]], dict[str, float]] = _own_totals,
-    on_batch: Callable[[int, float, float], None] | None = None,
+    loaders: tuple[Iterable, Iterable],
+    estimator: Estimator,
+    schedule: Schedule,
+    metrics: Metrics | None = None,
 ) -> list[dict[str, float]]:
-    """Train from ``start_epoch`` to ``epochs``; after each epoch evaluate on ``test_loader`` with
-    T1 steps, add the model's ``epoch_stats``, step the scheduler and hand the metrics (``epoch``
-    counted from 1) to ``on_epoch_end`` (which saves checkpoints and logs). ``sum_totals`` and
-    ``on_batch``: see ``train_epoch``; ``test_loss`` joins ``test_acc``."""
+    """Train on ``loaders[0]`` with ``estimator`` as ``schedule`` says; after each epoch
+    evaluate on ``loaders[1]`` with ``estimator.cfg.T1`` steps, add the model's
+    ``epoch_stats``, step the scheduler and hand the metrics (``epoch`` counted from 1) to
+    ``schedule.on_epoch_end``. ``metrics`` (``metrics.Metrics``) gathers the sums, over ranks
+    under torchrun; ``test_loss`` joins ``test_acc``."""
+    train_loader, test_loader = loaders
+    metrics = Metrics() if metrics is None else metrics
+    device, phases, epochs = schedule.device, schedule.phases, schedule.epochs
     history = []
-    for epoch in range(start_epoch, epochs):
+    for epoch in range(schedule.start_epoch, epochs):
         started = time.time()
         lr = optimizer.param_groups[0]["lr"]
         description = f"epoch {epoch + 1}/{epochs}"
-        metrics = train_epoch(
-            model, optimizer, train_loader, cfg, device, description, sum_totals, on_batch
+        row = train_epoch(
+            model, optimizer, train_loader, estimator, metrics, device=device,
+            description=description, phases=phases,
+        )  # fmt: skip
+        row["test_acc"], row["test_loss"] = evaluate_with_loss(
+            model, test_loader, estimator.cfg.T1, device, "test", metrics, phases
         )
-        metrics["test_acc"], metrics["test_loss"] = evaluate_with_loss(
-            model, test_loader, cfg.T1, device, "test", sum_totals
-        )
-        metrics.update(model.epoch_stats())
-        if scheduler is not None:
-            scheduler.step()
-        metrics = {"epoch": epoch + 1, **metrics, "lr": lr, "seconds": time.time() - started}
+        row.update(model.epoch_stats())
+        if schedule.scheduler is not None:
+            schedule.scheduler.step()
+        row = {"epoch": epoch + 1, **row, "lr": lr, "seconds": time.time() - started}
         settling = "".join(
-            f", {phase} {metrics[phase + '_steps']:.1f} steps "
-            f"({100 * metrics[phase + '_at_cap']:.0f}% at cap)"
+            f", {phase} {row[phase + '_steps']:.1f} steps "
+            f"({100 * row[phase + '_at_cap']:.0f}% at cap)"
             for phase in ("free", "nudged")
-            if phase + "_steps" in metrics
+            if phase + "_steps" in row
         )
         tqdm.write(
-            f"epoch {epoch + 1}/{epochs}: train {metrics['train_acc']:.4f} "
-            f"test {metrics['test_acc']:.4f} ({metrics['seconds']:.1f}s){settling}"
+            f"epoch {epoch + 1}/{epochs}: train {row['train_acc']:.4f} "
+            f"test {row['test_acc']:.4f} ({row['seconds']:.1f}s){settling}"
         )
-        history.append(metrics)
-        if on_epoch_end is not None:
-            on_epoch_end(epoch + 1, metrics)
+        history.append(row)
+        if schedule.on_epoch_end is not None:
+            schedule.on_epoch_end(epoch + 1, row)
     return history
 
 
@@ -913,15 +870,19 @@ __all__ = [
     "DivergenceError",
     "CLAMP_SLOPES",
     "DYNAMICS",
+    "BPTT",
+    "EP",
     "EPConfig",
     "Encoding",
+    "Estimator",
     "EnergyNet",
     "P_CNN",
     "P_MLP",
     "PhaseRecord",
+    "Phases",
+    "Schedule",
     "TOL_EVERY",
     "check_finite",
-    "ep_phases",
     "evaluate",
     "evaluate_with_loss",
     "gdu_check",

@@ -6,7 +6,7 @@ checked copy (list flags trimmed to what the architecture uses, the task's spell
 dictionary file), and :func:`settings` builds the immutable configurations from it:
 
     the model's      the network: one class per --model (``experiment/models.py``)
-    DynamicsConfig   how the phases run and how EP estimates: T1, T2, betas, sync or async
+    DynamicsConfig   how the phases run and the learning rule: alg, T1, T2, betas, sync or async
     OptimConfig      the optimizer: rates, weight decays, momentum, cosine decay
     DataConfig       the images: task, folder, batch size, augmentation, loader workers
     RunConfig        the session: what to do, epochs, device, seed, run folder
@@ -30,11 +30,12 @@ from typing import Any
 
 import torch
 
+from estimators import EPConfig, Estimator
 from experiment import models
 from experiment.data_loading import canonical_task
 from experiment.entry import UsageError, check_numbers, check_positive, fit_list, warn
 from experiment.models import ModelConfig
-from utils_ep_fast import EPConfig
+from learning_rules import ESTIMATORS, make_estimator
 
 CONFIG_VERSION = 2  # records before it hold ``args`` and ``model_config`` (records.run_config)
 # Range of every float flag but --betas: (lowest, excluded?, highest, excluded?); None: no bound.
@@ -82,14 +83,11 @@ class DynamicsConfig:
 
     def ep_config(self) -> EPConfig:
         """The engine's view of how a batch is trained."""
-        return EPConfig(
-            alg=self.alg,
-            T1=self.T1,
-            T2=self.T2,
-            betas=tuple(self.betas),
-            random_sign=self.random_sign,
-            thirdphase=self.thirdphase,
-        )
+        return _ep_config(dataclasses.asdict(self))
+
+    def estimator(self) -> Estimator:
+        """The learning rule ``alg`` names, for these settings."""
+        return make_estimator(self.ep_config())
 
 
 @dataclass(frozen=True)
@@ -235,6 +233,7 @@ def check_new_run(given: Mapping[str, Any]) -> dict:
         check_positive(flags, ("num_workers",), minimum=0)
     check_numbers(flags, FLOAT_RANGES)
     check_betas(flags)
+    check_ignored_by_rule(flags)
     check_tol(flags["tol"])
     model = models.model_class(flags["model"])
     check_front_end(flags, model)
@@ -298,18 +297,37 @@ def check_front_end(flags: dict, model: type[ModelConfig]) -> None:
 
 
 def check_betas(flags: Mapping[str, Any]) -> None:
-    """``--betas`` is two finite numbers with a usable nudge; BPTT's T2 fits in T1."""
+    """``--betas`` is two finite numbers, and the learning rule does not refuse the settings
+    (``Estimator.refusal``: EP's usable nudge, BPTT's T2 within T1)."""
     betas = flags["betas"]
     if len(betas) != 2 or not all(math.isfinite(beta) for beta in betas):
         raise UsageError(f"--betas takes exactly two numbers (beta1 beta2), got {betas}")
-    beta_1, beta_2 = betas
-    if flags["alg"] == "EP" and (beta_2 == 0 or beta_1 == beta_2):
-        raise UsageError(
-            f"EP needs a nudging beta2 that is non-zero and differs from beta1, got --betas "
-            f"{beta_1} {beta_2} (e.g. --betas 0.0 0.5)"
-        )
-    if flags["alg"] == "BPTT" and flags["T2"] > flags["T1"]:
-        raise UsageError(f"BPTT backpropagates the last T2 of T1 steps: T2 ({flags['T2']}) > T1")
+    refusal = ESTIMATORS[flags["alg"]].refusal(_ep_config(flags))
+    if refusal is not None:
+        raise UsageError(refusal)
+
+
+def check_ignored_by_rule(flags: Mapping[str, Any]) -> None:
+    """One warning line per flag the learning rule does not read (``Estimator.IGNORES``) that
+    is set to another value than its default; the value is kept (and saved) as given."""
+    rule = ESTIMATORS[flags["alg"]]
+    defaults = EPConfig()
+    for name, why in rule.IGNORES.items():
+        if flags[name] != getattr(defaults, name):
+            flag = "--" + name.replace("_", "-")
+            warn(f"{flag} ignored: --alg {flags['alg']} does not read it ({why})")
+
+
+def _ep_config(flags: Mapping[str, Any]) -> EPConfig:
+    """The engine's view of the flags (as ``DynamicsConfig.ep_config``)."""
+    return EPConfig(
+        alg=flags["alg"],
+        T1=flags["T1"],
+        T2=flags["T2"],
+        betas=tuple(flags["betas"]),
+        random_sign=flags["random_sign"],
+        thirdphase=flags["thirdphase"],
+    )
 
 
 def check_tol(tol: float | None) -> None:

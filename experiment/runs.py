@@ -28,7 +28,7 @@ import pickle
 import re
 import shlex
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,10 +60,12 @@ from experiment.storage import (
     read_csv_rows,
     save_figure,
 )
+from metrics import Metrics
 from utils_ep_fast import (
     DivergenceError,
     EnergyNet,
-    EPConfig,
+    Estimator,
+    Schedule,
     check_finite,
     settle,
     settling_trace,
@@ -432,35 +434,23 @@ def start_recording(
 def train_run(
     training: Training,
     loaders: tuple,
-    config: EPConfig,
-    device: torch.device,
-    epochs: tuple[int, int],
+    estimator: Estimator,
+    schedule: Schedule,
     recorder: RunRecorder | None,
-    sum_totals: Callable[[dict[str, float]], dict[str, float]] | None = None,
+    metrics: Metrics,
 ) -> int:
-    """Train from ``epochs[0]`` (epochs done) to ``epochs[1]`` on ``loaders`` (train, test),
-    recording each epoch (``sum_totals``: see ``utils_ep_fast.train_epoch``); returns the exit
-    status. A divergence (DivergenceError), a failed write (StorageError), Ctrl-C or SIGTERM
-    (status 130 or 143) keeps what was saved and says how to carry on."""
-    start_epoch, last_epoch = epochs
+    """Train ``training`` with ``estimator`` on ``loaders`` (train, test) as ``schedule`` says
+    (its ``on_epoch_end`` is ``recorder``, which records each epoch; ``metrics``: see
+    ``utils_ep_fast.train``); returns the exit status. A divergence (DivergenceError), a
+    failed write (StorageError), Ctrl-C or SIGTERM (status 130 or 143) keeps what was saved and
+    says how to carry on."""
+    last_epoch = schedule.epochs
     try:
-        if recorder is not None and start_epoch == last_epoch:  # stopped in its final saves
+        if recorder is not None and schedule.start_epoch == last_epoch:  # stopped in final saves
             print(f"notice: all {last_epoch} epochs are done; writing the final files")
             with entry.holding_stops():
                 recorder.draw_figures(last_epoch)
-        train(
-            training.model,
-            training.optimizer,
-            *loaders,
-            config,
-            last_epoch,
-            device,
-            training.scheduler,
-            start_epoch,
-            recorder,
-            **({} if sum_totals is None else {"sum_totals": sum_totals}),
-            on_batch=None if recorder is None else recorder.on_batch,
-        )
+        train(training.model, training.optimizer, loaders, estimator, schedule, metrics)
         if recorder is not None:
             recorder.finish()
     except DivergenceError as error:

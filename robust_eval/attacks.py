@@ -31,6 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from losses import Loss
+
 # --------------------------------------------------------------------------------------------
 # Default epsilons
 # --------------------------------------------------------------------------------------------
@@ -200,14 +202,11 @@ class LogitCost:
         return LogitCost(self.kind, self.labels[start:stop], targets)
 
 
-def output_nudge(cost: LogitCost, last_state: Tensor, readout: nn.Linear | None) -> Tensor:
+def output_nudge(cost: LogitCost, last_state: Tensor, criterion: Loss) -> Tensor:
     """``-dA/ds_L`` (shaped like ``last_state``), the direction an EP nudged phase adds (times
-    ``beta``) to the output layer's drive: with a readout ``z = W s_L + b`` it is
-    ``-(dA/dz) W``, else (the output units are the logits) ``-dA/dz``."""
-    if readout is None:
-        return -cost.logit_gradient(last_state)
-    logits = F.linear(last_state.flatten(1), readout.weight, readout.bias)
-    return -(cost.logit_gradient(logits) @ readout.weight).view_as(last_state)
+    ``beta``) to the output layer's drive: ``criterion.cost_nudge`` of the cost's closed-form
+    ``dA/dz`` (with a readout ``z = W s_L + b`` it is ``-(dA/dz) W``, else ``-dA/dz``)."""
+    return criterion.cost_nudge(cost.logit_gradient, last_state)
 
 
 # --------------------------------------------------------------------------------------------
@@ -323,24 +322,20 @@ def _straight_through_transfer(lca: nn.Module) -> StraightThrough:
 def straight_through_activations(model: nn.Module) -> Iterator[None]:
     """Within the block, ``model`` (an engine network) backpropagates through its clamp as
     slope ``c`` everywhere and through an LCA front end's thresholding as slope 1; its values
-    are unchanged. A compiled phase runner is set aside, as it holds the original activation."""
+    are unchanged. Its phases must run in the engine's loop (no compiled runner), which reads
+    the activation it is given."""
     activation = straight_through(model.sigma, _clamp_slope(model))
     lca = getattr(model, "lca", None)
-    runner = getattr(model, "phase_runner", None)
     replaced = _swap_activation(model, activation)
     transfer = lca.transfer_func if lca is not None else None
     try:
         if lca is not None:
             lca.transfer_func = _straight_through_transfer(lca)
-        if runner is not None:
-            model.phase_runner = None
         yield
     finally:
         _swap_activation(model, replaced)
         if lca is not None:
             lca.transfer_func = transfer
-        if runner is not None:
-            model.phase_runner = runner
 
 
 # --------------------------------------------------------------------------------------------

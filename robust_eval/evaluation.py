@@ -59,7 +59,6 @@ def evaluate(config: RobustnessConfig, record: dict, model_path: Path) -> int:
     if device.type == "cuda":
         torch.cuda.set_device(device)  # ART puts its tensors on the current CUDA device
     model = records.restore_model(record, device).eval()
-    model.safe_point = entry.raise_if_stopped  # Ctrl-C and SIGTERM stop between steps
     if "bpda" in config.gradients and model.activation not in CLAMP_SLOPES:
         raise UsageError(
             f"--gradients bpda needs a clamp activation ({', '.join(CLAMP_SLOPES)}); this model "

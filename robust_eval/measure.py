@@ -14,14 +14,17 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from experiment import data_loading, records, storage
+from experiment import data_loading, entry, records, storage
 from robust_eval import attacks, autoattack
 from robust_eval.art_attacks import AttackBudget, art_classifier, attack_images
 from robust_eval.config import RobustnessConfig
 from robust_eval.corruptions import generate_corruption
 from robust_eval.pixel_classifier import PixelClassifier
 from robust_eval.results import AUTOATTACK, CHECK, UNBOUNDED, Job, job_row, row_key
-from utils_ep_fast import EnergyNet
+from utils_ep_fast import EnergyNet, Phases
+
+# the engine's loop, with the stop requests of Ctrl-C and SIGTERM honoured between steps
+STOPPABLE = Phases(safe_point=entry.raise_if_stopped)
 
 AUTOATTACK_FOLDER = "autoattack"  # per-component results (.pt) and per-image tables (.csv)
 
@@ -75,8 +78,9 @@ class Measurer:
     def net(self, T1: int) -> PixelClassifier:
         if T1 not in self.nets:
             self.nets[T1] = PixelClassifier(
-                self.model, self.task, T1, self.T2, self.config.beta, self.config.grad_chunk
-            ).to(self.device)
+                self.model, self.task, T1, self.T2, self.config.beta, self.config.grad_chunk,
+                STOPPABLE,
+            ).to(self.device)  # fmt: skip
         return self.nets[T1]
 
     def classifier(self, gradient: str, T1: int):

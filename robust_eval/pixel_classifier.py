@@ -14,7 +14,7 @@ from torch import Tensor, nn
 import estimators
 from experiment import data_loading
 from robust_eval import attacks
-from utils_ep_fast import EnergyNet, settle
+from utils_ep_fast import EAGER, EnergyNet, Phases, settle
 
 
 class PixelClassifier(nn.Module):
@@ -33,10 +33,12 @@ class PixelClassifier(nn.Module):
         T2: int,
         beta: float,
         chunk: int,
+        phases: Phases = EAGER,
     ) -> None:
         super().__init__()
         self.model = model
         self.T1, self.T2, self.beta, self.chunk = T1, T2, beta, chunk
+        self.phases = phases  # the engine's loop (no compiled runner), with its safe point
         mean, std = data_loading.input_normalization(task)
         self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
         self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
@@ -49,13 +51,13 @@ class PixelClassifier(nn.Module):
     def forward(self, pixels: Tensor) -> Tensor:
         """Logits (B, classes) of the free state after T1 steps; no graph."""
         labels = torch.zeros(pixels.shape[0], dtype=torch.long, device=pixels.device)
-        free = settle(self.model, self.normalise(pixels), labels, self.T1)[1]
+        free = settle(self.model, self.normalise(pixels), labels, self.T1, self.phases)[1]
         return self.model.output_logits(free)
 
     @torch.no_grad()
     def losses(self, pixels: Tensor, labels: Tensor) -> Tensor:
         """The model's per-sample loss (B,) at the free state after T1 steps."""
-        free = settle(self.model, self.normalise(pixels), labels, self.T1)[1]
+        free = settle(self.model, self.normalise(pixels), labels, self.T1, self.phases)[1]
         return self.model.loss(free, labels)
 
     def code_with_graph(self, pixels: Tensor) -> Tensor:
@@ -68,7 +70,8 @@ class PixelClassifier(nn.Module):
         encode and all T1 steps."""
         code = self.code_with_graph(pixels)
         labels = torch.zeros(pixels.shape[0], dtype=torch.long, device=pixels.device)
-        final = self.model(code, labels, self.model.init_neurons(code), self.T1, track_grad=True)
+        start = self.model.init_neurons(code)
+        final = self.phases.run(self.model, code, labels, start, self.T1, track_grad=True)
         return self.model.output_logits(final)
 
     def ep_gradient(self, pixels: Tensor, cost: attacks.LogitCost) -> Tensor:
@@ -76,12 +79,12 @@ class PixelClassifier(nn.Module):
         nudged phases follow ``A`` itself (``attacks.output_nudge``), ``chunk`` images at a
         time, carried back to the pixels through the encode."""
         parts = []
+        criterion = self.model.criterion
         for start in range(0, pixels.shape[0], self.chunk):
             rows = cost.rows(start, start + self.chunk)
-            readout = self.model.readout
 
-            def nudge(state: Tensor, rows=rows, readout=readout) -> Tensor:
-                return attacks.output_nudge(rows, state, readout)
+            def nudge(state: Tensor, rows=rows) -> Tensor:
+                return attacks.output_nudge(rows, state, criterion)
 
             chunk = pixels[start : start + self.chunk]
             parts.append(self._ep_through_encode(chunk, rows.labels, nudge))
@@ -120,9 +123,8 @@ class PixelClassifier(nn.Module):
         pixels = pixels.detach().requires_grad_(True)
         with torch.enable_grad():
             code = self.code_with_graph(pixels)
-            final = self.model(
-                code, labels, self.model.init_neurons(code), self.T1, track_grad=True
-            )
+            start = self.model.init_neurons(code)
+            final = self.phases.run(self.model, code, labels, start, self.T1, track_grad=True)
             loss = self.model.loss(final, labels).sum()
             return torch.autograd.grad(loss, pixels)[0]
 
@@ -138,9 +140,9 @@ class PixelClassifier(nn.Module):
         with torch.enable_grad():
             code = self.code_with_graph(pixels)
         fixed = code.detach()
-        free = self.model(fixed, labels, self.model.init_neurons(fixed), self.T1)
+        free = self.phases.run(self.model, fixed, labels, self.model.init_neurons(fixed), self.T1)
         code_gradient = estimators.input_gradient(
-            self.model, fixed, labels, free, self.T2, self.beta, nudge
+            self.model, fixed, labels, free, self.T2, self.beta, nudge, self.phases
         )
         return torch.autograd.grad(code, pixels, code_gradient.reshape(code.shape))[0]
 

@@ -8,7 +8,8 @@ they saved.
 
 The runs use the README's digits flags at ``--epochs 2``: CNN EP with ``--data-aug --lr-decay``,
 LCACNN ``finetune`` and ``pretrained``, VFCNN ``--same-update``, CNN BPTT, CNN
-``--dynamics async --tol 1e-4``, and a 2-epoch dictionary (which the LCACNN runs start from).
+``--dynamics async --tol 1e-4``, CNN EP ``--random-sign`` (one-sided), ResCNN EP on ``--loss mse``,
+and a 2-epoch dictionary (which the LCACNN runs start from).
 Every process runs one torch thread, so both trees sum in the same order.
 
 Two outputs are identical when they hold the same files (run folders matched by their place,
@@ -46,6 +47,11 @@ RCNN = ["--model", "CNN", "--kernels", "3", "3", "--strides", "1", "1", "--paddi
         "--pools", "mm", "--fc", "10", "--channels", "16", "32", "--lrs", "0.05", "0.03", "0.02",
         "--mbs", "16"]  # fmt: skip
 VFCNN = ["--model", "VFCNN", *RCNN[2:]]
+# a ResCNN on the output units' MSE (no softmax readout, linear output layer): its own flags
+RESCNN = ["--model", "ResCNN", "--task", "DIGITS", "--channels", "4", "6", "--fc", "10", "--act",
+          "relu6", "--loss", "mse", "--lrs", "0.02", "--T1", "6", "--T2", "3", "--betas", "0",
+          "0.2", "--thirdphase", "--mbs", "64", "--optim", "sgd", "--mmt", "0.9", "--seed", "0",
+          "--device", "cpu", "--save", "--epochs", "2"]  # fmt: skip
 DICTIONARY = ["--task", "DIGITS", "--seed", "0", "--lca_feats", "16", "--lca_ksize", "3",
               "--lca_stride", "1", "--lca_lambda", "0.1", "--lambda-every", "0", "--lca_iters",
               "100", "--lca_eta", "0.1", "--epochs", "2", "--mbs", "32", "--subset-fraction",
@@ -55,14 +61,17 @@ LCACNN = ["--model", "LCACNN", "--lca_feats", "16", "--lca_ksize", "3", "--lca_s
           "32", "--kernels", "3", "--strides", "1", "--paddings", "1", "--pools", "im", "--fc",
           "10", "--lrs", "0.5", "0.2", "--mbs", "32"]  # fmt: skip
 
-# name -> flags of main_fast.py after COMMON (the dictionary's path is added to the LCACNN runs)
+# name -> flags of main_fast.py (the dictionary's path is added to the LCACNN runs)
 TRAINING_RUNS = {
-    "cnn_ep_aug_decay": [*RCNN, "--alg", "EP", "--data-aug", "--lr-decay"],
-    "lcacnn_finetune": [*LCACNN, "--alg", "EP", "--dict_training", "finetune"],
-    "lcacnn_pretrained": [*LCACNN, "--alg", "EP", "--dict_training", "pretrained"],
-    "vfcnn_same_update": [*VFCNN, "--alg", "EP", "--same-update"],
-    "cnn_bptt": [*RCNN, "--alg", "BPTT"],
-    "cnn_async_tol": [*RCNN, "--alg", "EP", "--dynamics", "async", "--tol", "1e-4"],
+    "cnn_ep_aug_decay": [*COMMON, *RCNN, "--alg", "EP", "--data-aug", "--lr-decay"],
+    "lcacnn_finetune": [*COMMON, *LCACNN, "--alg", "EP", "--dict_training", "finetune"],
+    "lcacnn_pretrained": [*COMMON, *LCACNN, "--alg", "EP", "--dict_training", "pretrained"],
+    "vfcnn_same_update": [*COMMON, *VFCNN, "--alg", "EP", "--same-update"],
+    "cnn_bptt": [*COMMON, *RCNN, "--alg", "BPTT"],
+    "cnn_async_tol": [*COMMON, *RCNN, "--alg", "EP", "--dynamics", "async", "--tol", "1e-4"],
+    "cnn_ep_random_sign": [*[f for f in COMMON if f != "--thirdphase"], *RCNN, "--alg", "EP",
+                           "--random-sign"],
+    "rescnn_mse": [*RESCNN, "--alg", "EP"],
 }
 CSV_FILES = ("results.csv", "dictlearning.csv")
 SECONDS_COLUMNS = {"seconds"}  # wall time, which no two runs share
@@ -81,7 +90,7 @@ def run_all(tree: Path, out: Path) -> None:
     }
     for name, flags in TRAINING_RUNS.items():
         extra = ["--dict-path", str(dictionary_dir / "dictionary.pt")] if "LCACNN" in flags else []
-        commands[name] = ["main_fast.py", *COMMON, *flags, *extra, "--results-dir", str(out / name)]
+        commands[name] = ["main_fast.py", *flags, *extra, "--results-dir", str(out / name)]
     for name, command in commands.items():
         print(f"running {name} in {tree}", flush=True)
         done = subprocess.run(

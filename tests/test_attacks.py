@@ -13,6 +13,7 @@ from helpers import autograd_gradient, digits_classifier
 from torch import nn
 
 from lca import LCAConv2D, soft_threshold
+from losses import make_loss
 from robust_eval import attacks
 from robust_eval.attacks import LogitCost
 from utils_ep_fast import P_MLP, my_hard_sig
@@ -66,11 +67,12 @@ def test_output_nudge_is_minus_the_cost_gradient_wrt_the_output_layer(with_reado
     torch.manual_seed(2)
     state = torch.randn(5, 6 if with_readout else 10, dtype=torch.float64)
     readout = nn.Linear(6, 10).double() if with_readout else None
+    criterion = make_loss("cel", 10, readout)
     cost = LogitCost("dlr", torch.tensor([0, 3, 9, 2, 2]))
     leaf = state.clone().requires_grad_(True)
     logits = readout(leaf) if with_readout else leaf
     expected = -torch.autograd.grad(cost.value(logits).sum(), leaf)[0]
-    assert torch.allclose(attacks.output_nudge(cost, state, readout), expected, atol=1e-10)
+    assert torch.allclose(attacks.output_nudge(cost, state, criterion), expected, atol=1e-10)
 
 
 def test_backprop_gradient_matches_autograd_in_chunks():

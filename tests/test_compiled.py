@@ -14,7 +14,7 @@ from math_checks import digit_like_batch as images
 import compiled
 import main_fast
 from lca_utils_ep_fast import LCA_CNN
-from utils_ep_fast import P_CNN
+from utils_ep_fast import P_CNN, Phases
 
 LCACNN = {**SMALL, "lca_iters": 6}
 
@@ -25,11 +25,13 @@ def make(cls, config):
 
 
 @torch.no_grad()
-def phases(model, x, y, T: int = 6, beta: float = 0.5) -> list[torch.Tensor]:
-    """The LCA code (for the LCACNN), then the free states and the nudged states from them."""
+def phases(model, x, y, runner=None, T: int = 6, beta: float = 0.5) -> list[torch.Tensor]:
+    """The LCA code (for the LCACNN), then the free states and the nudged states from them,
+    the phases run by ``runner`` (None: the engine's loop)."""
+    through = Phases(runner=runner)
     code = model.prepare_input(x).code
-    free = model(code, y, model.init_neurons(code), T)
-    nudged = model(code, y, free, T, beta=beta)
+    free = through.run(model, code, y, model.init_neurons(code), T)
+    nudged = through.run(model, code, y, free, T, beta=beta)
     return [code, *free, *nudged]
 
 
@@ -50,9 +52,9 @@ def notices_of_two_runs(cls, config, capsys, **install) -> list[str]:
     model = make(cls, config)
     x, y = images(5)
     expected = phases(model, x, y)
-    compiled.install(model, **install)
+    runner = compiled.install(model, **install)
     for _ in range(2):
-        assert_states_match(phases(model, x, y), expected, 0.0)
+        assert_states_match(phases(model, x, y, runner), expected, 0.0)
     return notices(capsys)
 
 
@@ -82,8 +84,8 @@ def test_compiled_phases_give_the_eager_states_and_weights(tmp_path, capsys):
     for cls, config in ((P_CNN, RCNN), (LCA_CNN, LCACNN)):
         model = make(cls, config)
         expected = phases(model, x, y)
-        compiled.install(model, compile=True, graphs=False)
-        assert_states_match(phases(model, x, y), expected, 1e-6)
+        runner = compiled.install(model, compile=True, graphs=False)
+        assert_states_match(phases(model, x, y, runner), expected, 1e-6)
     assert notices(capsys) == []  # nothing fell back
 
     assert main_fast.main(DIGITS_RUN + ["--results-dir", str(tmp_path / "eager")]) == 0
@@ -107,13 +109,13 @@ def test_static_buffer_replays_give_the_eager_states(cls, config):
     x_small, y_small = images(3, seed=1)
     expected = phases(model, x, y)
     expected_small = phases(model, x_small, y_small)
-    compiled.install(model, compile=False, graphs=True)
-    got = phases(model, x, y)
-    got_small = phases(model, x_small, y_small)
+    runner = compiled.install(model, compile=False, graphs=True)
+    got = phases(model, x, y, runner)
+    got_small = phases(model, x_small, y_small, runner)
     assert_states_match(got, expected, 0.0)
     assert_states_match(got_small, expected_small, 0.0)
-    assert_states_match(phases(model, x, y), expected, 0.0)  # replayed, not re-captured
-    assert len(model.phase_runner.captured) == 4  # 2 shapes x (beta 0, beta 0.5)
+    assert_states_match(phases(model, x, y, runner), expected, 0.0)  # replayed, not re-captured
+    assert len(runner.captured) == 4  # 2 shapes x (beta 0, beta 0.5)
     if cls is LCA_CNN:
         assert len(model.lca.settle_runner.captured) == 2
     # states handed out earlier survive later phases of the same shape and beta
@@ -159,9 +161,9 @@ def test_bptt_phase_runs_eagerly_with_one_notice(capsys):
     x, y = images(5)
     neurons = model.init_neurons(x)
     expected = model(x, y, neurons, 3, beta=0.5, track_grad=True)
-    compiled.install(model, compile=False, graphs=True)
+    through = Phases(runner=compiled.install(model, compile=False, graphs=True))
     for _ in range(2):
-        got = model(x, y, neurons, 3, beta=0.5, track_grad=True)
+        got = through.run(model, x, y, neurons, 3, beta=0.5, track_grad=True)
         assert all(state.requires_grad for state in got)
         assert_states_match([s.detach() for s in got], [s.detach() for s in expected], 0.0)
     said = notices(capsys)
@@ -176,8 +178,8 @@ def test_async_or_tolerance_phases_run_eagerly_with_one_notice(dynamics, tol, ca
     model.set_dynamics(dynamics, tol)
     x, y = images(5)
     expected = phases(model, x, y)
-    compiled.install(model, compile=False, graphs=True)
+    runner = compiled.install(model, compile=False, graphs=True)
     for _ in range(2):
-        assert_states_match(phases(model, x, y), expected, 0.0)
+        assert_states_match(phases(model, x, y, runner), expected, 0.0)
     said = notices(capsys)
     assert len(said) == 1 and "with --dynamics async or --tol the phases run eagerly" in said[0]

@@ -8,9 +8,11 @@ import pytest
 import torch
 from math_checks import ARCHITECTURES, LCA_SMALL, converged_case, cosine
 
-from dynamics import half_step
+from dynamics import EAGER, Phases, half_step
 from lca_utils_ep_fast import LCA_CNN
+from learning_rules import make_estimator
 from links import CopyLink
+from metrics import Metrics
 from utils_ep_fast import P_CNN, P_MLP, EPConfig, gdu_check, max_change, train_batch
 
 # the seed RCNN's layout (4 convs 3x3 pad 1, max-pools, softmax readout), small
@@ -226,7 +228,7 @@ def test_ep_updates_from_async_fixed_points_equal_those_from_sync(kind):
     for dynamics in ("sync", "async"):
         model.set_dynamics(dynamics)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # keep the weights
-        train_batch(model, optimizer, x, y, cfg)
+        train_batch(model, optimizer, x, y, make_estimator(cfg))
         grads[dynamics] = [p.grad.clone() for p in model.parameters() if p.grad is not None]
     for sync, asyn in zip(grads["sync"], grads["async"], strict=True):
         torch.testing.assert_close(asyn, sync, atol=1e-7, rtol=1e-6)
@@ -288,9 +290,9 @@ def test_tol_stops_at_the_first_check_where_settled(dynamics, every, tol, T):
     x, y = inputs(model, "mlp")
     want_steps, want_settled, want_states = first_settled_step(model, dynamics, x, y, T, tol, every)
     model.set_dynamics(dynamics, tol=tol, tol_every=every)
-    got = model(x, y, model.init_neurons(x), T)
-    assert model.last_phase.steps == want_steps <= T
-    assert model.last_phase.settled is want_settled
+    got, record = EAGER.run_recorded(model, x, y, model.init_neurons(x), T)
+    assert record.steps == want_steps <= T
+    assert record.settled is want_settled
     assert max_change(got, want_states) == 0.0
     if tol == 1e-30:
         assert (want_steps, want_settled) == (T, False)  # the cap, reported as not settled
@@ -304,9 +306,10 @@ def test_without_tol_phases_take_exactly_T1_and_T2_steps():
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     for dynamics in ("sync", "async"):
         model.set_dynamics(dynamics)
-        phases = []
-        train_batch(model, optimizer, x, y, EPConfig(T1=7, T2=3, thirdphase=True), phases)
-        assert [(name, record.steps, record.settled) for name, record in phases] == [
+        metrics = Metrics()
+        rule = make_estimator(EPConfig(T1=7, T2=3, thirdphase=True))
+        train_batch(model, optimizer, x, y, rule, Phases(log=metrics))
+        assert [(name, record.steps, record.settled) for name, record in metrics.phases] == [
             ("free", 7, None),
             ("nudged", 3, None),
             ("nudged", 3, None),
@@ -319,19 +322,19 @@ def test_a_phase_that_never_settles_stops_at_its_cap_and_says_so():
     model = two_neurons()
     x, y = torch.zeros(1, 1, dtype=torch.float64), torch.tensor([0])
     model.set_dynamics("sync", tol=1e-3)
-    model(x, y, model.init_neurons(x), 23)
-    assert model.last_phase == (23, False)
+    assert EAGER.run_recorded(model, x, y, model.init_neurons(x), 23)[1] == (23, False)
     model.set_dynamics("async", tol=1e-3)
-    assert [s.item() for s in model(x, y, model.init_neurons(x), 23)] == [1.0, 0.0]
-    assert model.last_phase == (5, True)
+    states, record = EAGER.run_recorded(model, x, y, model.init_neurons(x), 23)
+    assert [s.item() for s in states] == [1.0, 0.0]
+    assert record == (5, True)
 
 
 def test_tol_does_not_cut_bptt_graph():
     model = make_model("cnn", 0.3)
     x, y = inputs(model, "cnn")
     model.set_dynamics("async", tol=1e-3, tol_every=1)
-    model(x, y, model.init_neurons(x), 100, track_grad=True)
-    assert model.last_phase == (100, None)
+    record = EAGER.run_recorded(model, x, y, model.init_neurons(x), 100, track_grad=True)[1]
+    assert record == (100, None)
 
 
 @pytest.mark.parametrize("activation", ["my_hard_sig", "tanh"])

@@ -19,7 +19,7 @@ from math_checks import cosine
 from torch import nn
 
 import dynamics
-from estimators import EPConfig, input_gradient
+from estimators import EP, EPConfig, input_gradient
 from graph import INPUT, Graph, Layer, is_independent
 from links import POOLS, ConvLink, LinearLink
 from utils_ep_fast import P_CNN, EnergyNet, make_optimizer, train_batch
@@ -228,7 +228,8 @@ def test_a_bias_free_link_trains():
     x, y, _ = random_case(model)
     optimizer = make_optimizer(model, "sgd", [0.1] * 9)
     before = {name: param.detach().clone() for name, param in model.named_parameters()}
-    train_batch(model, optimizer, x, y, EPConfig(T1=10, T2=4, betas=(0.0, 0.5), thirdphase=True))
+    rule = EP(EPConfig(T1=10, T2=4, betas=(0.0, 0.5), thirdphase=True))
+    train_batch(model, optimizer, x, y, rule)
     for synapse in model.synapses[:-1]:
         assert synapse.bias is None
     for name, param in model.named_parameters():
@@ -344,6 +345,7 @@ def test_the_docs_skip_network_trains_every_parameter(docs_example):
     x, y, _ = skip_cnn_case(model, 3)
     optimizer = make_optimizer(model, "sgd", [0.05] * 8)
     before = {name: param.detach().clone() for name, param in model.named_parameters()}
-    train_batch(model, optimizer, x, y, EPConfig(T1=10, T2=4, betas=(0.0, 0.5), thirdphase=True))
+    rule = EP(EPConfig(T1=10, T2=4, betas=(0.0, 0.5), thirdphase=True))
+    train_batch(model, optimizer, x, y, rule)
     for name, param in model.named_parameters():
         assert torch.isfinite(param).all() and not torch.equal(param, before[name]), name

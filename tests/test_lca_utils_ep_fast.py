@@ -9,6 +9,7 @@ from math_checks import digit_like_batch as batch
 from experiment.records import ep_training_indices, load_model_dictionary, save_dictionary
 from lca import LCAConv2D
 from lca_utils_ep_fast import LCA_CNN
+from learning_rules import make_estimator
 from utils_ep_fast import EPConfig, make_optimizer, train_batch
 
 
@@ -72,7 +73,7 @@ def train_steps(model, steps=2, alg="EP"):
     cfg = EPConfig(alg=alg, T1=5, T2=2, betas=(0.0, 0.5), thirdphase=True)
     for seed in range(steps):
         x, y = batch(seed=seed)
-        _, encoding = train_batch(model, optimizer, x, y, cfg)
+        _, encoding = train_batch(model, optimizer, x, y, make_estimator(cfg))
     return encoding
 
 
@@ -97,7 +98,8 @@ def test_finetune_updates_the_dictionary_from_the_nudged_phase(tmp_path):
     expected.load_state_dict(model.state_dict())
     x, y = batch()
     cfg = EPConfig(T1=5, T2=2, betas=(0.0, 0.5), thirdphase=True)
-    _, encoding = train_batch(model, make_optimizer(model, "sgd", [0.05] * 3), x, y, cfg)
+    optimizer = make_optimizer(model, "sgd", [0.05] * 3)
+    _, encoding = train_batch(model, optimizer, x, y, make_estimator(cfg))
     with torch.no_grad():
         images, acts, errors = expected.lca(x)
         free = expected(acts, y, expected.init_neurons(acts), cfg.T1)
@@ -127,7 +129,7 @@ def test_bptt_updates_the_dictionary_with_the_lca_rule(tmp_path, mode):
     expected.load_state_dict(model.state_dict())
     optimizer = make_optimizer(model, "sgd", [0.05, 0.05, 0.05])
     cfg = EPConfig(alg="BPTT", T1=5, T2=2)
-    final, encoding = train_batch(model, optimizer, x, y, cfg)
+    final, encoding = train_batch(model, optimizer, x, y, make_estimator(cfg))
     # the model's final states come after its own step; rebuild them from the same weights
     after_step = model.state_dict()
     expected.load_state_dict({**after_step, "lca.weights": before})
@@ -169,7 +171,7 @@ def test_lca_runs_once_per_training_batch():
     model.lca.encode = lambda inputs: calls.append(1) or encode(inputs)
     optimizer = make_optimizer(model, "sgd", [0.05, 0.05, 0.05])
     x, y = batch()
-    train_batch(model, optimizer, x, y, EPConfig(T1=4, T2=2, thirdphase=True))
+    train_batch(model, optimizer, x, y, make_estimator(EPConfig(T1=4, T2=2, thirdphase=True)))
     assert len(calls) == 1
 
 

@@ -5,7 +5,7 @@ import torch
 from math_checks import digits_loaders
 
 from experiment import data_loading
-from utils_ep_fast import P_CNN, EPConfig, make_optimizer, train
+from utils_ep_fast import EP, P_CNN, EPConfig, Schedule, make_optimizer, train
 
 pytestmark = pytest.mark.slow  # training runs of several epochs to an accuracy
 
@@ -33,8 +33,9 @@ def test_symmetric_ep_with_softmax_readout_learns_digits():
     )
     optimizer = make_optimizer(model, "sgd", [0.2, 0.1, 0.05], mmt=0.9)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, EPOCHS)
-    cfg = EPConfig(alg="EP", T1=20, T2=5, betas=(0.0, 0.5), thirdphase=True)
-    history = train(model, optimizer, train_loader, test_loader, cfg, EPOCHS, scheduler=scheduler)
+    rule = EP(EPConfig(alg="EP", T1=20, T2=5, betas=(0.0, 0.5), thirdphase=True))
+    loaders = train_loader, test_loader
+    history = train(model, optimizer, loaders, rule, Schedule(EPOCHS, scheduler=scheduler))
     assert history[-1]["test_acc"] >= 0.93, [round(m["test_acc"], 3) for m in history]
 
 
@@ -84,7 +85,8 @@ def test_lca_front_end_with_pretrained_dictionary_learns_digits(tmp_path):
     load_model_dictionary(model, dict_path)
     optimizer = make_optimizer(model, "sgd", [0.2, 0.05], mmt=0.9)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, EPOCHS)
-    cfg = EPConfig(alg="EP", T1=20, T2=5, betas=(0.0, 0.5), thirdphase=True)
-    history = train(model, optimizer, train_loader, test_loader, cfg, EPOCHS, scheduler=scheduler)
+    rule = EP(EPConfig(alg="EP", T1=20, T2=5, betas=(0.0, 0.5), thirdphase=True))
+    loaders = train_loader, test_loader
+    history = train(model, optimizer, loaders, rule, Schedule(EPOCHS, scheduler=scheduler))
     assert history[-1]["test_acc"] >= 0.90, [round(m["test_acc"], 3) for m in history]
     assert 0.0 < history[-1]["lca_frac_active"] < 0.5

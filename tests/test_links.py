@@ -22,7 +22,7 @@ padding and a pool drops an odd row and column), the tests check:
   layer, with ``dPhi/ds_k`` from ``torch.autograd.grad`` of the hand-written Phi (free phase,
   and nudged through the loss term);
 * the EP estimate the engine writes into every weight's and bias's ``.grad``
-  (``compute_syn_grads``, and ``ep_phases`` on real free and nudged phases) equals
+  (``compute_syn_grads``, and the ``EP`` estimator on real free and nudged phases) equals
   ``d/dtheta mean_batch(Phi(x, s^2, b2) - Phi(x, s^1, b1)) / (b1 - b2)`` by autograd of the
   hand-written Phi; one-sided (``b1 = 0``) this is ``-(1/beta) d/dtheta [Phi(s^beta) - Phi(s^0)]``
   averaged over the batch. Max-pool argmax positions are piecewise constant, so autograd is
@@ -35,7 +35,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from estimators import EPConfig, ep_phases
+from estimators import EP, EPConfig
 from utils_ep_fast import P_CNN
 
 TOL = 1e-10
@@ -201,9 +201,7 @@ def test_estimate_equals_autograd_of_hand_phi_difference(
 
 
 @pytest.mark.parametrize("name,arch,pools,softmax,activation", CASES, ids=CASE_IDS)
-def test_ep_phases_estimate_equals_autograd_of_hand_phi_difference(
-    name, arch, pools, softmax, activation
-):
+def test_ep_estimate_equals_autograd_of_hand_phi_difference(name, arch, pools, softmax, activation):
     """Real phases: free ``s^0`` after T1 steps from zero, nudged ``s^beta`` after T2 more; the
     estimate is ``-(1/beta) d/dtheta mean(Phi(x, s^beta, beta) - Phi(x, s^0, 0))``. With
     ``mysig`` (never saturating) every parameter gets a gradient the check can see; with a
@@ -212,7 +210,7 @@ def test_ep_phases_estimate_equals_autograd_of_hand_phi_difference(
     x, y, _ = random_case(model, arch)
     beta = 0.5
     model.zero_grad(set_to_none=True)
-    free, nudged = ep_phases(model, x, y, EPConfig(T1=6, T2=4, betas=(0.0, beta)))
+    free, nudged = EP(EPConfig(T1=6, T2=4, betas=(0.0, beta))).estimate(model, x, y)
     assert any((a - b).abs().max() > 1e-6 for a, b in zip(free, nudged, strict=True))
     expected = expected_estimate(model, arch, pools, softmax, x, y, free, nudged, (0.0, beta))
     assert_grads_match(model, expected)

@@ -11,7 +11,7 @@ from math_checks import RCNN, digit_like_batch
 import compiled
 import main_fast
 import precision
-from utils_ep_fast import P_CNN, EPConfig, make_optimizer, train_batch
+from utils_ep_fast import EP, P_CNN, EPConfig, Phases, make_optimizer, train_batch
 from vf_utils_ep_fast import VF_CNN
 
 
@@ -36,8 +36,8 @@ def test_ep_update_is_what_train_batch_applies(thirdphase, vector_field):
     x, y = images()
     cfg = EPConfig(T1=6, T2=3, betas=(0.0, 0.5), thirdphase=thirdphase)
     optimizer = make_optimizer(model, "sgd", [1.0] * len(model.synapses))
-    train_batch(model, optimizer, x, y, cfg)
-    update = precision.ep_update(untouched, x, y, cfg)
+    train_batch(model, optimizer, x, y, EP(cfg))
+    update = precision.ep_update(untouched, x, y, EP(cfg))
     moved = dict(model.named_parameters())
     assert update.keys() == moved.keys()
     for name, before in untouched.named_parameters():
@@ -57,8 +57,8 @@ def test_bf16_phases_round_the_states_and_hand_back_float32():
     model = tiny_model()
     x, y = images()
     exact = model(x, y, model.init_neurons(x), 8, beta=0.5)
-    compiled.install(model, compile=False, autocast_dtype=torch.bfloat16)
-    rounded = model(x, y, model.init_neurons(x), 8, beta=0.5)
+    phases = Phases(runner=compiled.install(model, compile=False, autocast_dtype=torch.bfloat16))
+    rounded = phases.run(model, x, y, model.init_neurons(x), 8, beta=0.5)
     for a, b in zip(rounded, exact, strict=True):
         assert a.dtype == torch.float32 and a.shape == b.shape
         difference = (a - b).abs().max().item()
@@ -71,11 +71,10 @@ def test_bf16_error_of_the_ep_update_grows_as_beta_shrinks():
     model = tiny_model()
     x, y = images()
     errors = [
-        precision.ep_update_error(model, x, y, EPConfig(T1=20, T2=5, betas=(0.0, beta)), "bf16")
+        precision.ep_update_error(model, x, y, EP(EPConfig(T1=20, T2=5, betas=(0.0, beta))), "bf16")
         for beta in (1.0, 0.01)
     ]
     assert 0 < errors[0] < errors[1]
-    assert model.phase_runner is None  # put back as it was
 
 
 DIGITS = ["--model", "CNN", "--task", "DIGITS", "--channels", "3", "--kernels", "3",

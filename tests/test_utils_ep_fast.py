@@ -108,17 +108,18 @@ def test_gdu_check_curves_agree_on_converged_network():
 
 def test_safe_point_runs_between_the_steps_of_every_phase_and_before_every_batch():
     """T1 = 4, T2 = 3 with a third phase: 3 + 2 + 2 calls inside a batch's phases, one more
-    before each batch; the hook is no part of the model's state."""
-    from utils_ep_fast import make_optimizer, train_epoch
+    before each batch; the hook is passed in ``Phases``, no part of the model."""
+    from utils_ep_fast import EP, Phases, make_optimizer, train_epoch
 
     torch.manual_seed(0)
     model = P_MLP([6, 5, 3])
     calls = []
-    model.safe_point = lambda: calls.append(len(calls))
+    phases = Phases(safe_point=lambda: calls.append(len(calls)))
     loader = [(torch.rand(4, 6), torch.tensor([0, 1, 2, 0])) for _ in range(2)]
-    cfg = EPConfig(T1=4, T2=3, betas=(0.0, 0.5), thirdphase=True)
-    train_epoch(model, make_optimizer(model, "sgd", [0.1, 0.1]), loader, cfg)
+    rule = EP(EPConfig(T1=4, T2=3, betas=(0.0, 0.5), thirdphase=True))
+    train_epoch(model, make_optimizer(model, "sgd", [0.1, 0.1]), loader, rule, phases=phases)
     assert len(calls) == 2 * (1 + 3 + 2 + 2)
+    assert not hasattr(model, "safe_point")
     assert set(model.state_dict()) == {
         f"synapses.{i}.{p}" for i in (0, 1) for p in ("weight", "bias")
     }

@@ -17,7 +17,7 @@ from math_checks import digit_like_batch as batch
 import main_fast
 from experiment import records
 from links import AvgPool, CopyLink, MaxPool
-from utils_ep_fast import EPConfig, make_optimizer, train, train_batch
+from utils_ep_fast import EP, EPConfig, Schedule, make_optimizer, train, train_batch
 from vf_utils_ep_fast import VF_CNN, VF_LCA_CNN, VF_MLP
 
 CASES = ARCHITECTURES + MLPS
@@ -213,7 +213,7 @@ def test_same_update_moves_both_weights_alike(cfg):
     for _ in range(4):
         x, y = torch.rand(6, 1, 8, 8, generator=generator), torch.arange(6)
         for net, opt in ((model, optimizer), (twin, twin_optimizer)):
-            train_batch(net, opt, x, y, cfg)
+            train_batch(net, opt, x, y, EP(cfg))
             for forward, backward in weight_pairs(net):
                 forward_grad = net.get_parameter(forward).grad
                 assert forward_grad.abs().max() > 0
@@ -237,7 +237,7 @@ def test_seeded_vf_training_step_applies_the_reference_estimate(thirdphase):
     generator = torch.Generator().manual_seed(7)
     x, y = torch.rand(6, 1, 8, 8, generator=generator, dtype=torch.float64), torch.arange(6)
     cfg = EPConfig(T1=10, T2=4, betas=(0.0, 0.5), thirdphase=thirdphase)
-    train_batch(model, make_optimizer(model, "sgd", [0.1] * 4), x, y, cfg)
+    train_batch(model, make_optimizer(model, "sgd", [0.1] * 4), x, y, EP(cfg))
 
     free = untouched(x, y, untouched.init_neurons(x), cfg.T1)
     nudged = untouched(x, y, free, cfg.T2, beta=0.5)
@@ -322,7 +322,8 @@ def test_vfcnn_with_same_update_learns_digits():
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, 10)
     cfg = EPConfig(T1=20, T2=5, betas=(0.0, 0.5), thirdphase=True)
     start_angle = model.backward_angles()["angle_syn1"]
-    history = train(model, optimizer, train_loader, test_loader, cfg, 10, scheduler=scheduler)
+    loaders = train_loader, test_loader
+    history = train(model, optimizer, loaders, EP(cfg), Schedule(10, scheduler=scheduler))
     assert history[-1]["test_acc"] >= 0.93, [round(m["test_acc"], 3) for m in history]
     assert history[-1]["angle_syn1"] < 45 < start_angle - 30
 
