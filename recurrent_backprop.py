@@ -40,8 +40,41 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from dynamics import sync_step
+from dynamics import EAGER, Phases, sync_step
+from estimators import Estimate, Estimator
 from links import in_memory_format
+
+
+class RecurrentBackprop(Estimator):
+    """RBP: ``T1`` free steps, then ``adjoint_iters`` adjoint iterations (``T2`` when None)
+    and the implicit gradient (module docstring); the adjoint's final residual is reported as
+    the batch statistic ``adjoint_residual``. ``after_update`` gets the free states."""
+
+    NAME = "RBP"
+    IGNORES = {
+        "betas": "RBP has no nudged phase",
+        "random_sign": "RBP has no nudged phase",
+        "thirdphase": "RBP has no nudged phase",
+        "cpl_eta": "only CpL reads eta",
+    }
+
+    @classmethod
+    def refusal(cls, cfg) -> str | None:
+        if cfg.adjoint_iters is not None and cfg.adjoint_iters < 1:
+            return f"--adjoint-iters must be at least 1, got {cfg.adjoint_iters}"
+        return None
+
+    @classmethod
+    def model_refusal(cls, model) -> str | None:
+        return refusal(model)
+
+    def estimate(self, model, code: Tensor, y: Tensor, phases: Phases = EAGER) -> Estimate:
+        cfg = self.cfg
+        free = phases.run(model, code, y, model.init_neurons(code), cfg.T1, name="free")
+        iterations = cfg.T2 if cfg.adjoint_iters is None else cfg.adjoint_iters
+        _, residual = rbp_gradient(model, code, y, free, iterations)
+        phases.report("adjoint_residual", residual)
+        return Estimate(free, free)
 
 
 def refusal(model) -> str | None:
@@ -67,14 +100,15 @@ def scaled_layers_fed_by_input_only(model) -> bool:
 def rbp_gradient(
     model, code: Tensor, y: Tensor, free: list[Tensor], iterations: int
 ) -> tuple[list[Tensor], float]:
-    """Write ``dL/dtheta`` at the free fixed point ``free`` into every parameter's ``.grad``
-    (zeros where ``L`` does not depend on it), from ``iterations`` adjoint steps.
+    """Write ``dL/dtheta`` at the free fixed point ``free`` into the ``.grad`` of every
+    parameter the optimizer trains (``model.optimizer_groups``; zeros where ``L`` does not
+    depend on it), from ``iterations`` adjoint steps.
 
     ``code``: the system's fixed input (B, ...); ``y``: labels (B,). ``L`` is the batch mean
     of ``model.loss`` (an empty batch gives zero gradients). Returns the adjoint ``lambda``
     (one tensor per layer) and its final residual ``max |lambda_n - lambda_(n-1)|`` (0.0 for
     an empty batch or no iteration)."""
-    params = list(model.parameters())
+    params = [param for _, group in model.optimizer_groups() for param in group]
     code = in_memory_format(code)
     batch = max(code.shape[0], 1)
     with torch.enable_grad():

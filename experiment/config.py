@@ -80,6 +80,8 @@ class DynamicsConfig:
     dynamics: str
     tol: float | None
     precision: str | None
+    cpl_eta: float = 1.0
+    adjoint_iters: int | None = None
 
     def ep_config(self) -> EPConfig:
         """The engine's view of how a batch is trained."""
@@ -311,9 +313,9 @@ def check_ignored_by_rule(flags: Mapping[str, Any]) -> None:
     """One warning line per flag the learning rule does not read (``Estimator.IGNORES``) that
     is set to another value than its default; the value is kept (and saved) as given."""
     rule = ESTIMATORS[flags["alg"]]
-    defaults = EPConfig()
+    config, defaults = _ep_config(flags), EPConfig()
     for name, why in rule.IGNORES.items():
-        if flags[name] != getattr(defaults, name):
+        if getattr(config, name) != getattr(defaults, name):
             flag = "--" + name.replace("_", "-")
             warn(f"{flag} ignored: --alg {flags['alg']} does not read it ({why})")
 
@@ -327,6 +329,8 @@ def _ep_config(flags: Mapping[str, Any]) -> EPConfig:
         betas=tuple(flags["betas"]),
         random_sign=flags["random_sign"],
         thirdphase=flags["thirdphase"],
+        cpl_eta=flags.get("cpl_eta", 1.0),
+        adjoint_iters=flags.get("adjoint_iters"),
     )
 
 

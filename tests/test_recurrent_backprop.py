@@ -14,8 +14,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from estimators import EPConfig, ep_phases
-from recurrent_backprop import rbp_gradient, refusal
+from dynamics import Phases
+from estimators import EP, EPConfig
+from metrics import Metrics
+from recurrent_backprop import RecurrentBackprop, rbp_gradient, refusal
 from rescnn import ResCNN
 from utils_ep_fast import P_CNN, P_MLP
 from vf_utils_ep_fast import VF_MLP
@@ -275,12 +277,34 @@ def test_symmetric_ep_at_a_small_beta_agrees_with_rbp(name):
     free = settled(model, x, y, phi, rules, kinks, p)
     expected = dense_gradient(model, x, y, phi, rules, loss, free, p)
     config = EPConfig(T1=SETTLE, T2=SETTLE, betas=(0.0, 1e-4), thirdphase=True)
-    ep_phases(model, x, y, config)
+    EP(config).estimate(model, x, y)
     assert relative_error(model, expected) < 2e-8
+
+
+def test_the_rule_settles_then_writes_the_gradient_and_reports_its_residual():
+    """Through its registered class: T1 free steps, ``adjoint_iters`` iterations (T2 when
+    unset); the residual reaches the metrics as a batch statistic."""
+    model, x, y, phi, rules, loss, kinks = case("lcacnn")
+    p = leaves(model)
+    free = settled(model, x, y, phi, rules, kinks, p)
+    expected = dense_gradient(model, x, y, phi, rules, loss, free, p)
+    metrics = Metrics()
+    rule = RecurrentBackprop(EPConfig(alg="RBP", T1=SETTLE, T2=3, adjoint_iters=SETTLE))
+    estimate = rule.estimate(model, x, y, Phases(log=metrics))
+    assert all(torch.equal(a, b) for a, b in zip(estimate.free, free, strict=True))
+    assert relative_error(model, expected) < 1e-8
+    metrics.add_batch(0, 0.0, BATCH, {})
+    assert metrics.epoch_means(with_phases=False)["adjoint_residual"] < 1e-14
+    RecurrentBackprop(EPConfig(alg="RBP", T1=SETTLE, T2=3)).estimate(model, x, y)
+    by_default = {name: param.grad.clone() for name, param in model.named_parameters()}
+    _, residual = rbp_gradient(model, x, y, free, 3)
+    assert residual > 1e-6 and relative_error(model, expected) > 1e-6
+    for name, param in model.named_parameters():
+        assert torch.equal(param.grad, by_default[name]), name
 
 
 def test_vector_field_models_are_refused():
     torch.manual_seed(0)
-    message = refusal(VF_MLP([6, 5, 4]))
+    message = RecurrentBackprop.model_refusal(VF_MLP([6, 5, 4]))
     assert message is not None and "\n" not in message and "vector-field" in message
     assert refusal(P_MLP([6, 5, 4])) is None
