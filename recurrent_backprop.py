@@ -120,8 +120,14 @@ def rbp_gradient(
         adjoint = [grad.clone() for grad in loss_ds]
         residual = 0.0
         for _ in range(iterations):
-            products = torch.autograd.grad(stepped, states, adjoint, retain_graph=True)
-            following = [product + grad for product, grad in zip(products, loss_ds, strict=True)]
+            # a layer no other layer reads (a one-layer system) has no product
+            products = torch.autograd.grad(
+                stepped, states, adjoint, retain_graph=True, allow_unused=True
+            )
+            following = [
+                grad if product is None else product + grad
+                for product, grad in zip(products, loss_ds, strict=True)
+            ]
             residual = max(
                 (new - old).abs().max().item() if new.numel() else 0.0
                 for new, old in zip(following, adjoint, strict=True)
