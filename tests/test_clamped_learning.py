@@ -10,14 +10,10 @@ step gives ``h^c = sigma(W1 x + b1 + W2^T c)``. The estimate is
 
 from __future__ import annotations
 
-import re
-import sys
-import types
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
+from math_checks import docs_example
 
 from clamped_learning import ContrastiveLearning, CoupledLearning, clamped_phase
 from estimators import EPConfig
@@ -124,19 +120,11 @@ def test_softmax_readout_is_refused_in_one_line():
 
 def test_the_docs_example_rule_gives_the_hand_worked_update():
     """docs/extending.md's contrastive-learning class, executed from the page."""
-    text = (Path(__file__).resolve().parents[1] / "docs" / "extending.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
-    (block,) = [block for block in blocks if "class ContrastiveLearning" in block]
-    module = types.ModuleType("rule_example")
-    sys.modules[module.__name__] = module
-    try:
-        exec(compile(block, "docs/extending.md", "exec"), module.__dict__)
+    with docs_example("class ContrastiveLearning", "rule_example") as module:
         model, x, y = two_layer_case(seed=5)
         expected, _ = hand_update(model, x, y, 1.0, "sync")
         module.ContrastiveLearning(EPConfig(alg="CL", T1=T1, T2=T2)).estimate(model, x, y)
-    finally:
-        del sys.modules[module.__name__]
+        refused = module.ContrastiveLearning.model_refusal(P_MLP([4, 3, 2, 2], softmax=True))
     for name, param in model.named_parameters():
         assert torch.allclose(param.grad, expected[name], rtol=0, atol=1e-14), name
-    softmax = P_MLP([4, 3, 2, 2], softmax=True, loss="cel")
-    assert "--softmax" in module.ContrastiveLearning.model_refusal(softmax)
+    assert "--softmax" in refused

@@ -7,15 +7,11 @@ parity, so a, b, c make a triangle), then a softmax readout of c with 3 classes.
 no bias; every layer has one of its own, one per channel of a map.
 """
 
-import re
-import sys
-import types
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
 from math_checks import cosine
+from math_checks import docs_example as executed_docs_example
 from torch import nn
 
 import dynamics
@@ -271,16 +267,8 @@ def test_the_input_gradient_at_small_beta_matches_backpropagation_of_the_loss():
 @pytest.fixture(scope="module")
 def docs_example():
     """The docs' gated skip and its network, executed from the page."""
-    text = (Path(__file__).resolve().parents[1] / "docs" / "extending.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
-    (block,) = [block for block in blocks if "class GatedSkipLink" in block]
-    module = types.ModuleType("coupling_example")
-    sys.modules[module.__name__] = module
-    try:
-        exec(compile(block, "docs/extending.md", "exec"), module.__dict__)
+    with executed_docs_example("class GatedSkipLink", "coupling_example") as module:
         yield module
-    finally:
-        del sys.modules[module.__name__]
 
 
 def skip_cnn(docs_example):
