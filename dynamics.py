@@ -258,24 +258,9 @@ class Phases:
         if self.log is not None:
             self.log.add_stat(name, value)
 
-    def run(
-        self,
-        model,
-        x: Tensor,
-        y: Tensor,
-        neurons: list[Tensor],
-        T: int,
-        beta: float = 0.0,
-        *,
-        name: str | None = None,
-        track_grad: bool = False,
-        output_update: OutputUpdate | None = None,
-    ) -> list[Tensor]:
-        """The states after a phase of ``T`` steps from ``neurons`` (``run_recorded``)."""
-        return self.run_recorded(
-            model, x, y, neurons, T, beta, name=name, track_grad=track_grad,
-            output_update=output_update,
-        )[0]  # fmt: skip
+    def run(self, model, *args, **kwargs) -> list[Tensor]:
+        """The states after the phase ``run_recorded(model, ...)`` runs (same arguments)."""
+        return self.run_recorded(model, *args, **kwargs)[0]
 
     def run_recorded(
         self,

@@ -40,7 +40,16 @@ import torch
 
 from experiment import data_loading
 from lca_utils_ep_fast import LCA_CNN
-from utils_ep_fast import P_CNN, EPConfig, make_optimizer, max_change, train, train_epoch
+from utils_ep_fast import (
+    EP,
+    P_CNN,
+    EPConfig,
+    Schedule,
+    make_optimizer,
+    max_change,
+    train,
+    train_epoch,
+)
 
 TOLS = (1e-3, 1e-4)
 # The README's digits nets: RCNN 16-32 on 8x8x1; LCACNN with 16 LCA features 3x3, stride 1
@@ -83,9 +92,9 @@ def train_digits(model, lrs, epochs, batch, T1, T2, dynamics="sync", tol=None):
     train_loader, test_loader = digits_loaders(batch)
     model.set_dynamics(dynamics, tol)
     optimizer = make_optimizer(model, "sgd", lrs, mmt=0.9)
-    cfg = EPConfig(T1=T1, T2=T2, betas=(0.0, 0.5), thirdphase=True)
+    rule = EP(EPConfig(T1=T1, T2=T2, betas=(0.0, 0.5), thirdphase=True))
     started = time.perf_counter()
-    history = train(model, optimizer, train_loader, test_loader, cfg, epochs)
+    history = train(model, optimizer, (train_loader, test_loader), rule, Schedule(epochs))
     return history, time.perf_counter() - started
 
 
@@ -193,9 +202,9 @@ def part_epoch(args) -> None:
         model = P_CNN(**DIGITS_RCNN)
         model.set_dynamics(dynamics, tol)
         optimizer = make_optimizer(model, "sgd", [0.05, 0.03, 0.02], mmt=0.9)
-        cfg = EPConfig(T1=T1, T2=T2, betas=(0.0, 0.5), thirdphase=True)
+        rule = EP(EPConfig(T1=T1, T2=T2, betas=(0.0, 0.5), thirdphase=True))
         loader = digits_loaders(16)[0]
-        variants[schedule] = partial(train_epoch, model, optimizer, loader, cfg)
+        variants[schedule] = partial(train_epoch, model, optimizer, loader, rule)
     times = bench.interleaved_times(variants, args.repeats, warmup=0)
     first = times[args.schedules[0]]
     rows = [

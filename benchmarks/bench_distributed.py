@@ -33,12 +33,13 @@ from experiment import (
     data_loading,
     distributed,  # noqa: E402
 )
-from utils_ep_fast import P_CNN, EPConfig, make_optimizer, train_epoch  # noqa: E402
+from metrics import Metrics  # noqa: E402
+from utils_ep_fast import EP, P_CNN, EPConfig, make_optimizer, train_epoch  # noqa: E402
 
 MODEL = dict(in_size=8, in_channels=1, channels=[16, 32], kernels=[3, 3], strides=[1, 1],
              paddings=[1, 1], pools="mm", fc=[10], activation="my_hard_sig", softmax=True,
              loss="cel")  # fmt: skip
-CONFIG = EPConfig(alg="EP", T1=20, T2=5, betas=(0.0, 0.5), thirdphase=True)
+RULE = EP(EPConfig(alg="EP", T1=20, T2=5, betas=(0.0, 0.5), thirdphase=True))
 SEED_RCNN_WEIGHTS = 1_571_466  # sum(p.numel() for p in common.seed_cnn().parameters())
 
 
@@ -69,7 +70,7 @@ def worker(epochs: int, mbs: int) -> int:
         wait_seconds.clear()
         reduce_seconds.clear()
         started = time.perf_counter()
-        train_epoch(model, optimizer, batches, CONFIG, "cpu", sum_totals=distributed.sum_totals)
+        train_epoch(model, optimizer, batches, RULE, Metrics(distributed.sum_totals))
         epoch_seconds.append(time.perf_counter() - started)
         epoch_wait.append(sum(wait_seconds))
         epoch_reduce.append(sum(reduce_seconds))

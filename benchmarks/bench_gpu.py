@@ -51,7 +51,16 @@ from torch.utils.data import DataLoader, Dataset
 import compiled
 import precision
 from experiment import data_loading
-from utils_ep_fast import EnergyNet, EPConfig, in_memory_format, make_optimizer, settle, train_batch
+from utils_ep_fast import (
+    EP,
+    EnergyNet,
+    EPConfig,
+    Phases,
+    in_memory_format,
+    make_optimizer,
+    settle,
+    train_batch,
+)
 
 SEED_TRAIN_IMAGES = {"RCNN": 50_000, "LCACNN": 25_000}
 SEED_TEST_IMAGES = 10_000
@@ -72,26 +81,25 @@ def synchronized(run, device: torch.device):
 
 
 def hooks_for(model: EnergyNet, kind: str = "fp32") -> dict[bool, tuple]:
-    """The eager (False) and captured (True) hooks of ``model`` in precision ``kind``, made once
-    so that captures and compiles are kept between repeats."""
+    """The eager (False) and captured (True) phase runner and LCA hook of ``model`` in
+    precision ``kind``, made once so that captures and compiles are kept between repeats."""
     dtype = torch.bfloat16 if kind == "bf16" else None
     hooks = {}
     for captured in (False, True):
-        compiled.install(model, compile=captured, autocast_dtype=dtype)
+        runner = compiled.install(model, compile=captured, autocast_dtype=dtype)
         lca = getattr(model, "lca", None)
-        hooks[captured] = model.phase_runner, lca.settle_runner if lca is not None else None
+        hooks[captured] = Phases(runner=runner), lca.settle_runner if lca is not None else None
     compiled.uninstall(model)
     return hooks
 
 
 def hooked(model: EnergyNet, hooks: tuple, run, device: torch.device):
-    """``run`` with ``model``'s phase (and LCA) hooks set to ``hooks``, synchronised."""
+    """``run(phases)`` with the phases of ``hooks`` (and the LCA hook set), synchronised."""
 
     def wrapped():
-        model.phase_runner = hooks[0]
         if hasattr(model, "lca"):
             model.lca.settle_runner = hooks[1]
-        return run()
+        return run(hooks[0])
 
     return synchronized(wrapped, device)
 
@@ -114,8 +122,8 @@ def step_row(name, model, x, y, kind, args, device) -> list[str]:
     steps, beta = args.steps, 0.0
 
     @torch.no_grad()
-    def phase():
-        model(x_fmt, y, states, steps, beta=beta)
+    def phase(phases):
+        phases.run(model, x_fmt, y, states, steps, beta=beta)
 
     def autograd():
         neurons = states
@@ -155,7 +163,7 @@ def lca_row(model, x, args, device) -> list[str]:
     hooks = hooks_for(model)
 
     @torch.no_grad()
-    def encode():
+    def encode(phases):
         model.lca(x)
 
     times = bench.interleaved_times(
@@ -199,17 +207,17 @@ def train_rows(name, make_model, x, y, args, device) -> list[list[str]]:
     """Table 3: one training iteration and one evaluation batch, eager and captured."""
     model = make_model().to(device)
     optimizer = make_optimizer(model, "sgd", SEED_LRS, SEED_WDS, mmt=0.9)
-    cfg = EPConfig(T1=args.T1, T2=args.T2, betas=SEED_BETAS[name], thirdphase=True)
+    rule = EP(EPConfig(T1=args.T1, T2=args.T2, betas=SEED_BETAS[name], thirdphase=True))
     hooks = hooks_for(model)
 
-    def iteration():
+    def iteration(phases):
         model.train()
-        train_batch(model, optimizer, x, y, cfg)
+        train_batch(model, optimizer, x, y, rule, phases)
 
-    def evaluation():
+    def evaluation(phases):
         model.eval()
         with torch.no_grad():
-            settle(model, x, y, args.T1)
+            settle(model, x, y, args.T1, phases)
 
     variants = {}
     for captured, label in ((False, "eager"), (True, "captured")):

@@ -55,20 +55,21 @@ def child(measure: str, alg: str, T1: int, T2: int, batch: int, threads: int | N
     from common import cifar_like_batch, seed_cnn, set_threads
     from torch.profiler import ProfilerActivity, profile
 
+    from learning_rules import make_estimator
     from utils_ep_fast import EPConfig, make_optimizer, train_batch
 
     set_threads(threads)
     model = seed_cnn()
     optimizer = make_optimizer(model, "sgd", [0.25, 0.15, 0.1, 0.08, 0.05], [3e-4] * 5, mmt=0.9)
     x, y = cifar_like_batch(batch)
-    cfg = EPConfig(alg=alg, T1=T1, T2=T2, betas=(0.0, 1.0), thirdphase=True)
+    rule = make_estimator(EPConfig(alg=alg, T1=T1, T2=T2, betas=(0.0, 1.0), thirdphase=True))
     if measure == "tensors":
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
-            train_batch(model, optimizer, x, y, cfg)
+            train_batch(model, optimizer, x, y, rule)
         print(json.dumps({"tensor_peak": tensor_peak_bytes(profiler.events()) / MIB}))
     else:
         before = max_rss_mib()
-        train_batch(model, optimizer, x, y, cfg)
+        train_batch(model, optimizer, x, y, rule)
         print(json.dumps({"rss_before": before, "rss_after": max_rss_mib()}))
 
 

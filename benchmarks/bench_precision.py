@@ -21,7 +21,7 @@ import common as bench
 import torch
 
 import precision
-from utils_ep_fast import EPConfig
+from utils_ep_fast import EP, EPConfig
 
 
 def main() -> None:
@@ -53,13 +53,13 @@ def main() -> None:
     for name, model in models.items():
         model.to(device)
         for beta in args.betas:
-            cfg = EPConfig(T1=args.T1, T2=args.T2, betas=(0.0, beta), thirdphase=True)
+            rule = EP(EPConfig(T1=args.T1, T2=args.T2, betas=(0.0, beta), thirdphase=True))
             for kind in precisions:
                 errors = []
                 for seed in range(args.batches):
                     x, y = bench.cifar_like_batch(args.batch, seed)
                     x, y = x.to(device), y.to(device)
-                    errors.append(precision.ep_update_error(model, x, y, cfg, kind))
+                    errors.append(precision.ep_update_error(model, x, y, rule, kind))
                 rows.append(
                     [
                         name,

@@ -33,7 +33,7 @@ from common import (
     set_threads,
 )
 
-from utils_ep_fast import EPConfig, make_optimizer, train_batch
+from utils_ep_fast import EP, EPConfig, make_optimizer, train_batch
 
 SEED_T1, SEED_T2, SEED_LCA_ITERS = 250, 50, 600
 PARTS = ("lca", "free", "nudged", "ep_grad", "optim", "dict")
@@ -105,7 +105,7 @@ def main() -> None:
     for repeat in range(args.repeats + 1):  # the first round warms up and is not counted
         for name, (model, optimizer, cfg) in runs.items():
             seconds = iteration_parts(model, optimizer, x, y, cfg)
-            _, whole = timed(train_batch, model, optimizer, x, y, cfg)
+            _, whole = timed(train_batch, model, optimizer, x, y, EP(cfg))
             if repeat == 0:
                 continue
             for part, value in seconds.items():

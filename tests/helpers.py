@@ -1,17 +1,21 @@
 """Helpers the test files share: command lines of tiny runs, their run folders and outputs,
 the seed README's commands, failures injected into training, child processes and the events
 that tests wait on, two-process runs under ``torchrun``, and the small classifier the attack
-tests share."""
+tests share, and the examples of docs/extending.md executed as written."""
 
 from __future__ import annotations
 
 import csv
 import os
+import re
 import shlex
 import subprocess
 import sys
 import threading
 import time
+import types
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -25,6 +29,26 @@ import utils_ep_fast
 ROOT = Path(__file__).resolve().parents[1]
 WAIT = 180  # seconds any child process may take (a slow, busy machine imports torch slowly)
 TORCHRUN_TIMEOUT = 300  # seconds a two-process torchrun run may take
+
+
+@contextmanager
+def docs_example(defines: str, module_name: str, **names) -> Iterator[types.ModuleType]:
+    """The python block of docs/extending.md that holds ``defines`` (e.g. ``"class SkipCNN"``),
+    executed as written in a module of its own, ``module_name``, which first holds ``names``
+    (what the block takes from the file it is written for); the module is in ``sys.modules``
+    within the block (dataclasses look their module up)."""
+    text = (ROOT / "docs" / "extending.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    (block,) = [block for block in blocks if defines in block]
+    module = types.ModuleType(module_name)
+    module.__dict__.update(names)
+    sys.modules[module_name] = module
+    try:
+        exec(compile(block, "docs/extending.md", "exec"), module.__dict__)
+        yield module
+    finally:
+        del sys.modules[module_name]
+
 
 # The seed README's four training commands, verbatim.
 SEED_COMMANDS = {

@@ -1,34 +1,11 @@
 """What several test files share: small model configurations and batches, seeded builders
 and the tensor comparisons (test files import from here, never from each other)."""
 
-import re
-import sys
-import types
-from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
-
 import torch
 from torch import Tensor
 
 from experiment import data_loading
 from utils_ep_fast import P_CNN, P_MLP
-
-
-@contextmanager
-def docs_example(marker: str, name: str) -> Iterator[types.ModuleType]:
-    """The one ```python block of docs/extending.md that holds ``marker``, executed as the
-    module ``name`` (registered while the block is in use, so its dataclasses resolve)."""
-    text = (Path(__file__).resolve().parents[1] / "docs" / "extending.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
-    (block,) = [block for block in blocks if marker in block]
-    module = types.ModuleType(name)
-    sys.modules[name] = module
-    try:
-        exec(compile(block, "docs/extending.md", "exec"), module.__dict__)
-        yield module
-    finally:
-        del sys.modules[name]
 
 
 def cosine(a: Tensor, b: Tensor) -> float:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from math_checks import docs_example
+from helpers import docs_example
 
 from clamped_learning import ContrastiveLearning, CoupledLearning, clamped_phase
 from estimators import EPConfig

@@ -7,11 +7,11 @@ parity, so a, b, c make a triangle), then a softmax readout of c with 3 classes.
 no bias; every layer has one of its own, one per channel of a map.
 """
 
+import helpers
 import pytest
 import torch
 import torch.nn.functional as F
 from math_checks import cosine
-from math_checks import docs_example as executed_docs_example
 from torch import nn
 
 import dynamics
@@ -267,7 +267,7 @@ def test_the_input_gradient_at_small_beta_matches_backpropagation_of_the_loss():
 @pytest.fixture(scope="module")
 def docs_example():
     """The docs' gated skip and its network, executed from the page."""
-    with executed_docs_example("class GatedSkipLink", "coupling_example") as module:
+    with helpers.docs_example("class GatedSkipLink", "coupling_example") as module:
         yield module
 
 

@@ -1,11 +1,12 @@
 """The learning rules as objects (estimators.py, learning_rules.py), the flags a rule ignores or
-refuses, and the metrics object (metrics.py) they report to."""
+refuses, the metrics object (metrics.py) they report to, and the rule of docs/extending.md."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from helpers import DIGITS_CNN
+from helpers import DIGITS_CNN, docs_example
+from math_checks import converged_case
 
 import main_fast
 from clamped_learning import ContrastiveLearning, CoupledLearning
@@ -127,3 +128,58 @@ def test_metrics_sum_over_ranks_and_count_the_phases_by_hand():
     assert metrics.evaluation_means(2, 1.0, 4) == pytest.approx((7 / 10, 4.0 / 10))
     metrics.start_epoch()
     assert metrics.epoch_means(with_phases=True)["train_acc"] == pytest.approx(5 / 6)
+
+
+# ---- the learning rule of docs/extending.md, run as written there ------------------------------
+
+
+@pytest.fixture(scope="module")
+def docs_rule():
+    """The docs' extrapolated EP, executed from the page."""
+    with docs_example("class ExtrapolatedEP", "extrapolated_ep") as module:
+        return module.ExtrapolatedEP
+
+
+def flat_grads(model) -> torch.Tensor:
+    return torch.cat([param.grad.flatten() for param in model.parameters()])
+
+
+def gradient_of(model, rule, x, y) -> torch.Tensor:
+    model.zero_grad(set_to_none=True)
+    rule.estimate(model, x, y)
+    return flat_grads(model)
+
+
+def test_the_docs_rule_is_twice_ep_at_beta_minus_ep_at_twice_beta(docs_rule):
+    model, x, y = small_case()
+    near = gradient_of(model, EP(EPConfig(T1=30, T2=10, betas=(0.0, 0.3))), x, y)
+    far = gradient_of(model, EP(EPConfig(T1=30, T2=10, betas=(0.0, 0.6))), x, y)
+    got = gradient_of(model, docs_rule(EPConfig(T1=30, T2=10, betas=(0.0, 0.3))), x, y)
+    torch.testing.assert_close(got, 2.0 * near - far, atol=1e-12, rtol=0)
+
+
+def test_the_docs_rule_is_closer_to_backpropagation_than_one_sided_ep(docs_rule):
+    """On a network whose phases converge: the gradient of the loss at the fixed point by
+    backpropagation through 150 steps from it, against both estimates at beta 0.2."""
+    model, x, y = converged_case()
+    free = model(x, y, model.init_neurons(x), 150)
+    model.zero_grad(set_to_none=True)
+    model.loss(model(x, y, free, 150, track_grad=True), y).mean().backward()
+    true = flat_grads(model)
+    cfg = EPConfig(T1=150, T2=150, betas=(0.0, 0.2))
+    one_sided = gradient_of(model, EP(cfg), x, y)
+    extrapolated = gradient_of(model, docs_rule(cfg), x, y)
+    assert (extrapolated - true).norm() < 0.75 * (one_sided - true).norm()
+
+
+def test_the_registered_docs_rule_trains_warns_and_refuses_from_the_command_line(
+    docs_rule, monkeypatch, capsys
+):
+    monkeypatch.setitem(ESTIMATORS, "EPX", docs_rule)
+    argv = [*DIGITS_CNN, "--alg", "EPX", "--betas", "0", "0.5", "--device", "cpu"]
+    assert main_fast.main(argv) == 0
+    assert "warning" not in capsys.readouterr().err
+    assert main_fast.main([*argv, "--thirdphase"]) == 0
+    assert "warning: --thirdphase ignored: --alg EPX does not read it" in capsys.readouterr().err
+    assert main_fast.main([*argv, "--betas", "0.1", "0.5"]) == 2
+    assert "--alg EPX nudges from the free phase: use --betas 0 0.5" in capsys.readouterr().err

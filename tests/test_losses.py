@@ -1,7 +1,7 @@
 """The loss objects (losses.py): each nudge is ``-beta dL/ds_out`` by autograd of the loss in
 float64, each loss and prediction agrees with a hand computation, the readout's parameter
-gradients with autograd, the clamp zeroes the loss where it is defined, and a model's output
-layer takes the loss's update."""
+gradients with autograd, the clamp zeroes the loss where it is defined, a model's output
+layer takes the loss's update, and the loss of docs/extending.md does all this as written."""
 
 from __future__ import annotations
 
@@ -9,10 +9,12 @@ import math
 
 import pytest
 import torch
+from helpers import DIGITS_CNN, docs_example
 from torch import nn
 
+import main_fast
 from graph import INPUT
-from losses import LOSSES, CrossEntropy, SoftmaxReadout, SquaredError, make_loss
+from losses import LOSSES, CrossEntropy, Loss, SoftmaxReadout, SquaredError, make_loss
 from utils_ep_fast import P_MLP
 
 BETA = 0.37
@@ -144,3 +146,35 @@ def test_a_model_output_layer_takes_its_loss_update(loss, softmax):
     total = drive - BETA * gradient
     want = total if (loss == "cel" and not softmax) else torch.sigmoid(total)
     torch.testing.assert_close(after[out], want, atol=1e-12, rtol=0)
+
+
+# ---- the loss of docs/extending.md, run as written there ----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def docs_loss():
+    """The docs' squared hinge, executed from the page in a namespace holding ``Loss``."""
+    with docs_example("class SquaredHinge", "hinge_example", Loss=Loss) as module:
+        return module.SquaredHinge
+
+
+def test_the_docs_loss_nudge_is_autograd_and_its_loss_a_hand_computation(docs_loss):
+    loss = docs_loss(3)
+    state = torch.tensor([[0.5, 0.2, 0.9], [2.0, 0.0, 0.5]], dtype=torch.float64)
+    y = torch.tensor([2, 0])
+    # sample 1: margins 1 + 0.5 - 0.9 = 0.6 and 1 + 0.2 - 0.9 = 0.3 -> 0.5 (0.36 + 0.09);
+    # sample 2: 1 + 0 - 2 < 0 and 1 + 0.5 - 2 < 0 -> 0
+    torch.testing.assert_close(loss.value(state, y), torch.tensor([0.225, 0.0]).double())
+    leaf = state.clone().requires_grad_(True)
+    (gradient,) = torch.autograd.grad(loss.value(leaf, y).sum(), leaf)
+    torch.testing.assert_close(BETA * loss.nudge(state, y), -BETA * gradient, atol=1e-12, rtol=0)
+    assert loss.nudge(state, y)[0].tolist() == pytest.approx([-0.6, -0.3, 0.9])
+    assert loss.value(loss.clamp(state, y), y).tolist() == [0.0, 0.0]
+    assert loss.predict(state).tolist() == [2, 0]
+
+
+def test_the_registered_docs_loss_trains_from_the_command_line(docs_loss, monkeypatch):
+    monkeypatch.setitem(LOSSES, "hinge", docs_loss)
+    argv = [*DIGITS_CNN, "--loss", "hinge", "--betas", "0", "0.5", "--device", "cpu"]
+    assert main_fast.main(argv) == 0
+    assert main_fast.main([*argv, "--alg", "BPTT"]) == 0

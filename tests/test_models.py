@@ -8,12 +8,11 @@ from __future__ import annotations
 import dataclasses
 import re
 import shutil
-import sys
-import types
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import docs_example
 
 import main_fast
 import robustness
@@ -101,17 +100,11 @@ def test_a_run_writes_the_results_columns_and_final_files_its_model_declares(nam
 @pytest.fixture
 def wide_cnn():
     """The docs' example class, registered for the test and removed after it."""
-    text = (ROOT / "docs" / "extending.md").read_text()
-    blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
-    (block,) = [block for block in blocks if "class WideCNN" in block]
-    module = types.ModuleType("extending_example")  # dataclasses look their module up
-    sys.modules[module.__name__] = module
     try:
-        exec(compile(block, "docs/extending.md", "exec"), module.__dict__)
-        yield module.WideCNN
+        with docs_example("class WideCNN", "extending_example") as module:
+            yield module.WideCNN
     finally:
         models.MODELS.pop("WideCNN", None)
-        del sys.modules[module.__name__]
 
 
 def test_the_documented_model_trains_resumes_and_evaluates(wide_cnn, tmp_path, capsys):
