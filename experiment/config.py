@@ -67,9 +67,11 @@ GDUCHECK_OVERRIDES = EVALUATE_OVERRIDES | {"T2", "betas", "thirdphase", "save", 
 
 @dataclass(frozen=True)
 class DynamicsConfig:
-    """How a batch is trained: ``alg`` (EP or BPTT), ``T1`` free and ``T2`` nudged steps,
-    ``betas`` (beta1, beta2), ``random_sign`` / ``thirdphase`` nudging; ``dynamics`` (sync or
-    async steps), ``tol`` (stop a phase once settled) and the ``precision`` of the phases."""
+    """How a batch is trained: ``alg`` (a rule of ``learning_rules.ESTIMATORS``), ``T1`` free
+    and ``T2`` nudged steps, ``betas`` (beta1, beta2), ``random_sign`` / ``thirdphase``
+    nudging; ``dynamics`` (sync or async steps), ``tol`` (stop a phase once settled) and the
+    ``precision`` of the phases; ``cpl_eta`` (CpL's clamp) and ``adjoint_iters`` (RBP's
+    adjoint iterations, None: T2), whose defaults let runs saved before them load."""
 
     alg: str
     T1: int
