@@ -17,7 +17,7 @@ receives; the output rule of the output layer). Its Jacobian at ``s*`` is::
 ``J^T lambda = H (G D lambda)`` is exactly the vector-Jacobian product of one step at ``s*``:
 autograd of a max-pool routes to ``s*``'s argmax, the unpool of an adjoint reads integer
 positions (constants), the biases and the input drives are constant in ``s``. So the adjoint
-iteration builds the graph of that one step once and reuses it (``adjoint_iterations``
+iteration builds the graph of that one step once and reuses it (``iterations``
 products), and ``(dF/dtheta)^T lambda`` is the same graph's product with the parameters: each
 link's weight gradient paired once with ``(s*_source, (G D lambda)_target)`` and once with
 ``((G D lambda)_source, s*_target)``, and each bias with ``(G D lambda)_target`` summed. The
@@ -30,7 +30,7 @@ converges to a stable fixed point. Its residual ``max |lambda_n - lambda_(n-1)|`
 equation's residual at ``lambda_(n-1)``) is reported.
 
 Vector-field models have ``H`` not symmetric; a step's product is still ``J^T``, but the
-study's RBP is for energy-based models, so they are refused (``check_applies``).
+study's RBP is for energy-based models, so they are refused (``model_refusal``).
 Shapes: ``free`` and ``lambda`` are lists of per-layer states (B, *shape_k); ``L`` is the
 batch mean of the per-sample loss (B,), so the gradient is the batch mean's.
 """
@@ -66,7 +66,12 @@ class RecurrentBackprop(Estimator):
 
     @classmethod
     def model_refusal(cls, model) -> str | None:
-        return refusal(model)
+        if getattr(model, "backward_pairs", None) is not None:
+            return (
+                "RBP needs an energy (a symmetric coupling matrix); a vector-field model has "
+                "separate backward weights: use --alg EP or BPTT"
+            )
+        return None
 
     def estimate(self, model, code: Tensor, y: Tensor, phases: Phases = EAGER) -> Estimate:
         cfg = self.cfg
@@ -75,26 +80,6 @@ class RecurrentBackprop(Estimator):
         _, residual = rbp_gradient(model, code, y, free, iterations)
         phases.report("adjoint_residual", residual)
         return Estimate(free, free)
-
-
-def refusal(model) -> str | None:
-    """Why RBP cannot train ``model`` (one line), or None."""
-    if getattr(model, "backward_pairs", None) is not None:
-        return (
-            "RBP needs an energy (a symmetric coupling matrix); a vector-field model has "
-            "separate backward weights: use --alg EP or BPTT"
-        )
-    return None
-
-
-def scaled_layers_fed_by_input_only(model) -> bool:
-    """Whether every layer whose feedback is scaled (``g != 1``) has only input edges."""
-    graph = model.graph
-    return all(
-        all(graph.edges[e].source < 0 for e in graph.incoming[k])
-        for k, layer in enumerate(graph.layers)
-        if layer.feedback_scale != 1.0
-    )
 
 
 def rbp_gradient(

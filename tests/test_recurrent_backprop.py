@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from dynamics import Phases
 from estimators import EP, EPConfig
 from metrics import Metrics
-from recurrent_backprop import RecurrentBackprop, rbp_gradient, refusal
+from recurrent_backprop import RecurrentBackprop, rbp_gradient
 from rescnn import ResCNN
 from utils_ep_fast import P_CNN, P_MLP
 from vf_utils_ep_fast import VF_MLP
@@ -307,4 +307,4 @@ def test_vector_field_models_are_refused():
     torch.manual_seed(0)
     message = RecurrentBackprop.model_refusal(VF_MLP([6, 5, 4]))
     assert message is not None and "\n" not in message and "vector-field" in message
-    assert refusal(P_MLP([6, 5, 4])) is None
+    assert RecurrentBackprop.model_refusal(P_MLP([6, 5, 4])) is None
