@@ -38,11 +38,11 @@ from links import in_memory_format
 
 @dataclass(frozen=True)
 class EPConfig:
-    """How a batch is trained: the rule (``alg``, an ``ESTIMATORS`` name), ``T1`` free and
-    ``T2`` nudged (BPTT: backpropagated; CL, CpL: clamped) steps, the ``betas`` (beta1,
-    beta2) and the nudging options ``random_sign`` and ``thirdphase``; ``cpl_eta``, how far
-    CpL's clamp moves toward the target, and ``adjoint_iters``, RBP's adjoint iterations
-    (None: ``T2``). The defaults are the command line's."""
+    """How a batch is trained: the rule (``alg``, a ``learning_rules.ESTIMATORS`` name), ``T1``
+    free and ``T2`` nudged (BPTT: backpropagated; CL, CpL: clamped) steps, the ``betas``
+    (beta1, beta2) and the nudging options ``random_sign`` and ``thirdphase``; ``cpl_eta``,
+    how far CpL's clamp moves toward the target, and ``adjoint_iters``, RBP's adjoint
+    iterations (None: ``T2``). The defaults are the command line's."""
 
     alg: str = "EP"
     T1: int = 20
