@@ -870,6 +870,7 @@ __all__ = [
     "DivergenceError",
     "CLAMP_SLOPES",
     "DYNAMICS",
+    "EAGER",
     "BPTT",
     "EP",
     "EPConfig",
