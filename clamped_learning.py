@@ -17,8 +17,9 @@ and the estimate, written into every ``.grad`` by each link as for EP
 For CL it is the gradient of ``E(s^c) - E(s^0) >= 0`` (the clamped state's energy above the
 free one's); CpL at ``eta = 1`` is CL. The target is the output units' own values, so the
 output units must be a layer of the system: with the softmax readout the rule is refused
-(``model_refusal``), as it is for vector-field models (no ``Phi`` to differentiate). Under ``--tol`` the clamped phase stops when
-it settles, like any other; ``after_update`` (the LCA dictionary) gets the clamped states.
+(``model_refusal``), as it is for vector-field models (no ``Phi`` to differentiate). Under
+``--tol`` the clamped phase stops when it settles, like any other; ``after_update`` (the LCA
+dictionary) gets the clamped states.
 """
 
 from __future__ import annotations
