@@ -227,9 +227,12 @@ def run_phase(
 
 
 class PhaseLog(Protocol):
-    """Where a phase's record goes (``metrics.Metrics``)."""
+    """Where a phase's record goes, and a learning rule's per-batch statistics
+    (``metrics.Metrics``)."""
 
     def add_phase(self, name: str, record: PhaseRecord) -> None: ...
+
+    def add_stat(self, name: str, value: float) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -248,6 +251,12 @@ class Phases:
     runner: Callable[..., list[Tensor] | None] | None = None
     safe_point: Callable[[], None] | None = None
     log: PhaseLog | None = None
+
+    def report(self, name: str, value: float) -> None:
+        """A learning rule's statistic ``name`` of the current batch (RBP's adjoint residual)
+        for ``log``, which averages it over the epoch's samples; dropped without a log."""
+        if self.log is not None:
+            self.log.add_stat(name, value)
 
     def run(self, model, *args, **kwargs) -> list[Tensor]:
         """The states after the phase ``run_recorded(model, ...)`` runs (same arguments)."""

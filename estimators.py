@@ -39,15 +39,19 @@ from links import in_memory_format
 @dataclass(frozen=True)
 class EPConfig:
     """How a batch is trained: the rule (``alg``, a ``learning_rules.ESTIMATORS`` name), ``T1``
-    free and ``T2`` nudged (BPTT: backpropagated) steps, the ``betas`` (beta1, beta2) and the
-    nudging options ``random_sign`` and ``thirdphase``."""
+    free and ``T2`` nudged (BPTT: backpropagated; CL, CpL: clamped) steps, the ``betas``
+    (beta1, beta2) and the nudging options ``random_sign`` and ``thirdphase``; ``cpl_eta``,
+    how far CpL's clamp moves toward the target, and ``adjoint_iters``, RBP's adjoint
+    iterations (None: ``T2``). The defaults are the command line's."""
 
     alg: str = "EP"
     T1: int = 20
     T2: int = 4
-    betas: tuple[float, float] = (0.0, 0.1)
+    betas: tuple[float, float] = (0.0, 0.01)
     random_sign: bool = False
     thirdphase: bool = False
+    cpl_eta: float = 1.0
+    adjoint_iters: int | None = None
 
 
 class Estimate(NamedTuple):
@@ -82,11 +86,17 @@ class Estimator:
         """Why this rule cannot train with ``cfg`` (one line naming the fix), or None."""
         return None
 
+    @classmethod
+    def model_refusal(cls, model) -> str | None:
+        """Why this rule cannot train ``model`` (its loss, its kind; one line naming the fix),
+        or None; the scripts ask before anything is written."""
+        return None
+
     def estimate(self, model, code: Tensor, y: Tensor, phases: Phases = EAGER) -> Estimate:
         """Run the batch's phases on ``code`` (the system's fixed input, B x ...) with labels
         ``y`` (B,) through ``phases``, naming each phase (``"free"``, ``"nudged"``, ...) for
         its log; leave the estimate of ``dL/dtheta`` in every ``.grad`` it trains (the caller
-        zeroed them)."""
+        zeroed them). A per-batch statistic of the rule goes to ``phases.report``."""
         raise NotImplementedError
 
 
@@ -102,6 +112,10 @@ class EP(Estimator):
 
     NAME = "EP"
     PRECISION_CHECKED = True
+    IGNORES = {
+        "cpl_eta": "only CpL reads eta",
+        "adjoint_iters": "only RBP runs an adjoint",
+    }
 
     @classmethod
     def refusal(cls, cfg: EPConfig) -> str | None:
@@ -153,6 +167,8 @@ class BPTT(Estimator):
     IGNORES = {
         "thirdphase": "BPTT has no nudged phase",
         "random_sign": "BPTT has no nudged phase",
+        "cpl_eta": "only CpL reads eta",
+        "adjoint_iters": "only RBP runs an adjoint",
     }
 
     @classmethod

@@ -8,9 +8,13 @@ checks (``experiment/config.py``) and ``make_estimator`` read ``ESTIMATORS``.
 
 from __future__ import annotations
 
+from clamped_learning import ContrastiveLearning, CoupledLearning
 from estimators import BPTT, EP, EPConfig, Estimator
+from recurrent_backprop import RecurrentBackprop
 
-RULES: tuple[type[Estimator], ...] = (EP, BPTT)
+RULES: tuple[type[Estimator], ...] = (
+    EP, BPTT, RecurrentBackprop, ContrastiveLearning, CoupledLearning,
+)  # fmt: skip
 ESTIMATORS: dict[str, type[Estimator]] = {rule.NAME: rule for rule in RULES}
 
 

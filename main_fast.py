@@ -110,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--tol", type=float, default=None, help="stop a phase once max|ds| < TOL (T1/T2 caps)")
     add("--random-sign", action="store_true", help="random sign of beta2 per batch")
     add("--thirdphase", action="store_true", help="nudge with +beta2 and -beta2")
+    add("--cpl-eta", type=float, default=1.0, help="CpL: clamp at s_out + eta (onehot - s_out)")
+    add("--adjoint-iters", type=int, default=None, help="RBP: adjoint iterations (None: T2)")
     add("--loss", choices=list(LOSSES), default="mse", help="loss")
     add("--softmax", action="store_true", help="softmax readout outside the system")
     add("--optim", choices=("sgd", "adam"), default="sgd", help="optimizer")
@@ -169,6 +171,9 @@ def build_training(settings: Settings, network: dict, device: torch.device) -> r
     optim = settings.optim
     try:
         model = records.build_model(network).to(device)
+        refusal = ESTIMATORS[settings.dynamics.alg].model_refusal(model)
+        if refusal is not None:
+            raise UsageError(refusal)
         optimizer = make_optimizer(
             model, optim.optim, optim.lrs, optim.wds, optim.mmt, optim.nesterov
         )

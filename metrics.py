@@ -54,15 +54,22 @@ class Metrics:
         self.loss = 0.0
         self.stats: dict[str, float] = {}
         self.phases: list[tuple[str, PhaseRecord]] = []
+        self.rule_stats: dict[str, float] = {}  # the current batch's, until add_batch
 
     def add_phase(self, name: str, record: PhaseRecord) -> None:
         """A phase named ``name`` (``"free"``, ``"nudged"``, ...) ran as ``record`` says."""
         self.phases.append((name, record))
 
+    def add_stat(self, name: str, value: float) -> None:
+        """A learning rule's statistic of the batch under way, counted with its ``add_batch``
+        like the model's stats."""
+        self.rule_stats[name] = value
+
     def add_batch(self, correct: int, loss: float, count: int, stats: dict[str, float]) -> None:
         """A batch of ``count`` samples: ``correct`` right, ``loss`` the sum of their losses,
         ``stats`` per-batch means (weighted by ``count``; none for an empty batch)."""
         self.batches += 1
+        stats, self.rule_stats = {**stats, **self.rule_stats}, {}
         self.correct += correct
         self.loss += loss
         self.seen += count

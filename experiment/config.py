@@ -67,10 +67,11 @@ GDUCHECK_OVERRIDES = EVALUATE_OVERRIDES | {"T2", "betas", "thirdphase", "save", 
 
 @dataclass(frozen=True)
 class DynamicsConfig:
-    """How a batch is trained: ``alg`` (the learning rule, ``learning_rules.ESTIMATORS``: EP,
-    BPTT, ...), ``T1`` free and ``T2`` nudged steps, ``betas`` (beta1, beta2), ``random_sign``
-    / ``thirdphase`` nudging; ``dynamics`` (sync or async steps), ``tol`` (stop a phase once
-    settled) and the ``precision`` of the phases."""
+    """How a batch is trained: ``alg`` (a rule of ``learning_rules.ESTIMATORS``), ``T1`` free
+    and ``T2`` nudged steps, ``betas`` (beta1, beta2), ``random_sign`` / ``thirdphase``
+    nudging; ``dynamics`` (sync or async steps), ``tol`` (stop a phase once settled) and the
+    ``precision`` of the phases; ``cpl_eta`` (CpL's clamp) and ``adjoint_iters`` (RBP's
+    adjoint iterations, None: T2), whose defaults let runs saved before them load."""
 
     alg: str
     T1: int
@@ -81,6 +82,8 @@ class DynamicsConfig:
     dynamics: str
     tol: float | None
     precision: str | None
+    cpl_eta: float = 1.0
+    adjoint_iters: int | None = None
 
     def ep_config(self) -> EPConfig:
         """The engine's view of how a batch is trained."""
@@ -317,9 +320,9 @@ def check_ignored_by_rule(flags: Mapping[str, Any]) -> None:
     """One warning line per flag the learning rule does not read (``Estimator.IGNORES``) that
     is set to another value than its default; the value is kept (and saved) as given."""
     rule = ESTIMATORS[flags["alg"]]
-    defaults = EPConfig()
+    config, defaults = _ep_config(flags), EPConfig()
     for name, why in rule.IGNORES.items():
-        if flags[name] != getattr(defaults, name):
+        if getattr(config, name) != getattr(defaults, name):
             flag = "--" + name.replace("_", "-")
             warn(f"{flag} ignored: --alg {flags['alg']} does not read it ({why})")
 
@@ -333,6 +336,8 @@ def _ep_config(flags: Mapping[str, Any]) -> EPConfig:
         betas=tuple(flags["betas"]),
         random_sign=flags["random_sign"],
         thirdphase=flags["thirdphase"],
+        cpl_eta=flags.get("cpl_eta", 1.0),
+        adjoint_iters=flags.get("adjoint_iters"),
     )
 
 

@@ -63,7 +63,8 @@ LEGACY_KEYS = ("model_config", "args")
 LEGACY_DEFAULTS = {"dynamics": "sync", "tol": None, "precision": None, "compile": False,
                    "num_workers": None, "no_download": False, "dist_timeout": 600.0,
                    "tensorboard": False, "log_every": 50, "lr_decay_epochs": 100,
-                   "lr_min": 1e-5, "nesterov": False, "randaugment": 0}  # fmt: skip
+                   "lr_min": 1e-5, "nesterov": False, "randaugment": 0, "cpl_eta": 1.0,
+                   "adjoint_iters": None}  # fmt: skip
 DICTLEARNING_STATE = "dictlearning_state.pt"
 DICTLEARNING_STATE_KEYS = ("epoch", "settings", "weights", "rows", "rng_state")
 

@@ -53,6 +53,8 @@ EPOCH_TAG_PREFIXES = {
     "lca_": "lca/",
     "dict_": "lca/dict_",
     "angle_": "vf/angle_",
+    "clamped_": "phases/clamped_",
+    "adjoint_": "rbp/adjoint_",
 }
 
 

@@ -9,10 +9,12 @@ from helpers import DIGITS_CNN, docs_example
 from math_checks import converged_case
 
 import main_fast
+from clamped_learning import ContrastiveLearning, CoupledLearning
 from dynamics import PhaseRecord, Phases
 from estimators import BPTT, EP, EPConfig
 from learning_rules import ESTIMATORS, make_estimator
 from metrics import Metrics
+from recurrent_backprop import RecurrentBackprop
 from utils_ep_fast import P_MLP
 
 
@@ -24,10 +26,13 @@ def small_case():
 
 
 def test_the_registry_names_every_rule_by_its_alg():
-    assert ESTIMATORS == {"EP": EP, "BPTT": BPTT}
+    assert ESTIMATORS == {
+        "EP": EP, "BPTT": BPTT, "RBP": RecurrentBackprop, "CL": ContrastiveLearning,
+        "CpL": CoupledLearning,
+    }  # fmt: skip
     assert isinstance(make_estimator(EPConfig(alg="BPTT")), BPTT)
-    with pytest.raises(ValueError, match="unknown learning rule 'RBP'"):
-        make_estimator(EPConfig(alg="RBP"))
+    with pytest.raises(ValueError, match="unknown learning rule 'Hebb'"):
+        make_estimator(EPConfig(alg="Hebb"))
 
 
 def test_bptt_writes_the_gradient_of_the_final_loss_and_names_its_free_phase():
