@@ -1,7 +1,7 @@
 """Fewer steps to the same fixed point: synchronous vs asynchronous dynamics, and --tol.
 
     python benchmarks/bench_async.py [--part steps digits epoch] [--threads 1] [--cap 300]
-                                     [--epochs 15] [--repeats 3]
+                                     [--epochs 15] [--repeats 3] [--net rcnn | rescnn]
                                      [--schedules 20/5:sync 20/5:async ...]
 
 ``steps``: free-phase steps from zero until ``max |s_t - s_(t-1)|`` first falls below 1e-3 and
@@ -25,6 +25,12 @@ schedule (the README's sync T1 = 20, T2 = 5).
 taken in turn every repeat (``--repeats``), as a median and the median per-repeat speed-up over
 the first schedule: a ratio less exposed to load from other jobs than the whole runs' times.
 
+``--net rescnn`` takes the README's digits ResCNN 16-32 (two residual blocks, ``--scale 2``,
+lrs 0.05 per tensor of block 1, 0.03 of block 2, 0.02 for the readout, batch 16) instead of the
+RCNN in ``digits`` and ``epoch``, and in ``steps`` measures it alone, at its initialisation (also
+with gains of 1) and trained (its colouring has three groups: ``a_1, a_2``, then ``b_1``, then
+``b_2``).
+
 Each part is measured in one process; other jobs on the machine slow every timing alike only
 roughly (runs are sequential), so the header gives the load average before and after.
 """
@@ -40,6 +46,7 @@ import torch
 
 from experiment import data_loading
 from lca_utils_ep_fast import LCA_CNN
+from rescnn import ResCNN
 from utils_ep_fast import (
     EP,
     P_CNN,
@@ -61,6 +68,15 @@ DIGITS_LCACNN = {**bench.SEED_LCACNN, "in_size": 8, "in_channels": 1, "lca_feats
                  "channels": [16, 32], "kernels": [3], "strides": [1], "paddings": [1],
                  "pools": "im", "scale": None, "scale_feedback": 0.01,
                  "dict_training": "learn"}  # fmt: skip
+
+DIGITS_RESCNN = {"in_size": 8, "in_channels": 1, "channels": [16, 32], "fc": [10],
+                 "activation": "my_hard_sig", "softmax": True, "loss": "cel",
+                 "scale": 2.0}  # fmt: skip
+# --net: the digits net of the digits and epoch parts (and of steps for the ResCNN), its --lrs
+NETS = {
+    "rcnn": (lambda: P_CNN(**DIGITS_RCNN), [0.05, 0.03, 0.02]),
+    "rescnn": (lambda: ResCNN(**DIGITS_RESCNN), [0.05] * 3 + [0.03] * 3 + [0.02]),
+}
 
 
 @torch.no_grad()
@@ -123,7 +139,28 @@ def fixed_point_agreement(model, cap: int) -> list[str]:
     ]
 
 
-def part_steps(args) -> None:
+def rescnn_cases(args) -> list[tuple]:
+    """The digits ResCNN 16-32 at its initialisation (with its gains of 2, and with gains of 1),
+    then trained with sync steps."""
+    build, lrs = NETS["rescnn"]
+    digits_x, digits_y = next(iter(digits_loaders(32)[1]))
+    digits_x, digits_y = digits_x[:32], digits_y[:32]
+    torch.manual_seed(0)
+    cases = [("digits ResCNN 16-32, random init", build(), digits_x, digits_y, None)]
+    torch.manual_seed(0)
+    gain_1 = ResCNN(**{**DIGITS_RESCNN, "scale": 1.0})
+    cases.append(("digits ResCNN 16-32, gains 1, random init", gain_1, digits_x, digits_y, None))
+    print("training the digits ResCNN with sync steps (T1 = 20, T2 = 5) ...", flush=True)
+    torch.manual_seed(0)
+    model = build()
+    history, _ = train_digits(model, lrs, args.train_epochs, 16, 20, 5)
+    name = f"digits ResCNN 16-32, {args.train_epochs} epochs ({100 * history[-1]['test_acc']:.1f}%)"
+    return [*cases, (name, model, digits_x, digits_y, "agreement")]
+
+
+def seed_and_digits_cases(args) -> list[tuple]:
+    """The seed RCNN and LCACNN body at their initialisation; the digits RCNN and LCACNN
+    trained with sync steps."""
     cases = []
     torch.manual_seed(0)
     x, y = bench.cifar_like_batch(32)
@@ -143,7 +180,11 @@ def part_steps(args) -> None:
     history, _ = train_digits(lca, [0.5, 0.2], args.train_epochs, 32, 20, 5)
     name = f"digits LCACNN 16-32, {args.train_epochs} epochs ({100 * history[-1]['test_acc']:.1f}%)"
     cases.append((name, lca, digits_x, digits_y, "agreement"))
+    return cases
 
+
+def part_steps(args) -> None:
+    cases = rescnn_cases(args) if args.net == "rescnn" else seed_and_digits_cases(args)
     rows, agreement_rows = [], []
     for name, model, images, labels, agreement in cases:
         model.eval()
@@ -172,13 +213,12 @@ def part_steps(args) -> None:
 def part_digits(args) -> None:
     rows = []
     baseline = None
+    build, lrs = NETS[args.net]
     for schedule in args.schedules:
         T1, T2, dynamics, tol = parse_schedule(schedule)
         torch.manual_seed(0)
-        model = P_CNN(**DIGITS_RCNN)
-        history, seconds = train_digits(
-            model, [0.05, 0.03, 0.02], args.epochs, 16, T1, T2, dynamics, tol
-        )
+        model = build()
+        history, seconds = train_digits(model, lrs, args.epochs, 16, T1, T2, dynamics, tol)
         baseline = baseline or seconds
         best = max(h["test_acc"] for h in history)
         free_steps = sum(h.get("free_steps", T1) for h in history) / len(history)
@@ -196,12 +236,13 @@ def part_epoch(args) -> None:
     epoch (all start from the same weights):
     medians and the bench.median per-repeat speed-up over the first schedule."""
     variants = {}
+    build, lrs = NETS[args.net]
     for schedule in args.schedules:
         T1, T2, dynamics, tol = parse_schedule(schedule)
         torch.manual_seed(0)
-        model = P_CNN(**DIGITS_RCNN)
+        model = build()
         model.set_dynamics(dynamics, tol)
-        optimizer = make_optimizer(model, "sgd", [0.05, 0.03, 0.02], mmt=0.9)
+        optimizer = make_optimizer(model, "sgd", lrs, mmt=0.9)
         rule = EP(EPConfig(T1=T1, T2=T2, betas=(0.0, 0.5), thirdphase=True))
         loader = digits_loaders(16)[0]
         variants[schedule] = partial(train_epoch, model, optimizer, loader, rule)
@@ -229,6 +270,7 @@ def main() -> None:
     parser.add_argument("--train-epochs", type=int, default=8, help="epochs of the trained nets")
     parser.add_argument("--epochs", type=int, default=15, help="epochs of each digits run")
     parser.add_argument("--repeats", type=int, default=3, help="timed epochs per schedule")
+    parser.add_argument("--net", choices=list(NETS), default="rcnn", help="the digits net")
     parser.add_argument(
         "--schedules",
         nargs="+",
@@ -236,7 +278,10 @@ def main() -> None:
     )
     args = parser.parse_args()
     threads = bench.set_threads(args.threads)
-    print(f"bench_async: {threads} thread(s), float32, load average {bench.load_average()}")
+    print(
+        f"bench_async: {threads} thread(s), float32, digits net {args.net}, load average "
+        f"{bench.load_average()}"
+    )
     if "steps" in args.part:
         part_steps(args)
     if "digits" in args.part:

@@ -51,6 +51,7 @@ from common import (
 )
 
 import links
+from graph import INPUT
 from links import AvgPool, MaxPool, in_memory_format
 from utils_ep_fast import EnergyNet
 
@@ -99,27 +100,28 @@ def autograd_step(
 
 
 @torch.no_grad()
-def floor_calls(
-    model: EnergyNet, x: torch.Tensor, neurons: list[torch.Tensor], links: range
-) -> None:
-    """The heavy calls of the given links in one explicit step, and nothing else: the forward
-    convolution and pool; for links above the first, the pool's adjoint and the transposed
-    convolution (the feedback). Inputs are expected in the engine's layouts."""
-    below = [x, *neurons[:-1]]
-    for k in links:
-        link = model.links[k]
+def floor_calls(model: EnergyNet, x: torch.Tensor, neurons: list[torch.Tensor], edges) -> None:
+    """The heavy calls of the given edges (indices into ``model.graph.edges``; a chain's edge
+    ``k`` feeds its layer ``k``) in one explicit step, and nothing else: the forward convolution
+    and pool of the edge's source; for an edge leaving a layer (not the input ``x``), the pool's
+    adjoint and the transposed convolution of its target (the feedback). Inputs are expected
+    in the engine's layouts."""
+    for e in edges:
+        edge, link = model.graph.edges[e], model.links[e]
         synapse = link.synapse
         if synapse is None:
             continue
+        below = x if edge.source == INPUT else neurons[edge.source]
+        above = neurons[edge.target]
         if isinstance(synapse, torch.nn.Linear):
-            F.linear(below[k].flatten(1), synapse.weight, synapse.bias)
-            if k > 0:
-                neurons[k] @ synapse.weight
+            F.linear(below.flatten(1), synapse.weight, synapse.bias)
+            if edge.source != INPUT:
+                above @ synapse.weight
             continue
-        z = F.conv2d(below[k], synapse.weight, synapse.bias, synapse.stride, synapse.padding)
+        z = F.conv2d(below, synapse.weight, synapse.bias, synapse.stride, synapse.padding)
         _, indices = link.pool.forward(z)
-        if k > 0:
-            unpooled = link.pool.adjoint(neurons[k], indices, z.shape)
+        if edge.source != INPUT:
+            unpooled = link.pool.adjoint(above, indices, z.shape)
             F.conv_transpose2d(
                 unpooled, synapse.weight, None, synapse.stride, synapse.padding, link.output_padding
             )

@@ -1,6 +1,7 @@
 """The evaluation notebook eval_lcanet.ipynb: committed without outputs, and executed headless
 in a fresh kernel of this interpreter on tiny runs of the bundled digits (a CNN and an LCACNN
-fine-tuning its dictionary), on the CNN run alone and on an empty results folder."""
+fine-tuning its dictionary; a ResCNN and an LCAResCNN learning its own), on the CNN run alone
+and on an empty results folder."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch
 from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import KernelManager
 from nbclient import NotebookClient
+from test_rescnn import LCARES, RES
 
 import cifar_dictlearning
 import main_fast
@@ -260,3 +262,53 @@ def test_notebook_without_runs(tmp_path):
     assert inline_images(notebook) == 0
     assert f"No runs found under {empty.resolve()}" in printed(notebook)
     assert "No robustness.csv in these runs" in printed(notebook)
+
+
+def test_notebook_on_resnet_runs(tmp_path):
+    """A ResCNN and an LCAResCNN learning its dictionary: both in the table, the LCAResCNN in
+    the LCA sections, the better one re-evaluated to its recorded accuracy."""
+    results = tmp_path / "results"
+    where = ["--epochs", "1", "--save", "--results-dir", str(results)]
+    assert main_fast.main([*RES, *where]) == 0
+    assert main_fast.main([*LCARES, "--dict_training", "learn", *where]) == 0
+    resnet, lcaresnet = sorted(runs.find_runs(results), key=lambda run: "LCA" in str(run))
+    figures = tmp_path / "figures"
+    notebook = execute_notebook(tmp_path, eval_env(figures, EVAL_RESULTS_DIR=str(results)))
+
+    # the dictionary is learnt from random: no pretraining record; no robustness.csv either
+    expected = RUN_FIGURES | (LCA_FIGURES - {"dictionary_pretraining.png"}) | SEED_FIGURES
+    summary_tables = {"runs_summary.csv", "runs_summary.md"}
+    assert {
+        p.name for p in figures.iterdir()
+    } == expected | RUN_TABLES | LCA_TABLES | summary_tables
+    assert inline_images(notebook) == len(expected)
+    assert "No robustness.csv in these runs" in printed(notebook)
+
+    table = {row["model"]: row for row in read_csv(figures / "runs.csv")}
+    assert set(table) == {"ResCNN", "LCAResCNN"}
+    for model, run_dir in (("ResCNN", resnet), ("LCAResCNN", lcaresnet)):
+        row, results_rows = table[model], runs.read_results(run_dir)
+        assert Path(row["folder"]) == run_dir
+        assert float(row["best_test_acc"]) == max(r["test_acc"] for r in results_rows)
+    assert table["ResCNN"]["lca"] == "" and table["ResCNN"]["channels"] == "4 6"
+    assert table["LCAResCNN"]["lca"] == "4 x 3x3, stride 1, lambda 0.05, 5 iters"
+    assert table["LCAResCNN"]["dict_training"] == "learn"
+    groups = {row["model"]: row for row in read_csv(figures / "runs_summary.csv")}
+    for model, run_dir in (("ResCNN", resnet), ("LCAResCNN", lcaresnet)):
+        best = max(r["test_acc"] for r in runs.read_results(run_dir))
+        assert groups[model]["n"] == "1" and float(groups[model]["best_test_acc_mean"]) == best
+
+    records = [load(run_dir / "model.pt") for run_dir in (resnet, lcaresnet)]
+    best = max(records, key=lambda record: record["test_acc"])
+    per_class = read_csv(figures / "per_class_accuracy.csv")
+    seen = sum(int(row["test_images"]) for row in per_class)
+    correct = sum(int(row["correct"]) for row in per_class)
+    assert seen == DIGITS_TEST_IMAGES
+    assert correct / seen == pytest.approx(best["test_acc"], abs=1e-12)
+
+    (drift,) = read_csv(figures / "dictionary_drift.csv")
+    state = load(lcaresnet / "final_model.pt")["model_state"]
+    start, end = state["initial_dictionary"], state["lca.weights"]
+    moved = ((end - start).norm() / start.norm()).item()
+    assert moved > 0
+    assert float(drift["relative_change"]) == pytest.approx(moved, rel=1e-5)
