@@ -41,9 +41,9 @@ import precision
 from experiment import config, data_loading, distributed, models, records, runs, storage
 from experiment.config import DynamicsConfig, Settings
 from experiment.entry import UsageError
-from learning_rules import ESTIMATORS
-from losses import LOSSES
-from metrics import Metrics
+from learning.losses import LOSSES
+from learning.metrics import Metrics
+from learning.registry import ESTIMATORS
 from utils_ep_fast import (
     ACTIVATIONS,
     DYNAMICS,

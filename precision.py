@@ -30,8 +30,8 @@ from torch import Tensor
 
 from compiled import PhaseRunner
 from dynamics import EAGER, Phases
-from estimators import Estimator
 from experiment.entry import UsageError, warn
+from learning.estimators import Estimator
 from utils_ep_fast import EnergyNet
 
 PRECISIONS = ("fp32", "tf32", "bf16")

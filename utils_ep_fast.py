@@ -63,8 +63,10 @@ from dynamics import (
     settling_trace,
     sync_step,
 )
-from estimators import BPTT, EP, EPConfig, Estimator, gdu_check
 from graph import INPUT, Graph, Layer
+from learning.estimators import BPTT, EP, EPConfig, Estimator, gdu_check
+from learning.losses import LOSSES, Loss, make_loss
+from learning.metrics import Metrics
 from links import (
     POOLS,
     ConvLink,
@@ -75,8 +77,6 @@ from links import (
     in_memory_format,
     memory_format_for,
 )
-from losses import LOSSES, Loss, make_loss
-from metrics import Metrics
 
 # --------------------------------------------------------------------------------------------
 # Activations

@@ -33,7 +33,7 @@ from experiment import (
     data_loading,
     distributed,  # noqa: E402
 )
-from metrics import Metrics  # noqa: E402
+from learning.metrics import Metrics  # noqa: E402
 from utils_ep_fast import EP, P_CNN, EPConfig, make_optimizer, train_epoch  # noqa: E402
 
 MODEL = dict(in_size=8, in_channels=1, channels=[16, 32], kernels=[3, 3], strides=[1, 1],

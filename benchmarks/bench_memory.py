@@ -55,7 +55,7 @@ def child(measure: str, alg: str, T1: int, T2: int, batch: int, threads: int | N
     from common import cifar_like_batch, seed_cnn, set_threads
     from torch.profiler import ProfilerActivity, profile
 
-    from learning_rules import make_estimator
+    from learning.registry import make_estimator
     from utils_ep_fast import EPConfig, make_optimizer, train_batch
 
     set_threads(threads)

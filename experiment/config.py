@@ -30,12 +30,12 @@ from typing import Any
 
 import torch
 
-from estimators import EPConfig, Estimator
 from experiment import models
 from experiment.data_loading import canonical_task
 from experiment.entry import UsageError, check_numbers, check_positive, fit_list, warn
 from experiment.models import ModelConfig
-from learning_rules import ESTIMATORS, make_estimator
+from learning.estimators import EPConfig, Estimator
+from learning.registry import ESTIMATORS, make_estimator
 
 CONFIG_VERSION = 2  # records before it hold ``args`` and ``model_config`` (records.run_config)
 # Range of every float flag but --betas: (lowest, excluded?, highest, excluded?); None: no bound.

@@ -60,7 +60,7 @@ from experiment.storage import (
     read_csv_rows,
     save_figure,
 )
-from metrics import Metrics
+from learning.metrics import Metrics
 from utils_ep_fast import (
     DivergenceError,
     EnergyNet,

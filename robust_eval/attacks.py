@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from losses import Loss
+from learning.losses import Loss
 
 # --------------------------------------------------------------------------------------------
 # Default epsilons

@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-import estimators
 from experiment import data_loading
+from learning import estimators
 from robust_eval import attacks
 from utils_ep_fast import EAGER, EnergyNet, Phases, settle
 

@@ -69,8 +69,13 @@ TRAINING_RUNS = {
     "vfcnn_same_update": [*COMMON, *VFCNN, "--alg", "EP", "--same-update"],
     "cnn_bptt": [*COMMON, *RCNN, "--alg", "BPTT"],
     "cnn_async_tol": [*COMMON, *RCNN, "--alg", "EP", "--dynamics", "async", "--tol", "1e-4"],
-    "cnn_ep_random_sign": [*[f for f in COMMON if f != "--thirdphase"], *RCNN, "--alg", "EP",
-                           "--random-sign"],
+    "cnn_ep_random_sign": [
+        *[f for f in COMMON if f != "--thirdphase"],
+        *RCNN,
+        "--alg",
+        "EP",
+        "--random-sign",
+    ],
     "rescnn_mse": [*RESCNN, "--alg", "EP"],
 }
 CSV_FILES = ("results.csv", "dictlearning.csv")

@@ -13,7 +13,7 @@ from helpers import autograd_gradient, digits_classifier
 from torch import nn
 
 from lca import LCAConv2D, soft_threshold
-from losses import make_loss
+from learning.losses import make_loss
 from robust_eval import attacks
 from robust_eval.attacks import LogitCost
 from utils_ep_fast import P_MLP, my_hard_sig

@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from helpers import docs_example
 
-from clamped_learning import ContrastiveLearning, CoupledLearning, clamped_phase
-from estimators import EPConfig
-from learning_rules import ESTIMATORS
+from learning.clamped_learning import ContrastiveLearning, CoupledLearning, clamped_phase
+from learning.estimators import EPConfig
+from learning.registry import ESTIMATORS
 from utils_ep_fast import P_CNN, P_MLP
 
 T1, T2 = 7, 3

@@ -10,9 +10,9 @@ from math_checks import ARCHITECTURES, LCA_SMALL, converged_case, cosine
 
 from dynamics import EAGER, Phases, half_step
 from lca_utils_ep_fast import LCA_CNN
-from learning_rules import make_estimator
+from learning.metrics import Metrics
+from learning.registry import make_estimator
 from links import CopyLink
-from metrics import Metrics
 from utils_ep_fast import P_CNN, P_MLP, EPConfig, gdu_check, max_change, train_batch
 
 # the seed RCNN's layout (4 convs 3x3 pad 1, max-pools, softmax readout), small

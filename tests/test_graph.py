@@ -15,8 +15,8 @@ from math_checks import cosine
 from torch import nn
 
 import dynamics
-from estimators import EP, EPConfig, input_gradient
 from graph import INPUT, Graph, Layer, is_independent
+from learning.estimators import EP, EPConfig, input_gradient
 from links import POOLS, ConvLink, LinearLink
 from utils_ep_fast import P_CNN, EnergyNet, make_optimizer, train_batch
 

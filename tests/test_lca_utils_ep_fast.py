@@ -9,7 +9,7 @@ from math_checks import digit_like_batch as batch
 from experiment.records import ep_training_indices, load_model_dictionary, save_dictionary
 from lca import LCAConv2D
 from lca_utils_ep_fast import LCA_CNN
-from learning_rules import make_estimator
+from learning.registry import make_estimator
 from utils_ep_fast import EPConfig, make_optimizer, train_batch
 
 

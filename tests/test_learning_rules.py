@@ -1,5 +1,6 @@
-"""The learning rules as objects (estimators.py, learning_rules.py), the flags a rule ignores or
-refuses, the metrics object (metrics.py) they report to, and the rule of docs/extending.md."""
+"""The learning rules as objects (learning/estimators.py, learning/registry.py), the flags a
+rule ignores or refuses, the metrics object (learning/metrics.py) they report to, and the rule
+of docs/extending.md."""
 
 from __future__ import annotations
 
@@ -9,12 +10,12 @@ from helpers import DIGITS_CNN, docs_example
 from math_checks import converged_case
 
 import main_fast
-from clamped_learning import ContrastiveLearning, CoupledLearning
 from dynamics import PhaseRecord, Phases
-from estimators import BPTT, EP, EPConfig
-from learning_rules import ESTIMATORS, make_estimator
-from metrics import Metrics
-from recurrent_backprop import RecurrentBackprop
+from learning.clamped_learning import ContrastiveLearning, CoupledLearning
+from learning.estimators import BPTT, EP, EPConfig
+from learning.metrics import Metrics
+from learning.recurrent_backprop import RecurrentBackprop
+from learning.registry import ESTIMATORS, make_estimator
 from utils_ep_fast import P_MLP
 
 

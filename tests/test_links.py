@@ -35,7 +35,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from estimators import EP, EPConfig
+from learning.estimators import EP, EPConfig
 from utils_ep_fast import P_CNN
 
 TOL = 1e-10

@@ -1,5 +1,5 @@
-"""The loss objects (losses.py): each nudge is ``-beta dL/ds_out`` by autograd of the loss in
-float64, each loss and prediction agrees with a hand computation, the readout's parameter
+"""The loss objects (learning/losses.py): each nudge is ``-beta dL/ds_out`` by autograd of the
+loss in float64, each loss and prediction agrees with a hand computation, the readout's parameter
 gradients with autograd, the clamp zeroes the loss where it is defined, a model's output
 layer takes the loss's update, and the loss of docs/extending.md does all this as written."""
 
@@ -14,7 +14,7 @@ from torch import nn
 
 import main_fast
 from graph import INPUT
-from losses import LOSSES, CrossEntropy, Loss, SoftmaxReadout, SquaredError, make_loss
+from learning.losses import LOSSES, CrossEntropy, Loss, SoftmaxReadout, SquaredError, make_loss
 from utils_ep_fast import P_MLP
 
 BETA = 0.37

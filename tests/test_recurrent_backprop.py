@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 
 from dynamics import Phases
-from estimators import EP, EPConfig
-from metrics import Metrics
-from recurrent_backprop import RecurrentBackprop, rbp_gradient
+from learning.estimators import EP, EPConfig
+from learning.metrics import Metrics
+from learning.recurrent_backprop import RecurrentBackprop, rbp_gradient
 from rescnn import ResCNN
 from utils_ep_fast import P_CNN, P_MLP
 from vf_utils_ep_fast import VF_MLP

@@ -31,11 +31,11 @@ from helpers import (
 )
 
 import data_utils
-import estimators
 import main_fast
 import robustness
 from experiment import entry, records, runs, storage
 from lca_utils_ep_fast import LCA_CNN
+from learning import estimators
 from robust_eval import attacks, autoattack, evaluation, measure
 from robust_eval.config import DEFAULT_ATTACKS
 from robust_eval.corruptions import CORRUPTIONS, generate_corruption, read_release

@@ -15,7 +15,7 @@ precision check (``precision.ep_update``) and the GDU check (``gdu_check``) all 
   final loss by backpropagation.
 
 ``learning_rules.ESTIMATORS`` maps ``--alg`` to its class. Adding a rule is a class (in a file
-of its own) and its entry in ``learning_rules.py`` (docs/extending.md). A rule declares the
+of its own) and its entry in ``learning/registry.py`` (docs/extending.md). A rule declares the
 flags of ``EPConfig`` it does not read (``IGNORES``) and refuses values it cannot train with
 (``refusal``); the scripts check both (``experiment/config.py``), one rule for all: an ignored
 flag that is set gets a warning line and is left as it is, a refusal stops the run before

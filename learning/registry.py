@@ -1,16 +1,17 @@
 """The registry of learning rules: every rule ``--alg`` can name, by its ``NAME``.
 
 Each rule is a subclass of ``estimators.Estimator`` (``EP`` and ``BPTT`` live in
-``estimators.py``; a new rule goes in a file of its own). Adding a rule is its class and its
-entry in ``RULES`` below (docs/extending.md); ``main_fast.py``'s ``--alg`` choices, the flag
-checks (``experiment/config.py``) and ``make_estimator`` read ``ESTIMATORS``.
+``learning/estimators.py``; a new rule goes in a file of its own in ``learning/``). Adding a
+rule is its class and its entry in ``RULES`` below (docs/extending.md); ``main_fast.py``'s
+``--alg`` choices, the flag checks (``experiment/config.py``) and ``make_estimator`` read
+``ESTIMATORS``.
 """
 
 from __future__ import annotations
 
-from clamped_learning import ContrastiveLearning, CoupledLearning
-from estimators import BPTT, EP, EPConfig, Estimator
-from recurrent_backprop import RecurrentBackprop
+from learning.clamped_learning import ContrastiveLearning, CoupledLearning
+from learning.estimators import BPTT, EP, EPConfig, Estimator
+from learning.recurrent_backprop import RecurrentBackprop
 
 RULES: tuple[type[Estimator], ...] = (
     EP, BPTT, RecurrentBackprop, ContrastiveLearning, CoupledLearning,

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from dynamics import EAGER, Phases
-from estimators import Estimate, Estimator
+from learning.estimators import Estimate, Estimator
 
 
 class ContrastiveLearning(Estimator):

@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from dynamics import EAGER, Phases, sync_step
-from estimators import Estimate, Estimator
+from learning.estimators import Estimate, Estimator
 from links import in_memory_format
 
 
