@@ -67,7 +67,7 @@ GDUCHECK_OVERRIDES = EVALUATE_OVERRIDES | {"T2", "betas", "thirdphase", "save", 
 
 @dataclass(frozen=True)
 class DynamicsConfig:
-    """How a batch is trained: ``alg`` (a rule of ``learning_rules.ESTIMATORS``), ``T1`` free
+    """How a batch is trained: ``alg`` (a rule of ``learning.registry.ESTIMATORS``), ``T1`` free
     and ``T2`` nudged steps, ``betas`` (beta1, beta2), ``random_sign`` / ``thirdphase``
     nudging; ``dynamics`` (sync or async steps), ``tol`` (stop a phase once settled) and the
     ``precision`` of the phases; ``cpl_eta`` (CpL's clamp) and ``adjoint_iters`` (RBP's

@@ -14,7 +14,7 @@ precision check (``precision.ep_update``) and the GDU check (``gdu_check``) all 
 * ``BPTT``: ``T1 - T2`` free steps without a graph, ``T2`` with one, and the gradient of the
   final loss by backpropagation.
 
-``learning_rules.ESTIMATORS`` maps ``--alg`` to its class. Adding a rule is a class (in a file
+``learning.registry.ESTIMATORS`` maps ``--alg`` to its class. Adding a rule is a class (in a file
 of its own) and its entry in ``learning/registry.py`` (docs/extending.md). A rule declares the
 flags of ``EPConfig`` it does not read (``IGNORES``) and refuses values it cannot train with
 (``refusal``); the scripts check both (``experiment/config.py``), one rule for all: an ignored
@@ -38,7 +38,7 @@ from links import in_memory_format
 
 @dataclass(frozen=True)
 class EPConfig:
-    """How a batch is trained: the rule (``alg``, a ``learning_rules.ESTIMATORS`` name), ``T1``
+    """How a batch is trained: the rule (``alg``, a ``learning.registry.ESTIMATORS`` name), ``T1``
     free and ``T2`` nudged (BPTT: backpropagated; CL, CpL: clamped) steps, the ``betas``
     (beta1, beta2) and the nudging options ``random_sign`` and ``thirdphase``; ``cpl_eta``,
     how far CpL's clamp moves toward the target, and ``adjoint_iters``, RBP's adjoint
