@@ -60,6 +60,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+import collectives
 import data_utils
 from experiment import distributed, records, run_board, storage
 from experiment.data_loading import TASKS, build_datasets, canonical_task, make_loader, task_info
@@ -286,7 +287,7 @@ def learn_one_epoch(
     progress = tqdm(islice(loader, total), total=total, desc=desc, leave=False, dynamic_ncols=True)
     for images, _ in progress:
         inputs, acts, recons, errors = lca(images.to(device, non_blocking=True))
-        lca.apply_weight_update(*distributed.sum_over_ranks(lca.weight_update_terms(acts, errors)))
+        lca.apply_weight_update(*collectives.sum_over_ranks(lca.weight_update_terms(acts, errors)))
 
         n = images.shape[0]
         if n == 0:  # this process's part of a last batch smaller than the process count

@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from experiment.distributed import sum_over_ranks
+from collectives import sum_over_ranks
 from lca import LCAConv2D
 from utils_ep_fast import P_CNN, Encoding, conv_output_size
 

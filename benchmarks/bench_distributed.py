@@ -29,6 +29,7 @@ import time
 
 from common import ROOT, load_average, print_table
 
+import collectives  # noqa: E402
 from experiment import (
     data_loading,
     distributed,  # noqa: E402
@@ -79,7 +80,7 @@ def worker(epochs: int, mbs: int) -> int:
     for _ in range(10):
         torch.distributed.barrier()
         started = time.perf_counter()
-        distributed.sum_over_ranks(seed_buffer)
+        collectives.sum_over_ranks(seed_buffer)
         seed_reduce.append(time.perf_counter() - started)
     if distributed.is_main_process():
         weights = sum(p.numel() for p in model.parameters())

@@ -19,9 +19,10 @@ images) becomes the global batch mean before the optimizer step::
 
 so N processes follow the one-process trajectory up to the order of floating-point sums. The
 LCA dictionary update is exact the same way: its batch sums (``weight_update_terms``) are
-summed over ranks (``sum_over_ranks``) before the rule is applied. Metrics are sums over every
-sample (``sum_totals``); evaluation gives each rank whole batches in turn
-(``shard_evaluation``), so every image is computed in the very batch one process would use.
+summed over ranks (``collectives.sum_over_ranks``, with the all-reduce this module's gradient
+average uses too) before the rule is applied. Metrics are sums over every sample
+(``sum_totals``); evaluation gives each rank whole batches in turn (``shard_evaluation``), so
+every image is computed in the very batch one process would use.
 
 Only rank 0 prints and writes files; the other ranks' stdout and stderr go to ``os.devnull``.
 Failures (``run``): the first rank that fails prints one line naming itself, records its exit
@@ -40,7 +41,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
@@ -48,6 +49,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.utils.data import DataLoader, SequentialSampler
 
+from collectives import active, all_reduce_flat, unflatten
 from experiment import entry
 from experiment.entry import UsageError, first_line
 
@@ -60,11 +62,6 @@ RANK_ZERO_GRACE_SECONDS = 0.5  # a failure seen everywhere at once is reported b
 def launched() -> bool:
     """Whether this process was started by torchrun (its environment names a rank)."""
     return all(name in os.environ for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
-
-
-def active() -> bool:
-    """Whether a process group is up (only under torchrun)."""
-    return dist.is_available() and dist.is_initialized()
 
 
 def rank() -> int:
@@ -284,29 +281,6 @@ def shard_evaluation(loader: DataLoader) -> DataLoader:
 # --------------------------------------------------------------------------------------------
 
 
-def _all_reduce_flat(tensors: Sequence[Tensor], scale: float = 1.0) -> Tensor:
-    """One buffer holding ``scale * t`` for every tensor, flattened and concatenated, summed
-    over ranks by a single all-reduce."""
-    flat = torch.cat([t.reshape(-1) for t in tensors])
-    if scale != 1.0:
-        flat.mul_(scale)
-    dist.all_reduce(flat)
-    return flat
-
-
-def _unflatten(flat: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
-    sizes = [t.numel() for t in like]
-    return [part.view_as(t) for part, t in zip(flat.split(sizes), like, strict=True)]
-
-
-def sum_over_ranks(tensors: Sequence[Tensor]) -> list[Tensor]:
-    """``sum_r t_r`` of every tensor (same dtype and device), in one all-reduce; the tensors
-    themselves without a process group."""
-    if not active() or not tensors:
-        return list(tensors)
-    return _unflatten(_all_reduce_flat(tensors), tensors)
-
-
 @torch.no_grad()
 def average_gradients(optimizer: torch.optim.Optimizer, fraction: float) -> None:
     """Every ``.grad`` of ``optimizer``'s parameters becomes ``sum_r fraction_r * grad_r``, the
@@ -316,8 +290,8 @@ def average_gradients(optimizer: torch.optim.Optimizer, fraction: float) -> None
     grads = [grad for grad in grads if grad is not None]
     if not grads:
         return
-    summed = _all_reduce_flat(grads, scale=fraction)
-    for grad, total in zip(grads, _unflatten(summed, grads), strict=True):
+    summed = all_reduce_flat(grads, scale=fraction)
+    for grad, total in zip(grads, unflatten(summed, grads), strict=True):
         grad.copy_(total)
 
 
@@ -531,7 +505,6 @@ __all__ = [
     "shard_bounds",
     "shard_evaluation",
     "split_batches",
-    "sum_over_ranks",
     "sum_totals",
     "world_size",
 ]

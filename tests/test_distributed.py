@@ -19,6 +19,7 @@ import torch
 from helpers import torchrun
 
 import cifar_dictlearning
+import collectives
 import main_fast
 from experiment import distributed
 from lca import LCAConv2D
@@ -143,7 +144,7 @@ def test_without_torchrun_every_hook_is_the_identity():
     assert len(list(batches)) == 1 and x.data_ptr() == x0.data_ptr() and y.equal(y0)
     assert batches.fraction == 1.0 and not optimizer._optimizer_step_pre_hooks
     assert distributed.shard_evaluation(loader) is loader
-    assert distributed.sum_over_ranks(tensors)[0] is tensors[0]
+    assert collectives.sum_over_ranks(tensors)[0] is tensors[0]
     assert distributed.sum_totals({"seen": 3}) == {"seen": 3}
     assert distributed.is_main_process()
 
