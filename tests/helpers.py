@@ -5,10 +5,13 @@ tests share, and the examples of docs/extending.md executed as written."""
 
 from __future__ import annotations
 
+import base64
 import csv
+import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import threading
@@ -231,3 +234,39 @@ def autograd_gradient(model: nn.Module):
             return torch.autograd.grad(cost.value(model(pixels)).sum(), pixels)[0]
 
     return gradient
+
+
+# --------------------------------------------------------------------------- legacy run folders
+
+LEGACY_SOURCE = ROOT / "tests" / "legacy_runs"
+LEGACY_RECORDS = "records.json"  # each saved .pt of a legacy run, as text
+
+
+def decode_record(value):
+    """A value of ``records.json`` back as ``torch.load`` gave it: tensors from their dtype,
+    shape and raw bytes (base64), tuples and dicts with any keys from their tagged forms."""
+    if isinstance(value, list):
+        return [decode_record(item) for item in value]
+    if not isinstance(value, dict):
+        return value
+    if "tensor" in value:
+        raw = bytearray(base64.b64decode(value["tensor"]))
+        dtype = getattr(torch, value["dtype"])
+        flat = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
+        return flat.reshape(value["shape"]).clone()
+    if "tuple" in value:
+        return tuple(decode_record(item) for item in value["tuple"])
+    return {decode_record(key): decode_record(item) for key, item in value["items"]}
+
+
+def write_legacy_runs(target: Path) -> Path:
+    """The legacy run folders of ``tests/legacy_runs`` written under ``target``: their text
+    files copied, and each ``.pt`` file of ``records.json`` saved with ``torch.save`` in the
+    format the older code wrote it. Returns ``target``."""
+    for source in sorted(p for p in LEGACY_SOURCE.iterdir() if p.is_dir()):
+        run_dir = target / source.name
+        shutil.copytree(source, run_dir, ignore=shutil.ignore_patterns(LEGACY_RECORDS))
+        saved = json.loads((source / LEGACY_RECORDS).read_text())
+        for filename, record in saved.items():
+            torch.save(decode_record(record), run_dir / filename)
+    return target

@@ -12,15 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import docs_example
+from helpers import LEGACY_SOURCE, docs_example, write_legacy_runs
 
 import main_fast
 import robustness
 from experiment import config, models, records, runs
 
 ROOT = Path(__file__).resolve().parents[1]
-LEGACY = Path(__file__).resolve().parent / "legacy_runs"
-LEGACY_RUNS = sorted(p.name for p in LEGACY.iterdir() if p.is_dir())
+LEGACY_RUNS = sorted(p.name for p in LEGACY_SOURCE.iterdir() if p.is_dir())
 RUN = ["--task", "DIGITS", "--T1", "3", "--T2", "2", "--betas", "0", "0.5", "--mbs", "512",
        "--seed", "0", "--device", "cpu"]  # fmt: skip
 TINY_CNN = [*RUN, "--channels", "2", "3", "--kernels", "3", "3", "--strides", "1", "1",
@@ -157,9 +156,15 @@ def test_a_new_run_saves_one_typed_configuration(tmp_path):
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.fixture(scope="module")
+def legacy(tmp_path_factory) -> Path:
+    """The legacy run folders, their records written back as the older code saved them."""
+    return write_legacy_runs(tmp_path_factory.mktemp("legacy_runs"))
+
+
 @pytest.mark.parametrize("name", LEGACY_RUNS)
-def test_a_legacy_record_translates_to_the_flags_it_was_saved_with(name):
-    record = load(LEGACY / name / "final_model.pt")
+def test_a_legacy_record_translates_to_the_flags_it_was_saved_with(name, legacy):
+    record = load(legacy / name / "final_model.pt")
     assert records.is_legacy(record) and "args" in record and "model_config" in record
     args = record["args"]
     plain = records.run_config(record)
@@ -176,9 +181,9 @@ def test_a_legacy_record_translates_to_the_flags_it_was_saved_with(name):
 
 
 @pytest.mark.parametrize("name", LEGACY_RUNS)
-def test_a_legacy_run_resumes_and_evaluates(name, tmp_path, capsys):
+def test_a_legacy_run_resumes_and_evaluates(name, legacy, tmp_path, capsys):
     run_dir = tmp_path / name
-    shutil.copytree(LEGACY / name, run_dir)
+    shutil.copytree(legacy / name, run_dir)
     before = load(run_dir / "checkpoint.pt")
     assert main_fast.main(["--todo", "evaluate", "--load-path", str(run_dir)]) == 0
     line = capsys.readouterr().out.strip().splitlines()[-1]
@@ -193,9 +198,9 @@ def test_a_legacy_run_resumes_and_evaluates(name, tmp_path, capsys):
     assert len(runs.read_results(run_dir)) == 2
 
 
-def test_robustness_reads_a_legacy_run(tmp_path, capsys):
+def test_robustness_reads_a_legacy_run(legacy, tmp_path, capsys):
     run_dir = tmp_path / "cnn"
-    shutil.copytree(LEGACY / "cnn_ep", run_dir)
+    shutil.copytree(legacy / "cnn_ep", run_dir)
     argv = ["--load-path", str(run_dir), "--device", "cpu", "--n-samples", "8", "--attacks",
             "pgd-linf", "--eps", "0", "--steps", "1", "--gradients", "bptt"]  # fmt: skip
     assert robustness.main(argv) == 0

@@ -9,24 +9,27 @@ from __future__ import annotations
 
 import copy
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import LEGACY_RECORDS, LEGACY_SOURCE, decode_record, write_legacy_runs
 
 import summarize_runs
 from experiment import records, summary
 from experiment.summary import SummaryConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-LEGACY = ROOT / "tests" / "legacy_runs"
 EPOCHS = 4
 SETTINGS = {"A": [0.05, 0.05], "B": [0.1, 0.1]}  # two settings differ in --lrs
 
 
 def legacy_checkpoint() -> dict:
-    return torch.load(LEGACY / "cnn_ep" / "checkpoint.pt", weights_only=True)
+    """The legacy CNN run's checkpoint, as the older code saved it."""
+    saved = json.loads((LEGACY_SOURCE / "cnn_ep" / LEGACY_RECORDS).read_text())
+    return decode_record(saved["checkpoint.pt"])
 
 
 def write_run(
@@ -214,7 +217,8 @@ def test_nothing_to_summarise_exits_2_with_one_line(tmp_path, capsys):
 
 
 def test_the_committed_legacy_runs_of_four_models_read_back(tmp_path):
-    result = summary.summarize(SummaryConfig((LEGACY,)))
+    legacy = write_legacy_runs(tmp_path / "legacy_runs")
+    result = summary.summarize(SummaryConfig((legacy,)))
     assert result.problems == []
     models = sorted((g.settings["model"], g.settings["alg"]) for g in result.groups)
     assert models == [("CNN", "EP"), ("LCACNN", "EP"), ("MLP", "BPTT"), ("VFCNN", "EP")]

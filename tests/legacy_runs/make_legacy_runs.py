@@ -1,18 +1,22 @@
 """Writes the run folders in this folder: tiny digits runs saved by an older checkout of
 main_fast.py, whose records hold ``args`` and ``model_config`` rather than one typed
 configuration. The tests read them back (resume, evaluate, robustness) through the one
-translation of ``experiment/records.py``.
+translation of ``experiment/records.py``. The saved ``.pt`` files are kept as text, in one
+``records.json`` per run (tensors as dtype, shape and base64 bytes); the tests write them back
+with ``torch.save`` (``tests/helpers.write_legacy_runs``).
 
     python tests/legacy_runs/make_legacy_runs.py CHECKOUT
 
 CHECKOUT is a checkout of the older code (e.g. ``git worktree add /tmp/old c03db34``). Each run
-keeps ``checkpoint.pt``, ``model.pt``, ``final_model.pt``, ``results.csv`` and
+keeps ``checkpoint.pt``, ``model.pt``, ``final_model.pt`` (in ``records.json``), ``results.csv`` and
 ``hyperparameters.txt`` (and the LCA run its ``reconstructions.png``, which a finished LCA
 run has); the other figures are dropped to keep the files small.
 """
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import shutil
 import subprocess
@@ -20,8 +24,11 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
+
 HERE = Path(__file__).resolve().parent
-KEPT = ("checkpoint.pt", "model.pt", "final_model.pt", "results.csv", "hyperparameters.txt")
+RECORDS = ("checkpoint.pt", "model.pt", "final_model.pt")
+KEPT = ("results.csv", "hyperparameters.txt")
 COMMON = ["--task", "DIGITS", "--act", "my_hard_sig", "--T1", "4", "--T2", "2", "--betas", "0.0",
           "0.5", "--mbs", "512", "--epochs", "1", "--seed", "0", "--device", "cpu", "--save",
           "--optim", "sgd", "--mmt", "0.9"]  # fmt: skip
@@ -40,6 +47,23 @@ RUNS = {
 }  # fmt: skip
 
 
+def encode(value):
+    """A loaded record as JSON: tensors as dtype, shape and raw bytes in base64, tuples and
+    dicts (whose keys may be numbers) in tagged forms (``tests/helpers.decode_record``)."""
+    if isinstance(value, torch.Tensor):
+        tensor = value.detach().cpu().contiguous()
+        raw = tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b""
+        return {"tensor": base64.b64encode(raw).decode(), "dtype": str(tensor.dtype)[6:],
+                "shape": list(tensor.shape)}  # fmt: skip
+    if isinstance(value, tuple):
+        return {"tuple": [encode(item) for item in value]}
+    if isinstance(value, list):
+        return [encode(item) for item in value]
+    if isinstance(value, dict):
+        return {"items": [[encode(key), encode(item)] for key, item in value.items()]}
+    return value
+
+
 def main() -> int:
     checkout = Path(sys.argv[1]).resolve()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -56,6 +80,9 @@ def main() -> int:
             for filename in (*KEPT, "reconstructions.png"):  # the LCA run's last figure
                 if (run_dir / filename).is_file():
                     shutil.copy(run_dir / filename, target / filename)
+            records = {name: encode(torch.load(run_dir / name, weights_only=True))
+                       for name in RECORDS}  # fmt: skip
+            (target / "records.json").write_text(json.dumps(records))
             print(f"{name}: {sum(f.stat().st_size for f in target.iterdir())} bytes")
     return 0
 
